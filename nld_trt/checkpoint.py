@@ -1,0 +1,246 @@
+"""Reading an NLD checkpoint directory: safetensors weights (single or sharded) and the LoRA draft adapter.
+
+Only safetensors are read, never pickles, and no checkpoint code runs. Every tensor is checked against the
+shapes `NLDConfig.expected_shapes()` derives from config.json, so a wrong or damaged file fails here with
+the tensor's name instead of deep inside a matmul.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .config import NLDConfig
+from .errors import CheckpointError
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+LORA_DIR = "linear_spec_lora"
+LORA_PREFIX = "base_model.model.encoder.layers."
+
+
+def weight_files(directory: Path) -> dict[str, Path]:
+    """Tensor name -> file holding it, from `model.safetensors.index.json` or the single file."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({e!r}); re-download it") from None
+        files = {name: directory / shard for name, shard in weight_map.items()}
+        for shard in sorted(set(files.values())):
+            if not shard.is_file():
+                raise CheckpointError(f"shard {shard.name} listed in {index.name} is missing from {directory}")
+        return files
+    single = directory / "model.safetensors"
+    if not single.is_file():
+        found = sorted(p.name for p in directory.glob("*.safetensors"))
+        hint = f" (found {', '.join(found)}, but no model.safetensors.index.json)" if found else ""
+        bins = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
+        if bins and not found:
+            hint = f" (found {', '.join(bins)}: pickled weights are never loaded; convert them to safetensors)"
+        raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
+    return weight_files_single(single)
+
+
+def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
+    """Load the named tensors, one open per shard; a damaged shard fails with its file name."""
+    by_file: dict[Path, list[str]] = {}
+    for n in names:
+        by_file.setdefault(files[n], []).append(n)
+    out: dict[str, torch.Tensor] = {}
+    for path, group in by_file.items():
+        try:
+            with safe_open(path, framework="pt") as f:
+                present = set(f.keys())
+                for n in group:
+                    if n not in present:
+                        raise CheckpointError(f"tensor {n} is listed for {path.name} but that file does not hold it")
+                    out[n] = f.get_tensor(n)
+        except (SafetensorError, OSError, RuntimeError) as e:
+            raise CheckpointError(f"{path} is truncated or corrupted ({e}); re-download it") from None
+    return out
+
+
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+    if tuple(t.shape) != tuple(shape):
+        raise CheckpointError(
+            f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} from config.json"
+        )
+    if t.dtype not in SUPPORTED_DTYPES:
+        raise CheckpointError(
+            f"{where}: tensor {name} has dtype {t.dtype}, supported: float32, float16, bfloat16 "
+            "(quantized checkpoints are loaded through `nld-trt quantize` outputs)"
+        )
+    if not torch.isfinite(t).all():
+        raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values; the file is damaged")
+
+
+def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Tensor]:
+    """Every backbone and head tensor of the checkpoint, validated against the configuration."""
+    directory = Path(directory)
+    files = weight_files(directory)
+    expected = config.expected_shapes()
+    missing = [n for n in expected if n not in files]
+    unexpected = [n for n in files if n not in expected]
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(
+            f"{directory}: missing tensors {', '.join(missing[:5])}{more} "
+            "(is this an NLD checkpoint, and does config.json match it?)"
+        )
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise CheckpointError(
+            f"{directory}: unexpected tensors {', '.join(sorted(unexpected)[:5])}{more} "
+            "(does num_hidden_layers in config.json match the weights?)"
+        )
+    tensors = read_tensors(files, list(expected))
+    for name, shape in expected.items():
+        check_tensor(name, tensors[name], shape, str(directory))
+    return tensors
+
+
+@dataclass
+class LoRAAdapter:
+    """The linear_spec draft adapter: per layer (A [r, in], B [out, r]) and the scale alpha / r."""
+
+    layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    rank: int
+    alpha: float
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+
+def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
+    """The `linear_spec_lora/` PEFT adapter of a checkpoint, or None when it has none."""
+    root = Path(directory) / LORA_DIR
+    if not root.exists():
+        return None
+    where = str(root)
+    cfg_path, weights_path = root / "adapter_config.json", root / "adapter_model.safetensors"
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise CheckpointError(f"{where}: {p.name} is missing (a PEFT adapter needs both files)")
+    try:
+        acfg = json.loads(cfg_path.read_text())
+        rank, alpha = int(acfg["r"]), float(acfg.get("lora_alpha", acfg["r"]))
+        targets = acfg.get("target_modules", ["o_proj"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e!r})") from None
+    if rank < 1:
+        raise CheckpointError(f"{cfg_path}: r must be >= 1, found {rank}")
+    if isinstance(targets, str):
+        targets = [targets]
+    if list(targets) != ["o_proj"]:
+        raise CheckpointError(f"{cfg_path}: target_modules is {targets}; the NLD draft adapter targets only o_proj")
+    files = weight_files_single(weights_path)
+    q = config.num_attention_heads * config.head_dim
+    layers: dict[int, dict[str, torch.Tensor]] = {}
+    tensors = read_tensors(files, list(files))
+    for name, t in tensors.items():
+        rest = name[len(LORA_PREFIX):] if name.startswith(LORA_PREFIX) else None
+        parts = rest.split(".") if rest else []
+        if (
+            len(parts) != 5
+            or not parts[0].isdigit()
+            or parts[1:3] != ["self_attn", "o_proj"]
+            or parts[3] not in ("lora_A", "lora_B")
+            or parts[4] != "weight"
+            or int(parts[0]) >= config.num_hidden_layers
+        ):
+            raise CheckpointError(f"{where}: unexpected adapter tensor {name}")
+        i, which = int(parts[0]), parts[3]
+        shape = (rank, q) if which == "lora_A" else (config.hidden_size, rank)
+        check_tensor(name, t, shape, where)
+        layers.setdefault(i, {})[which] = t
+    if not layers:
+        raise CheckpointError(f"{where}: the adapter holds no o_proj LoRA tensors")
+    for i, ab in layers.items():
+        for which in ("lora_A", "lora_B"):
+            if which not in ab:
+                raise CheckpointError(f"{where}: layer {i} has no {which} tensor")
+    return LoRAAdapter({i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}, rank, alpha)
+
+
+def weight_files_single(path: Path) -> dict[str, Path]:
+    """Tensor name -> path for one safetensors file (its header is read and checked)."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            return {name: path for name in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path} is truncated or corrupted ({e}); re-download it") from None
+
+
+# Writing ------------------------------------------------------------------------------------------
+
+def save_checkpoint(
+    directory: str | Path,
+    config: NLDConfig,
+    tensors: dict[str, torch.Tensor],
+    extra_files: dict[str, str] | None = None,
+    lora: LoRAAdapter | None = None,
+    shards: int = 1,
+    overwrite: bool = False,
+) -> Path:
+    """Write a checkpoint in the release layout, atomically (a temporary directory renamed at the end).
+
+    `extra_files` are written as text next to config.json (tokenizer files, chat template).
+    """
+    from safetensors.torch import save_file
+
+    from .fileutil import atomic_directory
+
+    expected = config.expected_shapes()
+    if set(tensors) != set(expected):
+        raise CheckpointError(f"tensors do not match the configuration: {sorted(set(tensors) ^ set(expected))[:5]}")
+    with atomic_directory(directory, overwrite=overwrite) as tmp:
+        config.save(tmp)
+        names = list(expected)
+        groups = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
+        meta = {"format": "pt"}
+        if shards == 1:
+            save_file({n: tensors[n].contiguous() for n in names}, str(tmp / "model.safetensors"), metadata=meta)
+        else:
+            weight_map = {}
+            for i, group in enumerate(groups):
+                fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+                save_file({n: tensors[n].contiguous() for n in group}, str(tmp / fname), metadata=meta)
+                weight_map.update({n: fname for n in group})
+            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
+                     "weight_map": weight_map}
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
+        if lora is not None:
+            save_lora(tmp, lora, config)
+    return Path(directory)
+
+
+def save_lora(directory: Path, lora: LoRAAdapter, config: NLDConfig) -> None:
+    """The `linear_spec_lora/` PEFT adapter (o_proj only)."""
+    from safetensors.torch import save_file
+
+    root = directory / LORA_DIR
+    root.mkdir(parents=True, exist_ok=True)
+    acfg = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "r": lora.rank,
+        "lora_alpha": lora.alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": ["o_proj"],
+        "base_model_name_or_path": None,
+    }
+    (root / "adapter_config.json").write_text(json.dumps(acfg, indent=2) + "\n")
+    tensors = {}
+    for i, (a, b) in sorted(lora.layers.items()):
+        tensors[f"{LORA_PREFIX}{i}.self_attn.o_proj.lora_A.weight"] = a.contiguous()
+        tensors[f"{LORA_PREFIX}{i}.self_attn.o_proj.lora_B.weight"] = b.contiguous()
+    save_file(tensors, str(root / "adapter_model.safetensors"), metadata={"format": "pt"})

@@ -1,0 +1,138 @@
+"""`nld-trt`: the command line. Errors print one line that says what to fix, and exit non-zero."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from .errors import NLDError
+
+MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=True, highlight=False)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="nld-trt")
+def cli() -> None:
+    """Nemotron-Labs-Diffusion from checkpoint to served engine: every decoding mode from one deployment."""
+
+
+@cli.command()
+@click.argument("prompt")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec")
+@click.option("--block-length", type=int, default=None, help="block length B (default: the checkpoint's block_size)")
+@click.option("--threshold", type=float, default=None, help="confidence threshold (default 0.9 dlm, 0.0 linear_spec)")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
+@click.option("--acceptance", default="speculative", show_default=True,
+              help="linear_spec at temperature > 0: speculative (distribution-preserving) | official")
+@click.option("--max-thinking-tokens", type=int, default=None, help="thinking budget (needs an end-think token)")
+@click.option("--end-think-token", default="[/THINK]", show_default=True, help="token that closes thinking")
+@click.option("--think/--no-think", default=False, show_default=True, help="enable_thinking in the chat template")
+@click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, prompt_token_ids, stats")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, seed, lora, acceptance,
+             max_thinking_tokens, end_think_token, think, raw, as_json, device, dtype) -> None:
+    """Generate a completion for PROMPT in one decoding mode."""
+    from .runtime import load
+
+    model = load(model_dir, device=device, dtype=dtype, max_batch=1, lora=lora)
+    end_think_id = None
+    if max_thinking_tokens is not None:
+        end_think_id = model.tokenizer.token_id(end_think_token)
+        if end_think_id is None:
+            raise NLDError(f"the tokenizer has no token {end_think_token!r}: pass --end-think-token")
+    result = model.generate(
+        prompt,
+        chat=not raw,
+        template_kwargs={"enable_thinking": think},
+        mode=mode,
+        block_length=block_length,
+        threshold=threshold,
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        seed=seed,
+        lora=lora,
+        acceptance=acceptance,
+        max_thinking_tokens=max_thinking_tokens,
+        end_think_token_id=end_think_id,
+    )
+    if as_json:
+        click.echo(json.dumps(result.as_dict()))
+        return
+    click.echo(result.text)
+    s = result.stats
+    extra = ""
+    if s.accepted_per_step:
+        extra = f"  mean accepted {sum(s.accepted_per_step) / len(s.accepted_per_step):.2f}"
+    _console().print(
+        f"[dim]{mode}: {s.tokens} tokens, {s.nfe} forwards, TPF {s.tpf:.2f}, "
+        f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, finish {result.finish_reason}[/dim]"
+    )
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object")
+def info(model_dir, as_json) -> None:
+    """Print a checkpoint's parsed configuration and parameter count."""
+    from .checkpoint import load_lora
+    from .config import NLDConfig
+    from .runtime import default_model_path
+    from .tokenizer import NLDTokenizer
+
+    path = default_model_path() if model_dir is None else model_dir
+    config = NLDConfig.from_file(path)
+    tokenizer = NLDTokenizer(path)
+    lora = load_lora(path, config)
+    data = {
+        "path": str(path),
+        **config.to_dict(),
+        "parameters": config.num_parameters(),
+        "tokenizer_vocab": tokenizer.vocab_size,
+        "chat_template": bool(tokenizer.chat_template),
+        "linear_spec_lora": None if lora is None else {"r": lora.rank, "alpha": lora.alpha, "layers": len(lora.layers)},
+    }
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"NLD checkpoint {path}", show_header=False)
+    for k, v in data.items():
+        table.add_row(k, json.dumps(v) if isinstance(v, (dict, list)) else str(v))
+    Console().print(table)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: one-line errors for bad input, non-zero exit codes."""
+    try:
+        cli.main(args=argv, prog_name="nld-trt", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        click.echo("Aborted.", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        click.echo(f"Error: {e.format_message()}", err=True)
+        sys.exit(2)
+    except NLDError as e:
+        click.echo(f"Error: {e}", err=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Mode `dlm`: block diffusion with a confidence threshold (Fast-dLLM style, exact to the spec).
+
+Per block: [t0, MASK x (B-1)] at the next B positions; block passes (not committed) fill the most
+confident masked position and every other one at or above the threshold, until no MASK remains among the
+positions that will be returned (the block's part within max_new_tokens, cut after the first EOS); then one
+causal pass commits the block and its last logits give the next block's t0. Filled positions never change.
+
+Two things the reference does differently without changing any returned token: it denoises positions
+beyond max_new_tokens (we stop once every returned position is decided; the fill order of the earlier
+positions is the same), and it runs the commit pass of the final block (we skip it: it only yields the
+next block's first token). NFE counts the passes that run.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..executors.base import Chunk
+from .select import dlm_fill
+from .sequence import Sequence
+
+
+class DLMSequence(Sequence):
+    mode = "dlm"
+
+    def start(self, last_logits: torch.Tensor) -> None:
+        self._begin_block(last_logits)
+
+    def _begin_block(self, logits: torch.Tensor) -> None:
+        forced = self.forced(len(self.out))
+        t0 = forced if forced is not None else int(self.pick(logits[None])[0][0])
+        self.block_start = len(self.out)  # output index of t0
+        self.append([t0])
+        if self.done:
+            return
+        b = self.params.block_length
+        self.block = torch.full((b,), self.mask_id, dtype=torch.long)
+        self.block[0] = t0
+        self.fixed = torch.zeros(b, dtype=torch.bool)
+        self.fixed[0] = True
+        m = self.params.max_thinking_tokens
+        if m is not None and 0 < m - self.block_start < b and self.forced(m) is not None:
+            self.block[m - self.block_start] = self.params.end_think_token_id
+            self.fixed[m - self.block_start] = True
+        self.passes = 0
+        self.committing = False
+        if self._decided():
+            self._finish_block()
+
+    def _decided(self) -> bool:
+        """No MASK left among the positions this block will return."""
+        limit = min(self.params.block_length, self.params.max_new_tokens - self.block_start)
+        filled = self.fixed[:limit]
+        if self.eos:
+            is_eos = torch.tensor([int(t) in self.eos for t in self.block[:limit]]) & filled
+            if is_eos.any():
+                limit = int(is_eos.nonzero()[0, 0]) + 1
+        return bool(self.fixed[:limit].all())
+
+    def _finish_block(self) -> None:
+        self.stats.passes_per_block.append(self.passes)
+        self.append(self.block[1:].tolist())
+        self.committing = not self.done
+
+    def next_chunk(self) -> Chunk:
+        return Chunk(self.block.tolist(), block=not self.committing)
+
+    def consume(self, logits: torch.Tensor) -> int:
+        if self.committing:
+            self._begin_block(logits[self.params.block_length - 1])
+            return self.params.block_length
+        self.passes += 1
+        tokens, conf = self.pick(self.align(logits))
+        masked = ~self.fixed[1:]
+        fill = dlm_fill(masked, conf, self.params.threshold, fill_all=self.passes >= self.params.steps_per_block)
+        self.block[1:][fill] = tokens[fill]
+        self.fixed[1:] |= fill
+        if self._decided():
+            self._finish_block()
+        return 0

@@ -1,0 +1,118 @@
+"""The executor interface: the only thing the decoding loops know about the model.
+
+An executor owns a KV cache of `max_batch` slots and, per slot, the committed length L. One call runs one
+forward pass over a chunk per sequence (`forward`), each with its own attention pattern and LoRA switch,
+and returns the head's logits; `commit` then makes k of the chunk's positions part of the cache. The
+PyTorch executor implements `_forward`; ONNX Runtime and TensorRT executors implement the same method
+and inherit everything else (slot bookkeeping, checks, padding).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import torch
+
+from ..config import NLDConfig
+from ..errors import GenerationError
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What a sequence feeds in one pass: tokens at positions L.., the pattern, the draft adapter switch."""
+
+    tokens: list[int]
+    block: bool = False  # bidirectional within the chunk (else causal)
+    lora: bool = False  # add the linear_spec draft adapter to o_proj
+
+
+class Executor(ABC):
+    """Slot and length bookkeeping shared by every executor; subclasses implement `_forward`."""
+
+    def __init__(self, config: NLDConfig, max_batch: int, max_seq_len: int, max_chunk: int) -> None:
+        if max_batch < 1 or max_seq_len < 2 or max_chunk < 1:
+            raise GenerationError("max_batch, max_seq_len and max_chunk must be positive")
+        self.config = config
+        self.max_batch = max_batch
+        self.max_seq_len = max_seq_len
+        self.max_chunk = max_chunk  # longest decode chunk (block length) an executor accepts
+        self.max_prefill_chunk = max_seq_len  # prompts longer than this are prefilled in pieces
+        self.lengths = [0] * max_batch
+        self._free = list(range(max_batch - 1, -1, -1))
+
+    # slots ----------------------------------------------------------------------------------------
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise GenerationError(f"all {self.max_batch} KV-cache slots are in use")
+        slot = self._free.pop()
+        self.lengths[slot] = 0
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot in self._free:
+            return
+        self.lengths[slot] = 0
+        self._free.append(slot)
+
+    def commit(self, slot: int, count: int) -> None:
+        """Make the first `count` positions of the slot's last chunk part of its cache."""
+        if count < 0 or self.lengths[slot] + count > self.max_seq_len:
+            raise GenerationError(f"cannot commit {count} tokens to slot {slot} (length {self.lengths[slot]})")
+        self.lengths[slot] += count
+
+    # the pass -------------------------------------------------------------------------------------
+    @property
+    def has_lora(self) -> bool:
+        return False
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cpu")
+
+    def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
+        """One pass. Returns float32 logits [B, T, V] (T = longest chunk; rows past a chunk's end are
+        padding), or with `all_logits=False` only each chunk's last position, [B, V]."""
+        if len(slots) != len(chunks) or not slots:
+            raise GenerationError("forward needs one chunk per slot")
+        lens = [len(c.tokens) for c in chunks]
+        for slot, n in zip(slots, lens):
+            if n < 1:
+                raise GenerationError("empty chunk")
+            if self.lengths[slot] + n > self.max_seq_len:
+                raise GenerationError(
+                    f"the chunk ({n} tokens after {self.lengths[slot]}) does not fit in the KV cache "
+                    f"({self.max_seq_len} positions)"
+                )
+        t = max(lens)
+        dev = self.device
+        tokens = torch.zeros(len(chunks), t, dtype=torch.long)
+        for i, c in enumerate(chunks):
+            tokens[i, : lens[i]] = torch.tensor(c.tokens, dtype=torch.long)
+        return self._forward(
+            slots=torch.tensor(slots, dtype=torch.long, device=dev),
+            tokens=tokens.to(dev),
+            chunk_lens=torch.tensor(lens, dtype=torch.long, device=dev),
+            block=torch.tensor([c.block for c in chunks], dtype=torch.bool, device=dev),
+            lora=torch.tensor([c.lora for c in chunks], dtype=torch.bool, device=dev),
+            committed=torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=dev),
+            all_logits=all_logits,
+        )
+
+    @abstractmethod
+    def _forward(
+        self,
+        slots: torch.Tensor,
+        tokens: torch.Tensor,
+        chunk_lens: torch.Tensor,
+        block: torch.Tensor,
+        lora: torch.Tensor,
+        committed: torch.Tensor,
+        all_logits: bool,
+    ) -> torch.Tensor:
+        """slots/chunk_lens/committed [B] long, tokens [B, T] long (right-padded), block/lora [B] bool.
+        Writes the chunk's K/V at committed..committed+n-1 of each slot; returns float32 logits."""

@@ -1,0 +1,243 @@
+"""The one NLD model definition: the Ministral 3 backbone, `diffusion_head`, a per-sequence KV cache.
+
+Numerically the same as transformers' `Ministral3Model` plus a linear head (tests/test_backbone_parity.py
+pins it to 1e-4). The rotary frequencies and the YaRN attention factor come from transformers' own rope
+initialisation, so the two cannot drift apart. Parameter names are those of the release checkpoint
+(`encoder.*`, `diffusion_head.weight`), so a checkpoint's safetensors load with `load_state_dict`.
+
+Three ways of attending share this code: a causal or block pass over a chunk against the KV cache
+(`KVCache` + `attention.chunk_attention_mask`), and a cache-free pass under any explicit mask (training).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attention import attention
+from .config import NLDConfig
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(dtype)
+
+
+def rope_frequencies(config: NLDConfig) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention factor, computed by transformers' own rope code."""
+    hf = config.to_transformers()
+    if config.rope.rope_type == "default":
+        from transformers.models.ministral3.modeling_ministral3 import Ministral3RotaryEmbedding
+
+        return Ministral3RotaryEmbedding.compute_default_rope_parameters(hf)
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    return ROPE_INIT_FUNCTIONS[config.rope.rope_type](hf, None)
+
+
+class Rotary(nn.Module):
+    """cos/sin per position (YaRN-scaled) and the Ministral 3 per-position query scale."""
+
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        inv_freq, self.attention_scaling = rope_frequencies(config)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+        self.beta = config.rope.llama_4_scaling_beta
+        self.original_max = config.rope.original_max_position_embeddings or 1
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = positions[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        qscale = 1 + self.beta * torch.log(1 + torch.floor(positions.float() / self.original_max))
+        return cos, sin, qscale.to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x [B, H, T, D]; cos/sin [B, T, D]."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return x * cos + rotate_half(x) * sin
+
+
+@dataclass
+class LoRA:
+    """The linear-spec draft adapter on one o_proj: W_o + scale * B @ A, used only in draft passes."""
+
+    A: torch.Tensor  # [r, in]
+    B: torch.Tensor  # [out, r]
+    scale: float
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        return (x @ self.A.t() @ self.B.t()) * self.scale
+
+
+class KVCache:
+    """Keys and values of `slots` sequences, preallocated to `max_len` positions.
+
+    The cache does not know committed lengths: the executor owns them. `write` stores a chunk's K/V at
+    positions L..L+n-1 of each row's slot; `read` returns every slot's first `keys` positions.
+    """
+
+    def __init__(self, config: NLDConfig, slots: int, max_len: int, dtype: torch.dtype, device) -> None:
+        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
+        self.max_len = max_len
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+@dataclass
+class CacheStep:
+    """Where one forward pass writes and reads in a KVCache (computed once, used by every layer)."""
+
+    cache: KVCache
+    slots: torch.Tensor  # [B] slot per batch row
+    write_rows: torch.Tensor  # [N] batch row of each real chunk token
+    write_cols: torch.Tensor  # [N] chunk index of each real chunk token
+    write_pos: torch.Tensor  # [N] absolute position of each real chunk token
+    keys: int  # how many positions to read (max over rows of L + n)
+    contiguous_from: int | None  # slots are start..start+B-1: read through a view
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        dest = self.slots[self.write_rows]
+        kc[dest, :, self.write_pos] = k[self.write_rows, :, self.write_cols]
+        vc[dest, :, self.write_pos] = v[self.write_rows, :, self.write_cols]
+        if self.contiguous_from is not None:
+            s = self.contiguous_from
+            b = self.slots.shape[0]
+            return kc[s : s + b, :, : self.keys], vc[s : s + b, :, : self.keys]
+        return kc[self.slots, :, : self.keys], vc[self.slots, :, : self.keys]
+
+
+class Attention(nn.Module):
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        h, d = config.hidden_size, config.head_dim
+        self.n_heads, self.n_kv, self.head_dim = config.num_attention_heads, config.num_key_value_heads, d
+        self.scale = d**-0.5
+        self.q_proj = nn.Linear(h, self.n_heads * d, bias=False)
+        self.k_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
+        self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
+        self.lora: LoRA | None = None
+
+    def forward(self, x, cos, sin, qscale, mask, layer: int, step: CacheStep | None, lora_rows):
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = apply_rope(q, cos, sin) * qscale[:, None, :, None]
+        k = apply_rope(k, cos, sin)
+        if step is not None:
+            k, v = step.update(layer, k, v)
+        out = attention(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1)
+        y = self.o_proj(out)
+        if self.lora is not None and lora_rows is not None:
+            y = y + self.lora.delta(out) * lora_rows.to(y.dtype).view(-1, 1, 1)
+        return y
+
+
+class MLP(nn.Module):
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+
+class Encoder(nn.Module):
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class NLDModel(nn.Module):
+    """Backbone + `diffusion_head`. `forward` gives hidden states; `logits` applies the head."""
+
+    def __init__(self, config: NLDConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.rotary = Rotary(config)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None,
+        step: CacheStep | None = None,
+        lora_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """tokens/positions [B, T]; mask [B, 1, T, S] bool (S = T without a cache). Returns [B, T, H]."""
+        x = self.encoder.embed_tokens(tokens)
+        cos, sin, qscale = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.encoder.layers):
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, i, step, lora_rows)
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.encoder.norm(x)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.diffusion_head(hidden)
+
+    # ----------------------------------------------------------------------------------------------
+    def set_lora(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, scale: float = 1.0) -> None:
+        """Install (or with None remove) the draft adapter: {layer: (A [r, in], B [out, r])}."""
+        p = next(self.parameters())
+        for i, layer in enumerate(self.encoder.layers):
+            ab = (layers or {}).get(i)
+            layer.self_attn.lora = (
+                None if ab is None else LoRA(ab[0].to(p.device, p.dtype), ab[1].to(p.device, p.dtype), scale)
+            )
+
+    @property
+    def has_lora(self) -> bool:
+        return any(layer.self_attn.lora is not None for layer in self.encoder.layers)
+
+
+def init_weights(model: NLDModel, std: float = 0.02, seed: int = 0) -> NLDModel:
+    """Random initialisation (normal linears and embeddings, unit norms) for tiny test models."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model

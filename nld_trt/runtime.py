@@ -1,0 +1,165 @@
+"""`nld_trt.load(path)`: a checkpoint on an executor, with `generate` for text or token ids, batched."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoint import LoRAAdapter, load_lora, load_weights
+from .config import NLDConfig
+from .decoding import SEQUENCE_TYPES, GenerationParams, Stats, run
+from .errors import CheckpointError, GenerationError
+from .executors import TorchExecutor
+from .model import NLDModel, Rotary
+from .tokenizer import NLDTokenizer
+
+DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-nld"
+
+
+def default_model_path() -> Path:
+    return DEFAULT_MODEL
+
+
+@dataclass
+class GenerationResult:
+    text: str
+    token_ids: list[int]
+    prompt_token_ids: list[int]
+    mode: str
+    finish_reason: str
+    stats: Stats
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "text": self.text,
+            "token_ids": self.token_ids,
+            "prompt_token_ids": self.prompt_token_ids,
+            "mode": self.mode,
+            "finish_reason": self.finish_reason,
+            "stats": self.stats.as_dict(),
+        }
+
+
+def build_model(config: NLDConfig, tensors: dict[str, torch.Tensor], device: str | torch.device, dtype) -> NLDModel:
+    """The model with the checkpoint's weights, built without a random initialisation."""
+    with torch.device("meta"):
+        model = NLDModel(config)
+    model.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in tensors.items()}, strict=True, assign=True)
+    model.rotary = Rotary(config).to(device)
+    return model.eval()
+
+
+def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype is None:
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    names = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+             "float16": torch.float16, "fp16": torch.float16, "float64": torch.float64}
+    if dtype not in names:
+        raise GenerationError(f"unknown dtype {dtype!r}: use one of {', '.join(names)}")
+    return names[dtype]
+
+
+class NLD:
+    """An NLD checkpoint ready to generate. Build it with `nld_trt.load`."""
+
+    def __init__(
+        self,
+        path: str | Path | None = None,
+        *,
+        device: str = "cpu",
+        dtype: str | torch.dtype | None = None,
+        max_batch: int = 8,
+        max_seq_len: int = 2048,
+        max_block_length: int = 128,
+        lora: bool = True,
+    ) -> None:
+        self.path = Path(path) if path is not None else default_model_path()
+        if not self.path.is_dir():
+            raise CheckpointError(f"model directory {self.path} does not exist")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise GenerationError("device cuda requested but PyTorch sees no GPU: install a CUDA build or use --device cpu")
+        self.config = NLDConfig.from_file(self.path)
+        self.tokenizer = NLDTokenizer(self.path)
+        if self.tokenizer.vocab_size > self.config.vocab_size:
+            raise CheckpointError(
+                f"{self.path}: the tokenizer has {self.tokenizer.vocab_size} tokens but vocab_size is "
+                f"{self.config.vocab_size}"
+            )
+        self.dtype = resolve_dtype(dtype, device)
+        self.model = build_model(self.config, load_weights(self.path, self.config), device, self.dtype)
+        self.lora: LoRAAdapter | None = load_lora(self.path, self.config) if lora else None
+        if self.lora is not None:
+            self.model.set_lora(self.lora.layers, self.lora.scale)
+        max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length)
+
+    # ----------------------------------------------------------------------------------------------
+    def encode(self, prompt: str, chat: bool = True, **template_kwargs: Any) -> list[int]:
+        """Token ids of a prompt: through the chat template (a user turn + generation prompt) or raw."""
+        if not isinstance(prompt, str):
+            raise GenerationError(f"a prompt must be a string or a list of token ids, got {type(prompt).__name__}")
+        if chat and self.tokenizer.chat_template:
+            return self.tokenizer.encode_chat([{"role": "user", "content": prompt}], **template_kwargs)
+        return self.tokenizer.encode(prompt)
+
+    def _prompt_ids(self, prompt, chat: bool, template_kwargs) -> list[int]:
+        ids = self.encode(prompt, chat, **template_kwargs) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise GenerationError("the prompt is empty: give at least one token")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < self.config.vocab_size:
+                raise GenerationError(f"prompt token id {t!r} is outside the vocabulary [0, {self.config.vocab_size})")
+        return ids
+
+    def generate(self, prompts, *, chat: bool = True, template_kwargs: dict | None = None, **params: Any):
+        """Generate for one prompt (text or token ids) or a list of them; params as GenerationParams.
+
+        Returns a GenerationResult, or a list of them for a list of prompts. Sequence i of a batch samples
+        with seed + i, so a batch gives the same results as the same prompts one by one.
+        """
+        single = isinstance(prompts, str) or (
+            isinstance(prompts, (list, tuple)) and bool(prompts) and all(isinstance(t, int) for t in prompts)
+        )
+        batch = [prompts] if single else list(prompts)
+        if not batch:
+            raise GenerationError("no prompts given")
+        try:
+            p = GenerationParams(**params).resolved(self.config)
+        except TypeError as e:
+            raise GenerationError(f"unknown generation parameter: {e}") from None
+        p.validate(self.config, self.executor.max_chunk)
+        ids = [self._prompt_ids(x, chat, template_kwargs or {}) for x in batch]
+        for x in ids:
+            need = p.cache_positions(len(x))
+            if need > self.executor.max_seq_len:
+                raise GenerationError(
+                    f"prompt ({len(x)} tokens) + max_new_tokens ({p.max_new_tokens})"
+                    + (f" + block_length ({p.block_length})" if p.mode != "ar" else "")
+                    + f" needs {need} cache positions, more than the {self.executor.max_seq_len} available: "
+                    "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len"
+                )
+        seq_type = SEQUENCE_TYPES[p.mode]
+        seqs = [seq_type(x, p, self.config, p.seed + i) for i, x in enumerate(ids)]
+        run(self.executor, seqs)
+        results = [
+            GenerationResult(
+                text=self.tokenizer.decode(s.out),
+                token_ids=s.out,
+                prompt_token_ids=s.prompt,
+                mode=p.mode,
+                finish_reason=s.finish_reason or "length",
+                stats=s.stats,
+            )
+            for s in seqs
+        ]
+        return results[0] if single else results
+
+
+def load(path: str | Path | None = None, **kwargs: Any) -> NLD:
+    """Load an NLD checkpoint directory (default: the embedded tiny model). kwargs: see `NLD`."""
+    return NLD(path, **kwargs)

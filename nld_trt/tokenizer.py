@@ -1,0 +1,85 @@
+"""The checkpoint's tokenizer and chat template, read without running checkpoint code.
+
+Encoding uses `tokenizers` on `tokenizer.json`; the chat template is rendered by transformers' sandboxed
+Jinja renderer, the same one `apply_chat_template` uses.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from .errors import CheckpointError, GenerationError
+
+
+class NLDTokenizer:
+    def __init__(self, directory: str | Path) -> None:
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        path = directory / "tokenizer.json"
+        if not path.is_file():
+            raise CheckpointError(f"{path} not found: the checkpoint needs its tokenizer.json")
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # the Rust side raises a plain Exception on malformed files
+            raise CheckpointError(f"{path} is not a readable tokenizer ({str(e).splitlines()[0]}); re-download it") from None
+        self.config: dict[str, Any] = {}
+        cfg = directory / "tokenizer_config.json"
+        if cfg.is_file():
+            try:
+                self.config = json.loads(cfg.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{cfg} is not valid JSON ({e})") from None
+        template_file = directory / "chat_template.jinja"
+        self.chat_template: str | None = (
+            template_file.read_text() if template_file.is_file() else self.config.get("chat_template")
+        )
+        if isinstance(self.chat_template, list):  # named templates: take the default one
+            named = {t.get("name"): t.get("template") for t in self.chat_template if isinstance(t, dict)}
+            self.chat_template = named.get("default")
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self._tok.get_vocab_size(with_added_tokens=True)
+
+    def token_id(self, token: str) -> int | None:
+        return self._tok.token_to_id(token)
+
+    def special_token(self, key: str) -> str | None:
+        v = self.config.get(key)
+        if isinstance(v, dict):
+            v = v.get("content")
+        return v if isinstance(v, str) else None
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(
+        self, messages: list[dict[str, Any]], add_generation_prompt: bool = True, **kwargs: Any
+    ) -> str:
+        if not self.chat_template:
+            raise GenerationError(
+                "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json): "
+                "pass the prompt raw (--raw / chat=False)"
+            )
+        from transformers.utils.chat_template_utils import render_jinja_template
+
+        specials = {k: self.special_token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
+        rendered, _ = render_jinja_template(
+            conversations=[messages],
+            chat_template=self.chat_template,
+            add_generation_prompt=add_generation_prompt,
+            **{k: v for k, v in specials.items() if v is not None},
+            **kwargs,
+        )
+        return rendered[0]
+
+    def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
+        """Token ids of a conversation rendered with the chat template and a generation prompt."""
+        return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
