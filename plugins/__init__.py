@@ -1,0 +1,1 @@
+"""TensorRT plugins and their Triton kernels."""
