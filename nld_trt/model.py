@@ -29,7 +29,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = x.dtype
-        x32 = x.float()
+        x32 = x.to(torch.promote_types(dtype, torch.float32))  # at least float32, as transformers
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x32.to(dtype)
 
@@ -154,7 +154,7 @@ class Attention(nn.Module):
         out = attention(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1)
         y = self.o_proj(out)
         if self.lora is not None and lora_rows is not None:
-            y = y + self.lora.delta(out) * lora_rows.to(y.dtype).view(-1, 1, 1)
+            y = y + self.lora.delta(out) * lora_rows.to(y.dtype).reshape(b, -1, 1)
         return y
 
 
@@ -205,7 +205,8 @@ class NLDModel(nn.Module):
         step: CacheStep | None = None,
         lora_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens/positions [B, T]; mask [B, 1, T, S] bool (S = T without a cache). Returns [B, T, H]."""
+        """tokens/positions [B, T]; mask [B, 1, T, S] bool (S = T without a cache); lora_rows [B] or [B, T]
+        bool: where the draft adapter applies. Returns hidden states [B, T, H]."""
         x = self.encoder.embed_tokens(tokens)
         cos, sin, qscale = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.encoder.layers):

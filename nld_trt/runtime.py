@@ -108,6 +108,8 @@ class NLD:
         return self.tokenizer.encode(prompt)
 
     def _prompt_ids(self, prompt, chat: bool, template_kwargs) -> list[int]:
+        if isinstance(prompt, str) and not prompt:
+            raise GenerationError("the prompt is empty: give some text")
         ids = self.encode(prompt, chat, **template_kwargs) if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise GenerationError("the prompt is empty: give at least one token")

@@ -1,0 +1,39 @@
+"""Shared fixtures: tiny random NLD checkpoints in the release layout, built once per session."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from nld_trt.tiny import make_tiny_checkpoint
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """llada-style tiny model with a LoRA drafter, YaRN and the llama-4 query scale from position 64."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-a", seed=0, std=0.15)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_b(tmp_path_factory):
+    """A second, differently shaped random model: GQA ratio 4, three layers, dream logit alignment."""
+    return make_tiny_checkpoint(
+        tmp_path_factory.mktemp("ckpt") / "tiny-b", seed=7, std=0.15, num_attention_heads=8,
+        num_key_value_heads=2, head_dim=8, num_hidden_layers=3, dlm_type="dream", lora_rank=2,
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    from nld_trt import load
+
+    return load(tiny_dir, max_batch=4, max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_b(tiny_dir_b):
+    from nld_trt import load
+
+    return load(tiny_dir_b, max_batch=4, max_seq_len=512)

@@ -1,0 +1,72 @@
+"""A scripted executor: logits from a deterministic rule instead of a network.
+
+It keeps each slot's tokens the way a KV cache keeps keys (written at L..L+n-1, committed by length), so
+it checks that the decoding loops use only the executor interface, and it makes drafts that are often but
+not always right, so linear_spec accepts runs of every length (random networks almost never agree).
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from nld_trt.executors.base import Executor
+
+V = 64
+MASK = 63
+
+
+def next_token(prefix: list[int]) -> int:
+    """The 'true' continuation: a fixed function of the last two tokens and the length."""
+    a, b = prefix[-1], prefix[-2] if len(prefix) > 1 else 0
+    return (5 * a + 3 * b + len(prefix)) % 60 + 3  # never 0..2 (EOS is 2) nor MASK
+
+
+class ToyExecutor(Executor):
+    def __init__(self, config, max_batch=4, max_seq_len=512, miss_rate=0.15, dream=False):
+        super().__init__(config, max_batch, max_seq_len, max_chunk=64)
+        self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long)
+        self.miss_rate = miss_rate
+        self.dream = dream
+
+    @property
+    def has_lora(self) -> bool:
+        return True
+
+    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
+        b, t = tokens.shape
+        logits = torch.zeros(b, t, V)
+        for r in range(b):
+            s, L, n = int(slots[r]), int(committed[r]), int(chunk_lens[r])
+            self.history[s, L : L + n] = tokens[r, :n]
+            ctx = self.history[s, : L + n].tolist()
+            for j in range(n):
+                if not block[r]:
+                    target = next_token(ctx[: L + j + 1])
+                    logits[r, j] = self._peaked(target, 4.0 + (L + j) % 3)
+                    continue
+                # block pass: position j's own token (llada) or j+1's (dream), guessed by unrolling the true
+                # rule from the chunk's first token; wrong at a scripted subset of positions
+                pos = j + 1 if self.dream else j
+                if pos == 0:
+                    continue
+                guess = ctx[: L + 1]
+                for _ in range(pos):
+                    guess.append(next_token(guess))
+                target = guess[-1]
+                draw = random.Random((L + pos) * 7919 + pos).random()
+                miss = draw < self.miss_rate / (3.0 if lora[r] else 1.0)  # the LoRA drafter misses less
+                if miss:
+                    target = (target + 7) % 60 + 3
+                logits[r, j] = self._peaked(target, 1.0 + (L * 7 + pos * 5) % 6)
+        if not all_logits:
+            return logits[torch.arange(b), chunk_lens - 1]
+        return logits
+
+    @staticmethod
+    def _peaked(target: int, height: float) -> torch.Tensor:
+        row = torch.zeros(V)
+        row[target] = height
+        row[(target + 1) % V] = height / 2
+        return row
