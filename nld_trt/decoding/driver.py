@@ -62,42 +62,84 @@ def step(executor: Executor, seqs: list[Sequence]) -> None:
             executor.commit(s.slot, s.consume(logits[r, : len(chunks[i].tokens)]))
 
 
+class Batcher:
+    """Continuous batching: sequences join (`submit`) and leave (finished or `cancel`led) between steps.
+
+    `submit` and `cancel` may be called from other threads while one thread calls `step`: the waiting
+    queue is a deque and cancellation is a flag the stepping thread acts on.
+    """
+
+    def __init__(self, executor: Executor, on_step: Callable[[Sequence], None] | None = None) -> None:
+        self.executor = executor
+        self.on_step = on_step
+        self.waiting: deque[Sequence] = deque()
+        self.active: list[Sequence] = []
+        self._started: dict[int, float] = {}
+
+    def submit(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.active
+
+    def step(self) -> list[Sequence]:
+        """Admit waiting sequences (prefill) or advance the active ones by one step; return those that
+        finished (or were cancelled) in this step, their slots already released."""
+        left = [s for s in self.active if s.cancelled]
+        self.active = [s for s in self.active if not s.cancelled]
+        joining = []
+        while self.waiting and self.executor.free_slots:
+            s = self.waiting.popleft()
+            if s.cancelled:
+                left.append(s)
+                continue
+            s.slot = self.executor.allocate()
+            joining.append(s)
+        if joining:
+            prefill(self.executor, joining)
+            now = time.perf_counter()
+            self._started.update((id(s), now) for s in joining)
+            self.active += joining
+        elif self.active:
+            step(self.executor, self.active)
+        still = []
+        for s in self.active:
+            if self.on_step is not None:
+                self.on_step(s)
+            (left if s.done else still).append(s)
+        self.active = still
+        for s in left:
+            if s.slot is not None:
+                self.executor.release(s.slot)
+            if id(s) in self._started:
+                s.stats.decode_s = time.perf_counter() - self._started.pop(id(s))
+            if s.cancelled and not s.done:
+                s.finish("cancelled")
+        return left
+
+    def run(self) -> None:
+        try:
+            while not self.idle:
+                self.step()
+        finally:
+            for s in self.active:
+                self.executor.release(s.slot)
+            self.active = []
+
+
 def run(
     executor: Executor,
     sequences: Iterable[Sequence],
     on_step: Callable[[Sequence], None] | None = None,
 ) -> list[Sequence]:
     """Decode every sequence to completion, at most `executor.max_batch` at a time."""
-    waiting = deque(sequences)
-    everything = list(waiting)
-    active: list[Sequence] = []
-    started: dict[int, float] = {}
-    try:
-        while waiting or active:
-            joining = []
-            while waiting and executor.free_slots:
-                s = waiting.popleft()
-                s.slot = executor.allocate()
-                joining.append(s)
-            if joining:
-                prefill(executor, joining)
-                now = time.perf_counter()
-                for s in joining:
-                    started[id(s)] = now
-                active += joining
-            else:
-                step(executor, active)
-            still = []
-            for s in active:
-                if on_step is not None:
-                    on_step(s)
-                if s.done:
-                    s.stats.decode_s = time.perf_counter() - started[id(s)]
-                    executor.release(s.slot)
-                else:
-                    still.append(s)
-            active = still
-    finally:
-        for s in active:
-            executor.release(s.slot)
+    batcher = Batcher(executor, on_step)
+    everything = list(sequences)
+    for s in everything:
+        batcher.submit(s)
+    batcher.run()
     return everything

@@ -58,6 +58,7 @@ class Sequence:
         self.eos = frozenset(params.eos_token_ids or ())
         self.out: list[int] = []
         self.done = False
+        self.cancelled = False
         self.finish_reason: str | None = None
         self.stats = Stats()
         self.slot: int | None = None
