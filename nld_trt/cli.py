@@ -117,6 +117,36 @@ def info(model_dir, as_json) -> None:
     Console().print(table)
 
 
+@cli.command()
+@click.option("--checkpoint", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--output", type=click.Path(file_okay=False), required=True, help="engine directory to write")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="sequences per engine call")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per sequence")
+@click.option("--max-block", type=int, default=32, show_default=True, help="longest decode chunk (block length)")
+@click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32"]), default="bf16", show_default=True,
+              help="graph precision (float32 for the ONNX Runtime executor on CPU)")
+@click.option("--onnx-only", is_flag=True, help="stop after the ONNX graph and its verification")
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="check the graph with ONNX Runtime against the PyTorch executor (greedy, every mode)")
+@click.option("--overwrite", is_flag=True, help="replace an existing output directory")
+def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_only, verify, overwrite) -> None:
+    """Export the (quantized) checkpoint to an ONNX graph, verify it, and build a TensorRT engine."""
+    from pathlib import Path
+
+    from .engine.build import BuildOptions, build as run_build
+    from .runtime import default_model_path
+
+    console = _console()
+    options = BuildOptions(
+        checkpoint=Path(checkpoint) if checkpoint else default_model_path(), output=Path(output),
+        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, dtype=dtype, onnx_only=onnx_only,
+        verify=verify, overwrite=overwrite,
+    )
+    report = run_build(options, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    click.echo(f"wrote {output}: {report.graph} ({report.dtype}, {report.nodes} nodes, custom {', '.join(report.custom_nodes)})"
+               + (f", {report.plan}" if report.plan else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad input, non-zero exit codes."""
     try:

@@ -91,11 +91,18 @@ class NLD:
                 f"{self.config.vocab_size}"
             )
         self.dtype = resolve_dtype(dtype, device)
+        max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
+        from .engine.loader import is_engine_dir, open_engine
+
+        self.model: NLDModel | None = None
+        self.lora: LoRAAdapter | None = None
+        if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
+            self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length)
+            return
         self.model = build_model(self.config, load_weights(self.path, self.config), device, self.dtype)
-        self.lora: LoRAAdapter | None = load_lora(self.path, self.config) if lora else None
+        self.lora = load_lora(self.path, self.config) if lora else None
         if self.lora is not None:
             self.model.set_lora(self.lora.layers, self.lora.scale)
-        max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
         self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length)
 
     # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,56 @@
+"""ONNX Runtime implementations of the graph's custom nodes, so the exact graph handed to TensorRT runs on
+CPU. Each node runs the PyTorch reference the TensorRT plugin is tested against; onnxruntime-extensions
+hosts them (its Python operators live in the `ai.onnx.contrib` domain, so `for_onnxruntime` renames the
+`nld` domain of a copy of the graph; op types, inputs and attributes stay as TensorRT sees them)."""
+
+from __future__ import annotations
+
+import onnx
+import torch
+
+from .onnx_graph import ATTENTION_OP, PLUGIN_DOMAIN
+
+ORT_DOMAIN = "ai.onnx.contrib"
+_registered = False
+
+
+def register() -> str:
+    """Register the Python implementations once; returns the custom-op library path for SessionOptions."""
+    global _registered
+    from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
+
+    if not _registered:
+        from nld_trt.plugins.block_attention.reference import reference_attention
+
+        T = PyCustomOpDef
+
+        @onnx_op(
+            op_type=ATTENTION_OP,
+            inputs=[T.dt_float, T.dt_float, T.dt_float, T.dt_int32, T.dt_int32, T.dt_int32, T.dt_int32],
+            outputs=[T.dt_float],
+            attrs={"scale": T.dt_float, "k_scale": T.dt_float, "v_scale": T.dt_float, "plugin_namespace": T.dt_string},
+        )
+        def block_attention(q, k_cache, v_cache, slots, committed, chunk_lens, block, **attrs):
+            with torch.inference_mode():
+                out = reference_attention(
+                    torch.from_numpy(q), torch.from_numpy(k_cache), torch.from_numpy(v_cache),
+                    torch.from_numpy(slots), torch.from_numpy(committed), torch.from_numpy(chunk_lens),
+                    torch.from_numpy(block), float(attrs["scale"]),
+                )
+            return out.numpy()
+
+        _registered = True
+    return get_library_path()
+
+
+def for_onnxruntime(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of the graph whose custom nodes sit in onnxruntime-extensions' domain."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == PLUGIN_DOMAIN:
+            node.domain = ORT_DOMAIN
+    for opset in copy.opset_import:
+        if opset.domain == PLUGIN_DOMAIN:
+            opset.domain = ORT_DOMAIN
+    return copy

@@ -1,0 +1,36 @@
+"""Open a `nld-trt build` output as an executor: TensorRT on a GPU when the plan exists, else ONNX Runtime."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import NLDConfig
+from ..errors import NLDError
+from .build import ENGINE_FILE, GRAPH_FILE, PLAN_FILE
+
+
+def is_engine_dir(path: Path) -> bool:
+    return (path / ENGINE_FILE).is_file()
+
+
+def open_engine(path: Path, config: NLDConfig, device: str, max_batch: int, max_seq_len: int, max_chunk: int):
+    report = json.loads((path / ENGINE_FILE).read_text())
+    limits = report["limits"]
+    if device.startswith("cuda"):
+        if not report.get("plan"):
+            raise NLDError(f"{path} holds no TensorRT plan: build it on a GPU host with TensorRT (nld-trt build)")
+        from ..executors.trt_executor import TensorRTExecutor
+
+        return TensorRTExecutor(path / PLAN_FILE, config, limits["max_batch"], limits["max_seq_len"],
+                                limits["max_block"], report["has_lora"])
+    from ..executors.onnx_executor import OnnxExecutor
+
+    if report["dtype"] != "float32":
+        raise NLDError(
+            f"{path} holds a {report['dtype']} graph for TensorRT; on CPU, ONNX Runtime needs a float32 build "
+            "(nld-trt build --dtype float32), or use --device cuda where the plan runs"
+        )
+    return OnnxExecutor(path / GRAPH_FILE, config, min(max_batch, limits["max_batch"]),
+                        min(max_seq_len, limits["max_seq_len"]), min(max_chunk, limits["max_block"]),
+                        has_lora=report["has_lora"])

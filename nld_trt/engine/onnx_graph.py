@@ -1,0 +1,269 @@
+"""The NLD forward pass as an ONNX graph for TensorRT, op for op the computation of `nld_trt.model`.
+
+The graph is written node by node (as model builders for ONNX LLM runtimes do) rather than traced: the KV
+cache, per-sequence lengths and attention pattern are explicit inputs, the attention is one custom node
+carrying the TensorRT plugin's name (`nld::block_attention`), and quantized weights are standard
+`DequantizeLinear` nodes so that TensorRT picks its own FP8 and INT4 kernels.
+
+Inputs (B rows, T chunk positions, P logit positions, S cache slots + 1 scratch slot, M cache length):
+  input_ids [B, T] int32, slots / committed / chunk_lens [B] int32, block / lora [B] int32 (0 or 1),
+  logit_positions [B, P] int32 (chunk positions whose logits are returned),
+  past_key_{i} / past_value_{i} [S + 1, Hkv, M, D] for every layer i.
+Outputs: logits [B, P, V] float32, present_key_{i} / present_value_{i} (the caches with the chunk's
+K/V written at committed..committed+n-1 of each row's slot; padding positions go to the scratch slot S).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper, numpy_helper
+
+from ..config import NLDConfig
+from ..model import NLDModel
+
+OPSET = 21
+PLUGIN_DOMAIN = "nld"
+ATTENTION_OP = "block_attention"  # TensorRT plugin nld::block_attention (see plugins/block_attention/trt.py)
+
+ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
+
+
+@dataclass(frozen=True)
+class LinearWeights:
+    """One linear layer as the graph stores it. kind "float": weight [out, in]; "fp8": weight e4m3 with a
+    per-tensor weight_scale and input_scale (W8A8); "int4": integer weight in [-8, 7] with per-group scales
+    [out, in / group] and an optional AWQ pre_quant_scale [in] (weight-only)."""
+
+    kind: str
+    weight: torch.Tensor
+    weight_scale: torch.Tensor | None = None
+    input_scale: torch.Tensor | None = None
+    group_size: int | None = None
+    pre_quant_scale: torch.Tensor | None = None
+
+
+def linear_weights(module: torch.nn.Module) -> LinearWeights:
+    """How a model's linear module is stored in the graph (quantized modules describe themselves)."""
+    describe = getattr(module, "onnx_weights", None)
+    if describe is not None:
+        return describe()
+    return LinearWeights("float", module.weight.detach())
+
+
+def to_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().contiguous().numpy()
+
+
+class Graph:
+    """A tiny helper to write nodes, constants and initializers with unique names."""
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[onnx.TensorProto] = []
+        self.dtype = dtype
+        self.onnx_dtype = ONNX_DTYPES[dtype]
+        self._n = 0
+
+    def name(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, domain: str = "",
+           **attrs) -> str | list[str]:
+        outs = [self.name(hint or op_type) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=self.name(f"n_{op_type}"), domain=domain,
+                                           **attrs))
+        return outs[0] if n_out == 1 else outs
+
+    def init(self, name: str, array: np.ndarray | torch.Tensor) -> str:
+        if isinstance(array, torch.Tensor):
+            if array.dtype == torch.bfloat16:
+                proto = helper.make_tensor(name, TensorProto.BFLOAT16, list(array.shape),
+                                           array.contiguous().view(torch.int16).numpy().tobytes(), raw=True)
+                self.initializers.append(proto)
+                return name
+            if array.dtype == torch.float8_e4m3fn:
+                proto = helper.make_tensor(name, TensorProto.FLOAT8E4M3FN, list(array.shape),
+                                           array.contiguous().view(torch.uint8).numpy().tobytes(), raw=True)
+                self.initializers.append(proto)
+                return name
+            array = to_numpy(array)
+        self.initializers.append(numpy_helper.from_array(np.require(array, requirements="C"), name))
+        return name
+
+    def const(self, values, dtype=np.int64) -> str:
+        return self.init(self.name("const"), np.asarray(values, dtype=dtype))
+
+    def weight(self, name: str, t: torch.Tensor) -> str:
+        return self.init(name, t.to(self.dtype))
+
+    def cast(self, x: str, to: int) -> str:
+        return self.op("Cast", [x], to=to)
+
+
+def rms_norm(g: Graph, x: str, weight: torch.Tensor, eps: float, name: str) -> str:
+    """RMSNorm in float32 (as the model does), result in the graph dtype times the weight."""
+    x32 = g.cast(x, TensorProto.FLOAT)
+    var = g.op("ReduceMean", [g.op("Mul", [x32, x32]), g.const([-1])], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [var, g.const(eps, np.float32)])])])
+    normed = g.cast(g.op("Mul", [x32, inv]), g.onnx_dtype)
+    return g.op("Mul", [normed, g.weight(name, weight)])
+
+
+def linear(g: Graph, x: str, lw: LinearWeights, name: str) -> str:
+    """x [..., in] @ W^T, with W stored transposed [in, out] (so DequantizeLinear feeds MatMul directly)."""
+    if lw.kind == "float":
+        return g.op("MatMul", [x, g.weight(name, lw.weight.t())])
+    if lw.kind == "fp8":
+        w = g.init(name, lw.weight.t().contiguous())
+        w_scale = g.init(name + ".weight_scale", lw.weight_scale.float().reshape(()).to(g.dtype))
+        x_scale = g.init(name + ".input_scale", lw.input_scale.float().reshape(()).to(g.dtype))
+        zero = g.init(name + ".input_zero", torch.zeros((), dtype=torch.float8_e4m3fn))
+        xq = g.op("QuantizeLinear", [x, x_scale, zero])
+        xd = g.op("DequantizeLinear", [xq, x_scale])
+        wd = g.op("DequantizeLinear", [w, w_scale])
+        return g.op("MatMul", [xd, wd])
+    if lw.kind == "int4":
+        q = lw.weight.t().contiguous().to(torch.int8).numpy()  # [in, out], values in [-8, 7]
+        packed = helper.make_tensor(name, TensorProto.INT4, list(q.shape), q.flatten().tolist())
+        g.initializers.append(packed)
+        scales = g.init(name + ".weight_scale", lw.weight_scale.t().contiguous().to(g.dtype))  # [in / group, out]
+        wd = g.op("DequantizeLinear", [name, scales], axis=0, block_size=lw.group_size)
+        if lw.pre_quant_scale is not None:
+            x = g.op("Mul", [x, g.weight(name + ".pre_quant_scale", lw.pre_quant_scale)])
+        return g.op("MatMul", [x, wd])
+    raise ValueError(f"unknown linear kind {lw.kind!r}")
+
+
+def rotate_half(g: Graph, x: str, head_dim: int) -> str:
+    half = head_dim // 2
+    x1, x2 = g.op("Split", [x, g.const([half, half])], axis=-1, n_out=2)
+    return g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+
+
+def export_graph(model: NLDModel, dtype: torch.dtype = torch.float32) -> onnx.ModelProto:
+    """The ONNX model of one forward pass (see the module docstring for its inputs and outputs)."""
+    config: NLDConfig = model.config
+    g = Graph(dtype)
+    f32, i64, i32 = TensorProto.FLOAT, TensorProto.INT64, TensorProto.INT32
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    n_layers = config.num_hidden_layers
+
+    inputs = [
+        helper.make_tensor_value_info("input_ids", i32, ["batch", "chunk"]),
+        helper.make_tensor_value_info("slots", i32, ["batch"]),
+        helper.make_tensor_value_info("committed", i32, ["batch"]),
+        helper.make_tensor_value_info("chunk_lens", i32, ["batch"]),
+        helper.make_tensor_value_info("block", i32, ["batch"]),
+        helper.make_tensor_value_info("lora", i32, ["batch"]),
+        helper.make_tensor_value_info("logit_positions", i32, ["batch", "n_logits"]),
+    ]
+    cache_shape = ["cache_slots", hkv, "cache_len", d]
+    for i in range(n_layers):
+        for kv in ("key", "value"):
+            inputs.append(helper.make_tensor_value_info(f"past_{kv}_{i}", g.onnx_dtype, cache_shape))
+
+    # positions, rotary tables and the per-position query scale, in float32 as the model computes them
+    shape_ids = g.op("Shape", ["input_ids"])
+    t_len = g.op("Gather", [shape_ids, g.const(1)], axis=0)
+    j = g.op("Range", [g.const(0), t_len, g.const(1)])  # [T] int64
+    committed64 = g.cast("committed", i64)
+    positions = g.op("Add", [g.op("Unsqueeze", [committed64, g.const([1])]), g.op("Unsqueeze", [j, g.const([0])])])
+    pos_f = g.cast(positions, f32)  # [B, T]
+    inv_freq = g.init("rope.inv_freq", model.rotary.inv_freq.float())
+    freqs = g.op("Mul", [g.op("Unsqueeze", [pos_f, g.const([-1])]), inv_freq])
+    emb = g.op("Concat", [freqs, freqs], axis=-1)  # [B, T, D]
+    att_scale = g.const(float(model.rotary.attention_scaling), np.float32)
+    cos = g.cast(g.op("Mul", [g.op("Cos", [emb]), att_scale]), g.onnx_dtype)
+    sin = g.cast(g.op("Mul", [g.op("Sin", [emb]), att_scale]), g.onnx_dtype)
+    cos = g.op("Unsqueeze", [cos, g.const([1])])  # [B, 1, T, D]
+    sin = g.op("Unsqueeze", [sin, g.const([1])])
+    floor = g.op("Floor", [g.op("Div", [pos_f, g.const(float(model.rotary.original_max), np.float32)])])
+    qscale = g.op("Add", [g.const(1.0, np.float32),
+                          g.op("Mul", [g.const(float(model.rotary.beta), np.float32),
+                                       g.op("Log", [g.op("Add", [g.const(1.0, np.float32), floor])])])])
+    qscale = g.op("Unsqueeze", [g.cast(qscale, g.onnx_dtype), g.const([1, 3])])  # [B, 1, T, 1]
+
+    # where each chunk token's K/V goes: (slot, head, position); padding -> the scratch slot (last one)
+    b_len = g.op("Gather", [shape_ids, g.const(0)], axis=0)
+    real = g.op("Less", [g.op("Unsqueeze", [j, g.const([0])]), g.op("Unsqueeze", [g.cast("chunk_lens", i64), g.const([1])])])
+    past_shape = g.op("Shape", ["past_key_0"])
+    scratch = g.op("Sub", [g.op("Gather", [past_shape, g.const(0)], axis=0), g.const(1)])
+    slot_bt = g.op("Expand", [g.op("Unsqueeze", [g.cast("slots", i64), g.const([1])]),
+                              g.op("Concat", [g.op("Unsqueeze", [b_len, g.const([0])]),
+                                              g.op("Unsqueeze", [t_len, g.const([0])])], axis=0)])
+    slot_bt = g.op("Where", [real, slot_bt, scratch])
+    pos_bt = g.op("Where", [real, positions, g.op("Unsqueeze", [j, g.const([0])])])
+    heads = g.const(np.arange(hkv).reshape(1, 1, hkv))
+    bth = g.op("Concat", [g.op("Unsqueeze", [b_len, g.const([0])]), g.op("Unsqueeze", [t_len, g.const([0])]),
+                          g.const([hkv])], axis=0)
+    idx = g.op("Concat", [
+        g.op("Unsqueeze", [g.op("Expand", [g.op("Unsqueeze", [slot_bt, g.const([2])]), bth]), g.const([3])]),
+        g.op("Unsqueeze", [g.op("Expand", [heads, bth]), g.const([3])]),
+        g.op("Unsqueeze", [g.op("Expand", [g.op("Unsqueeze", [pos_bt, g.const([2])]), bth]), g.const([3])]),
+    ], axis=3)  # [B, T, Hkv, 3]
+
+    lora_rows = g.op("Unsqueeze", [g.cast("lora", g.onnx_dtype), g.const([1, 2])])  # [B, 1, 1]
+    x = g.op("Gather", [g.weight("encoder.embed_tokens.weight", model.encoder.embed_tokens.weight), "input_ids"],
+             axis=0)
+    outputs_kv = []
+    for i, layer in enumerate(model.encoder.layers):
+        p = f"encoder.layers.{i}."
+        attn = layer.self_attn
+        h = rms_norm(g, x, layer.input_layernorm.weight, config.rms_norm_eps, p + "input_layernorm.weight")
+
+        def heads_first(t: str, n: int) -> str:
+            return g.op("Transpose", [g.op("Reshape", [t, g.const([0, 0, n, d])])], perm=[0, 2, 1, 3])
+
+        q = heads_first(linear(g, h, linear_weights(attn.q_proj), p + "self_attn.q_proj.weight"), hq)
+        k = heads_first(linear(g, h, linear_weights(attn.k_proj), p + "self_attn.k_proj.weight"), hkv)
+        v = heads_first(linear(g, h, linear_weights(attn.v_proj), p + "self_attn.v_proj.weight"), hkv)
+        q = g.op("Add", [g.op("Mul", [q, cos]), g.op("Mul", [rotate_half(g, q, d), sin])])
+        q = g.op("Mul", [q, qscale])
+        k = g.op("Add", [g.op("Mul", [k, cos]), g.op("Mul", [rotate_half(g, k, d), sin])])
+        present = []
+        for kv, t in (("key", k), ("value", v)):
+            rows = g.op("Transpose", [t], perm=[0, 2, 1, 3])  # [B, T, Hkv, D]
+            out = f"present_{kv}_{i}"
+            g.nodes.append(helper.make_node("ScatterND", [f"past_{kv}_{i}", idx, rows], [out], name=g.name("scatter")))
+            present.append(out)
+        outputs_kv += present
+        a = g.op(ATTENTION_OP, [q, present[0], present[1], "slots", "committed", "chunk_lens", "block"],
+                 domain=PLUGIN_DOMAIN, scale=float(attn.scale), k_scale=1.0, v_scale=1.0, plugin_namespace="nld")
+        a = g.op("Reshape", [g.op("Transpose", [a], perm=[0, 2, 1, 3]), g.const([0, 0, hq * d])])
+        o = linear(g, a, linear_weights(attn.o_proj), p + "self_attn.o_proj.weight")
+        if attn.lora is not None:
+            lo = attn.lora
+            delta = g.op("MatMul", [g.op("MatMul", [a, g.weight(p + "self_attn.o_proj.lora_A", lo.A.t())]),
+                                    g.weight(p + "self_attn.o_proj.lora_B", lo.B.t())])
+            scale = g.init(g.name("lora_scale"), torch.tensor(lo.scale, dtype=dtype))
+            o = g.op("Add", [o, g.op("Mul", [g.op("Mul", [delta, scale]), lora_rows])])
+        x = g.op("Add", [x, o])
+        h = rms_norm(g, x, layer.post_attention_layernorm.weight, config.rms_norm_eps,
+                     p + "post_attention_layernorm.weight")
+        gate = linear(g, h, linear_weights(layer.mlp.gate_proj), p + "mlp.gate_proj.weight")
+        up = linear(g, h, linear_weights(layer.mlp.up_proj), p + "mlp.up_proj.weight")
+        act = g.op("Mul", [g.op("Mul", [gate, g.op("Sigmoid", [gate])]), up])  # silu(gate) * up
+        x = g.op("Add", [x, linear(g, act, linear_weights(layer.mlp.down_proj), p + "mlp.down_proj.weight")])
+
+    x = rms_norm(g, x, model.encoder.norm.weight, config.rms_norm_eps, "encoder.norm.weight")
+    pos_idx = g.cast("logit_positions", i64)
+    gather_idx = g.op("Expand", [g.op("Unsqueeze", [pos_idx, g.const([2])]),
+                                 g.op("Concat", [g.op("Shape", [pos_idx]), g.const([config.hidden_size])], axis=0)])
+    picked = g.op("GatherElements", [x, gather_idx], axis=1)  # [B, P, H]
+    logits = linear(g, picked, linear_weights(model.diffusion_head), "diffusion_head.weight")
+    g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=f32, name=g.name("cast_logits")))
+
+    outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "n_logits", config.vocab_size])]
+    outputs += [helper.make_tensor_value_info(n, g.onnx_dtype, cache_shape) for n in outputs_kv]
+    graph = helper.make_graph(g.nodes, "nld_forward", inputs, outputs, initializer=g.initializers)
+    onnx_model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(PLUGIN_DOMAIN, 1)],
+        producer_name="nld-trt",
+    )
+    onnx_model.ir_version = 10
+    return onnx_model

@@ -1,0 +1,67 @@
+"""The ONNX Runtime executor: runs the exported engine graph (float32) on CPU through the same decoding
+loops, which is how the graph handed to TensorRT is proven right on machines without TensorRT."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..config import NLDConfig
+from ..errors import NLDError
+from .base import Executor
+
+
+class OnnxExecutor(Executor):
+    def __init__(self, graph: str | Path, config: NLDConfig, max_batch: int = 8, max_seq_len: int = 2048,
+                 max_chunk: int = 128, has_lora: bool = False, threads: int = 1) -> None:
+        super().__init__(config, max_batch, max_seq_len, max_chunk)
+        try:
+            import onnx
+            import onnxruntime as ort
+        except ImportError as e:  # pragma: no cover - both are dependencies
+            raise NLDError(f"the ONNX Runtime executor needs onnx and onnxruntime ({e}): pip install nld-trt") from None
+        from ..engine.custom_ops import for_onnxruntime, register
+
+        model = onnx.load(str(graph))
+        if model.graph.input[-1].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
+            raise NLDError(
+                f"{graph} is not a float32 graph: ONNX Runtime on CPU runs the float32 export "
+                "(nld-trt build --dtype float32); bf16/fp16 graphs are for TensorRT"
+            )
+        options = ort.SessionOptions()
+        options.register_custom_ops_library(register())
+        options.intra_op_num_threads = threads
+        self.session = ort.InferenceSession(
+            for_onnxruntime(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
+        )
+        self._has_lora = has_lora
+        shape = (max_batch + 1, config.num_key_value_heads, max_seq_len, config.head_dim)  # + scratch slot
+        self.names = [f"past_{kv}_{i}" for i in range(config.num_hidden_layers) for kv in ("key", "value")]
+        self.cache = {n: np.zeros(shape, np.float32) for n in self.names}
+
+    @property
+    def has_lora(self) -> bool:
+        return self._has_lora
+
+    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
+        b, t = tokens.shape
+        if all_logits:
+            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+        else:
+            positions = (chunk_lens - 1).numpy().astype(np.int32)[:, None]
+        feeds = {
+            "input_ids": tokens.numpy().astype(np.int32),
+            "slots": slots.numpy().astype(np.int32),
+            "committed": committed.numpy().astype(np.int32),
+            "chunk_lens": chunk_lens.numpy().astype(np.int32),
+            "block": block.numpy().astype(np.int32),
+            "lora": lora.numpy().astype(np.int32),
+            "logit_positions": np.ascontiguousarray(positions),
+            **self.cache,
+        }
+        logits, *present = self.session.run(None, feeds)
+        self.cache = dict(zip(self.names, present))
+        out = torch.from_numpy(logits)
+        return out if all_logits else out[:, 0]

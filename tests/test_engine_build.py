@@ -1,0 +1,109 @@
+"""Engine build on a machine without TensorRT: the exported graph runs under ONNX Runtime through the same
+decoding loops and gives the PyTorch executor's tokens; the build stops with a clear message."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+import torch
+
+from nld_trt import NLDError, load
+from nld_trt.engine.build import BuildOptions, build
+from nld_trt.engine.onnx_graph import export_graph
+from nld_trt.executors import Chunk, TorchExecutor
+from nld_trt.executors.onnx_executor import OnnxExecutor
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("engine") / "float32"
+    messages = []
+    report = build(BuildOptions(checkpoint=tiny_dir, output=out, dtype="float32", verify_tokens=12,
+                                max_batch=4, max_seq_len=512), progress=messages.append)
+    return out, report, messages
+
+
+def test_build_without_tensorrt_ends_with_a_verified_graph_and_says_what_to_run(engine):
+    out, report, messages = engine
+    assert report.plan is None and "TensorRT is not installed here" in messages[-1]
+    assert all(v["identical"] == v["prompts"] == 3 for v in report.verification.values())
+    onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
+    saved = json.loads((out / "engine.json").read_text())
+    assert saved["custom_nodes"] == ["nld::block_attention"] and saved["has_lora"] is True
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    attention = [n for n in graph.graph.node if n.op_type == "block_attention"]
+    assert len(attention) == 2  # one per layer
+    attrs = {a.name: a for a in attention[0].attribute}
+    assert attrs["plugin_namespace"].s == b"nld"  # how TensorRT's parser finds nld::block_attention
+    assert (out / "model.onnx.data").stat().st_size > 100_000  # weights as external data
+    assert {p.name for p in out.iterdir()} >= {"config.json", "tokenizer.json", "chat_template.jinja"}
+
+
+@pytest.mark.parametrize("mode", ["ar", "dlm", "linear_spec"])
+def test_engine_directory_generates_the_checkpoint_tokens(engine, tiny, mode):
+    out, _, _ = engine
+    nld = load(out, max_batch=4, max_seq_len=512)
+    assert isinstance(nld.executor, OnnxExecutor) and nld.model is None
+    prompts = ["Tom has 12 apples.", "A pack holds 6 pens", [1, 70, 71, 72, 73, 74]]
+    kw = dict(mode=mode, max_new_tokens=16, block_length=4)
+    assert [r.token_ids for r in nld.generate(prompts, **kw)] == [r.token_ids for r in tiny.generate(prompts, **kw)]
+
+
+def test_onnx_runtime_logits_match_pytorch_for_mixed_rows(tiny, engine):
+    out, _, _ = engine
+    ort_ex = OnnxExecutor(out / "model.onnx", tiny.config, max_batch=3, max_seq_len=128, has_lora=True)
+    torch_ex = TorchExecutor(tiny.model, max_batch=3, max_seq_len=128)
+    prefill = [Chunk([1, 5, 6, 7, 8]), Chunk([1, 9]), Chunk(list(range(1, 80)))]  # 79 tokens: query scale > 1
+    for ex in (ort_ex, torch_ex):
+        slots = [ex.allocate() for _ in prefill]
+        ex.forward(slots, prefill, all_logits=False)
+        for s, c in zip(slots, prefill):
+            ex.commit(s, len(c.tokens))
+    step = [Chunk([3, 100, 100, 100], block=True, lora=True), Chunk([4, 5, 6, 7]), Chunk([9, 100, 100, 100], block=True)]
+    a = ort_ex.forward([2, 0, 1], step)
+    b = torch_ex.forward([2, 0, 1], step)
+    assert (a - b).abs().max().item() < 1e-4 and b.std().item() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_graphs_are_valid_and_shaped_like_the_verified_one(tiny, dtype):
+    half = export_graph(tiny.model, dtype)
+    onnx.checker.check_model(half, full_check=True)
+    full = export_graph(tiny.model, torch.float32)
+    ops = lambda m: sorted(n.op_type for n in m.graph.node if n.op_type != "Cast")  # noqa: E731
+    assert ops(half) == ops(full)
+    weights = {i.name: i.data_type for i in half.graph.initializer}
+    assert weights["encoder.layers.0.self_attn.q_proj.weight"] == (
+        onnx.TensorProto.BFLOAT16 if dtype == torch.bfloat16 else onnx.TensorProto.FLOAT16)
+
+
+def test_failed_build_leaves_nothing_behind(tiny_dir, tmp_path, monkeypatch):
+    import nld_trt.engine.build as b
+
+    def broken(*args, **kwargs):
+        raise NLDError("ONNX Runtime and PyTorch disagree")
+
+    monkeypatch.setattr(b, "verify_graph", broken)
+    out = tmp_path / "engine"
+    with pytest.raises(NLDError, match="disagree"):
+        build(BuildOptions(checkpoint=tiny_dir, output=out, dtype="float32"), progress=lambda m: None)
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_cpu_refuses_a_half_precision_build_with_a_clear_message(tiny_dir, tmp_path):
+    out = tmp_path / "bf16"
+    build(BuildOptions(checkpoint=tiny_dir, output=out, dtype="bf16", verify=False), progress=lambda m: None)
+    with pytest.raises(NLDError, match="float32 build"):
+        load(out)
+
+
+def test_tensorrt_profiles_cover_decode_and_prefill_chunks(tiny):
+    from nld_trt.engine.trt_build import profile_shapes
+
+    opts = BuildOptions(checkpoint=None, output=None, max_batch=4, max_seq_len=256, max_block=32)
+    decode, prefill = profile_shapes(opts, tiny.config)
+    assert decode["input_ids"] == ((1, 1), (4, 32), (4, 32)) and decode["logit_positions"][2] == (4, 32)
+    assert prefill["input_ids"][2] == (4, 256) and prefill["logit_positions"][2] == (4, 1)
+    assert decode["past_key_0"][0] == (5, 2, 256, 16)  # max_batch + the scratch slot
