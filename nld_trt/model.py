@@ -108,15 +108,22 @@ class KVCache:
 
 @dataclass
 class CacheStep:
-    """Where one forward pass writes and reads in a KVCache (computed once, used by every layer)."""
+    """One forward pass against a KVCache (computed once, used by every layer): where the chunk's K/V go
+    and how its queries attend. The reference path writes with index_put and attends with SDPA under the
+    chunk mask; with `kernels` it runs the fused Triton kernels of nld_trt.plugins (the CUDA path)."""
 
     cache: KVCache
     slots: torch.Tensor  # [B] slot per batch row
+    committed: torch.Tensor  # [B] committed length L per row
+    chunk_lens: torch.Tensor  # [B] real chunk tokens per row
+    block: torch.Tensor  # [B] bool: bidirectional chunk
+    mask: torch.Tensor  # [B, 1, T, keys] bool, the reference path's attention mask
     write_rows: torch.Tensor  # [N] batch row of each real chunk token
     write_cols: torch.Tensor  # [N] chunk index of each real chunk token
     write_pos: torch.Tensor  # [N] absolute position of each real chunk token
     keys: int  # how many positions to read (max over rows of L + n)
     contiguous_from: int | None  # slots are start..start+B-1: read through a view
+    kernels: bool = False
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         kc, vc = self.cache.k[layer], self.cache.v[layer]
@@ -128,6 +135,17 @@ class CacheStep:
             b = self.slots.shape[0]
             return kc[s : s + b, :, : self.keys], vc[s : s + b, :, : self.keys]
         return kc[self.slots, :, : self.keys], vc[self.slots, :, : self.keys]
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Write the chunk's k, v [B, Hkv, T, D] into the cache, then attend q [B, Hq, T, D]."""
+        if not self.kernels:
+            k_all, v_all = self.update(layer, k, v)
+            return attention(q, k_all, v_all, self.mask, scale)
+        from nld_trt.plugins.block_attention.ops import block_attention, write_kv
+
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        write_kv(k, v, kc, vc, self.slots, self.committed, self.chunk_lens)
+        return block_attention(q, kc, vc, self.slots, self.committed, self.chunk_lens, self.block, scale)
 
 
 class Attention(nn.Module):
@@ -149,9 +167,8 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin) * qscale[:, None, :, None]
         k = apply_rope(k, cos, sin)
-        if step is not None:
-            k, v = step.update(layer, k, v)
-        out = attention(q, k, v, mask, self.scale).transpose(1, 2).reshape(b, t, -1)
+        out = step.attend(layer, q, k, v, self.scale) if step is not None else attention(q, k, v, mask, self.scale)
+        out = out.transpose(1, 2).reshape(b, t, -1)
         y = self.o_proj(out)
         if self.lora is not None and lora_rows is not None:
             y = y + self.lora.delta(out) * lora_rows.to(y.dtype).reshape(b, -1, 1)
@@ -205,8 +222,8 @@ class NLDModel(nn.Module):
         step: CacheStep | None = None,
         lora_rows: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """tokens/positions [B, T]; mask [B, 1, T, S] bool (S = T without a cache); lora_rows [B] or [B, T]
-        bool: where the draft adapter applies. Returns hidden states [B, T, H]."""
+        """tokens/positions [B, T]; without a cache, mask [B, 1, T, T] bool (with one, the CacheStep holds
+        it); lora_rows [B] or [B, T] bool: where the draft adapter applies. Returns hidden states [B, T, H]."""
         x = self.encoder.embed_tokens(tokens)
         cos, sin, qscale = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.encoder.layers):

@@ -1,0 +1,165 @@
+"""Shape, dtype and launch logic of the block-attention plugin, as plain Python (no torch, no TensorRT).
+
+The torch entry points, the AOT tests and the TensorRT wrapper all build their launches from here, so the
+kernel signature, the grid and the tile sizes have a single definition. Functions that take shapes work on
+ints and on TensorRT's symbolic shape expressions alike (they only multiply and add).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from ..dtypes import FLOAT_TYPES, FP8_MAX, KV_TYPES
+from ..shapes import cdiv
+from ..spec import FP8_MIN_ARCH, KernelSpec, aot_signature
+
+MODULE = "nld_trt.plugins.block_attention.kernels"
+LOG2E = 1.4426950408889634
+
+ATTENTION_INPUTS = ("Q", "K", "V", "SLOTS", "COMMITTED", "CHUNK_LENS", "IS_BLOCK")
+ATTENTION_INTS = (
+    "T", "HKV", "GROUPS", "MAX_LEN",
+    "stride_qb", "stride_qh", "stride_qt",
+    "stride_ks", "stride_kh", "stride_kp",
+    "stride_vs", "stride_vh", "stride_vp",
+    "stride_ob", "stride_oh", "stride_ot",
+)
+ATTENTION_FLOATS = ("qk_scale", "v_scale")
+ATTENTION_CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST")
+
+WRITE_INPUTS = ("K_NEW", "V_NEW", "SLOTS", "COMMITTED", "CHUNK_LENS")
+WRITE_INTS = (
+    "T", "HKV", "MAX_LEN",
+    "stride_kb", "stride_kh", "stride_kt",
+    "stride_vb", "stride_vh", "stride_vt",
+    "stride_cks", "stride_ckh", "stride_ckp",
+    "stride_cvs", "stride_cvh", "stride_cvp",
+)
+WRITE_FLOATS = ("k_inv_scale", "v_inv_scale")
+WRITE_CONSTEXPRS = ("HEAD_DIM", "BLOCK_T", "BLOCK_D", "QUANT_MAX")
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    block_m: int  # packed (chunk token, query head of the group) rows per program
+    block_n: int  # keys per inner-loop tile
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def block_d(head_dim: int) -> int:
+    """Head dim padded to a power of two >= 16 (tl.dot needs K >= 16; the padding is masked)."""
+    return max(16, 1 << math.ceil(math.log2(head_dim)))
+
+
+# TensorRT builds one kernel per tactic and times them (shapes are symbolic at build time); the torch path
+# picks by row count. Tactic 1 suits decode-like passes (few packed rows: no KV loaded for empty rows),
+# tactic 2 longer chunks (each KV tile reused by more queries). fp32 tiles are smaller so that shared
+# memory stays within the 48 KiB a launch gets without an opt-in.
+_TACTICS_16BIT = {1: AttentionConfig(16, 64, 4, 2), 2: AttentionConfig(64, 32, 4, 2)}
+_TACTICS_FP32 = {1: AttentionConfig(16, 32, 4, 1), 2: AttentionConfig(32, 32, 4, 1)}
+INTERPRET_CONFIG = AttentionConfig(16, 16)  # numpy runs programs serially: small tiles, many boundaries
+
+
+def attention_tactics(q: str) -> dict[int, AttentionConfig]:
+    return _TACTICS_FP32 if q == "fp32" else _TACTICS_16BIT
+
+
+def attention_config(rows: int, q: str, interpret: bool) -> AttentionConfig:
+    """Tiles for `rows` = chunk length * GQA group size packed rows."""
+    if interpret:
+        return INTERPRET_CONFIG
+    return attention_tactics(q)[1 if rows <= 16 else 2]
+
+
+def check_shapes(q: Sequence[int], k_cache: Sequence[int], v_cache: Sequence[int], batch_meta: Sequence[int]) -> None:
+    """q [B, Hq, T, D]; caches [S, Hkv, M, D]; slots/committed/chunk_lens/block [B]; Hq a multiple of Hkv."""
+    if len(q) != 4 or len(k_cache) != 4 or tuple(k_cache) != tuple(v_cache):
+        raise ValueError(f"expected q [B,Hq,T,D] and equal caches [S,Hkv,M,D], got {q}, {k_cache}, {v_cache}")
+    if q[3] != k_cache[3] or q[1] % k_cache[1]:
+        raise ValueError(f"head dims differ or Hq={q[1]} is not a multiple of Hkv={k_cache[1]}")
+    if any(m != q[0] for m in batch_meta):
+        raise ValueError(f"per-sequence tensors must have B={q[0]} entries, got {list(batch_meta)}")
+
+
+def attention_output(q_shape: Sequence[Any], q_dtype: str) -> tuple[tuple[Any, ...], str]:
+    """The output has q's shape and dtype."""
+    return tuple(q_shape), q_dtype
+
+
+def attention_grid(batch: Any, kv_heads: Any, chunk: Any, groups: Any, cfg: AttentionConfig) -> tuple[Any, Any]:
+    """(B * Hkv, ceil(T * groups / BLOCK_M)); works on ints and TensorRT shape expressions."""
+    return batch * kv_heads, cdiv(chunk * groups, cfg.block_m)
+
+
+def attention_scales(scale: float, k_scale: float, v_scale: float) -> dict[str, float]:
+    """Folded float scalars: the K dequant scale and log2(e) go into the logits scale (exp2 softmax)."""
+    return {"qk_scale": scale * k_scale * LOG2E, "v_scale": v_scale}
+
+
+def attention_ints(q_shape, k_shape, q_strides, k_strides, v_strides, o_strides) -> list[Any]:
+    """Values of ATTENTION_INTS (strides are element strides of the first three dims; the last is 1)."""
+    _, hq, t, _ = q_shape
+    hkv = k_shape[1]
+    return [t, hkv, hq // hkv, k_shape[2], *q_strides[:3], *k_strides[:3], *v_strides[:3], *o_strides[:3]]
+
+
+def attention_spec(
+    q: str, kv: str, head_dim: int, cfg: AttentionConfig, *, upcast: bool = False,
+    specialize: dict[str, float] | None = None,
+) -> KernelSpec:
+    """Kernel variant for q/out dtype `q` and cache dtype `kv`; `specialize` bakes float scalars in."""
+    if q not in FLOAT_TYPES or kv not in KV_TYPES:
+        raise TypeError(f"unsupported dtypes q={q} kv={kv}")
+    specialize = specialize or {}
+    inputs = dict(zip(ATTENTION_INPUTS, (q, kv, kv, "i32", "i32", "i32", "i32")))
+    sig = aot_signature(inputs, ATTENTION_INTS, ATTENTION_FLOATS, {"O": q}, ATTENTION_CONSTEXPRS, specialize)
+    constexprs = dict(specialize)
+    constexprs.update(
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(head_dim), UPCAST=upcast
+    )
+    return KernelSpec(
+        MODULE, "block_attention_kernel", sig, constexprs, cfg.num_warps, cfg.num_stages, min_arch=_min_arch(kv)
+    )
+
+
+def _min_arch(*types: str) -> int:
+    return FP8_MIN_ARCH if "fp8e4nv" in types else 80
+
+
+def write_block_t(chunk: int) -> int:
+    """Chunk tokens per write program: the whole chunk up to 32."""
+    return min(32, max(1, 1 << math.ceil(math.log2(max(chunk, 1)))))
+
+
+def write_grid(batch: Any, kv_heads: Any, chunk: Any, block_t: int) -> tuple[Any, Any]:
+    return batch * kv_heads, cdiv(chunk, block_t)
+
+
+def write_scales(k_scale: float, v_scale: float) -> dict[str, float]:
+    return {"k_inv_scale": 1.0 / k_scale, "v_inv_scale": 1.0 / v_scale}
+
+
+def write_ints(k_shape, cache_shape, k_strides, v_strides, ck_strides, cv_strides) -> list[Any]:
+    """Values of WRITE_INTS."""
+    return [k_shape[2], k_shape[1], cache_shape[2], *k_strides[:3], *v_strides[:3], *ck_strides[:3], *cv_strides[:3]]
+
+
+def write_spec(
+    new: str, cache: str, head_dim: int, block_t: int, *, specialize: dict[str, float] | None = None
+) -> KernelSpec:
+    """Kernel variant writing `new`-typed K/V into a `cache`-typed cache (FP8 caches quantize)."""
+    if new not in FLOAT_TYPES or cache not in KV_TYPES:
+        raise TypeError(f"unsupported dtypes new={new} cache={cache}")
+    specialize = specialize or {}
+    inputs = dict(zip(WRITE_INPUTS, (new, new, "i32", "i32", "i32")))
+    outputs = {"K_CACHE": cache, "V_CACHE": cache}
+    sig = aot_signature(inputs, WRITE_INTS, WRITE_FLOATS, outputs, WRITE_CONSTEXPRS, specialize)
+    constexprs = dict(specialize)
+    constexprs.update(
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d(head_dim),
+        QUANT_MAX=FP8_MAX if cache == "fp8e4nv" else 0.0,
+    )
+    return KernelSpec(MODULE, "write_kv_kernel", sig, constexprs, num_warps=4, num_stages=1, min_arch=_min_arch(cache))
