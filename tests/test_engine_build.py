@@ -31,7 +31,8 @@ def test_build_without_tensorrt_ends_with_a_verified_graph_and_says_what_to_run(
     assert all(v["identical"] == v["prompts"] == 3 for v in report.verification.values())
     onnx.checker.check_model(str(out / "model.onnx"), full_check=True)
     saved = json.loads((out / "engine.json").read_text())
-    assert saved["custom_nodes"] == ["nld::block_attention"] and saved["has_lora"] is True
+    assert saved["custom_nodes"] == ["nld::block_attention", "nld::dlm_select", "nld::spec_accept"]
+    assert saved["has_lora"] is True
     graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
     attention = [n for n in graph.graph.node if n.op_type == "block_attention"]
     assert len(attention) == 2  # one per layer
@@ -107,3 +108,37 @@ def test_tensorrt_profiles_cover_decode_and_prefill_chunks(tiny):
     assert decode["input_ids"] == ((1, 1), (4, 32), (4, 32)) and decode["logit_positions"][2] == (4, 32)
     assert prefill["input_ids"][2] == (4, 256) and prefill["logit_positions"][2] == (4, 1)
     assert decode["past_key_0"][0] == (5, 2, 256, 16)  # max_batch + the scratch slot
+
+
+def test_on_gpu_selection_outputs_equal_the_reference_rules(tiny, engine):
+    """The graph's nld::spec_accept and nld::dlm_select outputs, run under ONNX Runtime, equal what the
+    decoding loops compute from the logits."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from nld_trt.decoding.select import accept_greedy, candidates, dlm_fill
+    from nld_trt.engine.custom_ops import for_onnxruntime, register
+
+    out, _, _ = engine
+    options = ort.SessionOptions()
+    options.register_custom_ops_library(register())
+    session = ort.InferenceSession(for_onnxruntime(onnx.load(str(out / "model.onnx"))).SerializeToString(), options,
+                                   providers=["CPUExecutionProvider"])
+    cfg, mask = tiny.config, tiny.config.mask_token_id
+    chunks = np.array([[5, 9, 9, 9, 9, 9], [7, mask, mask, 12, mask, mask]], np.int32)
+    cache = np.zeros((3, cfg.num_key_value_heads, 32, cfg.head_dim), np.float32)
+    feeds = {"input_ids": chunks, "slots": np.array([0, 1], np.int32), "committed": np.zeros(2, np.int32),
+             "chunk_lens": np.full(2, 6, np.int32), "block": np.array([0, 1], np.int32), "lora": np.zeros(2, np.int32),
+             "logit_positions": np.tile(np.arange(6, dtype=np.int32), (2, 1))}
+    feeds.update({f"past_{kv}_{i}": cache for i in range(cfg.num_hidden_layers) for kv in ("key", "value")})
+    names = ["logits", "accept_count", "accept_next", "select_tokens", "select_confidence", "select_fill"]
+    logits, count, nxt, tokens, conf, fill = session.run(names, feeds)
+    for b in range(2):
+        lg = torch.from_numpy(logits[b])
+        verify, confidence = candidates(lg)
+        n = accept_greedy(torch.from_numpy(chunks[b]).long(), verify)
+        assert count[b] == n + 1 and nxt[b] == verify[n]
+        assert tokens[b].tolist() == verify.tolist() and np.allclose(conf[b], confidence.numpy(), atol=1e-6)
+        masked = torch.from_numpy(chunks[b] == mask)
+        assert fill[b].astype(bool).tolist() == dlm_fill(masked, confidence, 0.9).tolist()
+    assert fill[1].sum() >= 1 and fill[0].sum() == 0  # the block row fills a masked position, the causal row none

@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 import torch
 
-from .onnx_graph import ATTENTION_OP, PLUGIN_DOMAIN
+from .onnx_graph import ACCEPT_OP, ATTENTION_OP, PLUGIN_DOMAIN, SELECT_OP
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _registered = False
@@ -21,6 +21,7 @@ def register() -> str:
 
     if not _registered:
         from nld_trt.plugins.block_attention.reference import reference_attention
+        from nld_trt.plugins.spec_accept.reference import reference_dlm_select, reference_spec_accept
 
         T = PyCustomOpDef
 
@@ -38,6 +39,20 @@ def register() -> str:
                     torch.from_numpy(block), float(attrs["scale"]),
                 )
             return out.numpy()
+
+        @onnx_op(op_type=ACCEPT_OP, inputs=[T.dt_int32, T.dt_float], outputs=[T.dt_int32, T.dt_int32],
+                 attrs={"plugin_namespace": T.dt_string})
+        def spec_accept(draft, logits, **attrs):
+            accepted, next_token = reference_spec_accept(torch.from_numpy(draft), torch.from_numpy(logits))
+            return accepted.int().numpy(), next_token.int().numpy()
+
+        @onnx_op(op_type=SELECT_OP, inputs=[T.dt_float, T.dt_int32, T.dt_int32],
+                 outputs=[T.dt_int32, T.dt_float, T.dt_int32],
+                 attrs={"threshold": T.dt_float, "plugin_namespace": T.dt_string})
+        def dlm_select(logits, masked, fill_all, **attrs):
+            tokens, conf, fill = reference_dlm_select(torch.from_numpy(logits), torch.from_numpy(masked),
+                                                      float(attrs["threshold"]), torch.from_numpy(fill_all))
+            return tokens.int().numpy(), conf.float().numpy(), fill.int().numpy()
 
         _registered = True
     return get_library_path()

@@ -10,7 +10,11 @@ Inputs (B rows, T chunk positions, P logit positions, S cache slots + 1 scratch 
   logit_positions [B, P] int32 (chunk positions whose logits are returned),
   past_key_{i} / past_value_{i} [S + 1, Hkv, M, D] for every layer i.
 Outputs: logits [B, P, V] float32, present_key_{i} / present_value_{i} (the caches with the chunk's
-K/V written at committed..committed+n-1 of each row's slot; padding positions go to the scratch slot S).
+K/V written at committed..committed+n-1 of each row's slot; padding positions go to the scratch slot S),
+and the on-GPU selections of the returned positions, so that full logits need not leave the GPU:
+accept_count / accept_next [B] (`nld::spec_accept`, for a verify pass: n + 1 and the verifier's next token)
+and select_tokens / select_confidence / select_fill [B, P] (`nld::dlm_select`: argmax, its softmax
+probability, and the dlm fill rule at threshold 0.9 over the positions holding the mask token).
 """
 
 from __future__ import annotations
@@ -28,6 +32,9 @@ from ..model import NLDModel
 OPSET = 21
 PLUGIN_DOMAIN = "nld"
 ATTENTION_OP = "block_attention"  # TensorRT plugin nld::block_attention (see plugins/block_attention/trt.py)
+ACCEPT_OP = "spec_accept"  # nld::spec_accept: greedy acceptance of a verify pass, on the GPU
+SELECT_OP = "dlm_select"  # nld::dlm_select: candidates, confidences and dlm fill flags of a block pass
+SELECT_THRESHOLD = 0.9  # dlm_select's fill threshold is baked into its PTX (the dlm default)
 
 ONNX_DTYPES = {torch.float32: TensorProto.FLOAT, torch.float16: TensorProto.FLOAT16, torch.bfloat16: TensorProto.BFLOAT16}
 
@@ -258,8 +265,22 @@ def export_graph(model: NLDModel, dtype: torch.dtype = torch.float32) -> onnx.Mo
     logits = linear(g, picked, linear_weights(model.diffusion_head), "diffusion_head.weight")
     g.nodes.append(helper.make_node("Cast", [logits], ["logits"], to=f32, name=g.name("cast_logits")))
 
+    # on-GPU selection over the returned positions (the chunk tokens there are the draft / the block)
+    chunk_at = g.op("GatherElements", ["input_ids", "logit_positions"], axis=1)  # [B, P] int32
+    g.nodes.append(helper.make_node(ACCEPT_OP, [chunk_at, "logits"], ["accept_count", "accept_next"],
+                                    name=g.name("spec_accept"), domain=PLUGIN_DOMAIN, plugin_namespace="nld"))
+    masked = g.cast(g.op("Equal", [chunk_at, g.const(config.mask_token_id, np.int32)]), i32)
+    fill_all = g.op("Mul", [g.cast("chunk_lens", i32), g.const(0, np.int32)])  # [B] zeros
+    g.nodes.append(helper.make_node(
+        SELECT_OP, ["logits", masked, fill_all], ["select_tokens", "select_confidence", "select_fill"],
+        name=g.name("dlm_select"), domain=PLUGIN_DOMAIN, threshold=SELECT_THRESHOLD, plugin_namespace="nld"))
+
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch", "n_logits", config.vocab_size])]
     outputs += [helper.make_tensor_value_info(n, g.onnx_dtype, cache_shape) for n in outputs_kv]
+    outputs += [helper.make_tensor_value_info(n, i32, ["batch"]) for n in ("accept_count", "accept_next")]
+    outputs += [helper.make_tensor_value_info("select_tokens", i32, ["batch", "n_logits"]),
+                helper.make_tensor_value_info("select_confidence", f32, ["batch", "n_logits"]),
+                helper.make_tensor_value_info("select_fill", i32, ["batch", "n_logits"])]
     graph = helper.make_graph(g.nodes, "nld_forward", inputs, outputs, initializer=g.initializers)
     onnx_model = helper.make_model(
         graph, opset_imports=[helper.make_opsetid("", OPSET), helper.make_opsetid(PLUGIN_DOMAIN, 1)],

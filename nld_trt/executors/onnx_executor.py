@@ -61,7 +61,7 @@ class OnnxExecutor(Executor):
             "logit_positions": np.ascontiguousarray(positions),
             **self.cache,
         }
-        logits, *present = self.session.run(None, feeds)
+        logits, *present = self.session.run(["logits", *(n.replace("past", "present") for n in self.names)], feeds)
         self.cache = dict(zip(self.names, present))
         out = torch.from_numpy(logits)
         return out if all_logits else out[:, 0]
