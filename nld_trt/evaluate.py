@@ -1,0 +1,269 @@
+"""`nld-trt eval`: accuracy and speed of one decoding mode on GSM8K / MATH-500 style problem sets.
+
+A task is a built-in set (`gsm_synth`, the held-out synthetic set the embedded model was trained beside)
+or a JSONL file with a question field and an answer field (gsm8k answers end with `#### N`; MATH-500's
+`answer` is the final answer itself). Scoring is exact match after normalization: the output's last
+`\\boxed{...}`, else its last number, against the gold answer. Problems are generated in batches with the
+runtime's continuous batching, so the speed figures are those of batched serving.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from decimal import Decimal, InvalidOperation
+from pathlib import Path
+
+import click
+
+from .errors import NLDError
+
+EVALSETS = Path(__file__).parent / "assets" / "evalsets"
+BUILTIN_TASKS = {"gsm_synth": EVALSETS / "gsm_synth.jsonl"}
+PROGRESS_EVERY = 50
+
+_NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
+
+
+# Answers ------------------------------------------------------------------------------------------
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (nested braces allowed), or None."""
+    start = text.rfind("\\boxed{")
+    if start < 0:
+        return None
+    i = start + len("\\boxed{")
+    depth = 1
+    for j in range(i, len(text)):
+        if text[j] == "{":
+            depth += 1
+        elif text[j] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[i:j]
+    return None  # unclosed: the generation was cut off
+
+
+def last_number(text: str) -> str | None:
+    found = _NUMBER.findall(text)
+    return found[-1] if found else None
+
+
+def normalize(answer: str) -> str:
+    """Canonical form: no commas, `$`, spaces or trailing period; numbers as plain decimals (`5.0` -> `5`)."""
+    s = answer.strip().replace(",", "").replace("\\$", "").replace("$", "").replace("\\!", "")
+    s = re.sub(r"\s+", "", s).rstrip(".")
+    try:
+        d = Decimal(s)
+    except InvalidOperation:
+        return s
+    if not d.is_finite():
+        return s
+    if d == d.to_integral_value():
+        return str(int(d))
+    return format(d.normalize(), "f")
+
+
+def extract_answer(output: str) -> str | None:
+    """The model's answer: the last `\\boxed{}`, else the last number; normalized."""
+    found = last_boxed(output)
+    if found is None:
+        found = last_number(output)
+    return None if found is None else normalize(found)
+
+
+def gold_answer(answer: str) -> str:
+    """The gold answer of an answer field: after `####` (gsm8k), else the last `\\boxed{}` (a MATH
+    solution), else the field itself when it is short (MATH-500 `answer`), else its last number."""
+    if "####" in answer:
+        return normalize(answer.rsplit("####", 1)[1])
+    boxed = last_boxed(answer)
+    if boxed is not None:
+        return normalize(boxed)
+    text = answer.strip()
+    if len(text) <= 32 or last_number(text) is None:
+        return normalize(text)
+    return normalize(last_number(text))
+
+
+def is_correct(output: str, gold: str) -> bool:
+    """Whether `output` answers `gold` (an already normalized gold answer)."""
+    return extract_answer(output) == gold
+
+
+# Tasks --------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Problem:
+    question: str
+    gold: str  # normalized
+
+
+def read_jsonl(path: str | Path, question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
+    """Problems of a JSONL file; every malformed line is an NLDError naming the file and line."""
+    path = Path(path)
+    if not path.is_file():
+        raise NLDError(f"task file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise NLDError(f"cannot read task file {path}: {e}") from None
+    problems = []
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise NLDError(f"{path}:{n}: not valid JSON ({e.msg}); a task file holds one JSON object per line") from None
+        if not isinstance(row, dict):
+            raise NLDError(f"{path}:{n}: expected a JSON object, found {type(row).__name__}")
+        for f in (question_field, answer_field):
+            if f not in row:
+                raise NLDError(
+                    f"{path}:{n}: no field {f!r} (fields: {', '.join(map(str, row)) or 'none'}); "
+                    "choose them with --question-field / --answer-field"
+                )
+        q, a = row[question_field], row[answer_field]
+        if not isinstance(q, str) or not q.strip():
+            raise NLDError(f"{path}:{n}: field {question_field!r} must be a non-empty string")
+        if isinstance(a, (int, float)) and not isinstance(a, bool):
+            a = str(a)
+        if not isinstance(a, str) or not a.strip():
+            raise NLDError(f"{path}:{n}: field {answer_field!r} must be a non-empty string or a number")
+        problems.append(Problem(q, gold_answer(a)))
+    if not problems:
+        raise NLDError(f"task file {path} holds no problems")
+    return problems
+
+
+def load_task(name: str, question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
+    """A built-in task by name, or a JSONL file by path."""
+    if name in BUILTIN_TASKS:
+        return read_jsonl(BUILTIN_TASKS[name])
+    if Path(name).suffix in (".jsonl", ".json") or Path(name).exists():
+        return read_jsonl(name, question_field, answer_field)
+    raise NLDError(f"unknown task {name!r}: use one of {', '.join(BUILTIN_TASKS)} or the path of a JSONL file")
+
+
+# Running ------------------------------------------------------------------------------------------
+
+@dataclass
+class EvalReport:
+    task: str
+    mode: str
+    lora: bool
+    problems: int = 0
+    correct: int = 0
+    tokens: int = 0
+    nfe: int = 0
+    seconds: float = 0.0
+    records: list[dict] = field(default_factory=list, repr=False)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.problems if self.problems else 0.0
+
+    @property
+    def tpf(self) -> float:
+        return self.tokens / self.nfe if self.nfe else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        n = max(self.problems, 1)
+        return {
+            "task": self.task, "mode": self.mode, "lora": self.lora, "problems": self.problems,
+            "accuracy": round(self.accuracy, 4), "avg_tokens": round(self.tokens / n, 2),
+            "avg_nfe": round(self.nfe / n, 2), "tpf": round(self.tpf, 3),
+            "tokens_per_s": round(self.tokens_per_s, 1), "seconds": round(self.seconds, 2),
+        }
+
+    def line(self) -> str:
+        d = self.as_dict()
+        return (f"{self.task} {self.mode}{' +lora' if self.lora and self.mode == 'linear_spec' else ''}: "
+                f"accuracy {d['accuracy']:.2%}  avg tokens {d['avg_tokens']}  avg NFE {d['avg_nfe']}  "
+                f"TPF {d['tpf']:.2f}  problems {self.problems}  {d['tokens_per_s']} tokens/s")
+
+
+def evaluate(
+    model,
+    problems: list[Problem],
+    *,
+    task: str = "task",
+    mode: str = "ar",
+    lora: bool = True,
+    block_length: int | None = None,
+    threshold: float | None = None,
+    max_new_tokens: int = 256,
+    batch_size: int = 16,
+    progress: Callable[[str], None] | None = None,
+) -> EvalReport:
+    """Generate (greedy, chat template) for every problem in batches and score the outputs."""
+    report = EvalReport(task, mode, lora and model.lora is not None)
+    chunk = max(batch_size, PROGRESS_EVERY)
+    for begin in range(0, len(problems), chunk):
+        part = problems[begin : begin + chunk]
+        start = time.perf_counter()
+        results = model.generate([p.question for p in part], mode=mode, lora=lora, block_length=block_length,
+                                 threshold=threshold, max_new_tokens=max_new_tokens)
+        report.seconds += time.perf_counter() - start
+        for p, r in zip(part, results):
+            ok = is_correct(r.text, p.gold)
+            report.problems += 1
+            report.correct += ok
+            report.tokens += r.stats.tokens
+            report.nfe += r.stats.nfe
+            report.records.append({"question": p.question, "gold": p.gold, "output": r.text,
+                                   "predicted": extract_answer(r.text), "correct": ok,
+                                   "token_ids": r.token_ids, "tokens": r.stats.tokens, "nfe": r.stats.nfe})
+        if progress is not None and (report.problems // PROGRESS_EVERY > begin // PROGRESS_EVERY
+                                     or report.problems == len(problems)):
+            progress(f"[{task} {mode}] {report.problems}/{len(problems)}  accuracy {report.accuracy:.2%}  "
+                     f"TPF {report.tpf:.2f}  {report.tokens_per_s:.0f} tokens/s")
+    return report
+
+
+# The command --------------------------------------------------------------------------------------
+
+@click.command("eval")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
+              help="checkpoint directory (default: the embedded tiny NLD model)")
+@click.option("--tasks", required=True, help="comma-separated: built-in set names (gsm_synth) or JSONL paths")
+@click.option("--mode", default="ar", show_default=True, type=click.Choice(["ar", "dlm", "linear_spec"]))
+@click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="only the first N problems of each task")
+@click.option("--block-length", type=int, default=None, help="block length (default: the checkpoint's block_size)")
+@click.option("--threshold", type=float, default=None, help="confidence threshold (default 0.9 dlm, 0.0 linear_spec)")
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True, help="sequences decoded together")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--question-field", default="question", show_default=True, help="JSONL field holding the question")
+@click.option("--answer-field", default="answer", show_default=True, help="JSONL field holding the gold answer")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object per task instead of the summary line")
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="write per-problem records (JSONL)")
+def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, batch_size, max_new_tokens,
+                 question_field, answer_field, device, dtype, as_json, output) -> None:
+    """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
+    from .runtime import load
+
+    names = [t.strip() for t in tasks.split(",") if t.strip()]
+    if not names:
+        raise NLDError("--tasks names no task")
+    sets = {name: load_task(name, question_field, answer_field)[:limit] for name in names}
+    model = load(model_dir, device=device, dtype=dtype, max_batch=batch_size, lora=lora)
+    records = []
+    for name, problems in sets.items():
+        report = evaluate(model, problems, task=name, mode=mode, lora=lora, block_length=block_length,
+                          threshold=threshold, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                          progress=lambda line: click.echo(line, err=True))
+        click.echo(json.dumps(report.as_dict()) if as_json else report.line())
+        records += [{"task": name, **r} for r in report.records]
+    if output:
+        Path(output).write_text("".join(json.dumps(r) + "\n" for r in records))

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Train the embedded default model (`nld_trt/assets/tiny-nld`) on a CPU, reproducibly.
+
+Phase 1 trains the whole model on NLD's joint objective (AR loss on a clean copy + block-diffusion loss on
+a noisy copy, one pass; `nld_trt.training.objective`), on seeded synthetic GSM-style problems, with a block
+size drawn per batch so every block length works at inference. Phase 2 freezes the model and trains the
+`linear_spec_lora/` draft adapter (o_proj, rank 16) on fully masked drafts. The result is written in the
+release layout with `nld_trt.checkpoint.save_checkpoint`, plus `training_summary.json`.
+
+    python scripts/train_tiny_nld.py --out nld_trt/assets/tiny-nld           # the full recipe (<= 60 min)
+    python scripts/train_tiny_nld.py --tiny --out /tmp/t                     # seconds, for CI
+
+One thread on purpose: on this machine kind two threads train 3-8x slower (shared/recipes). Float32 by
+default: on CPUs without native bf16 (AVX2 only, like our AMD EPYC hosts) bf16 matmuls run about 35x
+slower than float32; `--precision bf16` autocasts where the CPU has AVX512-BF16/AMX.
+Same seed and no time cap hit -> the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from nld_trt.checkpoint import LoRAAdapter, save_checkpoint
+from nld_trt.config import NLDConfig, RopeConfig
+from nld_trt.model import NLDModel, init_weights
+from nld_trt.tiny import BOS_ID, EOS_ID, MASK_ID, PAD_ID, tokenizer_files, train_tokenizer
+from nld_trt.training import data
+from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_loss, make_batch
+
+TOKENIZER_SAMPLES = 50_000
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
+    ap.add_argument("--steps", type=int, default=100_000, help="phase-1 steps (joint objective); the default leaves the schedule to --time-budget")
+    ap.add_argument("--lora-steps", type=int, default=100_000, help="phase-2 steps (draft adapter); the default leaves the schedule to --time-budget")
+    ap.add_argument("--time-budget", type=float, default=58.0,
+                    help="minutes for the whole run; each phase's schedule ends early rather than run over")
+    ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time budget kept for phase 2")
+    ap.add_argument("--batch-size", type=int, default=24, help="problems per step")
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--lora-lr", type=float, default=2e-3)
+    ap.add_argument("--lora-rank", type=int, default=16)
+    ap.add_argument("--block-sizes", default="4,8,16,32,32", help="drawn uniformly per batch")
+    ap.add_argument("--p-full", type=float, default=0.4, help="share of blocks with all but the first masked")
+    ap.add_argument("--hidden", type=int, default=256)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=2)
+    ap.add_argument("--head-dim", type=int, default=64)
+    ap.add_argument("--intermediate", type=int, default=768)
+    ap.add_argument("--vocab", type=int, default=2048, help="BPE target size (the config rounds up to 128)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast (see above)")
+    ap.add_argument("--tiny", action="store_true", help="a seconds-long smoke run (CI): tiny model, few steps")
+    args = ap.parse_args(argv)
+    if args.tiny:
+        args.steps, args.lora_steps, args.batch_size = 6, 3, 8
+        args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
+        args.vocab, args.lora_rank, args.log_every = 512, 4, 2
+    return args
+
+
+def model_config(args: argparse.Namespace, vocab_size: int) -> NLDConfig:
+    """The release config shape: YaRN with the Ministral-3 query scale, mask id 100, llada alignment.
+
+    max_position_embeddings = factor * original_max_position_embeddings, as YaRN expects (transformers
+    warns otherwise); the query scale is active from position 256, so long prompts exercise it."""
+    rope = RopeConfig(
+        rope_type="yarn", rope_theta=1_000_000.0, factor=16.0, original_max_position_embeddings=256,
+        beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0, llama_4_scaling_beta=0.1,
+    )
+    return NLDConfig(
+        vocab_size=-(-vocab_size // 128) * 128, hidden_size=args.hidden, intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        head_dim=args.head_dim, mask_token_id=MASK_ID, rope=rope, max_position_embeddings=4096,
+        bos_token_id=BOS_ID, eos_token_ids=(EOS_ID,), pad_token_id=PAD_ID, block_size=32, dlm_type="llada",
+        torch_dtype="bfloat16",
+    )
+
+
+class Batches:
+    """The seeded training stream (evaluation questions excluded), tokenized, in batches of similar
+    length: a pool of `pool` batches is sorted by length and cut, so little of each pass is padding."""
+
+    def __init__(self, tokenizer, seed: int, exclude: set[str], batch_size: int, pool: int = 16) -> None:
+        self.tok = tokenizer
+        self.stream = data.generate(seed, exclude)
+        self.rng = random.Random(seed)
+        self.batch_size, self.pool = batch_size, pool
+        self.ready: list[list[Example]] = []
+
+    def next(self) -> list[Example]:
+        if not self.ready:
+            problems = list(itertools.islice(self.stream, self.batch_size * self.pool))
+            prompts = self.tok.encode_batch([data.chat_prompt(p.question) for p in problems], add_special_tokens=False)
+            answers = self.tok.encode_batch([p.answer + "</s>" for p in problems], add_special_tokens=False)
+            examples = sorted((Example(p.ids, a.ids) for p, a in zip(prompts, answers)),
+                              key=lambda e: (len(e.answer), len(e.prompt)))
+            n = self.batch_size
+            self.ready = [examples[i : i + n] for i in range(0, len(examples), n)]
+            self.rng.shuffle(self.ready)
+        return self.ready.pop()
+
+
+def check_prompt_format(tokenizer, directory: Path) -> None:
+    """`data.chat_prompt` must render exactly like the checkpoint's chat template."""
+    from nld_trt.tokenizer import NLDTokenizer
+
+    tok = NLDTokenizer(directory)
+    q = "Tom has 3 apples. How many apples does Tom have?"
+    expected = tok.encode_chat([{"role": "user", "content": q}])
+    got = tokenizer.encode(data.chat_prompt(q), add_special_tokens=False).ids
+    if expected != got:
+        raise SystemExit(f"chat_prompt does not match the chat template: {got} != {expected}")
+
+
+def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1) -> float:
+    """Linear warmup, then cosine decay to `floor` * peak; `progress` in [0, 1]."""
+    if progress < warmup:
+        return peak * progress / warmup
+    t = min((progress - warmup) / (1 - warmup), 1.0)
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr: float, log_every: int,
+                wd: float, bf16: bool) -> list[dict]:
+    """Run `step_fn(step) -> (loss tensor, logged dict)` with AdamW; the schedule follows whichever of
+    steps and wall time runs out first, so a slow machine still anneals instead of stopping mid-way."""
+    opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=wd)
+    start = time.perf_counter()
+    log: list[dict] = []
+    running: dict[str, float] = {}
+    step = 0
+    while True:
+        progress = max(step / steps, (time.perf_counter() - start) / seconds)
+        if progress >= 1:
+            break
+        lr = lr_at(progress, peak_lr)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss, logged = step_fn(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        for k, v in logged.items():
+            running[k] = running.get(k, 0.0) + v
+        if step % log_every == 0:
+            means = {k: round(v / log_every, 4) for k, v in running.items()}
+            elapsed = time.perf_counter() - start
+            log.append({"phase": name, "step": step, "elapsed_s": round(elapsed, 1), "lr": round(lr, 6), **means})
+            print(f"[{name}] step {step:5d}  {elapsed:7.1f}s  lr {lr:.2e}  "
+                  + "  ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
+            running = {}
+    print(f"[{name}] done: {step} steps in {time.perf_counter() - start:.1f}s", flush=True)
+    return log
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    random.seed(args.seed)
+    t0 = time.perf_counter()
+    budget = args.time_budget * 60
+
+    eval_questions = {p.question for p in data.evaluation_set()}
+    corpus = itertools.islice(data.generate(args.seed + 1, eval_questions), TOKENIZER_SAMPLES)
+    # questions and solutions as separate texts: both start right after a special token, without a space
+    tokenizer = train_tokenizer([text for p in corpus for text in (p.question, p.answer)], args.vocab)
+    config = model_config(args, tokenizer.get_vocab_size())
+    files = tokenizer_files(tokenizer)
+    print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; config vocab {config.vocab_size}; "
+          f"{config.num_parameters() / 1e6:.2f}M parameters", flush=True)
+
+    model = init_weights(NLDModel(config), std=0.02, seed=args.seed).train()
+    stream = Batches(tokenizer, args.seed + 2, eval_questions, args.batch_size)
+    block_sizes = [int(b) for b in args.block_sizes.split(",")]
+    g = torch.Generator().manual_seed(args.seed + 3)
+    joint_schedule = MaskSchedule(p_full=args.p_full)
+
+    def joint_step(step: int):
+        b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
+        batch = make_batch(stream.next(), b, MASK_ID, EOS_ID, g, joint_schedule)
+        losses = joint_loss(model, batch)
+        return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
+
+    phase1_s = budget * (1 - args.lora_share) - (time.perf_counter() - t0)
+    log = train_phase("joint", args.steps, phase1_s, joint_step, list(model.parameters()), args.lr,
+                      args.log_every, wd=0.1, bf16=args.precision == "bf16")
+
+    # Phase 2: the draft adapter, base frozen, on fully masked blocks (the draft linear_spec feeds).
+    for p in model.parameters():
+        p.requires_grad_(False)
+    r, q = args.lora_rank, config.num_attention_heads * config.head_dim
+    lg = torch.Generator().manual_seed(args.seed + 4)
+    layers = {
+        i: (torch.nn.Parameter(torch.randn(r, q, generator=lg) / math.sqrt(q)),
+            torch.nn.Parameter(torch.zeros(config.hidden_size, r)))
+        for i in range(config.num_hidden_layers)
+    }
+    alpha = 2.0 * r
+    draft_schedule = MaskSchedule(p_full=0.9, p_aligned=0.2)
+
+    def lora_step(step: int):
+        b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
+        batch = make_batch(stream.next(), b, MASK_ID, EOS_ID, g, draft_schedule)
+        loss = draft_loss(model, batch, layers, alpha / r)
+        return loss, {"draft": loss.item()}
+
+    phase2_s = budget - (time.perf_counter() - t0) - 20
+    log += train_phase("lora", args.lora_steps, max(phase2_s, 1.0), lora_step,
+                       [t for ab in layers.values() for t in ab], args.lora_lr, args.log_every, wd=0.0,
+                       bf16=args.precision == "bf16")
+
+    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
+                        for i, (a, b_) in layers.items()}, r, alpha)
+    out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
+    check_prompt_format(tokenizer, out)
+    summary = {
+        "recipe": "scripts/train_tiny_nld.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "args": vars(args),
+        "config": config.to_dict(),
+        "parameters": config.num_parameters(),
+        "tokenizer_vocab": tokenizer.get_vocab_size(),
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "final": {k: v for k, v in (log[-1] if log else {}).items()},
+        "final_joint": next((e for e in reversed(log) if e["phase"] == "joint"), None),
+        "mask_schedule": asdict(joint_schedule),
+        "log": log,
+    }
+    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    print(f"wrote {out} in {summary['wall_s']:.0f}s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""The embedded default model (`nld_trt/assets/tiny-nld`): it loads, matches the configuration its
+training recorded, and decodes as NLD should on held-out problems: greedy `linear_spec` returns exactly
+the `ar` tokens, and the diffusion modes decide more than one token per forward."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+import nld_trt
+from nld_trt.evaluate import evaluate, load_task
+from nld_trt.runtime import default_model_path
+
+MODEL = default_model_path()
+SUMMARY = json.loads((MODEL / "training_summary.json").read_text())
+PROBLEMS = 20
+
+
+@pytest.fixture(scope="module")
+def model():
+    return nld_trt.load(max_batch=PROBLEMS, max_seq_len=512)
+
+
+@pytest.fixture(scope="module")
+def runs(model):
+    problems = load_task("gsm_synth")[:PROBLEMS]
+    settings = {"ar": ("ar", True), "spec": ("linear_spec", True), "spec_plain": ("linear_spec", False),
+                "dlm": ("dlm", True)}
+    return {name: evaluate(model, problems, mode=mode, lora=lora, batch_size=PROBLEMS, max_new_tokens=128)
+            for name, (mode, lora) in settings.items()}
+
+
+def test_packaged_model_matches_its_recorded_config(model):
+    assert json.loads((MODEL / "config.json").read_text()) == SUMMARY["config"]
+    c = model.config
+    args = SUMMARY["args"]
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.num_key_value_heads, c.head_dim,
+            c.intermediate_size) == (args["hidden"], args["layers"], args["heads"], args["kv_heads"],
+                                     args["head_dim"], args["intermediate"])
+    # every linear's input width is a multiple of 128 (TensorRT / tensor-core friendly)
+    assert all(w % 128 == 0 for w in (c.hidden_size, c.num_attention_heads * c.head_dim, c.intermediate_size))
+    assert c.vocab_size % 128 == 0 and model.tokenizer.vocab_size == SUMMARY["tokenizer_vocab"] <= c.vocab_size
+    assert (c.model_type, c.dlm_type, c.mask_token_id, c.block_size) == ("nemotron_labs_diffusion", "llada", 100, 32)
+    assert c.rope.rope_type == "yarn" and c.rope.llama_4_scaling_beta == 0.1
+    assert c.num_parameters() == SUMMARY["parameters"]
+    assert model.lora is not None and model.lora.rank == args["lora_rank"]
+    assert sorted(model.lora.layers) == list(range(c.num_hidden_layers))
+    size = sum(f.stat().st_size for f in MODEL.rglob("*") if f.is_file())
+    assert size < 12 * 2**20, f"the committed model is {size / 2**20:.1f} MiB"
+
+
+def test_greedy_linear_spec_is_lossless(runs):
+    """Per problem, with and without the LoRA drafter, linear_spec returns exactly the AR tokens."""
+    for name in ("spec", "spec_plain"):
+        for ar, spec in zip(runs["ar"].records, runs[name].records):
+            assert spec["token_ids"] == ar["token_ids"], ar["question"]
+    assert runs["spec"].accuracy == runs["ar"].accuracy
+
+
+def test_diffusion_modes_decide_several_tokens_per_forward(runs):
+    assert runs["ar"].tpf == 1.0
+    assert runs["spec"].tpf >= 1.5, runs["spec"].as_dict()
+    assert runs["dlm"].tpf >= 1.2, runs["dlm"].as_dict()
+    # the drafter adapter was trained for the draft pass: it does not make drafting worse
+    assert runs["spec"].tpf >= runs["spec_plain"].tpf
+
+
+def test_the_model_has_learned_the_answer_format(runs):
+    """Held-out problems (never in the training stream): every AR output is a worked solution in the
+    trained format, steps `a op b = c` ending with `The answer is \\boxed{N}.`; dlm keeps the format too.
+    (Accuracy is recorded in training_summary.json; the 60-minute CPU budget leaves the arithmetic weak.)"""
+    final = re.compile(r"The answer is \\boxed\{\d+\}\.$")
+    step = re.compile(r"\d+ [-+*/] \d+ = \d+")
+    for r in runs["ar"].records:
+        assert final.search(r["output"]) and step.search(r["output"]), r["output"]
+    assert sum(bool(final.search(r["output"])) for r in runs["dlm"].records) >= 0.8 * PROBLEMS
