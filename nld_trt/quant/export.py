@@ -1,0 +1,126 @@
+"""ModelOpt's unified Hugging Face export, in NLD's release layout.
+
+`export_hf_checkpoint` writes `hf_quant_config.json`, the `quantization_config` of config.json and the
+quantized tensors (FP8 `weight` + `weight_scale` + `input_scale`; INT4 packed `weight` + group
+`weight_scale` + `pre_quant_scale`; `k_proj.k_scale` / `v_proj.v_scale`) under NLD's own names. It changes
+the model in place (weights become packed), so it runs last on a calibrated model. The original
+config.json is kept field for field (rope parameters, remote-code entries) apart from the dtype.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from ..checkpoint import LORA_DIR
+from .calibrate import CalibrationModel, quiet
+
+WEIGHT_FILES = re.compile(r"^(model.*\.safetensors|model\.safetensors\.index\.json|pytorch_model.*\.bin|.*\.pt)$")
+NOT_COPIED = {"config.json", "hf_quant_config.json", "quantization_report.json"}
+DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
+
+
+def _bytes(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"bad shard size {size!r}")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> None:
+    """model.safetensors, or shards + model.safetensors.index.json past `max_shard_size`."""
+    from safetensors.torch import save_file
+
+    limit = _bytes(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.detach().contiguous().cpu()
+        size += n
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=meta)
+        weight_map.update({name: fname for name in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def export_config(raw_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
+    """The original config.json for the quantized checkpoint: same fields, export dtype, no old quant info."""
+    cfg = {k: v for k, v in raw_config.items() if k != "quantization_config"}
+    cfg.setdefault("architectures", ["NemotronLabsDiffusionModel"])
+    cfg["torch_dtype"] = DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+    if "dtype" in cfg:  # transformers >= 5 spelling
+        cfg["dtype"] = cfg["torch_dtype"]
+    return cfg
+
+
+def _hf_view(model: CalibrationModel, cfg: dict[str, Any]) -> None:
+    """ModelOpt reads (and sets flags on) a Hugging Face config at model.config: give it a mutable one."""
+    model.export_config = cfg
+    dtype = getattr(torch, cfg["torch_dtype"], None)
+    model.config = SimpleNamespace(**{**cfg, "torch_dtype": dtype, "dtype": dtype})
+
+
+def resmoothed_copy(model: CalibrationModel, raw_config: dict[str, Any]) -> CalibrationModel:
+    """A copy of a calibrated INT4 AWQ model after the re-smoothing export applies (one pre_quant_scale per
+    group of linears sharing an input, folded into the RMSNorm): the fake-quant model the export encodes."""
+    import copy
+
+    from modelopt.torch.export.unified_export_hf import requantize_resmooth_fused_llm_layers
+
+    twin = copy.deepcopy(model)
+    nld_config = twin.config
+    _hf_view(twin, export_config(raw_config, next(twin.parameters()).dtype))
+    with quiet():
+        requantize_resmooth_fused_llm_layers(twin)
+    twin.config = nld_config
+    return twin
+
+
+def export_checkpoint(
+    model: CalibrationModel,
+    directory: Path,
+    raw_config: dict[str, Any],
+    dtype: torch.dtype,
+    max_shard_size: int | str = "5GB",
+) -> None:
+    """Run ModelOpt's unified HF export of the calibrated `model` into the existing `directory`."""
+    from modelopt.torch.export import export_hf_checkpoint
+
+    model.export_dtype = dtype
+    model.float_names = frozenset(model.config.expected_shapes())
+    _hf_view(model, export_config(raw_config, dtype))
+    with quiet():
+        export_hf_checkpoint(model, dtype=dtype, export_dir=directory, max_shard_size=max_shard_size)
+
+
+def copy_side_files(source: Path, target: Path) -> list[str]:
+    """Tokenizer, chat template, generation config, README... and the linear_spec_lora/ adapter."""
+    copied = []
+    for p in sorted(source.iterdir()):
+        if p.is_file() and p.name not in NOT_COPIED and not WEIGHT_FILES.match(p.name):
+            shutil.copy2(p, target / p.name)
+            copied.append(p.name)
+    if (source / LORA_DIR).is_dir():
+        shutil.copytree(source / LORA_DIR, target / LORA_DIR)
+        copied.append(LORA_DIR + "/")
+    return copied
