@@ -1,0 +1,263 @@
+"""What the Triton model runs, independent of Triton: load the artifacts, schedule requests continuously.
+
+`load_artifacts` is the one place a model repository's artifacts become an `NLD`: today a checkpoint on the
+PyTorch executor; an engine directory (`nld-trt package --engine`) will pick an ONNX Runtime or TensorRT
+executor here without touching the scheduler or the Triton glue.
+
+`Scheduler` owns one `Batcher` and a thread that steps it while there is work. Requests join and leave
+between steps (any mix of modes in one batch); after each step every streaming request gets the tokens it
+committed (dlm and linear_spec commit several per step) as a text delta. A request whose client went away
+is cancelled, which frees its KV slot at the next step. One bad request, or even a failing step, never stops
+the thread: the affected requests get an error and the rest carry on.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from ..decoding import SEQUENCE_TYPES, Batcher, Sequence
+from ..errors import CheckpointError
+from ..runtime import NLD, load
+from .protocol import Prepared
+
+log = logging.getLogger("nld_trt.serving")
+
+CANCEL_CHECK_S = 0.02  # how often clients are polled for cancellation (an IPC round trip each)
+
+
+def load_artifacts(directory: Path, kind: str = "checkpoint", **options: Any) -> NLD:
+    """The served model from a repository's artifact directory. options: `nld_trt.load` keywords."""
+    if kind != "checkpoint":
+        raise CheckpointError(f"artifact kind {kind!r} is not supported by this nld-trt: upgrade it or re-package")
+    return load(directory, **options)
+
+
+class Sink(Protocol):
+    """Where one request's responses go (a Triton response sender in production, a list in tests)."""
+
+    def send(self, update: Update) -> bool:
+        """Deliver one response; False if the client is gone."""
+
+    def error(self, message: str) -> None: ...
+
+    def cancelled(self) -> bool: ...
+
+    def close_cancelled(self) -> None:
+        """Complete a cancelled request (Triton releases a request only after its final flag)."""
+
+
+@dataclass
+class Update:
+    text: str  # the new text (streaming: the delta since the last update)
+    token_ids: list[int]
+    num_tokens: int
+    nfe: int
+    tpf: float
+    final: bool
+    finish_reason: str = ""
+    stats: dict[str, Any] | None = None
+
+
+@dataclass
+class Job:
+    prepared: Prepared
+    sink: Sink
+    seq: Sequence | None = None
+    sent_tokens: int = 0
+    sent_text: str = ""
+    submitted: float = field(default_factory=time.perf_counter)
+
+
+class Scheduler:
+    """Continuous batching over one model for requests arriving from any thread (`submit`)."""
+
+    def __init__(self, nld: NLD, on_occupancy: Callable[[int, int, int], None] | None = None) -> None:
+        self.nld = nld
+        self.batcher = Batcher(nld.executor)
+        self.on_occupancy = on_occupancy  # (slots in use, slots total, requests waiting)
+        self.cancelled_total = 0
+        self._inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
+        self._jobs: dict[int, Job] = {}
+        self._wake = threading.Event()
+        self._stop = False
+        self._last_cancel_check = 0.0
+        self._reported: tuple[int, int, int] | None = None
+        self._outbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        self._sender = threading.Thread(target=self._send_loop, name="nld-sender", daemon=True)
+        self._thread = threading.Thread(target=self._loop, name="nld-scheduler", daemon=True)
+        self._sender.start()
+        self._thread.start()
+
+    # from any thread ------------------------------------------------------------------------------
+    def submit(self, prepared: Prepared, sink: Sink) -> None:
+        self._inbox.put(Job(prepared, sink))
+        self._wake.set()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Answer what is in flight with an error, send everything queued, end both threads."""
+        self._stop = True
+        self._wake.set()
+        self._thread.join(timeout)
+        self._outbox.put(None)
+        self._sender.join(timeout)
+
+    @property
+    def slots_total(self) -> int:
+        return self.nld.executor.max_batch
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.nld.executor.max_batch - self.nld.executor.free_slots
+
+    # the sender thread ----------------------------------------------------------------------------
+    def _send_loop(self) -> None:
+        """Responses go out in order on their own thread: each is an IPC round trip in Triton, which then
+        overlaps the next decoding step instead of delaying it."""
+        while (deliver := self._outbox.get()) is not None:
+            self._safe(deliver, None)
+
+    def _post(self, job: Job, action: Callable[[Sink], Any]) -> None:
+        """Queue one response; a stream whose client is gone (send False or raising) gets cancelled."""
+
+        def deliver() -> None:
+            if self._safe(lambda: action(job.sink), False) is False and job.seq is not None:
+                self.batcher.cancel(job.seq)
+
+        self._outbox.put(deliver)
+
+    # the scheduler thread -------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stop:
+            try:
+                self._tick()
+            except Exception as e:  # a bug or a device error: fail what is in flight, keep serving
+                log.error("decoding loop failed:\n%s", traceback.format_exc())
+                self._fail_all(f"internal error in the decoding loop ({type(e).__name__}: {e}): retry the request")
+        self._fail_all("the model is being unloaded")
+
+    def _tick(self) -> None:
+        """Admit new requests, drop cancelled ones, run one step, send what it produced."""
+        self._admit()
+        if self.batcher.idle:
+            self._wake.wait(1.0)
+            self._wake.clear()
+            return
+        self._check_cancelled()
+        left = self.batcher.step()
+        self._report()  # before any response goes out: a client that got its answer sees the gauges updated
+        for seq in self.batcher.active:
+            self._progress(self._jobs[id(seq)])
+        for seq in left:
+            self._finish(self._jobs.pop(id(seq)))
+
+    def _admit(self) -> None:
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            p = job.prepared
+            job.seq = SEQUENCE_TYPES[p.params.mode](p.prompt_ids, p.params, self.nld.config, p.params.seed)
+            self._jobs[id(job.seq)] = job
+            self.batcher.submit(job.seq)
+
+    def _check_cancelled(self) -> None:
+        now = time.perf_counter()
+        if now - self._last_cancel_check < CANCEL_CHECK_S:
+            return
+        self._last_cancel_check = now
+        for job in self._jobs.values():
+            if not job.seq.cancelled and self._safe(job.sink.cancelled, True):
+                self.batcher.cancel(job.seq)
+
+    def _progress(self, job: Job) -> None:
+        """Streaming: send what the sequence committed since the last update."""
+        if not job.prepared.stream or len(job.seq.out) == job.sent_tokens:
+            return
+        update = self._update(job, final=False)
+        self._post(job, lambda sink: sink.send(update))
+
+    def _finish(self, job: Job) -> None:
+        seq = job.seq
+        if seq.finish_reason == "cancelled":
+            self.cancelled_total += 1
+            log.info("request cancelled by its client after %d tokens; KV slot freed", len(seq.out))
+            self._post(job, lambda sink: sink.close_cancelled())
+            return
+        update = self._update(job, final=True)
+        self._post(job, lambda sink: sink.send(update))
+
+    def _update(self, job: Job, final: bool) -> Update:
+        """The next response: new tokens and text (streaming) or everything (final of a unary request).
+
+        Text deltas hold back a trailing U+FFFD (an incomplete UTF-8 character of byte-level tokens)."""
+        seq, stream = job.seq, job.prepared.stream
+        full = self.nld.tokenizer.decode(seq.out)
+        if not final and full.endswith("\ufffd"):
+            full = full.rstrip("\ufffd")
+        start_ids = job.sent_tokens if stream else 0
+        start_text = len(job.sent_text) if stream else 0
+        update = Update(
+            text=full[start_text:],
+            token_ids=seq.out[start_ids:],
+            num_tokens=len(seq.out),
+            nfe=seq.stats.nfe,
+            tpf=seq.stats.tpf,
+            final=final,
+        )
+        job.sent_tokens, job.sent_text = len(seq.out), full
+        if final:
+            update.finish_reason = seq.finish_reason or "length"
+            update.stats = {
+                **seq.stats.as_dict(),
+                "mode": seq.params.mode,
+                "finish_reason": update.finish_reason,
+                "prompt_tokens": len(seq.prompt),
+                "latency_s": round(time.perf_counter() - job.submitted, 6),
+                # after this request's slot was released: what other requests hold right now
+                "slots_in_use": self.slots_in_use,
+                "slots_total": self.slots_total,
+                "waiting": len(self.batcher.waiting),
+                "cancelled_total": self.cancelled_total,
+            }
+        return update
+
+    def _fail_all(self, message: str) -> None:
+        """Answer every request in flight or waiting with an error and start over with an empty batch."""
+        for job in self._jobs.values():
+            self._post(job, lambda sink: sink.error(message))
+        for slot in range(self.nld.executor.max_batch):  # every slot belongs to a request failed here
+            self.nld.executor.release(slot)
+        while True:
+            try:
+                job = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            self._post(job, lambda sink: sink.error(message))
+        self._jobs.clear()
+        self.batcher = Batcher(self.nld.executor)
+        self._report()
+
+    def _report(self) -> None:
+        """Occupancy to the gauges, only when it changed (each update is an IPC round trip in Triton)."""
+        now = (self.slots_in_use, self.slots_total, len(self.batcher.waiting))
+        if self.on_occupancy is not None and now != self._reported:
+            self._reported = now
+            self._safe(lambda: self.on_occupancy(*now), None)
+
+    @staticmethod
+    def _safe(fn: Callable[[], Any], default: Any) -> Any:
+        """Client-facing calls (send, is_cancelled) may fail when a client vanishes: never let them escape."""
+        try:
+            return fn()
+        except Exception as e:  # noqa: BLE001 - one client's failure must not stop the others
+            log.warning("client call failed: %s", e)
+            return default

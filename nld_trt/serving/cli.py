@@ -1,0 +1,304 @@
+"""`nld-trt package | serve | client | chat | demo`: click commands, registered on the main `nld-trt` group.
+
+Also runnable on their own: `python -m nld_trt.serving.cli COMMAND ...`.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ..errors import NLDError
+
+MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
+DEMO_PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+
+
+def _err(message: str) -> None:
+    click.echo(message, err=True)
+
+
+def stats_line(stats: dict[str, Any]) -> str:
+    """One line of per-request stats, as `nld-trt generate` prints them."""
+    extra = f", mean accepted {stats['mean_accepted']:.2f}" if "mean_accepted" in stats else ""
+    return (
+        f"{stats.get('mode', '?')}: {stats.get('tokens', 0)} tokens, {stats.get('nfe', 0)} forwards, "
+        f"TPF {stats.get('tpf', 0):.2f}{extra}, latency {stats.get('latency_s', 0) * 1e3:.0f} ms, "
+        f"finish {stats.get('finish_reason', '?')}, KV slots in use {stats.get('slots_in_use', '?')}/"
+        f"{stats.get('slots_total', '?')}"
+    )
+
+
+def generation_options(f):
+    """The per-request options shared by `client` and `chat`."""
+    for option in reversed([
+        click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec"),
+        click.option("--max-tokens", type=int, default=128, show_default=True),
+        click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size"),
+        click.option("--threshold", type=float, default=None, help="default: 0.9 dlm, 0.0 linear_spec"),
+        click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy"),
+        click.option("--seed", type=int, default=0, show_default=True),
+    ]):
+        f = option(f)
+    return f
+
+
+# package --------------------------------------------------------------------------------------------
+@click.command("package")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="repository to write")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots per model instance")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per slot")
+@click.option("--max-block-length", type=int, default=128, show_default=True)
+@click.option("--max-tokens-cap", type=int, default=1024, show_default=True, help="largest max_tokens accepted")
+@click.option("--default-max-tokens", type=int, default=128, show_default=True)
+@click.option("--instances", type=int, default=1, show_default=True, help="model instances (processes) per model")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default="", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="PyTorch CPU threads per model instance (0: PyTorch's default, every core)")
+@click.option("--sync-model/--no-sync-model", default=True, show_default=True,
+              help="also write nld_sync, the non-decoupled entry point (unary infer, HTTP generate)")
+@click.option("--overwrite", is_flag=True, help="replace an existing repository")
+def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
+                    default_max_tokens, instances, device, dtype, threads, sync_model, overwrite) -> None:
+    """Write a Triton model repository serving a checkpoint, every decoding mode chosen per request."""
+    from .package import ServingOptions, package_repository
+
+    options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
+                             max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
+                             instances=instances, device=device, dtype=dtype, torch_threads=threads)
+    repo = package_repository(model_dir, output, options, sync_model=sync_model, overwrite=overwrite)
+    manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
+    size = sum(f["size"] for f in manifest["files"].values())
+    models = "nld, nld_sync" if sync_model else "nld"
+    click.echo(f"wrote {repo}: models {models}; {len(manifest['files'])} artifacts ({size / 1e6:.1f} MB) with SHA-256 manifest")
+    click.echo(f"serve it with: nld-trt serve {repo}")
+
+
+# serve ----------------------------------------------------------------------------------------------
+@click.command("serve")
+@click.argument("repo", type=click.Path(file_okay=False))
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--tritonserver", "binary", type=click.Path(dir_okay=False), default=None,
+              help="tritonserver binary (default: the one nvidia-pytriton ships, else tritonserver on PATH)")
+@click.option("--model-control-mode", type=click.Choice(["none", "explicit"]), default="none", show_default=True,
+              help="explicit: load no model at start (load through the repository API)")
+@click.option("--ready-timeout", type=float, default=600.0, show_default=True, help="seconds to wait for ready")
+def serve_command(repo, host, http_port, grpc_port, metrics_port, binary, model_control_mode, ready_timeout) -> None:
+    """Serve a model repository with the Triton Inference Server until Ctrl-C or SIGTERM."""
+    from .server import ServerError, TritonServer
+
+    extra = ["--model-control-mode=explicit"] if model_control_mode == "explicit" else []
+    server = TritonServer(Path(repo), host=host, http_port=http_port, grpc_port=grpc_port,
+                          metrics_port=metrics_port, binary=binary, extra_args=extra, log=_err)
+    # both stop the server; SIGINT too, as a shell starts background jobs with SIGINT ignored
+    previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.start(timeout=ready_timeout)
+        _err(f"nld-trt: serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
+             f"metrics {server.metrics_url}; Ctrl-C or SIGTERM stops")
+        while server.process.poll() is None:
+            time.sleep(0.5)
+        raise ServerError(f"tritonserver exited on its own with code {server.process.returncode}")
+    except KeyboardInterrupt:
+        _err("nld-trt: stopping tritonserver")
+    finally:
+        code = server.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if code != 0:
+        raise ServerError(f"tritonserver stopped with code {code}")
+    _err("nld-trt: tritonserver stopped")
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+# client ---------------------------------------------------------------------------------------------
+@click.command("client")
+@click.argument("prompt")
+@click.option("--url", default=None, help="server address (default 127.0.0.1:8001 for grpc, :8000 for http)")
+@click.option("--protocol", type=click.Choice(["grpc", "http"]), default="grpc", show_default=True)
+@click.option("--model", "model_name", default=None, help="default: nld when streaming, nld_sync otherwise")
+@generation_options
+@click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
+@click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
+def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
+                   seed, stream, raw, as_json) -> None:
+    """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
+    from . import client as c
+
+    url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
+    model_name = model_name or (c.STREAM_MODEL if stream else c.SYNC_MODEL)
+    fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
+                  threshold=threshold, temperature=temperature, seed=seed, chat=not raw)
+    if stream:
+        chunks = (c.GrpcClient(url).stream(model_name, **fields) if protocol == "grpc"
+                  else c.http_generate_stream(url, model_name, **fields))
+        collected = []
+        for chunk in chunks:
+            collected.append(chunk)
+            if not as_json:
+                click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
+        result = c.Result.join(collected)
+    elif protocol == "grpc":
+        result = c.GrpcClient(url).infer(model_name, **fields)
+    else:
+        result = c.http_generate(url, model_name, **fields)
+    if as_json:
+        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
+                               "finish_reason": result.finish_reason, "stats": result.stats}))
+        return
+    if not stream:
+        click.echo(result.text, nl=False)
+    click.echo()
+    _err(stats_line(result.stats))
+
+
+# chat -----------------------------------------------------------------------------------------------
+CHAT_HELP = "/mode ar|dlm|linear_spec switches the decoding mode, /reset forgets the conversation, /quit ends"
+
+
+@click.command("chat")
+@click.option("--url", default="127.0.0.1:8001", show_default=True, help="gRPC address of the server")
+@click.option("--model", "model_name", default="nld", show_default=True)
+@generation_options
+@click.option("--system", default=None, help="a system prompt")
+def chat_command(url, model_name, mode, max_tokens, block_length, threshold, temperature, seed, system) -> None:
+    """Multi-turn chat over gRPC streaming, reading user turns from stdin (one per line).
+
+    /mode ar|dlm|linear_spec switches the decoding mode mid-conversation; /reset; /quit."""
+    from ..decoding import MODES
+    from .client import ClientError, GrpcClient, Result
+
+    client = GrpcClient(url)
+    base = [{"role": "system", "content": system}] if system else []
+    messages = list(base)
+    interactive = sys.stdin.isatty()
+    _err(f"nld-trt chat with {url} ({mode}). {CHAT_HELP}")
+    while True:
+        if interactive:
+            click.echo("you> ", nl=False, err=True)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, arg = line.partition(" ")
+            if command in ("/quit", "/exit"):
+                break
+            if command == "/reset":
+                messages = list(base)
+                _err("(conversation reset)")
+            elif command == "/mode" and arg.strip() in MODES:
+                mode = arg.strip()
+                _err(f"(mode {mode})")
+            elif command == "/mode":
+                _err(f"(unknown mode {arg.strip()!r}: choose one of {', '.join(MODES)})")
+            else:
+                _err(f"(unknown command {command}: {CHAT_HELP})")
+            continue
+        messages.append({"role": "user", "content": line})
+        click.echo(f"[{mode}] ", nl=False)
+        chunks = []
+        try:
+            for chunk in client.stream(model_name, messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
+                                       block_length=block_length, threshold=threshold, temperature=temperature,
+                                       seed=seed):
+                chunks.append(chunk)
+                click.echo(chunk.text, nl=False)
+                sys.stdout.flush()
+            result = Result.join(chunks)
+        except ClientError as e:
+            click.echo()
+            _err(f"(error: {e})")
+            messages.pop()
+            continue
+        click.echo()
+        _err(stats_line(result.stats))
+        messages.append({"role": "assistant", "content": result.text})
+
+
+# demo -----------------------------------------------------------------------------------------------
+@click.command("demo")
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
+def demo_command(model_dir, prompt, max_tokens, block_length) -> None:
+    """Package a model, serve it with Triton, send one request in each mode, print answers and stats, stop."""
+    from .client import GrpcClient, Result, http_generate
+    from .package import ServingOptions, package_repository
+    from .server import TritonServer
+
+    with tempfile.TemporaryDirectory(prefix="nld-trt-demo-") as tmp:
+        repo = package_repository(model_dir, Path(tmp) / "repo", ServingOptions(max_batch=4, max_seq_len=1024))
+        click.echo(f"packaged {model_dir or 'the embedded model'} into a Triton model repository; starting tritonserver")
+        start = time.perf_counter()
+        with TritonServer(repo) as server:
+            click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s "
+                       f"(HTTP {server.http_url}, gRPC {server.grpc_url})")
+            grpc = GrpcClient(server.grpc_url)
+            click.echo(f"prompt: {prompt}")
+            for mode in ("ar", "dlm", "linear_spec"):
+                click.echo(f"\n[{mode}, gRPC stream] ", nl=False)
+                chunks = []
+                for chunk in grpc.stream(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length):
+                    chunks.append(chunk)
+                    click.echo(chunk.text, nl=False)
+                click.echo()
+                click.echo(f"  {stats_line(Result.join(chunks).stats)}")
+            unary = http_generate(server.http_url, text_input=prompt, mode="linear_spec", max_tokens=max_tokens,
+                                  block_length=block_length)
+            click.echo(f"\n[linear_spec, HTTP generate on nld_sync] {unary.text}\n  {stats_line(unary.stats)}")
+            code = server.stop()
+        click.echo(f"\ntritonserver stopped (exit code {code})")
+        if code != 0:
+            raise NLDError(f"tritonserver exited with code {code}")
+
+
+COMMANDS = (package_command, serve_command, client_command, chat_command, demo_command)
+
+
+@click.group()
+def serving_cli() -> None:
+    """nld-trt serving commands (also available as `nld-trt COMMAND`)."""
+
+
+for _command in COMMANDS:
+    serving_cli.add_command(_command)
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        serving_cli.main(args=argv, prog_name="nld-trt", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.Abort:
+        sys.exit(130)
+    except click.ClickException as e:
+        _err(f"Error: {e.format_message()}")
+        sys.exit(2)
+    except NLDError as e:
+        _err(f"Error: {e}")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

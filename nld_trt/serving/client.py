@@ -1,0 +1,218 @@
+"""Clients of an nld-trt Triton deployment: gRPC (streaming and unary) and HTTP (generate, generate_stream).
+
+Request fields are the model's input names (`text_input`, `max_tokens`, `mode`, ...; see protocol.py).
+Streaming yields a `Chunk` per decoding step; closing the iterator early cancels the request on the
+server (gRPC), which frees its KV slot.
+"""
+
+from __future__ import annotations
+
+import json
+import queue
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..errors import NLDError
+from .protocol import INPUT_TYPES
+
+STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
+NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
+               "UINT64": np.uint64, "FP32": np.float32}
+
+
+class ClientError(NLDError):
+    """The server refused the request or could not be reached; the message is the server's."""
+
+
+@dataclass
+class Chunk:
+    """One response: the new text and ids (a delta when streaming) and the counters so far."""
+
+    text: str
+    token_ids: list[int]
+    num_tokens: int
+    nfe: int
+    tpf: float
+    finish_reason: str = ""
+    stats: dict[str, Any] | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.stats is not None
+
+
+@dataclass
+class Result:
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    stats: dict[str, Any]
+    chunks: list[Chunk] = field(default_factory=list)
+
+    @classmethod
+    def join(cls, chunks: list[Chunk]) -> Result:
+        if not chunks or not chunks[-1].final:
+            raise ClientError("the stream ended without a final response")
+        return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
+                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks)
+
+
+def _value(name: str, array: Any) -> Any:
+    if array is None:
+        return None
+    flat = np.asarray(array).reshape(-1)
+    if name == "output_ids":
+        return [int(x) for x in flat]
+    v = flat[0] if flat.size else b""
+    if isinstance(v, bytes):
+        return v.decode("utf-8", errors="replace")
+    return v.item() if hasattr(v, "item") else v
+
+
+def chunk_from(get: Any) -> Chunk:
+    """A Chunk from an accessor name -> array (tritonclient's as_numpy) or JSON value."""
+    stats = _value("stats", get("stats"))
+    return Chunk(
+        text=_value("text_output", get("text_output")) or "",
+        token_ids=_value("output_ids", get("output_ids")) or [],
+        num_tokens=int(_value("num_tokens", get("num_tokens")) or 0),
+        nfe=int(_value("nfe", get("nfe")) or 0),
+        tpf=float(_value("tpf", get("tpf")) or 0.0),
+        finish_reason=_value("finish_reason", get("finish_reason")) or "",
+        stats=json.loads(stats) if stats else None,
+    )
+
+
+def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
+    import tritonclient.grpc as grpcclient
+
+    inputs = []
+    for name, value in fields.items():
+        if value is None:
+            continue
+        if name not in INPUT_TYPES:
+            raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
+        wire = INPUT_TYPES[name].wire_type
+        if wire == "BYTES" and isinstance(value, str):
+            value = value.encode("utf-8")
+        array = np.array([[value]], dtype=NUMPY_TYPES[wire])
+        tensor = grpcclient.InferInput(name, list(array.shape), wire)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class GrpcClient:
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 300.0) -> None:
+        self.url = url
+        self.timeout = timeout
+
+    def _client(self) -> Any:
+        import tritonclient.grpc as grpcclient
+
+        return grpcclient.InferenceServerClient(self.url)
+
+    def stream(self, model: str = STREAM_MODEL, parameters: dict | None = None, **fields: Any) -> Iterator[Chunk]:
+        """Yield one Chunk per response until the final one. Stopping early cancels the request."""
+        from tritonclient.utils import InferenceServerException
+
+        responses: queue.Queue = queue.Queue()
+        client = self._client()
+        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        # Cancel on the server only a request still running there: tritonserver 2.51 sometimes never
+        # releases a finished request that its client then cancels, and the model cannot unload.
+        complete = False
+        try:
+            client.async_stream_infer(model, grpc_inputs({"stream": True, **fields}),
+                                      enable_empty_final_response=True, parameters=parameters)
+            while True:
+                try:
+                    result, error = responses.get(timeout=self.timeout)
+                except queue.Empty:
+                    raise ClientError(f"no response from {self.url} in {self.timeout:.0f} s") from None
+                if error is not None:
+                    complete = True  # an error response is final
+                    raise ClientError(error.message() if isinstance(error, InferenceServerException) else str(error))
+                response = result.get_response()
+                complete = response.parameters["triton_final_response"].bool_param
+                if response.outputs:
+                    yield chunk_from(result.as_numpy)
+                if complete:
+                    return
+        finally:
+            client.stop_stream(cancel_requests=not complete)
+            client.close()
+
+    def generate(self, model: str = STREAM_MODEL, **fields: Any) -> Result:
+        """A streamed request collected into one Result."""
+        return Result.join(list(self.stream(model, **fields)))
+
+    def infer(self, model: str = SYNC_MODEL, parameters: dict | None = None, **fields: Any) -> Result:
+        """Unary infer (the non-decoupled model)."""
+        from tritonclient.utils import InferenceServerException
+
+        client = self._client()
+        try:
+            result = client.infer(model, grpc_inputs(fields), parameters=parameters, client_timeout=self.timeout)
+        except InferenceServerException as e:
+            raise ClientError(e.message()) from None
+        finally:
+            client.close()
+        return Result.join([chunk_from(result.as_numpy)])
+
+
+def _post(url: str, body: dict[str, Any], timeout: float) -> Any:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        return urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        raise ClientError(_http_error(e.read())) from None
+    except urllib.error.URLError as e:
+        raise ClientError(f"cannot reach {url}: {e.reason}") from None
+
+
+def _http_error(body: bytes) -> str:
+    try:
+        return json.loads(body)["error"]
+    except (ValueError, KeyError, TypeError):
+        return body.decode(errors="replace")
+
+
+def _body(fields: dict[str, Any], parameters: dict | None) -> dict[str, Any]:
+    body = {k: v for k, v in fields.items() if v is not None}
+    if parameters:
+        body["parameters"] = parameters
+    return body
+
+
+def http_generate(url: str = "127.0.0.1:8000", model: str = SYNC_MODEL, parameters: dict | None = None,
+                  timeout: float = 300.0, **fields: Any) -> Result:
+    """POST /v2/models/MODEL/generate: one JSON answer."""
+    with _post(f"http://{url}/v2/models/{model}/generate", _body(fields, parameters), timeout) as r:
+        data = json.loads(r.read())
+    if "error" in data:
+        raise ClientError(data["error"])
+    return Result.join([chunk_from(data.get)])
+
+
+def http_generate_stream(url: str = "127.0.0.1:8000", model: str = STREAM_MODEL, parameters: dict | None = None,
+                         timeout: float = 300.0, **fields: Any) -> Iterator[Chunk]:
+    """POST /v2/models/MODEL/generate_stream: one Chunk per server-sent event."""
+    with _post(f"http://{url}/v2/models/{model}/generate_stream", _body({"stream": True, **fields}, parameters),
+               timeout) as r:
+        for raw in r:
+            line = raw.decode("utf-8", errors="replace").strip()
+            if not line.startswith("data:"):
+                continue
+            data = json.loads(line[5:])
+            if "error" in data:
+                raise ClientError(data["error"])
+            chunk = chunk_from(data.get)
+            yield chunk
+            if chunk.final:
+                return

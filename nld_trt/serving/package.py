@@ -1,0 +1,137 @@
+"""`nld-trt package`: a checkpoint -> a self-contained Triton model repository (see triton_model_repo/).
+
+The repository is written whole or not at all (`atomic_directory`); the checkpoint (weights, LoRA drafter,
+tokenizer, chat template) is copied into `nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which
+both models reference by relative path.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import string
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from ..config import NLDConfig
+from ..errors import CheckpointError, NLDError
+from ..fileutil import atomic_directory
+from ..tokenizer import NLDTokenizer
+from .manifest import write_manifest
+from .protocol import INPUTS, OUTPUTS, TensorSpec
+
+TEMPLATE_ENV = "NLD_TRT_TEMPLATE"
+STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
+
+
+def template_dir() -> Path:
+    """$NLD_TRT_TEMPLATE, else triton_model_repo/ of the source tree, else one installed as nld_trt/triton_model_repo."""
+    here = Path(__file__).resolve()
+    candidates = [Path(os.environ[TEMPLATE_ENV])] if os.environ.get(TEMPLATE_ENV) else [
+        here.parents[2] / "triton_model_repo", here.parents[1] / "triton_model_repo"]
+    for path in candidates:
+        if (path / "config.pbtxt.template").is_file() and (path / "model.py").is_file():
+            return path
+    raise NLDError(f"the Triton model template is not at {candidates[0]}: set {TEMPLATE_ENV} to nld-trt's triton_model_repo/")
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    """What a deployment holds and accepts; written into config.pbtxt parameters."""
+
+    max_batch: int = 8  # KV-cache slots per model instance
+    max_seq_len: int = 2048
+    max_block_length: int = 128
+    max_tokens_cap: int = 1024
+    default_max_tokens: int = 128
+    instances: int = 1
+    device: str = "cpu"
+    dtype: str = ""  # "": float32 on CPU, bfloat16 on CUDA
+    torch_threads: int = 1  # per instance; 0: PyTorch's default (every core, oversubscribed with 2+ instances)
+    lora: bool = True
+
+    def checked(self, config: NLDConfig) -> ServingOptions:
+        """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
+        for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances"):
+            if getattr(self, name) < 1:
+                raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
+        seq = min(self.max_seq_len, config.max_position_embeddings)
+        cap = min(self.max_tokens_cap, seq - 1)
+        if cap < 1:
+            raise NLDError(f"max-seq-len {seq} leaves no room to generate")
+        return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
+                                 "default_max_tokens": min(self.default_max_tokens, cap)})
+
+
+def tensors_block(kind: str, specs: tuple[TensorSpec, ...]) -> str:
+    rows = [
+        f'  {{ name: "{t.name}" data_type: {t.dtype} dims: {t.dims}'
+        + (" optional: true" if kind == "input" else "") + " }"
+        for t in specs
+    ]
+    return f"{kind} [\n" + ",\n".join(rows) + "\n]"
+
+
+def parameters_block(params: dict[str, object]) -> str:
+    return "\n".join(
+        f'parameters {{ key: "{k}" value {{ string_value: "{str(v).lower() if isinstance(v, bool) else v}" }} }}'
+        for k, v in params.items()
+    )
+
+
+def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions) -> str:
+    from .. import __version__
+
+    params = {"manifest": manifest, **{k: v for k, v in asdict(options).items() if k != "instances"}}
+    purpose = ("decoupled: one response per decoding step when stream=true (gRPC stream, HTTP generate_stream)"
+               if decoupled else "one response per request: unary gRPC/HTTP infer and HTTP generate")
+    text = (template_dir() / "config.pbtxt.template").read_text()
+    return string.Template(text).substitute(
+        version=__version__,
+        purpose=purpose,
+        name=name,
+        max_batch=options.max_batch,
+        decoupled="true" if decoupled else "false",
+        inputs=tensors_block("input", INPUTS),
+        outputs=tensors_block("output", OUTPUTS),
+        instances=options.instances,
+        instance_kind="KIND_GPU" if options.device.startswith("cuda") else "KIND_CPU",
+        parameters=parameters_block(params),
+    )
+
+
+def check_checkpoint(model_dir: Path) -> NLDConfig:
+    """Fail at packaging time, not at load time, on a directory that is not a usable checkpoint."""
+    if not model_dir.is_dir():
+        raise CheckpointError(f"model directory {model_dir} does not exist")
+    config = NLDConfig.from_file(model_dir)
+    NLDTokenizer(model_dir)
+    return config
+
+
+def package_repository(
+    model_dir: str | Path | None,
+    output: str | Path,
+    options: ServingOptions = ServingOptions(),
+    sync_model: bool = True,
+    overwrite: bool = False,
+) -> Path:
+    """Write the model repository `output` for checkpoint `model_dir` (None: the embedded default model)."""
+    from ..runtime import default_model_path
+
+    model_dir = Path(model_dir) if model_dir is not None else default_model_path()
+    options = options.checked(check_checkpoint(model_dir))
+    template = template_dir()
+    output = Path(output)
+    with atomic_directory(output, overwrite=overwrite) as tmp:
+        version = tmp / STREAM_MODEL / "1"
+        shutil.copytree(model_dir, version / "artifacts", ignore=shutil.ignore_patterns(".*", "__pycache__"))
+        write_manifest(version / "manifest.json", version / "artifacts", source=str(model_dir.resolve()))
+        models = {STREAM_MODEL: (True, "1/manifest.json")}
+        if sync_model:
+            models[SYNC_MODEL] = (False, f"../{STREAM_MODEL}/1/manifest.json")
+        for name, (decoupled, manifest) in models.items():
+            (tmp / name / "1").mkdir(parents=True, exist_ok=True)
+            shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
+            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options))
+    return output

@@ -1,0 +1,185 @@
+"""The Triton Python-backend model behind `nld` (decoupled, streaming) and `nld_sync` (one response).
+
+Runs inside the backend stub only (it imports `triton_python_backend_utils`). It is glue: config.pbtxt
+parameters -> `load_artifacts` after the manifest check; each request -> `protocol.prepare` -> the
+`Scheduler`, whose updates become Triton responses sent from the scheduler thread. `execute` never blocks on
+generation, so requests arrive while others decode and join the running batch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from ..errors import NLDError
+from .backend import Scheduler, Update, load_artifacts
+from .manifest import verify_manifest
+from .protocol import INPUTS, Limits, gather, prepare
+
+log = logging.getLogger("nld_trt.serving")
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+
+
+class TritonLogHandler(logging.Handler):
+    """Our log lines in Triton's log, at Triton's levels."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        msg = self.format(record)
+        logger = pb_utils.Logger
+        if record.levelno >= logging.ERROR:
+            logger.log_error(msg)
+        elif record.levelno >= logging.WARNING:
+            logger.log_warn(msg)
+        else:
+            logger.log_info(msg)
+
+
+def triton_error(message: str) -> Any:
+    try:
+        return pb_utils.TritonError(message, pb_utils.TritonError.INVALID_ARG)
+    except (AttributeError, TypeError):  # older backends: no error codes
+        return pb_utils.TritonError(message)
+
+
+def _forget_frames(error: BaseException) -> None:
+    """Drop the locals of the frames an error passed through. A caught-and-re-raised exception leaves a
+    frame <-> exception cycle whose `f_back` is `execute`'s frame, which holds the Triton requests: until
+    the garbage collector happens to run, Triton cannot release them, and unloading the model (server
+    shutdown) waits until the exit timeout."""
+    while error is not None:
+        traceback.clear_frames(error.__traceback__)
+        error = error.__context__
+
+
+class TritonSink:
+    """One request's response sender, as the scheduler's Sink."""
+
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+
+    def send(self, u: Update) -> bool:
+        tensors = [
+            pb_utils.Tensor("text_output", np.array([[u.text.encode("utf-8")]], dtype=np.object_)),
+            pb_utils.Tensor("output_ids", np.array([u.token_ids], dtype=np.int32).reshape(1, -1)),
+            pb_utils.Tensor("num_tokens", np.array([[u.num_tokens]], dtype=np.int32)),
+            pb_utils.Tensor("nfe", np.array([[u.nfe]], dtype=np.int32)),
+            pb_utils.Tensor("tpf", np.array([[u.tpf]], dtype=np.float32)),
+        ]
+        if u.final:
+            tensors += [
+                pb_utils.Tensor("finish_reason", np.array([[u.finish_reason.encode()]], dtype=np.object_)),
+                pb_utils.Tensor("stats", np.array([[json.dumps(u.stats).encode()]], dtype=np.object_)),
+            ]
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if u.final else 0)
+        return True
+
+    def error(self, message: str) -> None:
+        self.sender.send(pb_utils.InferenceResponse(error=triton_error(message)), flags=FINAL)
+
+    def cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+    def close_cancelled(self) -> None:
+        # the bare final flag: nobody is left to read an error, Triton just needs the request completed
+        self.sender.send(flags=FINAL)
+
+
+class TritonPythonModel:
+    def initialize(self, args: dict[str, str]) -> None:
+        if not log.handlers:
+            log.addHandler(TritonLogHandler())
+            log.setLevel(logging.INFO)
+            log.propagate = False
+        config = json.loads(args["model_config"])
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+        self.name = config["name"]
+        streaming = pb_utils.using_decoupled_model_transaction_policy(config)
+        model_dir = Path(args["model_repository"])
+        artifacts, manifest = verify_manifest((model_dir / params["manifest"]).resolve())
+        device = params.get("device") or "cpu"
+        if device == "cuda" and args.get("model_instance_kind") == "GPU":
+            device = f"cuda:{args['model_instance_device_id']}"
+        threads = int(params.get("torch_threads") or 0)
+        if threads > 0:
+            import torch
+
+            torch.set_num_threads(threads)
+        self.nld = load_artifacts(
+            artifacts,
+            kind=manifest.get("kind", "checkpoint"),
+            device=device,
+            dtype=params.get("dtype") or None,
+            max_batch=int(params["max_batch"]),
+            max_seq_len=int(params["max_seq_len"]),
+            max_block_length=int(params["max_block_length"]),
+            lora=params.get("lora", "true") == "true",
+        )
+        self.limits = Limits(
+            max_tokens_cap=int(params["max_tokens_cap"]),
+            default_max_tokens=int(params["default_max_tokens"]),
+            streaming=streaming,
+        )
+        self._metrics(args.get("model_instance_name", self.name))
+        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy)
+        self._occupancy(0, self.nld.executor.max_batch, 0)
+        log.info(
+            f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
+            f"{self.nld.executor.max_batch} KV slots x {self.nld.executor.max_seq_len} positions, "
+            f"max_tokens cap {self.limits.max_tokens_cap}, {len(manifest['files'])} artifacts verified)"
+        )
+
+    def _metrics(self, instance: str) -> None:
+        """Prometheus gauges on Triton's metrics port: KV-slot occupancy and the waiting queue."""
+        self._families = []
+        self._gauges: dict[str, Any] = {}
+        labels = {"model": self.name, "instance": instance}
+        for key, name, doc in (
+            ("in_use", "nld_kv_slots_in_use", "KV-cache slots held by requests"),
+            ("total", "nld_kv_slots_total", "KV-cache slots of the model instance"),
+            ("waiting", "nld_requests_waiting", "requests waiting for a KV-cache slot"),
+        ):
+            try:
+                family = pb_utils.MetricFamily(name=name, description=doc, kind=pb_utils.MetricFamily.GAUGE)
+                self._families.append(family)
+                self._gauges[key] = family.Metric(labels=labels)
+            except Exception as e:  # metrics disabled on this server: the stats output still reports it
+                log.warning(f"metric {name} unavailable: {e}")
+
+    def _occupancy(self, in_use: int, total: int, waiting: int) -> None:
+        for key, value in (("in_use", in_use), ("total", total), ("waiting", waiting)):
+            if key in self._gauges:
+                self._gauges[key].set(value)
+
+    def execute(self, requests: list[Any]) -> None:
+        """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""
+        for request in requests:
+            sink = TritonSink(request.get_response_sender())
+            try:
+                inputs = {}
+                for spec in INPUTS:
+                    tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
+                    inputs[spec.name] = None if tensor is None else tensor.as_numpy()
+                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits)
+            except NLDError as e:
+                _forget_frames(e)
+                sink.error(str(e))
+                continue
+            except Exception as e:  # noqa: BLE001 - a malformed request must not take the model down
+                log.exception("could not read a request")
+                _forget_frames(e)
+                sink.error(f"could not read the request ({type(e).__name__}: {e})")
+                continue
+            self.scheduler.submit(prepared, sink)
+        return None
+
+    def finalize(self) -> None:
+        self.scheduler.stop()
+        log.info(f"{self.name}: scheduler stopped, unloading")
+        self._gauges.clear()
+        self._families.clear()

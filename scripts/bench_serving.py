@@ -1,0 +1,154 @@
+#!/usr/bin/env python3
+"""Serving overhead and throughput per decoding mode, through a real tritonserver.
+
+1. Per mode, the same prompts one at a time in-process (`NLD.generate`) and through the server (gRPC
+   stream to `nld`, and unary gRPC to `nld_sync`): mean latency of each, the ratios, whether tokens agree.
+2. Per mode and concurrency (default 1, 4, 16), streaming: requests/s, generated tokens/s, p50/p99 latency.
+One run each, on whatever machine this is: compare numbers from the same run only.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import click
+
+QUESTIONS = [
+    "Tom has {a} apples and buys {b} more. How many apples does he have?",
+    "A pack holds {a} pens. Sara buys {b} packs. How many pens does she have?",
+    "Ann reads {a} pages a day for {b} days. How many pages does she read?",
+    "A shirt costs {a} dollars and a hat costs {b} dollars. What do both cost?",
+]
+MODES = ("ar", "dlm", "linear_spec")
+
+
+def prompts(n: int) -> list[str]:
+    return [QUESTIONS[i % len(QUESTIONS)].format(a=3 + i, b=4 + 2 * i) for i in range(n)]
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def model_dir(path: str | None, tmp: Path) -> tuple[Path, str]:
+    from nld_trt.runtime import default_model_path
+    from nld_trt.tiny import make_tiny_checkpoint
+
+    if path:
+        return Path(path), path
+    if (default_model_path() / "config.json").is_file():
+        return default_model_path(), "embedded default model"
+    return make_tiny_checkpoint(tmp / "tiny", seed=0, std=0.15), "random tiny checkpoint (no embedded model yet)"
+
+
+@click.command()
+@click.option("--model", "model_path", default=None, help="checkpoint (default: the embedded model, else a random tiny one)")
+@click.option("--prompts", "n_prompts", type=int, default=8, show_default=True)
+@click.option("--max-tokens", type=int, default=64, show_default=True)
+@click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
+@click.option("--concurrency", default="1,4,16", show_default=True)
+@click.option("--requests", "n_requests", type=int, default=32, show_default=True, help="requests per concurrency level")
+@click.option("--max-batch", type=int, default=16, show_default=True, help="KV slots, in-process and served")
+@click.option("--threads", type=int, default=1, show_default=True,
+              help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
+@click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
+def main(model_path, n_prompts, max_tokens, block_length, concurrency, n_requests, max_batch, threads,
+         json_out) -> None:
+    import torch
+
+    import nld_trt
+    from nld_trt.serving.client import GrpcClient
+    from nld_trt.serving.package import ServingOptions, package_repository
+    from nld_trt.serving.server import TritonServer
+
+    levels = [int(c) for c in concurrency.split(",")]
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
+        path, what = model_dir(model_path, Path(tmp))
+        texts = prompts(n_prompts)
+        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024)
+        block = block_length or nld.config.block_size
+        print(f"model: {what} ({path}); {n_prompts} prompts, max_tokens {max_tokens}, block {block}", file=sys.stderr)
+
+        inproc: dict[str, tuple[list[float], list[list[int]]]] = {}
+        for mode in MODES:
+            nld.generate(texts[0], mode=mode, max_new_tokens=4, block_length=block)  # warm-up
+            times, tokens = [], []
+            for t in texts:
+                start = time.perf_counter()
+                r = nld.generate(t, mode=mode, max_new_tokens=max_tokens, block_length=block)
+                times.append(time.perf_counter() - start)
+                tokens.append(r.token_ids)
+            inproc[mode] = (times, tokens)
+        del nld
+
+        repo = package_repository(path, Path(tmp) / "repo",
+                                  ServingOptions(max_batch=max_batch, max_seq_len=1024, max_tokens_cap=max_tokens,
+                                                 torch_threads=threads))
+        results: dict = {"model": what, "prompts": n_prompts, "max_tokens": max_tokens, "block_length": block,
+                         "threads": threads, "modes": {}}
+        with TritonServer(repo) as server:
+            client = GrpcClient(server.grpc_url)
+
+            def one(text: str, mode: str, unary: bool = False) -> tuple[float, int, list[int]]:
+                start = time.perf_counter()
+                call = client.infer if unary else client.generate  # nld_sync, or a stream from nld
+                r = call(text_input=text, mode=mode, max_tokens=max_tokens, block_length=block)
+                return time.perf_counter() - start, r.stats["tokens"], r.token_ids
+
+            for mode in MODES:
+                one(texts[0], mode), one(texts[0], mode, unary=True)  # warm-up
+                served = [one(t, mode) for t in texts]
+                unary = [one(t, mode, unary=True) for t in texts]
+                local_times, local_tokens = inproc[mode]
+                row = {
+                    "in_process_ms": 1e3 * statistics.mean(local_times),
+                    "served_ms": 1e3 * statistics.mean(s[0] for s in served),
+                    "served_unary_ms": 1e3 * statistics.mean(u[0] for u in unary),
+                    "tokens_agree": sum(s[2] == w == u[2] for s, u, w in zip(served, unary, local_tokens)),
+                    "load": {},
+                }
+                row["ratio"] = row["served_ms"] / row["in_process_ms"]
+                for c in levels:
+                    jobs = [texts[i % len(texts)] for i in range(max(n_requests, c))]
+                    start = time.perf_counter()
+                    with ThreadPoolExecutor(c) as pool:
+                        done = list(pool.map(lambda t: one(t, mode), jobs))
+                    wall = time.perf_counter() - start
+                    latencies = [d[0] for d in done]
+                    row["load"][c] = {
+                        "requests_per_s": len(jobs) / wall,
+                        "tokens_per_s": sum(d[1] for d in done) / wall,
+                        "p50_ms": 1e3 * percentile(latencies, 50),
+                        "p99_ms": 1e3 * percentile(latencies, 99),
+                    }
+                results["modes"][mode] = row
+                print(f"{mode} done", file=sys.stderr)
+            server.stop()
+
+    print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, {max_batch} KV slots, "
+          f"{threads} thread(s)")
+    print(f"{'mode':12} {'in-process ms':>14} {'stream ms':>10} {'ratio':>6} {'unary ms':>9} {'ratio':>6} "
+          f"{'same tokens':>12}")
+    for mode, row in results["modes"].items():
+        print(f"{mode:12} {row['in_process_ms']:14.1f} {row['served_ms']:10.1f} {row['ratio']:6.2f} "
+              f"{row['served_unary_ms']:9.1f} {row['served_unary_ms'] / row['in_process_ms']:6.2f} "
+              f"{row['tokens_agree']:>7}/{n_prompts}")
+    print(f"\n{'mode':12} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    for mode, row in results["modes"].items():
+        for c, load in row["load"].items():
+            print(f"{mode:12} {c:4d} {load['requests_per_s']:7.2f} {load['tokens_per_s']:8.1f} "
+                  f"{load['p50_ms']:8.1f} {load['p99_ms']:8.1f}")
+    if json_out:
+        Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
