@@ -147,6 +147,20 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
                + (f", {report.plan}" if report.plan else ""))
 
 
+def _add_commands() -> None:
+    """Commands that live beside what they drive: eval, quantize, and the serving commands."""
+    from .evaluate import eval_command
+    from .quant.cli import quantize_command
+    from .serving.cli import chat_command, client_command, demo_command, package_command, serve_command
+
+    cli.add_command(eval_command, "eval")
+    for command in (quantize_command, package_command, serve_command, client_command, chat_command, demo_command):
+        cli.add_command(command)
+
+
+_add_commands()
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point: one-line errors for bad input, non-zero exit codes."""
     try:

@@ -99,7 +99,12 @@ class NLD:
         if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
             self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length)
             return
-        self.model = build_model(self.config, load_weights(self.path, self.config), device, self.dtype)
+        if self.config.quantization_config is not None:  # a ModelOpt FP8 / INT4 AWQ export
+            from .quant.loader import load_quantized_model
+
+            self.model = load_quantized_model(self.path, self.config, device, self.dtype)
+        else:
+            self.model = build_model(self.config, load_weights(self.path, self.config), device, self.dtype)
         self.lora = load_lora(self.path, self.config) if lora else None
         if self.lora is not None:
             self.model.set_lora(self.lora.layers, self.lora.scale)

@@ -142,3 +142,62 @@ def test_on_gpu_selection_outputs_equal_the_reference_rules(tiny, engine):
         masked = torch.from_numpy(chunks[b] == mask)
         assert fill[b].astype(bool).tolist() == dlm_fill(masked, confidence, 0.9).tolist()
     assert fill[1].sum() >= 1 and fill[0].sum() == 0  # the block row fills a masked position, the causal row none
+
+
+# quantized checkpoints -------------------------------------------------------------------------------
+INT4_SHAPES = dict(hidden_size=128, head_dim=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=256)
+QUICK_CALIBRATION = ["--calib-size", "6", "--calib-seq-len", "48", "--block-length", "8", "--eval-size", "2",
+                     "--max-new-tokens", "8"]
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory):
+    """FP8 and INT4 AWQ exports (ModelOpt) of one tiny model whose linear widths fit INT4 groups."""
+    pytest.importorskip("modelopt.torch.quantization", reason="nvidia-modelopt is not installed")
+    from click.testing import CliRunner
+
+    from nld_trt.quant.cli import quantize_command
+    from nld_trt.tiny import make_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("quantized")
+    source = make_tiny_checkpoint(root / "src", seed=3, std=0.08, **INT4_SHAPES)
+    out = {}
+    for qformat in ("fp8", "int4_awq"):
+        out[qformat] = root / qformat
+        result = CliRunner().invoke(quantize_command, ["--model", str(source), "--qformat", qformat, "--output",
+                                                       str(out[qformat]), *QUICK_CALIBRATION])
+        assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning:modelopt")
+@pytest.mark.parametrize("qformat, algo, dequant_type", [("fp8", "FP8", onnx.TensorProto.FLOAT8E4M3FN),
+                                                         ("int4_awq", "W4A16_AWQ", onnx.TensorProto.INT4)])
+def test_quantized_checkpoints_export_dequantize_linear_and_verify_in_every_mode(quantized, tmp_path, qformat, algo,
+                                                                                 dequant_type):
+    out = tmp_path / "engine"
+    report = build(BuildOptions(checkpoint=quantized[qformat], output=out, dtype="float32", verify_tokens=10,
+                                max_batch=2, max_seq_len=256), progress=lambda _: None)
+    assert report.quantization == algo
+    assert all(v["identical"] == v["prompts"] == 3 for v in report.verification.values())
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    quantized_weights = {i.name for i in graph.graph.initializer
+                         if i.data_type == dequant_type and i.name.endswith(".weight")}
+    assert len(quantized_weights) == 7 * 2  # every linear of both layers
+    dequantized = {n.input[0] for n in graph.graph.node if n.op_type == "DequantizeLinear"}
+    assert quantized_weights <= dequantized
+    if qformat == "int4_awq":
+        blocked = [n for n in graph.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in quantized_weights]
+        assert all({a.name: a.i for a in n.attribute}["block_size"] == 128 for n in blocked)
+    # the engine directory runs the decoding loops through ONNX Runtime; a pass gives the quantized model's logits
+    engine_nld = load(out, max_batch=2, max_seq_len=256)
+    reference = load(quantized[qformat], max_batch=2, max_seq_len=256)
+    prompt = reference.encode("Tom has 12 apples.")
+    logits = [ex.forward([ex.allocate()], [Chunk(prompt)], all_logits=True) for ex in (engine_nld.executor,
+                                                                                   reference.executor)]
+    assert (logits[0] - logits[1]).abs().max().item() < 1e-4 and logits[1].std().item() > 0.1
+    if qformat == "int4_awq":  # weight-only: no activation rounding to flip, so greedy tokens agree beyond the
+        kw = dict(mode="linear_spec", max_new_tokens=12, block_length=8)  # verified prompts too
+        prompts = ["Tom has 12 apples.", [1, 140, 141, 142]]
+        assert ([r.token_ids for r in engine_nld.generate(prompts, **kw)]
+                == [r.token_ids for r in reference.generate(prompts, **kw)])
