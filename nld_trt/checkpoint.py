@@ -79,25 +79,24 @@ def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str)
         raise CheckpointError(f"{where}: tensor {name} holds NaN or infinite values; the file is damaged")
 
 
+def check_names(where: str, expected: set[str], found: set[str], missing_hint: str, unexpected_hint: str) -> None:
+    """Fail on missing or unexpected tensor names, naming the first five of them."""
+    for what, names, hint in (("missing", expected - found, missing_hint), ("unexpected", found - expected,
+                                                                            unexpected_hint)):
+        if names:
+            names = sorted(names)
+            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
+            raise CheckpointError(f"{where}: {what} tensors {', '.join(names[:5])}{more} ({hint})")
+
+
 def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Tensor]:
     """Every backbone and head tensor of the checkpoint, validated against the configuration."""
     directory = Path(directory)
     files = weight_files(directory)
     expected = config.expected_shapes()
-    missing = [n for n in expected if n not in files]
-    unexpected = [n for n in files if n not in expected]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise CheckpointError(
-            f"{directory}: missing tensors {', '.join(missing[:5])}{more} "
-            "(is this an NLD checkpoint, and does config.json match it?)"
-        )
-    if unexpected:
-        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
-        raise CheckpointError(
-            f"{directory}: unexpected tensors {', '.join(sorted(unexpected)[:5])}{more} "
-            "(does num_hidden_layers in config.json match the weights?)"
-        )
+    check_names(str(directory), set(expected), set(files),
+                missing_hint="is this an NLD checkpoint, and does config.json match it?",
+                unexpected_hint="does num_hidden_layers in config.json match the weights?")
     tensors = read_tensors(files, list(expected))
     for name, shape in expected.items():
         check_tensor(name, tensors[name], shape, str(directory))

@@ -161,10 +161,10 @@ def _add_commands() -> None:
 _add_commands()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: one-line errors for bad input, non-zero exit codes."""
+def run_command(command: click.Command, argv: list[str] | None, prog_name: str = "nld-trt") -> None:
+    """Run a click command with nld-trt's exit codes: one-line errors for bad input, never a traceback."""
     try:
-        cli.main(args=argv, prog_name="nld-trt", standalone_mode=False)
+        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except click.Abort:
@@ -176,6 +176,11 @@ def main(argv: list[str] | None = None) -> None:
     except NLDError as e:
         click.echo(f"Error: {e}", err=True)
         sys.exit(1)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the `nld-trt` console script."""
+    run_command(cli, argv)
 
 
 if __name__ == "__main__":

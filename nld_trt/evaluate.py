@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from .errors import NLDError
+from .fileutil import read_jsonl_rows
 
 EVALSETS = Path(__file__).parent / "assets" / "evalsets"
 BUILTIN_TASKS = {"gsm_synth": EVALSETS / "gsm_synth.jsonl"}
@@ -104,36 +105,23 @@ class Problem:
 
 def read_jsonl(path: str | Path, question_field: str = "question", answer_field: str = "answer") -> list[Problem]:
     """Problems of a JSONL file; every malformed line is an NLDError naming the file and line."""
-    path = Path(path)
-    if not path.is_file():
-        raise NLDError(f"task file {path} not found")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise NLDError(f"cannot read task file {path}: {e}") from None
     problems = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise NLDError(f"{path}:{n}: not valid JSON ({e.msg}); a task file holds one JSON object per line") from None
+    for where, row in read_jsonl_rows(path, "task", NLDError):
         if not isinstance(row, dict):
-            raise NLDError(f"{path}:{n}: expected a JSON object, found {type(row).__name__}")
+            raise NLDError(f"{where}: expected a JSON object, found {type(row).__name__}")
         for f in (question_field, answer_field):
             if f not in row:
                 raise NLDError(
-                    f"{path}:{n}: no field {f!r} (fields: {', '.join(map(str, row)) or 'none'}); "
+                    f"{where}: no field {f!r} (fields: {', '.join(map(str, row)) or 'none'}); "
                     "choose them with --question-field / --answer-field"
                 )
         q, a = row[question_field], row[answer_field]
         if not isinstance(q, str) or not q.strip():
-            raise NLDError(f"{path}:{n}: field {question_field!r} must be a non-empty string")
+            raise NLDError(f"{where}: field {question_field!r} must be a non-empty string")
         if isinstance(a, (int, float)) and not isinstance(a, bool):
             a = str(a)
         if not isinstance(a, str) or not a.strip():
-            raise NLDError(f"{path}:{n}: field {answer_field!r} must be a non-empty string or a number")
+            raise NLDError(f"{where}: field {answer_field!r} must be a non-empty string or a number")
         problems.append(Problem(q, gold_answer(a)))
     if not problems:
         raise NLDError(f"task file {path} holds no problems")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -29,3 +30,23 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl_rows(path: str | Path, what: str, error: type[Exception]) -> list[tuple[str, object]]:
+    """(`file:line`, parsed value) for every non-blank line of a JSONL file; a missing or unreadable file or
+    a line that is not JSON raises `error` naming the file (and line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} file {path} not found")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{what} file {path} cannot be read as UTF-8 text ({e})") from None
+    rows = []
+    for n, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append((f"{path}:{n}", json.loads(line)))
+            except json.JSONDecodeError as e:
+                raise error(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
+    return rows

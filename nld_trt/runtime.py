@@ -130,6 +130,16 @@ class NLD:
                 raise GenerationError(f"prompt token id {t!r} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
+    def check_fits(self, prompt_len: int, params: GenerationParams, remedy: str) -> None:
+        """Refuse a request whose prompt and generation would overrun a KV-cache slot (before it takes one)."""
+        need = params.cache_positions(prompt_len)
+        if need > self.executor.max_seq_len:
+            raise GenerationError(
+                f"the prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens})"
+                + (f" + block_length ({params.block_length})" if params.mode != "ar" else "")
+                + f" needs {need} KV-cache positions, more than the {self.executor.max_seq_len} available: {remedy}"
+            )
+
     def generate(self, prompts, *, chat: bool = True, template_kwargs: dict | None = None, **params: Any):
         """Generate for one prompt (text or token ids) or a list of them; params as GenerationParams.
 
@@ -149,14 +159,7 @@ class NLD:
         p.validate(self.config, self.executor.max_chunk)
         ids = [self._prompt_ids(x, chat, template_kwargs or {}) for x in batch]
         for x in ids:
-            need = p.cache_positions(len(x))
-            if need > self.executor.max_seq_len:
-                raise GenerationError(
-                    f"prompt ({len(x)} tokens) + max_new_tokens ({p.max_new_tokens})"
-                    + (f" + block_length ({p.block_length})" if p.mode != "ar" else "")
-                    + f" needs {need} cache positions, more than the {self.executor.max_seq_len} available: "
-                    "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len"
-                )
+            self.check_fits(len(x), p, "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len")
         seq_type = SEQUENCE_TYPES[p.mode]
         seqs = [seq_type(x, p, self.config, p.seed + i) for i, x in enumerate(ids)]
         run(self.executor, seqs)

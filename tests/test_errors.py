@@ -144,7 +144,7 @@ def test_bad_lora_adapter(ckpt):
         (dict(threshold=1.5), "threshold must be in \\[0, 1\\]"),
         (dict(threshold=-0.1), "threshold must be in \\[0, 1\\]"),
         (dict(max_new_tokens=0), "max_new_tokens must be a positive integer"),
-        (dict(max_new_tokens=600), "needs .* cache positions, more than the 512 available"),
+        (dict(max_new_tokens=600), "needs .* KV-cache positions, more than the 512 available"),
         (dict(temperature=-1.0), "temperature must be"),
         (dict(max_thinking_tokens=5), "needs both max_thinking_tokens and end_think_token_id"),
         (dict(beam_width=4), "unknown generation parameter"),

@@ -12,7 +12,6 @@ pass would see, built by `nld_trt.attention.chunk_attention_mask`.
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from collections.abc import Iterable
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ..attention import chunk_attention_mask
+from ..fileutil import read_jsonl_rows
 from . import QuantizationError
 
 CALIB_SEED = 7_777  # the built-in calibration stream; the evaluation set has its own seed
@@ -95,24 +95,8 @@ def _normalize(answer: str) -> str:
 # Sources ------------------------------------------------------------------------------------------
 def read_jsonl(path: str | Path, what: str = "calibration") -> list[Record]:
     """Records of a JSONL file: each line an object with `text`, or `question` and `answer`."""
-    path = Path(path)
-    if not path.is_file():
-        raise QuantizationError(f"{what} file {path} not found")
-    try:
-        lines = path.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise QuantizationError(f"{what} file {path} cannot be read as UTF-8 text ({e})") from None
-    records = []
-    for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise QuantizationError(
-                f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object"
-            ) from None
-        records.append(_record(obj, f"{path}:{n}"))
+    rows = read_jsonl_rows(path, what, QuantizationError)
+    records = [_record(obj, where) for where, obj in rows]
     if not records:
         raise QuantizationError(
             f"{what} file {path} is empty: it needs one JSON object per line with a `text` field, "

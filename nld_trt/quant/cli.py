@@ -4,11 +4,8 @@ runnable alone as `python -m nld_trt.quant`."""
 from __future__ import annotations
 
 import json
-import sys
 
 import click
-
-from ..errors import NLDError
 
 
 def _print_report(report: dict, console) -> None:
@@ -181,13 +178,6 @@ def quantize_command(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m nld_trt.quant`: the command alone, with nld-trt's one-line errors and exit codes."""
-    try:
-        quantize_command.main(args=argv, prog_name="nld-trt quantize", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.ClickException as e:
-        click.echo(f"Error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except NLDError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
+    from ..cli import run_command
+
+    run_command(quantize_command, argv, prog_name="nld-trt quantize")

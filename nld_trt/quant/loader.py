@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..checkpoint import check_tensor, read_tensors, weight_files
+from ..checkpoint import check_names, check_tensor, read_tensors, weight_files
 from ..config import NLDConfig
 from ..errors import CheckpointError
 from ..model import NLDModel, Rotary
@@ -165,15 +165,9 @@ def read_quantized_tensors(directory: str | Path, config: NLDConfig, spec: Quant
     where = str(directory)
     files = weight_files(directory)
     expected = expected_names(config, spec, set(files))
-    missing = sorted(expected - set(files))
-    unexpected = sorted(set(files) - expected)
-    for what, names in (("missing", missing), ("unexpected", unexpected)):
-        if names:
-            more = f" and {len(names) - 5} more" if len(names) > 5 else ""
-            raise CheckpointError(
-                f"{where}: {what} tensors {', '.join(names[:5])}{more} for a {spec.quant_algo} checkpoint "
-                "(do config.json and hf_quant_config.json match the weights?)"
-            )
+    hint = "do config.json and hf_quant_config.json match the weights?"
+    check_names(where, expected, set(files), f"for a {spec.quant_algo} checkpoint; {hint}",
+                f"for a {spec.quant_algo} checkpoint; {hint}")
     tensors = read_tensors(files, sorted(expected))
     linears = linear_shapes(config)
     quantized = {m for m in linears if spec.is_quantized(m)}

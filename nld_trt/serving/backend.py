@@ -1,8 +1,8 @@
 """What the Triton model runs, independent of Triton: load the artifacts, schedule requests continuously.
 
-`load_artifacts` is the one place a model repository's artifacts become an `NLD`: today a checkpoint on the
-PyTorch executor; an engine directory (`nld-trt package --engine`) will pick an ONNX Runtime or TensorRT
-executor here without touching the scheduler or the Triton glue.
+`load_artifacts` is the one place a model repository's artifacts become an `NLD`: a checkpoint runs on the
+PyTorch executor; an engine directory (`nld-trt package --engine`) on the TensorRT executor on a GPU and the
+ONNX Runtime executor on CPU, without touching the scheduler or the Triton glue.
 
 `Scheduler` owns one `Batcher` and a thread that steps it while there is work. Requests join and leave
 between steps (any mix of modes in one batch); after each step every streaming request gets the tokens it
@@ -35,8 +35,12 @@ CANCEL_CHECK_S = 0.02  # how often clients are polled for cancellation (an IPC r
 
 def load_artifacts(directory: Path, kind: str = "checkpoint", **options: Any) -> NLD:
     """The served model from a repository's artifact directory. options: `nld_trt.load` keywords."""
-    if kind != "checkpoint":
+    from ..engine.loader import is_engine_dir
+
+    if kind not in ("checkpoint", "engine"):
         raise CheckpointError(f"artifact kind {kind!r} is not supported by this nld-trt: upgrade it or re-package")
+    if (kind == "engine") != is_engine_dir(directory):
+        raise CheckpointError(f"the manifest's artifact kind {kind!r} does not match {directory}: re-package it")
     return load(directory, **options)
 
 

@@ -66,16 +66,22 @@ def generation_options(f):
               help="PyTorch CPU threads per model instance (0: PyTorch's default, every core)")
 @click.option("--sync-model/--no-sync-model", default=True, show_default=True,
               help="also write nld_sync, the non-decoupled entry point (unary infer, HTTP generate)")
+@click.option("--engine", "engine_dir", type=click.Path(file_okay=False), default=None,
+              help="serve an nld-trt build output instead of a checkpoint (TensorRT plan on cuda, ONNX graph on cpu)")
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
 def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
-                    default_max_tokens, instances, device, dtype, threads, sync_model, overwrite) -> None:
-    """Write a Triton model repository serving a checkpoint, every decoding mode chosen per request."""
+                    default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, overwrite) -> None:
+    """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
     from .package import ServingOptions, package_repository
+
+    if engine_dir and model_dir:
+        raise click.UsageError("give --model (a checkpoint) or --engine (a build output), not both")
 
     options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
                              max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                              instances=instances, device=device, dtype=dtype, torch_threads=threads)
-    repo = package_repository(model_dir, output, options, sync_model=sync_model, overwrite=overwrite)
+    repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
+                              engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
     size = sum(f["size"] for f in manifest["files"].values())
     models = "nld, nld_sync" if sync_model else "nld"
@@ -286,18 +292,9 @@ for _command in COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    try:
-        serving_cli.main(args=argv, prog_name="nld-trt", standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.Abort:
-        sys.exit(130)
-    except click.ClickException as e:
-        _err(f"Error: {e.format_message()}")
-        sys.exit(2)
-    except NLDError as e:
-        _err(f"Error: {e}")
-        sys.exit(1)
+    from ..cli import run_command
+
+    run_command(serving_cli, argv)
 
 
 if __name__ == "__main__":

@@ -1,16 +1,18 @@
-"""`nld-trt package`: a checkpoint -> a self-contained Triton model repository (see triton_model_repo/).
+"""`nld-trt package`: a checkpoint or an engine -> a self-contained Triton model repository (see
+triton_model_repo/).
 
 The repository is written whole or not at all (`atomic_directory`); the checkpoint (weights, LoRA drafter,
-tokenizer, chat template) is copied into `nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which
-both models reference by relative path.
+tokenizer, chat template) or the `nld-trt build` output (graph, plan, config, tokenizer) is copied into
+`nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which both models reference by relative path.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import string
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from ..config import NLDConfig
@@ -109,24 +111,57 @@ def check_checkpoint(model_dir: Path) -> NLDConfig:
     return config
 
 
+def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:
+    """An `nld-trt build` output that the chosen device can run, and options clamped to its limits."""
+    from ..engine.build import ENGINE_FILE
+    from ..engine.loader import is_engine_dir
+
+    if not engine_dir.is_dir():
+        raise CheckpointError(f"engine directory {engine_dir} does not exist")
+    if not is_engine_dir(engine_dir):
+        raise CheckpointError(f"{engine_dir} is not an nld-trt build output (no {ENGINE_FILE}): run nld-trt build first")
+    report = json.loads((engine_dir / ENGINE_FILE).read_text())
+    if options.device.startswith("cuda") and not report.get("plan"):
+        raise NLDError(f"{engine_dir} holds no TensorRT plan, so --device cuda cannot serve it: run nld-trt build "
+                       "on a GPU host with TensorRT, or package with --device cpu (ONNX Runtime)")
+    if not options.device.startswith("cuda") and report["dtype"] != "float32":
+        raise NLDError(f"{engine_dir} holds a {report['dtype']} graph for TensorRT; ONNX Runtime on CPU serves a "
+                       "float32 build (nld-trt build --dtype float32), or package with --device cuda")
+    limits = report["limits"]
+    clamped = replace(options, max_batch=min(options.max_batch, limits["max_batch"]),
+                      max_seq_len=min(options.max_seq_len, limits["max_seq_len"]),
+                      max_block_length=min(options.max_block_length, limits["max_block"]))
+    return check_checkpoint(engine_dir), clamped
+
+
 def package_repository(
     model_dir: str | Path | None,
     output: str | Path,
     options: ServingOptions = ServingOptions(),
     sync_model: bool = True,
     overwrite: bool = False,
+    engine: bool = False,
 ) -> Path:
-    """Write the model repository `output` for checkpoint `model_dir` (None: the embedded default model)."""
+    """Write the model repository `output` for checkpoint `model_dir` (None: the embedded default model), or
+    with `engine`, for the `nld-trt build` output `model_dir` (TensorRT plan on a GPU, its ONNX graph on CPU)."""
     from ..runtime import default_model_path
 
-    model_dir = Path(model_dir) if model_dir is not None else default_model_path()
-    options = options.checked(check_checkpoint(model_dir))
+    if engine:
+        if model_dir is None:
+            raise NLDError("give the engine directory to package (an nld-trt build output)")
+        model_dir = Path(model_dir)
+        config, options = check_engine(model_dir, options)
+    else:
+        model_dir = Path(model_dir) if model_dir is not None else default_model_path()
+        config = check_checkpoint(model_dir)
+    options = options.checked(config)
     template = template_dir()
     output = Path(output)
     with atomic_directory(output, overwrite=overwrite) as tmp:
         version = tmp / STREAM_MODEL / "1"
         shutil.copytree(model_dir, version / "artifacts", ignore=shutil.ignore_patterns(".*", "__pycache__"))
-        write_manifest(version / "manifest.json", version / "artifacts", source=str(model_dir.resolve()))
+        write_manifest(version / "manifest.json", version / "artifacts", kind="engine" if engine else "checkpoint",
+                       source=str(model_dir.resolve()))
         models = {STREAM_MODEL: (True, "1/manifest.json")}
         if sync_model:
             models[SYNC_MODEL] = (False, f"../{STREAM_MODEL}/1/manifest.json")

@@ -193,12 +193,5 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     if stream and not limits.streaming:
         raise GenerationError("stream=true needs the decoupled model `nld` (gRPC stream or HTTP generate_stream)")
     ids = prompt_ids(nld, fields)
-    need = params.cache_positions(len(ids))
-    if need > nld.executor.max_seq_len:
-        raise GenerationError(
-            f"the prompt ({len(ids)} tokens) + max_tokens ({params.max_new_tokens})"
-            + (f" + block_length ({params.block_length})" if params.mode != "ar" else "")
-            + f" needs {need} KV-cache positions, more than the {nld.executor.max_seq_len} this deployment has: "
-            "shorten the prompt or lower max_tokens"
-        )
+    nld.check_fits(len(ids), params, "this deployment's limit; shorten the prompt or lower max_tokens")
     return Prepared(ids, params, stream)
