@@ -1,0 +1,36 @@
+"""The benchmark scripts run (figures are theirs to print, not the tests' to check) and refuse clearly
+when asked for a GPU that is not there."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPTS = Path(__file__).resolve().parent.parent / "scripts"
+
+
+def _script(name: str):
+    spec = importlib.util.spec_from_file_location(name, SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_bench_executor_times_every_pass_kind_for_each_batch(capsys):
+    assert _script("bench_executor").main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--reps", "1",
+                                           "--context", "16", "--block", "4", "--batches", "1,2"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.strip()[:1].isdigit()]
+    assert [r.split()[0] for r in rows] == ["1"] * 3 + ["2"] * 3
+    assert all(float(r.split()[-1]) > 0 for r in rows)
+
+
+def test_bench_executor_says_what_a_cuda_run_needs(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    assert _script("bench_executor").main(["--device", "cuda"]) == 2
+    assert "needs a CUDA GPU" in capsys.readouterr().err
