@@ -1,25 +1,32 @@
 """Step 3 of the build, on a GPU host with TensorRT >= 10.9: parse the verified graph with the nld plugins
-registered, build with one optimization profile for one-token chunks and one for block/prefill chunks, and
+registered, build with one optimization profile for one-token..block chunks and one for prefill chunks, and
 serialize the plan. Standard TensorRT Python API only; imported lazily. This step has not run on our
-machines (TensorRT cannot be installed there); see the README's support table.
+machines (TensorRT cannot be installed there); see the README's support table. tests/test_trt_stand_in.py
+checks the calls made here against a stand-in `tensorrt` module.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import NLDError
 
-INSTALL_HINT = "install TensorRT >= 10.9 on a GPU host: pip install tensorrt-cu12 (NVIDIA's index) or use NVIDIA's TensorRT container"
+INSTALL_HINT = ("install TensorRT >= 10.9 on a GPU host: pip install tensorrt-cu12 (CUDA 12; tensorrt-cu13 for "
+                "CUDA 13), or use NVIDIA's TensorRT container")
+CUDA_HINT = ("a CUDA GPU and a CUDA build of PyTorch (pip install torch from the CUDA wheel index) and triton; "
+             "the nld:: plugins compile their Triton kernels for the build GPU")
 
 
 def tensorrt_available() -> bool:
     if importlib.util.find_spec("tensorrt") is None:
         return False
     try:
-        import tensorrt  # noqa: F401  (the placeholder wheels import-fail without libnvinfer)
+        importlib.import_module("tensorrt")  # the placeholder wheels import-fail without libnvinfer
     except Exception:
         return False
     return True
@@ -30,15 +37,20 @@ def import_tensorrt():
         import tensorrt as trt
     except Exception as e:
         raise NLDError(f"TensorRT is not usable here ({e}): {INSTALL_HINT}") from None
-    major, minor = (int(x) for x in trt.__version__.split(".")[:2])
+    version = getattr(trt, "__version__", "")
+    try:
+        major, minor = (int(x) for x in version.split(".")[:2])
+    except ValueError:
+        raise NLDError(f"cannot read the TensorRT version ({version!r}): {INSTALL_HINT}") from None
     if (major, minor) < (10, 9):
         raise NLDError(f"TensorRT {trt.__version__} is too old: the nld plugins need >= 10.9 ({INSTALL_HINT})")
     return trt
 
 
 def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
-    """(min, opt, max) shapes per dynamic input for the decode profile (chunks of 1..max_block tokens)
-    and the prefill profile (chunks up to max_seq_len). Plain Python, so tests check it without TensorRT."""
+    """(min, opt, max) shapes per graph input for the decode profile (chunks of 1..max_block tokens, every
+    position's logits) and the prefill profile (chunks up to max_seq_len, the last position's logits only).
+    The KV caches are bound whole, so their shape is fixed. Plain Python, so tests check it without TensorRT."""
     b, s, blk = options.max_batch, options.max_seq_len, options.max_block
     kv = (b + 1, config.num_key_value_heads, s, config.head_dim)  # + the scratch slot for padding writes
     profiles = []
@@ -56,30 +68,88 @@ def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]
     return profiles
 
 
-def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]) -> None:
-    trt = import_tensorrt()
-    from nld_trt.plugins.trt import register_all
+def network_flags(trt) -> int:
+    """Strongly typed (precisions come from the graph: bf16/fp16 weights, FP8 and INT4 DequantizeLinear) and,
+    where TensorRT has the flag, the AOT implementation of Python plugins (their PTX goes into the plan)."""
+    flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    prefer_aot = getattr(trt.NetworkDefinitionCreationFlag, "PREFER_AOT_PYTHON_PLUGINS", None)
+    if prefer_aot is not None:
+        flags |= 1 << int(prefer_aot)
+    return flags
 
+
+def register_plugins() -> None:
+    """Register the nld:: plugins with TensorRT before parsing (the parser looks them up by op type and the
+    node's plugin_namespace attribute); their aot_impl compiles Triton kernels for this host's GPU."""
+    import torch
+
+    if not torch.cuda.is_available() or importlib.util.find_spec("triton") is None:
+        raise NLDError(f"building the TensorRT plan needs {CUDA_HINT}")
+    from nld_trt.plugins import trt as nld_plugins
+
+    try:
+        nld_plugins.register_all()
+    except RuntimeError as e:  # tensorrt.plugin missing or too old: the message says what to install
+        raise NLDError(str(e)) from None
+
+
+def check_inputs(network, shapes: dict[str, tuple[tuple, tuple, tuple]]) -> None:
+    """Every network input has a profile entry of its rank, agreeing with its static dimensions, and every
+    profile entry names an input: otherwise TensorRT's own failure comes much later and says less."""
+    inputs = {network.get_input(i).name: tuple(network.get_input(i).shape) for i in range(network.num_inputs)}
+    missing, unknown = sorted(set(inputs) - set(shapes)), sorted(set(shapes) - set(inputs))
+    if missing or unknown:
+        raise NLDError(f"the graph's inputs and the optimization profiles disagree (no profile for {missing}, "
+                       f"no input named {unknown}): re-export the graph with this nld-trt version")
+    for name, dims in inputs.items():
+        for bound in shapes[name]:
+            if len(bound) != len(dims) or any(d >= 0 and d != x for d, x in zip(dims, bound)):
+                raise NLDError(f"profile shape {bound} does not fit the graph input {name} {dims} "
+                               "(config.json beside the graph does not match it)")
+
+
+def write_atomically(path: Path, data) -> None:
+    """Write the bytes to a temporary file beside `path` and rename it: no partial plan is ever left."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]) -> None:
     from ..config import NLDConfig
 
-    register_all()
+    graph, plan = Path(graph), Path(plan)
+    trt = import_tensorrt()
+    register_plugins()
     config = NLDConfig.from_file(graph.parent)
     logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    # strongly typed: precisions come from the graph (bf16/fp16 weights, FP8 and INT4 DequantizeLinear)
-    network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
+    try:
+        builder = trt.Builder(logger)
+    except Exception as e:  # no usable GPU / driver: TensorRT's factory returns nullptr
+        raise NLDError(f"TensorRT could not create a builder ({e}): it needs {CUDA_HINT}") from None
+    network = builder.create_network(network_flags(trt))
     parser = trt.OnnxParser(network, logger)
+    # parse_from_file (not parse(bytes)): the weights are external data, found relative to the graph's path
     if not parser.parse_from_file(str(graph)):
-        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "see TensorRT's log"
         raise NLDError(f"TensorRT could not parse {graph}: {errors}")
+    profiles = profile_shapes(options, config)
+    for shapes in profiles:
+        check_inputs(network, shapes)
     build_config = builder.create_builder_config()
-    for shapes in profile_shapes(options, config):
+    for index, shapes in enumerate(profiles):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
-        build_config.add_optimization_profile(profile)
+        if build_config.add_optimization_profile(profile) < 0:
+            raise NLDError(f"TensorRT rejected optimization profile {index} ({shapes['input_ids']} for input_ids)")
     progress("TensorRT: building (this takes minutes for real models)")
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise NLDError("TensorRT failed to build the engine (see its log above)")
-    plan.write_bytes(serialized)
+    write_atomically(plan, serialized)

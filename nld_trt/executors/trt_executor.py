@@ -1,8 +1,13 @@
 """The TensorRT executor: runs a built plan on a GPU through the same decoding loops.
 
-Thin and standard (deserialize, pick the optimization profile by chunk length, bind torch CUDA tensors,
-execute_async_v3). It needs TensorRT >= 10.9 and a GPU, neither of which our CI machines have: this file
-has not been executed yet (README, "What has run where").
+Thin and standard (deserialize, pick the optimization profile that holds the pass's shapes, bind torch CUDA
+tensors by name, execute_async_v3). It feeds the graph exactly what the ONNX Runtime executor feeds it
+(`input_feeds`). The graph writes each pass's K/V into present_* copies of the past_* caches; TensorRT does
+not allow an output to share memory with an input, so two cache sets alternate (ping-pong). The nld::
+plugins are AOT plugins: their kernels are inside the plan, so nothing is registered at run time.
+
+It needs TensorRT >= 10.9 and a GPU, neither of which our CI machines have: this file has run only against
+the stand-in `tensorrt` of tests/test_trt_stand_in.py (README, "What has run where").
 """
 
 from __future__ import annotations
@@ -15,30 +20,111 @@ from ..config import NLDConfig
 from ..errors import NLDError
 from .base import Executor
 
+INPUTS = ("input_ids", "slots", "committed", "chunk_lens", "block", "lora", "logit_positions")
+# tensorrt.DataType member names -> torch dtypes (matched by name, so this runs without TensorRT)
+TORCH_DTYPES = {
+    "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "FP8": torch.float8_e4m3fn,
+    "INT8": torch.int8, "UINT8": torch.uint8, "INT32": torch.int32, "INT64": torch.int64, "BOOL": torch.bool,
+}
+CUDA_MISSING = (
+    "the TensorRT executor needs a CUDA GPU and a CUDA build of PyTorch (torch.cuda.is_available() is False "
+    "here): install the CUDA torch wheel and tensorrt-cu12 on a GPU host, or run the engine's float32 ONNX "
+    "graph on CPU through ONNX Runtime (--device cpu)"
+)
+
+
+def torch_dtype(trt_dtype) -> torch.dtype:
+    name = getattr(trt_dtype, "name", str(trt_dtype).rsplit(".", 1)[-1])
+    try:
+        return TORCH_DTYPES[name]
+    except KeyError:
+        raise NLDError(f"the plan has a tensor of TensorRT type {name}, which has no torch dtype") from None
+
+
+def cache_names(num_layers: int) -> list[str]:
+    return [f"past_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")]
+
+
+def input_feeds(slots, tokens, chunk_lens, block, lora, committed, all_logits) -> dict[str, torch.Tensor]:
+    """The graph's non-cache inputs for one `_forward` call, as OnnxExecutor feeds them: int32, contiguous,
+    on the tokens' device; logit_positions [B, T] (every position) or [B, 1] (each chunk's last one)."""
+    b, t = tokens.shape
+    if all_logits:
+        positions = torch.arange(t, device=tokens.device).expand(b, t)
+    else:
+        positions = (chunk_lens - 1)[:, None]
+    feeds = {"input_ids": tokens, "slots": slots, "committed": committed, "chunk_lens": chunk_lens,
+             "block": block, "lora": lora, "logit_positions": positions}
+    return {k: v.to(device=tokens.device, dtype=torch.int32).contiguous() for k, v in feeds.items()}
+
+
+def pick_profile(ranges: list[dict[str, tuple[tuple, tuple]]], shapes: dict[str, tuple]) -> int:
+    """The first optimization profile whose (min, max) holds every given input shape."""
+    def holds(bounds: tuple[tuple, tuple], shape: tuple) -> bool:
+        lo, hi = bounds
+        return len(lo) == len(shape) and all(a <= x <= b for a, x, b in zip(lo, shape, hi))
+
+    for index, profile in enumerate(ranges):
+        if all(holds(profile[name], shape) for name, shape in shapes.items()):
+            return index
+    have = "; ".join(f"profile {i}: input_ids {r['input_ids']}, logit_positions {r['logit_positions']}"
+                     for i, r in enumerate(ranges))
+    raise NLDError(f"no optimization profile of the plan takes input_ids {shapes['input_ids']} with logit_positions "
+                   f"{shapes['logit_positions']} ({have}); rebuild with larger --max-batch / --max-block")
+
 
 class TensorRTExecutor(Executor):
     def __init__(self, plan: str | Path, config: NLDConfig, max_batch: int, max_seq_len: int, max_chunk: int,
-                 has_lora: bool, dtype: torch.dtype = torch.bfloat16) -> None:
+                 has_lora: bool, device: str = "cuda") -> None:
+        """`device` is cuda for any real plan; tests/test_trt_stand_in.py passes cpu with its stand-in TensorRT."""
         super().__init__(config, max_batch, max_seq_len, max_chunk)
-        if not torch.cuda.is_available():
-            raise NLDError("the TensorRT executor needs a CUDA GPU (use the ONNX Runtime executor on CPU)")
+        self._device = torch.device(device)
+        cuda = self._device.type == "cuda"
+        if cuda and not torch.cuda.is_available():
+            raise NLDError(CUDA_MISSING)
         from ..engine.trt_build import import_tensorrt
-        from nld_trt.plugins.trt import register_all
 
         trt = import_tensorrt()
-        register_all()
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-        self.engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        self.runtime = trt.Runtime(self._logger)
+        self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
         if self.engine is None:
-            raise NLDError(f"TensorRT could not deserialize {plan} (built with another TensorRT or GPU?)")
+            raise NLDError(f"TensorRT could not deserialize {plan}: plans are tied to the TensorRT version and GPU "
+                           "they were built with; rebuild it here (nld-trt build)")
+        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
+        self.outputs = [n for n in names if n not in inputs]
+        self.past = cache_names(config.num_hidden_layers)
+        self.present = {p: p.replace("past_", "present_", 1) for p in self.past}
+        want_in, want_out = set(INPUTS) | set(self.past), {"logits", *self.present.values()}
+        if inputs != want_in or not want_out <= set(self.outputs):
+            raise NLDError(f"{plan} is not a plan of this model's graph (inputs differ by "
+                           f"{sorted(inputs ^ want_in)}, outputs missing {sorted(want_out - set(self.outputs))})")
+        self.dtypes = {n: torch_dtype(self.engine.get_tensor_dtype(n)) for n in names}
+        wrong = [n for n in INPUTS if self.dtypes[n] != torch.int32] + [n for n in ("logits",)
+                                                                        if self.dtypes[n] != torch.float32]
+        if wrong:
+            raise NLDError(f"{plan} is not a plan of this nld-trt's graph: {wrong} have other types than "
+                           "the graph's (int32 indices, float32 logits)")
+        self.ranges = []
+        for p in range(self.engine.num_optimization_profiles):
+            bounds = {n: self.engine.get_tensor_profile_shape(n, p) for n in (*INPUTS, self.past[0])}
+            self.ranges.append({n: (tuple(lo), tuple(hi)) for n, (lo, _, hi) in bounds.items()})
+        shape = (max_batch + 1, config.num_key_value_heads, max_seq_len, config.head_dim)  # + the scratch slot
+        for r in self.ranges:
+            if not r[self.past[0]][0] == shape == r[self.past[0]][1]:
+                raise NLDError(f"{plan} was built for KV caches {r[self.past[0]][1]}, not {shape} "
+                               f"(max_batch {max_batch} + 1 scratch slot, max_seq_len {max_seq_len})")
         self.context = self.engine.create_execution_context()
-        self.stream = torch.cuda.Stream()
+        if self.context is None:
+            raise NLDError(f"TensorRT could not create an execution context for {plan} (out of GPU memory?)")
+        self.stream = torch.cuda.Stream() if cuda else None  # enqueueV3 on the default stream syncs extra
         self._has_lora = has_lora
-        shape = (max_batch + 1, config.num_key_value_heads, max_seq_len, config.head_dim)
-        self.layers = config.num_hidden_layers
-        # ping-pong caches: the graph reads past_* and writes present_*; swap after every pass
-        self.cache = [[torch.zeros(shape, dtype=dtype, device="cuda") for _ in range(2 * self.layers)] for _ in range(2)]
+        dtype = self.dtypes[self.past[0]]
+        # ping-pong caches: a pass reads past_* from one set and writes present_* into the other
+        self.cache = [{n: torch.zeros(shape, dtype=dtype, device=self._device) for n in self.past} for _ in range(2)]
         self.current = 0
+        self.profile: int | None = None
 
     @property
     def has_lora(self) -> bool:
@@ -46,30 +132,39 @@ class TensorRTExecutor(Executor):
 
     @property
     def device(self) -> torch.device:
-        return torch.device("cuda")
+        return self._device
 
     def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
-        b, t = tokens.shape
-        self.context.set_optimization_profile_async(0 if t <= self.max_chunk else 1, self.stream.cuda_stream)
-        positions = (torch.arange(t, device="cuda").expand(b, t) if all_logits else (chunk_lens - 1)[:, None])
-        feeds = {
-            "input_ids": tokens, "slots": slots, "committed": committed, "chunk_lens": chunk_lens,
-            "block": block, "lora": lora, "logit_positions": positions,
-        }
-        feeds = {k: v.to(device="cuda", dtype=torch.int32).contiguous() for k, v in feeds.items()}
+        feeds = input_feeds(slots, tokens, chunk_lens, block, lora, committed, all_logits)
+        profile = pick_profile(self.ranges, {n: tuple(v.shape) for n, v in feeds.items()})
+        stream = self.stream.cuda_stream if self.stream is not None else 0
+        if profile != self.profile:
+            if not self.context.set_optimization_profile_async(profile, stream):
+                raise NLDError(f"TensorRT could not switch to optimization profile {profile}")
+            self.profile = profile
         past, present = self.cache[self.current], self.cache[1 - self.current]
-        for i in range(self.layers):
-            feeds[f"past_key_{i}"], feeds[f"past_value_{i}"] = past[2 * i], past[2 * i + 1]
+        feeds.update(past)
         for name, tensor in feeds.items():
-            self.context.set_input_shape(name, tuple(tensor.shape))
+            if not self.context.set_input_shape(name, tuple(tensor.shape)):
+                raise NLDError(f"TensorRT rejected shape {tuple(tensor.shape)} for input {name} (profile {profile})")
             self.context.set_tensor_address(name, tensor.data_ptr())
-        logits = torch.empty((b, positions.shape[1], self.config.vocab_size), dtype=torch.float32, device="cuda")
-        self.context.set_tensor_address("logits", logits.data_ptr())
-        for i in range(self.layers):
-            self.context.set_tensor_address(f"present_key_{i}", present[2 * i].data_ptr())
-            self.context.set_tensor_address(f"present_value_{i}", present[2 * i + 1].data_ptr())
-        if not self.context.execute_async_v3(self.stream.cuda_stream):
-            raise NLDError("TensorRT execution failed")
-        self.stream.synchronize()
+        outputs = {}  # every output needs an address, also those the loops do not read (the on-GPU selections)
+        for name in self.outputs:
+            if name.startswith("present_"):
+                tensor = present[name.replace("present_", "past_", 1)]
+            else:
+                shape = tuple(self.context.get_tensor_shape(name))
+                if any(d < 0 for d in shape):
+                    raise NLDError(f"TensorRT could not infer the shape of output {name} ({shape})")
+                tensor = torch.empty(shape, dtype=self.dtypes[name], device=self._device)
+            self.context.set_tensor_address(name, tensor.data_ptr())
+            outputs[name] = tensor
+        if self.stream is not None:
+            self.stream.wait_stream(torch.cuda.current_stream())  # the inputs were written on the current stream
+        if not self.context.execute_async_v3(stream):
+            raise NLDError("TensorRT execution failed (see its log)")
+        if self.stream is not None:
+            self.stream.synchronize()
         self.current = 1 - self.current
+        logits = outputs["logits"]
         return logits if all_logits else logits[:, 0]
