@@ -19,17 +19,14 @@ from pathlib import Path
 
 import click
 
-QUESTIONS = [
-    "Tom has {a} apples and buys {b} more. How many apples does he have?",
-    "A pack holds {a} pens. Sara buys {b} packs. How many pens does she have?",
-    "Ann reads {a} pages a day for {b} days. How many pages does she read?",
-    "A shirt costs {a} dollars and a hat costs {b} dollars. What do both cost?",
-]
 MODES = ("ar", "dlm", "linear_spec")
 
 
-def prompts(n: int) -> list[str]:
-    return [QUESTIONS[i % len(QUESTIONS)].format(a=3 + i, b=4 + 2 * i) for i in range(n)]
+def prompts(n: int, tasks: str) -> list[str]:
+    """The first n questions of an evaluation set (what the embedded model was trained to answer)."""
+    from nld_trt.evaluate import load_task
+
+    return [p.question for p in load_task(tasks)[:n]]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -37,20 +34,16 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
 
 
-def model_dir(path: str | None, tmp: Path) -> tuple[Path, str]:
+def model_dir(path: str | None) -> tuple[Path, str]:
     from nld_trt.runtime import default_model_path
-    from nld_trt.tiny import make_tiny_checkpoint
 
-    if path:
-        return Path(path), path
-    if (default_model_path() / "config.json").is_file():
-        return default_model_path(), "embedded default model"
-    return make_tiny_checkpoint(tmp / "tiny", seed=0, std=0.15), "random tiny checkpoint (no embedded model yet)"
+    return (Path(path), path) if path else (default_model_path(), "embedded default model")
 
 
 @click.command()
 @click.option("--model", "model_path", default=None, help="checkpoint (default: the embedded model, else a random tiny one)")
-@click.option("--prompts", "n_prompts", type=int, default=8, show_default=True)
+@click.option("--tasks", default="gsm_synth", show_default=True, help="prompts: a built-in set or a JSONL file")
+@click.option("--prompts", "n_prompts", type=int, default=8, show_default=True, help="the first N questions")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
 @click.option("--concurrency", default="1,4,16", show_default=True)
@@ -59,7 +52,7 @@ def model_dir(path: str | None, tmp: Path) -> tuple[Path, str]:
 @click.option("--threads", type=int, default=1, show_default=True,
               help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
-def main(model_path, n_prompts, max_tokens, block_length, concurrency, n_requests, max_batch, threads,
+def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_requests, max_batch, threads,
          json_out) -> None:
     import torch
 
@@ -71,8 +64,8 @@ def main(model_path, n_prompts, max_tokens, block_length, concurrency, n_request
     levels = [int(c) for c in concurrency.split(",")]
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
-        path, what = model_dir(model_path, Path(tmp))
-        texts = prompts(n_prompts)
+        path, what = model_dir(model_path)
+        texts = prompts(n_prompts, tasks)
         nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024)
         block = block_length or nld.config.block_size
         print(f"model: {what} ({path}); {n_prompts} prompts, max_tokens {max_tokens}, block {block}", file=sys.stderr)
