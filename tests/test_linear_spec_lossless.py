@@ -45,7 +45,8 @@ def test_greedy_linear_spec_equals_ar_batch_1_and_4(model_and_ar, block_length, 
     assert [r.token_ids for r in batched] == ar
     for r in single:
         assert r.stats.nfe == 1 + 2 * len(r.stats.accepted_per_step)
-        assert sum(r.stats.accepted_per_step) >= r.stats.tokens - 1
+        # the first token comes from the prefill; each step counts only what it added to the output
+        assert sum(r.stats.accepted_per_step) == r.stats.tokens - 1
 
 
 def test_linear_spec_equals_ar_with_eos_and_lengths_not_multiple_of_block(tiny):

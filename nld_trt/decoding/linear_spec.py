@@ -67,7 +67,7 @@ class LinearSpecSequence(Sequence):
             forced = self.forced(m, before=self.out + accepted[: m - start])
             if forced is not None:
                 accepted = accepted[: m - start] + [forced]
-        self.stats.accepted_per_step.append(len(accepted))
-        self.append(accepted)
+        # what this step added to the output (tokens accepted past an EOS or max_new_tokens are not counted)
+        self.stats.accepted_per_step.append(self.append(accepted))
         self.t = accepted[-1]
         return len(accepted)

@@ -18,7 +18,8 @@ import click
 from ..errors import NLDError
 
 MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
-DEMO_PROMPT = "Tom has 3 apples and buys 4 more. How many apples does he have?"
+# A problem of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py).
+DEMO_PROMPT = "Sam runs 12 miles every day for 5 days. Then he runs 7 more miles. How many miles does Sam run in total?"
 
 
 def _err(message: str) -> None:
