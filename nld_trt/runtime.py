@@ -130,12 +130,14 @@ class NLD:
                 raise GenerationError(f"prompt token id {t!r} is outside the vocabulary [0, {self.config.vocab_size})")
         return ids
 
-    def check_fits(self, prompt_len: int, params: GenerationParams, remedy: str) -> None:
-        """Refuse a request whose prompt and generation would overrun a KV-cache slot (before it takes one)."""
+    def check_fits(self, prompt_len: int, params: GenerationParams, remedy: str,
+                   tokens_name: str = "max_new_tokens") -> None:
+        """Refuse a request whose prompt and generation would overrun a KV-cache slot (before it takes one);
+        `tokens_name` is what the caller calls max_new_tokens (serving: max_tokens)."""
         need = params.cache_positions(prompt_len)
         if need > self.executor.max_seq_len:
             raise GenerationError(
-                f"the prompt ({prompt_len} tokens) + max_new_tokens ({params.max_new_tokens})"
+                f"the prompt ({prompt_len} tokens) + {tokens_name} ({params.max_new_tokens})"
                 + (f" + block_length ({params.block_length})" if params.mode != "ar" else "")
                 + f" needs {need} KV-cache positions, more than the {self.executor.max_seq_len} available: {remedy}"
             )

@@ -11,6 +11,7 @@ import torch
 from ..config import NLDConfig
 from ..errors import NLDError
 from .base import Executor
+from .graph_io import cache_names, input_feeds
 
 
 class OnnxExecutor(Executor):
@@ -41,7 +42,7 @@ class OnnxExecutor(Executor):
         )
         self._has_lora = has_lora
         shape = (max_batch + 1, config.num_key_value_heads, max_seq_len, config.head_dim)  # + scratch slot
-        self.names = [f"past_{kv}_{i}" for i in range(config.num_hidden_layers) for kv in ("key", "value")]
+        self.names = cache_names(config.num_hidden_layers)
         self.cache = {n: np.zeros(shape, np.float32) for n in self.names}
 
     @property
@@ -49,21 +50,9 @@ class OnnxExecutor(Executor):
         return self._has_lora
 
     def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
-        b, t = tokens.shape
-        if all_logits:
-            positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-        else:
-            positions = (chunk_lens - 1).numpy().astype(np.int32)[:, None]
-        feeds = {
-            "input_ids": tokens.numpy().astype(np.int32),
-            "slots": slots.numpy().astype(np.int32),
-            "committed": committed.numpy().astype(np.int32),
-            "chunk_lens": chunk_lens.numpy().astype(np.int32),
-            "block": block.numpy().astype(np.int32),
-            "lora": lora.numpy().astype(np.int32),
-            "logit_positions": np.ascontiguousarray(positions),
-            **self.cache,
-        }
+        feeds = {k: v.numpy() for k, v in input_feeds(slots, tokens, chunk_lens, block, lora, committed,
+                                                      all_logits).items()}
+        feeds.update(self.cache)
         logits, *present = self.session.run(["logits", *(n.replace("past", "present") for n in self.names)], feeds)
         self.cache = dict(zip(self.names, present))
         out = torch.from_numpy(logits)

@@ -2,9 +2,9 @@
 
 Thin and standard (deserialize, pick the optimization profile that holds the pass's shapes, bind torch CUDA
 tensors by name, execute_async_v3). It feeds the graph exactly what the ONNX Runtime executor feeds it
-(`input_feeds`). The graph writes each pass's K/V into present_* copies of the past_* caches; TensorRT does
-not allow an output to share memory with an input, so two cache sets alternate (ping-pong). The nld::
-plugins are AOT plugins: their kernels are inside the plan, so nothing is registered at run time.
+(`graph_io.input_feeds`). The graph writes each pass's K/V into present_* copies of the past_* caches;
+TensorRT does not allow an output to share memory with an input, so two cache sets alternate (ping-pong).
+The nld:: plugins are AOT plugins: their kernels are inside the plan, so nothing is registered at run time.
 
 It needs TensorRT >= 10.9 and a GPU, neither of which our CI machines have: this file has run only against
 the stand-in `tensorrt` of tests/test_trt_stand_in.py (README, "What has run where").
@@ -19,8 +19,8 @@ import torch
 from ..config import NLDConfig
 from ..errors import NLDError
 from .base import Executor
+from .graph_io import INPUTS, cache_names, input_feeds
 
-INPUTS = ("input_ids", "slots", "committed", "chunk_lens", "block", "lora", "logit_positions")
 # tensorrt.DataType member names -> torch dtypes (matched by name, so this runs without TensorRT)
 TORCH_DTYPES = {
     "FLOAT": torch.float32, "HALF": torch.float16, "BF16": torch.bfloat16, "FP8": torch.float8_e4m3fn,
@@ -39,23 +39,6 @@ def torch_dtype(trt_dtype) -> torch.dtype:
         return TORCH_DTYPES[name]
     except KeyError:
         raise NLDError(f"the plan has a tensor of TensorRT type {name}, which has no torch dtype") from None
-
-
-def cache_names(num_layers: int) -> list[str]:
-    return [f"past_{kv}_{i}" for i in range(num_layers) for kv in ("key", "value")]
-
-
-def input_feeds(slots, tokens, chunk_lens, block, lora, committed, all_logits) -> dict[str, torch.Tensor]:
-    """The graph's non-cache inputs for one `_forward` call, as OnnxExecutor feeds them: int32, contiguous,
-    on the tokens' device; logit_positions [B, T] (every position) or [B, 1] (each chunk's last one)."""
-    b, t = tokens.shape
-    if all_logits:
-        positions = torch.arange(t, device=tokens.device).expand(b, t)
-    else:
-        positions = (chunk_lens - 1)[:, None]
-    feeds = {"input_ids": tokens, "slots": slots, "committed": committed, "chunk_lens": chunk_lens,
-             "block": block, "lora": lora, "logit_positions": positions}
-    return {k: v.to(device=tokens.device, dtype=torch.int32).contiguous() for k, v in feeds.items()}
 
 
 def pick_profile(ranges: list[dict[str, tuple[tuple, tuple]]], shapes: dict[str, tuple]) -> int:

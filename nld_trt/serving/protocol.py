@@ -193,5 +193,5 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     if stream and not limits.streaming:
         raise GenerationError("stream=true needs the decoupled model `nld` (gRPC stream or HTTP generate_stream)")
     ids = prompt_ids(nld, fields)
-    nld.check_fits(len(ids), params, "this deployment's limit; shorten the prompt or lower max_tokens")
+    nld.check_fits(len(ids), params, "this deployment's limit; shorten the prompt or lower max_tokens", "max_tokens")
     return Prepared(ids, params, stream)
