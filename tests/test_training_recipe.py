@@ -156,6 +156,7 @@ def test_tiny_recipe_writes_a_loadable_checkpoint(tmp_path):
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "[joint] step" in proc.stdout and "[lora] step" in proc.stdout
+    assert proc.stdout.count("2 workers in sync") == 2  # data parallel by default; weights agree after each phase
     for name in ("config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja",
                  "linear_spec_lora/adapter_config.json", "linear_spec_lora/adapter_model.safetensors"):
         assert (out / name).is_file(), name

@@ -167,14 +167,14 @@ class Losses:
     dlm: float
 
 
-def joint_loss(model: NLDModel, batch: JointBatch, ar_weight: float = 1.0) -> Losses:
-    """AR cross-entropy on the clean copy + masked-token cross-entropy (weighted 1 / mask ratio) on the
-    noisy copy, from one forward pass."""
+def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0) -> Losses:
+    """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
+    ratio) on the noisy copy, from one forward pass."""
     logits = model.logits(model(batch.tokens, batch.positions, batch.mask)).float()
     ar = F.cross_entropy(logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
-    return Losses(ar_weight * ar + dlm, ar.item(), dlm.item())
+    return Losses(ar + dlm_weight * dlm, ar.item(), dlm.item())
 
 
 class PositionalLoRA(LoRA):
