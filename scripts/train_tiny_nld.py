@@ -216,12 +216,13 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
         step += 1
         for k, v in logged.items():
             running[k] = running.get(k, 0.0) + v
-        if step % log_every == 0 and is_main():
-            means = {k: round(v / log_every, 4) for k, v in running.items()}
-            elapsed = time.perf_counter() - start
-            log.append({"phase": name, "step": step, "elapsed_s": round(elapsed, 1), "lr": round(lr, 6), **means})
-            print(f"[{name}] step {step:5d}  {elapsed:7.1f}s  lr {lr:.2e}  "
-                  + "  ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
+        if step % log_every == 0:
+            if is_main():
+                means = {k: round(v / log_every, 4) for k, v in running.items()}
+                elapsed = time.perf_counter() - start
+                log.append({"phase": name, "step": step, "elapsed_s": round(elapsed, 1), "lr": round(lr, 6), **means})
+                print(f"[{name}] step {step:5d}  {elapsed:7.1f}s  lr {lr:.2e}  "
+                      + "  ".join(f"{k} {v:.4f}" for k, v in means.items()), flush=True)
             running = {}
     if dist.is_initialized():
         check_in_sync(params, name)
@@ -234,14 +235,13 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     recipe = "scripts/train_tiny_nld.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    torch.set_num_threads(args.threads)
     t0 = time.monotonic()  # system-wide, so every worker measures the same budget
 
     eval_questions = {p.question for p in data.evaluation_set()}
     corpus = itertools.islice(data.generate(args.seed + 1, eval_questions), TOKENIZER_SAMPLES)
     # questions and solutions as separate texts: both start right after a special token, without a space
     tokenizer = train_tokenizer([text for p in corpus for text in (p.question, p.answer)], args.vocab)
-    job = (args, recipe, tokenizer.to_str(), t0)
+    job = (args, recipe, tokenizer.to_str(), eval_questions, t0)
     if args.workers == 1:
         train_worker(0, *job)
         return 0
@@ -250,8 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_json: str, t0: float,
-                 rendezvous: Path | None = None) -> None:
+def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_json: str, eval_questions: set[str],
+                 t0: float, rendezvous: Path | None = None) -> None:
     """One data-parallel worker: the same initial weights everywhere, its own slice of the data stream;
     worker 0 writes the checkpoint."""
     from tokenizers import Tokenizer
@@ -264,7 +264,6 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     budget = args.time_budget * 60
     per_worker = args.batch_size // args.workers
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    eval_questions = {p.question for p in data.evaluation_set()}
     config = model_config(args, tokenizer.get_vocab_size())
     files = tokenizer_files(tokenizer)
     if is_main():
@@ -312,28 +311,26 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
                        [t for ab in layers.values() for t in ab], args.lora_lr, args.log_every, wd=0.0,
                        bf16=args.precision == "bf16")
 
-    if not is_main():
-        dist.destroy_process_group()
-        return
-    tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
-                        for i, (a, b_) in layers.items()}, r, alpha)
-    out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
-    check_prompt_format(tokenizer, out)
-    summary = {
-        "recipe": recipe,
-        "args": vars(args),
-        "config": config.to_dict(),
-        "parameters": config.num_parameters(),
-        "tokenizer_vocab": tokenizer.get_vocab_size(),
-        "wall_s": round(time.monotonic() - t0, 1),
-        "final": {k: v for k, v in (log[-1] if log else {}).items()},
-        "final_joint": next((e for e in reversed(log) if e["phase"] == "joint"), None),
-        "mask_schedule": asdict(joint_schedule),
-        "log": log,
-    }
-    (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-    print(f"wrote {out} in {summary['wall_s']:.0f}s", flush=True)
+    if is_main():
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
+                            for i, (a, b_) in layers.items()}, r, alpha)
+        out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
+        check_prompt_format(tokenizer, out)
+        summary = {
+            "recipe": recipe,
+            "args": vars(args),
+            "config": config.to_dict(),
+            "parameters": config.num_parameters(),
+            "tokenizer_vocab": tokenizer.get_vocab_size(),
+            "wall_s": round(time.monotonic() - t0, 1),
+            "final": {k: v for k, v in (log[-1] if log else {}).items()},
+            "final_joint": next((e for e in reversed(log) if e["phase"] == "joint"), None),
+            "mask_schedule": asdict(joint_schedule),
+            "log": log,
+        }
+        (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        print(f"wrote {out} in {summary['wall_s']:.0f}s", flush=True)
     if dist.is_initialized():
         dist.destroy_process_group()
 
