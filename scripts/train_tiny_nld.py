@@ -332,6 +332,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         (out / "training_summary.json").write_text(json.dumps(summary, indent=1) + "\n")
         print(f"wrote {out} in {summary['wall_s']:.0f}s", flush=True)
     if dist.is_initialized():
+        dist.barrier()  # every worker leaves together: none tears down the group while another still uses it
         dist.destroy_process_group()
 
 
