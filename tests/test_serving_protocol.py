@@ -26,11 +26,11 @@ def fields(**kw):
 
 @pytest.mark.parametrize("request_fields, message", [
     (dict(text_input="hi", mode="foo"), "unknown mode 'foo'"),
-    (dict(text_input="hi", max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(text_input="hi", max_tokens=0), r"max_tokens must be an integer in \[1, 2147483647\], got 0"),
     (dict(text_input="hi", max_tokens=65), "over this deployment's cap of 64"),
     (dict(text_input="hi", block_length=0), "block_length must be an integer"),
     (dict(text_input="hi", block_length=4096), "block_length must be an integer"),
-    (dict(text_input="hi", threshold=1.5), r"threshold must be in \[0, 1\]"),
+    (dict(text_input="hi", threshold=1.5), r"threshold must be a number in \[0, 1\], got 1.5"),
     (dict(max_tokens=4), "missing text_input"),
     (dict(text_input=b"ok \xff\xfe"), r"not valid UTF-8 \(byte 0xff at position 3\)"),
     (dict(text_input="hi " * 600), "needs .* KV-cache positions, more than the 512"),
