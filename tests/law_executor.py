@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import random
+import zlib
 
 import torch
 
@@ -24,7 +25,7 @@ CONFIG = NLDConfig(vocab_size=V, hidden_size=8, intermediate_size=8, num_hidden_
 
 
 def _vector(*key) -> torch.Tensor:
-    rng = random.Random(hash(key) & 0xFFFFFFFF)
+    rng = random.Random(zlib.crc32(repr(key).encode()))  # not hash(): str hashes change per process
     row = torch.tensor([rng.gauss(0.0, 1.4) for _ in range(V)])
     row[MASK] = float("-inf")
     return row

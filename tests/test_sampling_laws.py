@@ -52,7 +52,7 @@ FILTERS = [dict(top_k=2), dict(top_p=0.6), dict(min_p=0.3)]
 def test_ar_samples_the_filtered_law(filters):
     samples = first_tokens("ar", 2, **filters)
     law = ar_law(PROMPT, 2, **filters)
-    assert len(law) < (V - 1) ** 2  # the filter removes something
+    assert 3 <= len(law) < (V - 1) ** 2  # the filter removes something, and leaves something to test
     assert chi_square_p(samples, law) > 1e-3
 
 

@@ -10,17 +10,22 @@ import pytest
 
 from nld_trt.errors import GenerationError
 from nld_trt.serving.backend import Scheduler, Update
-from nld_trt.serving.protocol import Limits, gather, prepare
+from nld_trt.serving.protocol import INPUT_TYPES, Limits, gather, prepare
 
 LIMITS = Limits(max_tokens_cap=64, default_max_tokens=16, streaming=True)
 
 
+NUMPY = {"TYPE_STRING": np.object_, "TYPE_BOOL": np.bool_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+         "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
 def fields(**kw):
-    """Inputs as the Triton backend hands them over: [1, 1] arrays."""
+    """Inputs as the Triton backend hands them over: [1, 1] arrays of the declared type ([1, N] for lists)."""
     arrays = {}
     for k, v in kw.items():
-        dtype = {str: np.object_, bytes: np.object_, bool: np.bool_, int: np.int32, float: np.float32}[type(v)]
-        arrays[k] = np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtype)
+        items = v if isinstance(v, list) else [v]
+        items = [x.encode() if isinstance(x, str) else x for x in items]
+        arrays[k] = np.array([items], dtype=NUMPY[INPUT_TYPES[k].dtype])
     return gather(arrays, None)
 
 
@@ -61,7 +66,7 @@ def test_fields_map_to_generation_params(tiny):
     assert p.prompt_ids == tiny.encode("hi") and not p.stream
     # request parameters fill gaps, input tensors win, random_seed is TensorRT-LLM's name for seed
     g = gather({"mode": np.array([[b"ar"]], dtype=np.object_), "random_seed": np.array([[7]], dtype=np.uint64)},
-               '{"mode": "dlm", "max_tokens": 3, "text_input": "hi", "unrelated": 1}')
+               '{"mode": "dlm", "max_tokens": 3, "text_input": "hi"}')
     assert g == {"mode": b"ar", "max_tokens": 3, "text_input": "hi", "seed": 7}
     raw = prepare(tiny, fields(text_input="hi", chat=False), LIMITS)
     assert raw.prompt_ids == tiny.encode("hi", chat=False) != p.prompt_ids
