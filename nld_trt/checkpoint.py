@@ -2,12 +2,15 @@
 
 Only safetensors are read, never pickles, and no checkpoint code runs. Every tensor is checked against the
 shapes `NLDConfig.expected_shapes()` derives from config.json, so a wrong or damaged file fails here with
-the tensor's name instead of deep inside a matmul.
+the tensor's name instead of deep inside a matmul. `check_model_dir` is the one check every command runs on
+its model directory before any work, so a directory that cannot be served is refused by `nld-trt package`,
+not by the server that loads it later.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,25 @@ from .errors import CheckpointError
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LORA_DIR = "linear_spec_lora"
 LORA_PREFIX = "base_model.model.encoder.layers."
+ENGINE_FILE = "engine.json"  # what marks an `nld-trt build` output: a graph or plan instead of weights
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Run by the user, in an environment they trust: nld-trt itself never unpickles. weights_only=True keeps
+# torch's unpickler to tensors; every matching file (shards too) goes into one safetensors file.
+CONVERT = ("import glob, os, sys, torch; from safetensors.torch import save_file; d, pattern, out = sys.argv[1:]; "
+           "sd = {}; [sd.update((k, v.clone().contiguous()) for k, v in torch.load(f, weights_only=True).items()) "
+           "for f in sorted(glob.glob(os.path.join(glob.escape(d), pattern)))]; "
+           'save_file(sd, os.path.join(d, out), metadata={"format": "pt"})')
+
+
+def pickle_refusal(directory: Path, pickles: list[str], pattern: str, out: str) -> CheckpointError:
+    """Why pickled weights are refused, and the one command that converts them into `out`."""
+    command = f"python -c {shlex.quote(CONVERT)} {shlex.quote(str(directory))} {shlex.quote(pattern)} {out}"
+    return CheckpointError(
+        f"{directory} holds pickled weights ({', '.join(pickles)}) and no {out}: nld-trt never unpickles (loading "
+        f"a pickle can run code shipped with it). Convert them to safetensors in an environment you trust, then "
+        f"retry: `{command}`"
+    )
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -38,10 +60,12 @@ def weight_files(directory: Path) -> dict[str, Path]:
     single = directory / "model.safetensors"
     if not single.is_file():
         found = sorted(p.name for p in directory.glob("*.safetensors"))
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles and not found:
+            transformers = any(p.startswith("pytorch_model") and p.endswith(".bin") for p in pickles)
+            pattern = "pytorch_model*.bin" if transformers else f"*{Path(pickles[0]).suffix}"
+            raise pickle_refusal(directory, pickles, pattern, "model.safetensors")
         hint = f" (found {', '.join(found)}, but no model.safetensors.index.json)" if found else ""
-        bins = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        if bins and not found:
-            hint = f" (found {', '.join(bins)}: pickled weights are never loaded; convert them to safetensors)"
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
     return weight_files_single(single)
 
@@ -89,14 +113,20 @@ def check_names(where: str, expected: set[str], found: set[str], missing_hint: s
             raise CheckpointError(f"{where}: {what} tensors {', '.join(names[:5])}{more} ({hint})")
 
 
+def backbone_files(directory: Path, config: NLDConfig) -> dict[str, Path]:
+    """Tensor name -> file of an unquantized checkpoint, its names checked against the configuration."""
+    files = weight_files(directory)
+    check_names(str(directory), set(config.expected_shapes()), set(files),
+                missing_hint="is this an NLD checkpoint, and does config.json match it?",
+                unexpected_hint="does num_hidden_layers in config.json match the weights?")
+    return files
+
+
 def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Tensor]:
     """Every backbone and head tensor of the checkpoint, validated against the configuration."""
     directory = Path(directory)
-    files = weight_files(directory)
+    files = backbone_files(directory, config)
     expected = config.expected_shapes()
-    check_names(str(directory), set(expected), set(files),
-                missing_hint="is this an NLD checkpoint, and does config.json match it?",
-                unexpected_hint="does num_hidden_layers in config.json match the weights?")
     tensors = read_tensors(files, list(expected))
     for name, shape in expected.items():
         check_tensor(name, tensors[name], shape, str(directory))
@@ -123,6 +153,8 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         return None
     where = str(root)
     cfg_path, weights_path = root / "adapter_config.json", root / "adapter_model.safetensors"
+    if not weights_path.is_file() and (root / "adapter_model.bin").is_file():
+        raise pickle_refusal(root, ["adapter_model.bin"], "adapter_model.bin", weights_path.name)
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{where}: {p.name} is missing (a PEFT adapter needs both files)")
@@ -165,6 +197,29 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
             if which not in ab:
                 raise CheckpointError(f"{where}: layer {i} has no {which} tensor")
     return LoRAAdapter({i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}, rank, alpha)
+
+
+def check_model_dir(directory: str | Path, lora: bool = True) -> NLDConfig:
+    """The check every command runs on its model directory (`--model`, build's `--checkpoint`, `package`)
+    before any work: it exists, config.json and the tokenizer are valid, the weights are safetensors whose
+    headers hold the tensors config.json needs (an `nld-trt build` output holds a graph instead), and, with
+    `lora`, a `linear_spec_lora/` adapter is valid. Reads file headers and the small adapter, not the weights."""
+    from .tokenizer import NLDTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    config = NLDConfig.from_file(directory)
+    NLDTokenizer(directory)
+    if (directory / ENGINE_FILE).is_file():
+        return config
+    if config.quantization_config is None:
+        backbone_files(directory, config)
+    else:  # a ModelOpt export: its tensor names depend on the recipe, checked when nld_trt.quant loads it
+        weight_files(directory)
+    if lora:
+        load_lora(directory, config)
+    return config
 
 
 def weight_files_single(path: Path) -> dict[str, Path]:

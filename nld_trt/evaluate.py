@@ -239,8 +239,11 @@ def evaluate(
 def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, batch_size, max_new_tokens,
                  question_field, answer_field, device, dtype, as_json, output) -> None:
     """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
-    from .runtime import load
+    from .checkpoint import check_model_dir
+    from .runtime import default_model_path, load
 
+    model_dir = default_model_path() if model_dir is None else Path(model_dir)
+    check_model_dir(model_dir, lora=lora)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise NLDError("--tasks names no task")
