@@ -222,7 +222,8 @@ def evaluate(
 @click.command("eval")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="checkpoint directory (default: the embedded tiny NLD model)")
-@click.option("--tasks", required=True, help="comma-separated: built-in set names (gsm_synth) or JSONL paths")
+@click.option("--tasks", default="gsm_synth", show_default=True,
+              help="comma-separated: built-in set names (gsm_synth, the embedded model's held-out set) or JSONL paths")
 @click.option("--mode", default="ar", show_default=True, type=click.Choice(["ar", "dlm", "linear_spec"]))
 @click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="only the first N problems of each task")
