@@ -10,8 +10,10 @@ not by the server that loads it later.
 from __future__ import annotations
 
 import json
+import math
+import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -89,10 +91,10 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str, source: str = "config.json") -> None:
     if tuple(t.shape) != tuple(shape):
         raise CheckpointError(
-            f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} from config.json"
+            f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} from {source}"
         )
     if t.dtype not in SUPPORTED_DTYPES:
         raise CheckpointError(
@@ -133,17 +135,121 @@ def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Te
     return tensors
 
 
+# The PEFT adapter ---------------------------------------------------------------------------------
+# adapter_config.json fields by what they do to the forward. Applied exactly: r, lora_alpha, use_rslora,
+# rank_pattern, alpha_pattern, target_modules (o_proj only), layers_to_transform (which layers have tensors).
+INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+         "inference_mode", "lora_dropout",  # dropout is off at inference
+         "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+         "runtime_config", "ensure_weight_tying"}  # initialisation or placement only
+MUST_BE_DEFAULT = {"fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False, "use_qalora": False,
+                   "modules_to_save": None, "exclude_modules": None, "layers_pattern": None, "layer_replication": None,
+                   "alora_invocation_tokens": None, "trainable_token_indices": None, "target_parameters": None,
+                   "megatron_config": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+                   "velora_config": None, "monteclora_config": None}
+APPLIED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "layers_to_transform",
+           "init_lora_weights"}
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others (pissa, olora, corda, loftq...) change W
+
+
+def module_key(layer: int) -> str:
+    """The o_proj's module name in the base model, as PEFT matches rank_pattern / alpha_pattern keys."""
+    return f"{LORA_PREFIX.removeprefix('base_model.model.')}{layer}.self_attn.o_proj"
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's rule: the first pattern (a regex) matching the end of the key after a dot, else the default."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
 @dataclass
 class LoRAAdapter:
-    """The linear_spec draft adapter: per layer (A [r, in], B [out, r]) and the scale alpha / r."""
+    """The linear_spec draft adapter: per layer (A [r_i, in], B [out, r_i]), scaled as PEFT scales it."""
 
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
     rank: int
     alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def layer_rank(self, layer: int) -> int:
+        return pattern_value(self.rank_pattern, module_key(layer), self.rank)
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def scale(self) -> dict[int, float]:
+        """Per layer: alpha / r, or alpha / sqrt(r) with rsLoRA, with that layer's rank and alpha."""
+        scales = {}
+        for i in self.layers:
+            r, alpha = self.layer_rank(i), pattern_value(self.alpha_pattern, module_key(i), self.alpha)
+            scales[i] = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return scales
+
+
+def _empty(value) -> bool:
+    return value is None or value is False or value in ("", [], {})
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, refusing any option that would make PEFT's forward differ from ours."""
+    try:
+        acfg = json.loads(path.read_text())
+        rank, alpha = acfg["r"], acfg.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid adapter config ({e!r})") from None
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {acfg['peft_type']!r}; the draft adapter must be a LORA adapter")
+    for name, default in MUST_BE_DEFAULT.items():
+        value = acfg.get(name, default)
+        if value != default and not (default is None and _empty(value)):
+            raise CheckpointError(f"{path}: {name} is {value!r}, which changes the adapter's forward in a way "
+                                  f"nld-trt does not implement (supported: {default!r})")
+    for name, value in acfg.items():
+        if name not in INERT | APPLIED | set(MUST_BE_DEFAULT) and not _empty(value):
+            raise CheckpointError(f"{path}: unknown option {name} = {value!r}; nld-trt applies only what it "
+                                  "understands, and refuses an adapter it might apply differently from PEFT")
+    init = acfg.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise CheckpointError(f"{path}: init_lora_weights is {init!r}: such an adapter is meant for modified base "
+                              "weights; convert it to a plain LoRA first (peft's path_initial_model_for_weight_conversion)")
+
+    def positive_int(name, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{path}: {name} must be a positive integer, found {v!r}")
+        return v
+
+    def number(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: {name} must be a number, found {v!r}")
+        return float(v)
+
+    def patterns(name, check):
+        value = acfg.get(name) or {}
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {name} must map module-name patterns to values, found {value!r}")
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise CheckpointError(f"{path}: {name} key {key!r} is not a valid regular expression ({e})") from None
+        return {key: check(f"{name}[{key!r}]", v) for key, v in value.items()}
+
+    targets = acfg.get("target_modules", ["o_proj"])
+    if targets not in ("o_proj", ["o_proj"]):
+        raise CheckpointError(f"{path}: target_modules is {targets}; the NLD draft adapter targets only o_proj")
+    use_rslora = acfg.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise CheckpointError(f"{path}: use_rslora must be true or false, found {use_rslora!r}")
+    layers = acfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise CheckpointError(f"{path}: layers_to_transform must be a layer index or a list of them, found {layers!r}")
+    return {"rank": positive_int("r", rank), "alpha": number("lora_alpha", alpha), "use_rslora": use_rslora,
+            "rank_pattern": patterns("rank_pattern", positive_int), "alpha_pattern": patterns("alpha_pattern", number),
+            "layers_to_transform": layers}
 
 
 def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
@@ -158,18 +264,9 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{where}: {p.name} is missing (a PEFT adapter needs both files)")
-    try:
-        acfg = json.loads(cfg_path.read_text())
-        rank, alpha = int(acfg["r"]), float(acfg.get("lora_alpha", acfg["r"]))
-        targets = acfg.get("target_modules", ["o_proj"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e!r})") from None
-    if rank < 1:
-        raise CheckpointError(f"{cfg_path}: r must be >= 1, found {rank}")
-    if isinstance(targets, str):
-        targets = [targets]
-    if list(targets) != ["o_proj"]:
-        raise CheckpointError(f"{cfg_path}: target_modules is {targets}; the NLD draft adapter targets only o_proj")
+    acfg = read_adapter_config(cfg_path)
+    only = acfg.pop("layers_to_transform")
+    adapter = LoRAAdapter({}, **acfg)
     files = weight_files_single(weights_path)
     q = config.num_attention_heads * config.head_dim
     layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -187,8 +284,11 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         ):
             raise CheckpointError(f"{where}: unexpected adapter tensor {name}")
         i, which = int(parts[0]), parts[3]
-        shape = (rank, q) if which == "lora_A" else (config.hidden_size, rank)
-        check_tensor(name, t, shape, where)
+        if only is not None and i not in only:
+            raise CheckpointError(f"{cfg_path}: layers_to_transform is {only}, but the adapter holds layer {i}")
+        r = adapter.layer_rank(i)
+        shape = (r, q) if which == "lora_A" else (config.hidden_size, r)
+        check_tensor(name, t, shape, where, source=f"{cfg_path.name} (r = {r} for {module_key(i)}) and config.json")
         layers.setdefault(i, {})[which] = t
     if not layers:
         raise CheckpointError(f"{where}: the adapter holds no o_proj LoRA tensors")
@@ -196,7 +296,8 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         for which in ("lora_A", "lora_B"):
             if which not in ab:
                 raise CheckpointError(f"{where}: layer {i} has no {which} tensor")
-    return LoRAAdapter({i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}, rank, alpha)
+    adapter.layers = {i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}
+    return adapter
 
 
 def check_model_dir(directory: str | Path, lora: bool = True) -> NLDConfig:
@@ -287,6 +388,9 @@ def save_lora(directory: Path, lora: LoRAAdapter, config: NLDConfig) -> None:
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
+        "use_rslora": lora.use_rslora,
+        "rank_pattern": lora.rank_pattern,
+        "alpha_pattern": lora.alpha_pattern,
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": ["o_proj"],
