@@ -56,9 +56,14 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
              min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, max_thinking_tokens, end_think_token,
              think, raw, as_json, device, dtype) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
-    from .runtime import load
+    from pathlib import Path
 
-    model = load(model_dir, device=device, dtype=dtype, max_batch=1, lora=lora)
+    from .checkpoint import check_model_dir
+    from .runtime import default_model_path, load
+
+    path = default_model_path() if model_dir is None else Path(model_dir)
+    check_model_dir(path, lora=lora)
+    model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora)
     end_think_id = None
     if max_thinking_tokens is not None:
         end_think_id = model.tokenizer.token_id(end_think_token)
@@ -130,13 +135,12 @@ def _print_logprobs(console, tokenizer, logprobs) -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def info(model_dir, as_json) -> None:
     """Print a checkpoint's parsed configuration and parameter count."""
-    from .checkpoint import load_lora
-    from .config import NLDConfig
+    from .checkpoint import check_model_dir, load_lora
     from .runtime import default_model_path
     from .tokenizer import NLDTokenizer
 
     path = default_model_path() if model_dir is None else model_dir
-    config = NLDConfig.from_file(path)
+    config = check_model_dir(path)
     tokenizer = NLDTokenizer(path)
     lora = load_lora(path, config)
     data = {

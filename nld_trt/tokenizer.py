@@ -69,16 +69,31 @@ class NLDTokenizer:
                 "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json): "
                 "pass the prompt raw (--raw / chat=False)"
             )
+        from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
         from transformers.utils.chat_template_utils import render_jinja_template
 
         specials = {k: self.special_token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        rendered, _ = render_jinja_template(
-            conversations=[messages],
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in specials.items() if v is not None},
-            **kwargs,
-        )
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in specials.items() if v is not None},
+                **kwargs,
+            )
+        except SecurityError as e:  # the sandbox stopped it before the forbidden access: nothing ran
+            raise CheckpointError(
+                f"the checkpoint's chat template tried something the Jinja sandbox forbids (SecurityError: {str(e).rstrip('.')}); "
+                "nothing ran. Use a trusted chat template, or pass the prompt raw (--raw / chat=False)"
+            ) from None
+        except TemplateSyntaxError as e:
+            raise CheckpointError(f"the checkpoint's chat template is not valid Jinja (line {e.lineno}: {e.message}); "
+                                  "fix chat_template.jinja or pass the prompt raw (--raw / chat=False)") from None
+        except TemplateError as e:  # raise_exception(...) in the template, or an undefined value it needs
+            raise GenerationError(f"the chat template refused this conversation: {e}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:  # a template bug
+            raise CheckpointError(f"the checkpoint's chat template failed ({type(e).__name__}: {e}); fix "
+                                  "chat_template.jinja or pass the prompt raw (--raw / chat=False)") from None
         return rendered[0]
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -227,6 +228,8 @@ def test_serve_refuses_a_tampered_artifact_then_stops_cleanly(repo, tmp_path):
 
         status, error = load("nld")
         assert status == 400 and "artifact model.safetensors is truncated" in error and "nld-trt package" in error
+        # the backend stub appends the frames of the exception leaving initialize: none below it
+        assert re.findall(r"\.py\(\d+\): (\w+)", error) == ["initialize"], error
         weights.write_bytes(good)
         assert load("nld") == (200, "")
         assert http_generate(f"127.0.0.1:{ports[0]}", model="nld", text_input="hi", max_tokens=2).stats["tokens"] == 2

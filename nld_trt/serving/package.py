@@ -15,10 +15,10 @@ import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..checkpoint import check_model_dir
 from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
-from ..tokenizer import NLDTokenizer
 from .manifest import write_manifest
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
@@ -109,12 +109,8 @@ def render_config(name: str, decoupled: bool, manifest: str, options: ServingOpt
 
 
 def check_checkpoint(model_dir: Path) -> NLDConfig:
-    """Fail at packaging time, not at load time, on a directory that is not a usable checkpoint."""
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model directory {model_dir} does not exist")
-    config = NLDConfig.from_file(model_dir)
-    NLDTokenizer(model_dir)
-    return config
+    """Fail at packaging time, not at load time, on a directory that is not a usable checkpoint (or engine)."""
+    return check_model_dir(model_dir)
 
 
 def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:

@@ -116,6 +116,16 @@ class TritonSink:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        """Load the model; a bad repository fails the load with our message. The backend stub appends the
+        frames of the exception that leaves `initialize` ("At: file(line): function", pybind11's
+        error_already_set), so the error is raised afresh here: the frames below (manifest.py, the loaders)
+        stay out of Triton's load error, only this entry point remains."""
+        try:
+            self._load(args)
+        except NLDError as e:
+            raise type(e)(str(e)) from None
+
+    def _load(self, args: dict[str, str]) -> None:
         if not log.handlers:
             log.addHandler(TritonLogHandler())
             log.setLevel(logging.INFO)
