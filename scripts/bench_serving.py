@@ -3,7 +3,9 @@
 
 1. Per mode, the same prompts one at a time in-process (`NLD.generate`) and through the server (gRPC
    stream to `nld`, and unary gRPC to `nld_sync`): mean latency of each, the ratios, whether tokens agree.
-2. Per mode and concurrency (default 1, 4, 16), streaming: requests/s, generated tokens/s, p50/p99 latency.
+2. Per mode and concurrency (default 1, 4, 16), streaming: requests/s, generated tokens/s, p50/p99 latency,
+   served and in-process through the same continuous-batching scheduler without Triton (so the ratio shows
+   what Triton and its IPC cost, and the in-process figure what the decoding itself can do at that load).
 One run each, on whatever machine this is: compare numbers from the same run only.
 """
 
@@ -32,6 +34,59 @@ def prompts(n: int, tasks: str) -> list[str]:
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]
+
+
+def scheduler_load(nld, texts: list[str], mode: str, max_tokens: int, block: int, concurrency: int,
+                   n_requests: int) -> dict[str, float]:
+    """`concurrency` clients in this process keep the serving scheduler busy (no Triton): tokens/s, p50 ms."""
+    import threading
+
+    import numpy as np
+
+    from nld_trt.serving.backend import Scheduler, Update
+    from nld_trt.serving.protocol import Limits, gather, prepare
+
+    class Done:
+        def __init__(self) -> None:
+            self.event, self.tokens = threading.Event(), 0
+
+        def send(self, u: Update) -> bool:
+            if u.final:
+                self.tokens = u.num_tokens
+                self.event.set()
+            return True
+
+        def error(self, message: str) -> None:
+            raise RuntimeError(message)
+
+        def cancelled(self) -> bool:
+            return False
+
+        def close_cancelled(self) -> None:
+            self.event.set()
+
+    limits = Limits(max_tokens, max_tokens, streaming=True)
+    scheduler = Scheduler(nld)
+
+    def one(text: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        fields = gather({"text_input": np.array([[text.encode()]], dtype=object)},
+                        {"mode": mode, "max_tokens": max_tokens, "block_length": block, "stream": True})
+        sink = Done()
+        scheduler.submit(prepare(nld, fields, limits), sink)
+        sink.event.wait()
+        return time.perf_counter() - start, sink.tokens
+
+    try:
+        one(texts[0])
+        jobs = [texts[i % len(texts)] for i in range(max(n_requests, concurrency))]
+        start = time.perf_counter()
+        with ThreadPoolExecutor(concurrency) as pool:
+            done = list(pool.map(one, jobs))
+        wall = time.perf_counter() - start
+    finally:
+        scheduler.stop()
+    return {"tokens_per_s": sum(d[1] for d in done) / wall, "p50_ms": 1e3 * percentile([d[0] for d in done], 50)}
 
 
 def model_dir(path: str | None) -> tuple[Path, str]:
@@ -70,18 +125,6 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
         block = block_length or nld.config.block_size
         print(f"model: {what} ({path}); {n_prompts} prompts, max_tokens {max_tokens}, block {block}", file=sys.stderr)
 
-        inproc: dict[str, tuple[list[float], list[list[int]]]] = {}
-        for mode in MODES:
-            nld.generate(texts[0], mode=mode, max_new_tokens=4, block_length=block)  # warm-up
-            times, tokens = [], []
-            for t in texts:
-                start = time.perf_counter()
-                r = nld.generate(t, mode=mode, max_new_tokens=max_tokens, block_length=block)
-                times.append(time.perf_counter() - start)
-                tokens.append(r.token_ids)
-            inproc[mode] = (times, tokens)
-        del nld
-
         repo = package_repository(path, Path(tmp) / "repo",
                                   ServingOptions(max_batch=max_batch, max_seq_len=1024, max_tokens_cap=max_tokens,
                                                  torch_threads=threads))
@@ -96,20 +139,25 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
                 r = call(text_input=text, mode=mode, max_tokens=max_tokens, block_length=block)
                 return time.perf_counter() - start, r.stats["tokens"], r.token_ids
 
+            def local(text: str, mode: str) -> tuple[float, list[int]]:
+                start = time.perf_counter()
+                r = nld.generate(text, mode=mode, max_new_tokens=max_tokens, block_length=block)
+                return time.perf_counter() - start, r.token_ids
+
             for mode in MODES:
-                one(texts[0], mode), one(texts[0], mode, unary=True)  # warm-up
-                served = [one(t, mode) for t in texts]
-                unary = [one(t, mode, unary=True) for t in texts]
-                local_times, local_tokens = inproc[mode]
+                local(texts[0], mode), one(texts[0], mode), one(texts[0], mode, unary=True)  # warm-up
+                # interleaved, prompt by prompt, so that a busy machine slows every column alike
+                runs = [(local(t, mode), one(t, mode), one(t, mode, unary=True)) for t in texts]
                 row = {
-                    "in_process_ms": 1e3 * statistics.mean(local_times),
-                    "served_ms": 1e3 * statistics.mean(s[0] for s in served),
-                    "served_unary_ms": 1e3 * statistics.mean(u[0] for u in unary),
-                    "tokens_agree": sum(s[2] == w == u[2] for s, u, w in zip(served, unary, local_tokens)),
+                    "in_process_ms": 1e3 * statistics.mean(r[0][0] for r in runs),
+                    "served_ms": 1e3 * statistics.mean(r[1][0] for r in runs),
+                    "served_unary_ms": 1e3 * statistics.mean(r[2][0] for r in runs),
+                    "tokens_agree": sum(r[0][1] == r[1][2] == r[2][2] for r in runs),
                     "load": {},
                 }
                 row["ratio"] = row["served_ms"] / row["in_process_ms"]
                 for c in levels:
+                    in_process = scheduler_load(nld, texts, mode, max_tokens, block, c, n_requests)
                     jobs = [texts[i % len(texts)] for i in range(max(n_requests, c))]
                     start = time.perf_counter()
                     with ThreadPoolExecutor(c) as pool:
@@ -121,6 +169,8 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
                         "tokens_per_s": sum(d[1] for d in done) / wall,
                         "p50_ms": 1e3 * percentile(latencies, 50),
                         "p99_ms": 1e3 * percentile(latencies, 99),
+                        "in_process_tokens_per_s": in_process["tokens_per_s"],
+                        "in_process_p50_ms": in_process["p50_ms"],
                     }
                 results["modes"][mode] = row
                 print(f"{mode} done", file=sys.stderr)
@@ -134,11 +184,14 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
         print(f"{mode:12} {row['in_process_ms']:14.1f} {row['served_ms']:10.1f} {row['ratio']:6.2f} "
               f"{row['served_unary_ms']:9.1f} {row['served_unary_ms'] / row['in_process_ms']:6.2f} "
               f"{row['tokens_agree']:>7}/{n_prompts}")
-    print(f"\n{'mode':12} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8}")
+    print(f"\n{'mode':12} {'conc':>4} {'req/s':>7} {'tok/s':>8} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'in-process tok/s':>17} {'served/in-process':>18} {'x conc 1':>9}")
     for mode, row in results["modes"].items():
+        base = row["load"][levels[0]]["tokens_per_s"]
         for c, load in row["load"].items():
             print(f"{mode:12} {c:4d} {load['requests_per_s']:7.2f} {load['tokens_per_s']:8.1f} "
-                  f"{load['p50_ms']:8.1f} {load['p99_ms']:8.1f}")
+                  f"{load['p50_ms']:8.1f} {load['p99_ms']:8.1f} {load['in_process_tokens_per_s']:17.1f} "
+                  f"{load['tokens_per_s'] / load['in_process_tokens_per_s']:18.2f} {load['tokens_per_s'] / base:9.2f}")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
 

@@ -118,13 +118,14 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}
         self._wake = threading.Event()
         self._stop = False
-        self._last_cancel_check = 0.0
         self._reported: tuple[int, int, int] | None = None
         self._outbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         self._sender = threading.Thread(target=self._send_loop, name="nld-sender", daemon=True)
         self._thread = threading.Thread(target=self._loop, name="nld-scheduler", daemon=True)
+        self._watcher = threading.Thread(target=self._watch_loop, name="nld-cancel-watch", daemon=True)
         self._sender.start()
         self._thread.start()
+        self._watcher.start()
 
     # from any thread ------------------------------------------------------------------------------
     def submit(self, prepared: Prepared, sink: Sink) -> None:
@@ -138,6 +139,7 @@ class Scheduler:
         self._thread.join(timeout)
         self._outbox.put(None)
         self._sender.join(timeout)
+        self._watcher.join(timeout)
 
     @property
     def slots_total(self) -> int:
@@ -147,12 +149,23 @@ class Scheduler:
     def slots_in_use(self) -> int:
         return self.nld.executor.max_batch - self.nld.executor.free_slots
 
-    # the sender thread ----------------------------------------------------------------------------
+    # the sender and watcher threads ---------------------------------------------------------------
+    # Each call into a Triton response sender (send, is_cancelled, a gauge update) is an IPC round trip to
+    # the server process: none runs on the scheduler thread, so they overlap decoding instead of delaying it.
     def _send_loop(self) -> None:
-        """Responses go out in order on their own thread: each is an IPC round trip in Triton, which then
-        overlaps the next decoding step instead of delaying it."""
+        """Responses (and gauge updates) go out in order."""
         while (deliver := self._outbox.get()) is not None:
             self._safe(deliver, None)
+
+    def _watch_loop(self) -> None:
+        """Poll the clients of the requests in flight for cancellation; a cancelled one leaves the batch at
+        the next step (Batcher.cancel only sets a flag)."""
+        while not self._stop:
+            time.sleep(CANCEL_CHECK_S)
+            for job in {id(j): j for j in list(self._jobs.values())}.values():
+                if not job.done and self._safe(job.sink.cancelled, True):
+                    for st in job.streams:
+                        self.batcher.cancel(st.seq)
 
     def _post(self, job: Job, action: Callable[[Sink], Any]) -> None:
         """Queue one response; a stream whose client is gone (send False or raising) gets cancelled."""
@@ -181,7 +194,6 @@ class Scheduler:
             self._wake.wait(1.0)
             self._wake.clear()
             return
-        self._check_cancelled()
         left = self.batcher.step()
         self._report()  # before any response goes out: a client that got its answer sees the gauges updated
         for seq in self.batcher.active:
@@ -210,16 +222,6 @@ class Scheduler:
             for st in job.streams:
                 self._jobs[id(st.seq)] = job
                 self.batcher.submit(st.seq)
-
-    def _check_cancelled(self) -> None:
-        now = time.perf_counter()
-        if now - self._last_cancel_check < CANCEL_CHECK_S:
-            return
-        self._last_cancel_check = now
-        for job in {id(j): j for j in self._jobs.values()}.values():
-            if self._safe(job.sink.cancelled, True):
-                for st in job.streams:
-                    self.batcher.cancel(st.seq)
 
     def _stream_of(self, job: Job, seq: Sequence) -> Stream:
         return next(st for st in job.streams if st.seq is seq)
@@ -349,7 +351,7 @@ class Scheduler:
         now = (self.slots_in_use, self.slots_total, len(self.batcher.waiting))
         if self.on_occupancy is not None and now != self._reported:
             self._reported = now
-            self._safe(lambda: self.on_occupancy(*now), None)
+            self._outbox.put(lambda: self.on_occupancy(*now))  # in order with the responses
 
     @staticmethod
     def _safe(fn: Callable[[], Any], default: Any) -> Any:

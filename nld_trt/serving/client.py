@@ -7,6 +7,7 @@ server (gRPC), which frees its KV slot.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import queue
 import urllib.error
@@ -116,21 +117,45 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
 
 
 class GrpcClient:
+    """Calls from any number of threads. Connections are kept for reuse (opening one per request costs a
+    few milliseconds); a request holds one for its duration, and a stream lasts one request, so closing it
+    early cancels just that one."""
+
     def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 300.0) -> None:
         self.url = url
         self.timeout = timeout
+        self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
-    def _client(self) -> Any:
-        import tritonclient.grpc as grpcclient
+    @contextlib.contextmanager
+    def _client(self) -> Iterator[Any]:
+        try:
+            client = self._idle.get_nowait()
+        except queue.Empty:
+            import tritonclient.grpc as grpcclient
 
-        return grpcclient.InferenceServerClient(self.url)
+            client = grpcclient.InferenceServerClient(self.url)
+        try:
+            yield client
+        finally:
+            self._idle.put(client)
+
+    def close(self) -> None:
+        """Close the idle connections."""
+        while True:
+            try:
+                self._idle.get_nowait().close()
+            except queue.Empty:
+                return
 
     def stream(self, model: str = STREAM_MODEL, parameters: dict | None = None, **fields: Any) -> Iterator[Chunk]:
         """Yield one Chunk per response until the final one. Stopping early cancels the request."""
+        with self._client() as client:
+            yield from self._stream(client, model, parameters, fields)
+
+    def _stream(self, client: Any, model: str, parameters: dict | None, fields: dict[str, Any]) -> Iterator[Chunk]:
         from tritonclient.utils import InferenceServerException
 
         responses: queue.Queue = queue.Queue()
-        client = self._client()
         client.start_stream(callback=lambda result, error: responses.put((result, error)))
         # Cancel on the server only a request still running there: tritonserver 2.51 sometimes never
         # releases a finished request that its client then cancels, and the model cannot unload.
@@ -154,7 +179,6 @@ class GrpcClient:
                     return
         finally:
             client.stop_stream(cancel_requests=not complete)
-            client.close()
 
     def generate(self, model: str = STREAM_MODEL, **fields: Any) -> Result:
         """A streamed request collected into one Result."""
@@ -164,13 +188,11 @@ class GrpcClient:
         """Unary infer (the non-decoupled model)."""
         from tritonclient.utils import InferenceServerException
 
-        client = self._client()
-        try:
-            result = client.infer(model, grpc_inputs(fields), parameters=parameters, client_timeout=self.timeout)
-        except InferenceServerException as e:
-            raise ClientError(e.message()) from None
-        finally:
-            client.close()
+        with self._client() as client:
+            try:
+                result = client.infer(model, grpc_inputs(fields), parameters=parameters, client_timeout=self.timeout)
+            except InferenceServerException as e:
+                raise ClientError(e.message()) from None
         return Result.join([chunk_from(result.as_numpy)])
 
 
