@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import click
 
@@ -27,7 +28,7 @@ def cli() -> None:
 @cli.command()
 @click.argument("prompt")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
-@click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec")
+@click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec | auto")
 @click.option("--block-length", type=int, default=None, help="block length B (default: the checkpoint's block_size)")
 @click.option("--threshold", type=float, default=None, help="confidence threshold (default 0.9 dlm, 0.0 linear_spec)")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
@@ -45,6 +46,7 @@ def cli() -> None:
               help="linear_spec at temperature > 0: speculative (accepts more) | official (the reference's); both exact")
 @click.option("--draft", default="repeat", show_default=True,
               help="linear_spec with --threshold > 0: repeat (passes until no MASK is left) | once")
+@click.option("--allow-lossy", is_flag=True, help="mode auto may also choose dlm")
 @click.option("--max-thinking-tokens", type=int, default=None, help="thinking budget (needs an end-think token)")
 @click.option("--end-think-token", default="[/THINK]", show_default=True, help="token that closes thinking")
 @click.option("--think/--no-think", default=False, show_default=True, help="enable_thinking in the chat template")
@@ -53,8 +55,8 @@ def cli() -> None:
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
-             min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, max_thinking_tokens, end_think_token,
-             think, raw, as_json, device, dtype) -> None:
+             min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy, max_thinking_tokens,
+             end_think_token, think, raw, as_json, device, dtype) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -89,6 +91,7 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         lora=lora,
         acceptance=acceptance,
         draft=draft,
+        allow_lossy=allow_lossy,
         max_thinking_tokens=max_thinking_tokens,
         end_think_token_id=end_think_id,
     )
@@ -104,6 +107,8 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
     if s.accepted_per_step:
         extra = f"  mean accepted {sum(s.accepted_per_step) / len(s.accepted_per_step):.2f}"
     stop_reason = f" ({result.stop_reason!r})" if result.stop_reason is not None else ""
+    if s.auto:
+        extra += "  auto steps " + ", ".join(f"{k} {v}" for k, v in s.auto["steps"].items())
     console.print(
         f"[dim]{mode}: {s.tokens} tokens, {nfe_phrase(s.as_dict())}, "
         f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, "
@@ -191,6 +196,33 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
     report = run_build(options, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     click.echo(f"wrote {output}: {report.graph} ({report.dtype}, {report.nodes} nodes, custom {', '.join(report.custom_nodes)})"
                + (f", {report.plan}" if report.plan else ""))
+
+
+@cli.command()
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
+@click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots, as the deployment has")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True)
+@click.option("--max-block-length", type=int, default=128, show_default=True)
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None,
+              help="where to save it (default: the user cache; a served repository keeps its own)")
+@click.option("--force", is_flag=True, help="measure again even if a calibration for this executor is saved")
+def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length, output_dir, force) -> None:
+    """Measure what a forward pass costs on this executor and device (mode auto's cost model); print it."""
+    from .executors.cost import calibration_file
+    from .runtime import load
+
+    model = load(model_dir, device=device, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
+                 max_block_length=max_block_length, calibration_dir=output_dir)
+    if force:
+        from .executors.cost import default_directory
+
+        calibration_file(model.executor, Path(output_dir) if output_dir else default_directory()).unlink(missing_ok=True)
+    console = _console()
+    cost = model.calibrate(progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    click.echo(cost.table())
+    click.echo(f"{'measured and saved' if model.calibration_measured else 'already saved'}: {model.calibration_file}")
 
 
 def _add_commands() -> None:

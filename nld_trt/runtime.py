@@ -11,9 +11,11 @@ import torch
 from .checkpoint import LoRAAdapter, load_lora, load_weights
 from .config import NLDConfig
 from .decoding import SEQUENCE_TYPES, GenerationParams, Stats, run
+from .decoding.auto import AutoPlanner
 from .decoding.sequence import TokenLogprob
 from .errors import CheckpointError, GenerationError
 from .executors import TorchExecutor
+from .executors.cost import CostModel
 from .model import NLDModel, Rotary
 from .tokenizer import NLDTokenizer
 
@@ -85,6 +87,7 @@ class NLD:
         max_seq_len: int = 2048,
         max_block_length: int = 128,
         lora: bool = True,
+        calibration_dir: str | Path | None = None,
     ) -> None:
         self.path = Path(path) if path is not None else default_model_path()
         if not self.path.is_dir():
@@ -104,6 +107,8 @@ class NLD:
 
         self.model: NLDModel | None = None
         self.lora: LoRAAdapter | None = None
+        self.calibration_dir = calibration_dir  # None: the user cache (nld_trt/executors/cost.py)
+        self._planner: AutoPlanner | None = None
         if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
             self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length)
             return
@@ -119,6 +124,22 @@ class NLD:
         self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length)
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def planner(self) -> AutoPlanner:
+        """What chooses the steps of `auto` requests; its pass-cost model is measured (or loaded) on first use."""
+        if self._planner is None:
+            self._planner = AutoPlanner(self.calibrate)
+        return self._planner
+
+    def calibrate(self, progress=None) -> CostModel:
+        """The executor's pass-cost model: the saved one for this executor and device, else measured now."""
+        from .executors.cost import load_or_calibrate
+
+        model, path, measured = load_or_calibrate(self.executor, self.calibration_dir, progress)
+        self.calibration_file = path
+        self.calibration_measured = measured
+        return model
+
     def encode(self, prompt: str, chat: bool = True, **template_kwargs: Any) -> list[int]:
         """Token ids of a prompt: through the chat template (a user turn + generation prompt) or raw."""
         if not isinstance(prompt, str):
@@ -172,7 +193,9 @@ class NLD:
             self.check_fits(len(x), p, "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len")
         seq_type = SEQUENCE_TYPES[p.mode]
         seqs = [seq_type(x, p, self.config, p.seed + i, self.tokenizer.decode) for i, x in enumerate(ids)]
-        run(self.executor, seqs)
+        if p.mode == "auto":
+            self.planner.model  # calibrated (or loaded) while every slot is free
+        run(self.executor, seqs, planner=self.planner if p.mode == "auto" else None)
         failed = [s for s in seqs if s.error is not None]
         if failed:
             raise GenerationError(f"generation failed: {failed[0].error}")

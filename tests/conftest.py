@@ -10,6 +10,14 @@ from nld_trt.tiny import make_tiny_checkpoint
 torch.set_num_threads(1)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def calibration_cache(tmp_path_factory):
+    """auto's pass-cost calibrations go to a test directory, not the user's cache (servers inherit it)."""
+    import os
+
+    os.environ["NLD_TRT_CACHE"] = str(tmp_path_factory.mktemp("nld-trt-cache"))
+
+
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """llada-style tiny model with a LoRA drafter, YaRN and the llama-4 query scale from position 64."""

@@ -10,6 +10,7 @@ from .sequence import Sequence
 
 class ARSequence(Sequence):
     mode = "ar"
+    chunk_length = 1
 
     def _next_token(self, logits: torch.Tensor) -> None:
         index = len(self.out)

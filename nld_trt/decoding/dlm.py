@@ -31,14 +31,19 @@ class DLMSequence(Sequence):
         self._begin_block(last_logits)
 
     def _begin_block(self, logits: torch.Tensor) -> None:
+        """Draw the next block's first token from the last causal logits, then open the block."""
         index = len(self.out)
         forced = self.forced(index)
         t0 = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
-        self.block_start = index  # output index of t0
         self.append([t0], self.law_if_logged(logits[None], index, forced))
-        if self.done:
-            return
-        b = self.params.block_length
+        if not self.done:
+            self._open_block()
+
+    def _open_block(self, block_length: int | None = None) -> None:
+        """A block [t0, MASK x (B-1)] at the next positions, t0 being the last token emitted."""
+        t0 = self.out[-1]
+        self.block_start = len(self.out) - 1  # output index of t0
+        b = self.block_len = block_length or self.params.block_length
         self.block = torch.full((b,), self.mask_id, dtype=torch.long)
         self.block[0] = t0
         self.fixed = torch.zeros(b, dtype=torch.bool)
@@ -57,7 +62,7 @@ class DLMSequence(Sequence):
 
     def _decided(self) -> bool:
         """No MASK left among the positions this block will return."""
-        limit = min(self.params.block_length, self.params.max_new_tokens - self.block_start)
+        limit = min(self.block_len, self.params.max_new_tokens - self.block_start)
         filled = self.fixed[:limit]
         if self.eos:
             is_eos = torch.tensor([int(t) in self.eos for t in self.block[:limit]]) & filled
@@ -77,18 +82,28 @@ class DLMSequence(Sequence):
         self.append(self.block[1:].tolist(), laws)
         self.committing = not self.done
 
+    @property
+    def chunk_length(self) -> int:
+        return self.block_len
+
+    @property
+    def fill_threshold(self) -> float:
+        return self.params.threshold
+
     def next_chunk(self) -> Chunk:
         return Chunk(self.block.tolist(), block=not self.committing)
 
     def consume(self, logits: torch.Tensor) -> int:
         if self.committing:
-            self._begin_block(logits[self.params.block_length - 1])
-            return self.params.block_length
+            b = self.block_len
+            self._begin_block(logits[b - 1])
+            return b
         self.passes += 1
         rows = self.align(logits)
         tokens, conf = self.draw(rows, self.block_start + 1)
         masked = ~self.fixed[1:]
-        fill = dlm_fill(masked, conf, self.params.threshold, fill_all=self.passes >= self.params.steps_per_block)
+        fill = dlm_fill(masked, conf, self.fill_threshold,
+                        fill_all=self.passes >= min(self.params.steps_per_block, self.block_len))
         self.block[1:][fill] = tokens[fill]
         self.fixed[1:] |= fill
         if self.params.logprobs:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 
 from ..executors.base import Chunk, Executor
 from .ar import ARSequence
+from .auto import AutoPlanner, AutoSequence
 from .dlm import DLMSequence
 from .linear_spec import LinearSpecSequence
 from .sequence import Sequence
@@ -26,6 +27,7 @@ SEQUENCE_TYPES: dict[str, type[Sequence]] = {
     "ar": ARSequence,
     "dlm": DLMSequence,
     "linear_spec": LinearSpecSequence,
+    "auto": AutoSequence,
 }
 
 
@@ -103,9 +105,11 @@ class Batcher:
     queue is a deque and cancellation is a flag the stepping thread acts on.
     """
 
-    def __init__(self, executor: Executor, on_step: Callable[[Sequence], None] | None = None) -> None:
+    def __init__(self, executor: Executor, on_step: Callable[[Sequence], None] | None = None,
+                 planner: AutoPlanner | None = None) -> None:
         self.executor = executor
         self.on_step = on_step
+        self.planner = planner  # chooses the next step of `auto` sequences
         self.waiting: deque[Sequence] = deque()
         self.active: list[Sequence] = []
         self._started: dict[int, float] = {}
@@ -139,6 +143,8 @@ class Batcher:
             self._started.update((id(s), now) for s in joining)
             self.active += joining
         elif self.active:
+            if self.planner is not None:
+                self.planner.plan(self.active)
             step(self.executor, self.active)
         still = []
         for s in self.active:
@@ -169,9 +175,10 @@ def run(
     executor: Executor,
     sequences: Iterable[Sequence],
     on_step: Callable[[Sequence], None] | None = None,
+    planner: AutoPlanner | None = None,
 ) -> list[Sequence]:
     """Decode every sequence to completion, at most `executor.max_batch` at a time."""
-    batcher = Batcher(executor, on_step)
+    batcher = Batcher(executor, on_step, planner)
     everything = list(sequences)
     for s in everything:
         batcher.submit(s)

@@ -43,8 +43,8 @@ class LinearSpecSequence(Sequence):
     def _speculative(self) -> bool:
         return not self.sampling.greedy and self.params.acceptance == "speculative"
 
-    def _new_draft(self) -> None:
-        b = self.params.block_length
+    def _new_draft(self, block_length: int | None = None) -> None:
+        b = self.block_len = block_length or self.params.block_length
         self.draft = torch.full((b,), self.mask_id, dtype=torch.long)
         self.draft[0] = self.t
         self.drafted = torch.zeros(b, dtype=torch.bool)
@@ -53,6 +53,10 @@ class LinearSpecSequence(Sequence):
         self.p_draft: torch.Tensor | None = None  # speculative: row j, the law draft[j] was drawn from
         self.passes = 0
         self.verifying = False
+
+    @property
+    def chunk_length(self) -> int:
+        return self.block_len
 
     def next_chunk(self) -> Chunk:
         if self.verifying:
@@ -107,6 +111,7 @@ class LinearSpecSequence(Sequence):
             a = self.draw(logits, first)[0].cpu()
             accepted = a[: accept_greedy(self.draft, a) + 1].tolist()
             p = self.law(logits, first) if self.params.logprobs else None
+        self.matches = len(accepted) - 1  # drafts the verifier accepted, for acceptance estimates
         m = self.params.max_thinking_tokens
         forced = None
         if m is not None and first <= m < first + len(accepted):

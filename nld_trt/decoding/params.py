@@ -14,10 +14,10 @@ from ..config import NLDConfig
 from ..errors import GenerationError
 from .select import Sampling
 
-MODES = ("ar", "dlm", "linear_spec")
+MODES = ("ar", "dlm", "linear_spec", "auto")
 ACCEPTANCE_RULES = ("speculative", "official")
 DRAFT_RULES = ("repeat", "once")
-DEFAULT_THRESHOLD = {"ar": 0.0, "dlm": 0.9, "linear_spec": 0.0}
+DEFAULT_THRESHOLD = {"ar": 0.0, "dlm": 0.9, "linear_spec": 0.0, "auto": 0.0}
 
 MAX_INT32 = 2**31 - 1
 MAX_SEED = 2**64 - 1  # seeds are unsigned 64-bit (TensorRT-LLM's type); seed + i wraps around
@@ -50,6 +50,7 @@ class GenerationParams:
     lora: bool = True  # linear_spec drafts with the LoRA adapter when the checkpoint has one
     acceptance: str = "speculative"  # linear_spec at temperature > 0: "speculative" or "official"
     draft: str = "repeat"  # linear_spec with threshold > 0: "repeat" passes until no MASK is left, or "once"
+    allow_lossy: bool = False  # auto may also choose dlm (not lossless)
 
     def resolved(self, config: NLDConfig) -> GenerationParams:
         """Defaults filled in from the checkpoint and the mode; list fields become tuples."""
@@ -99,6 +100,9 @@ class GenerationParams:
         _integer("min_tokens", self.min_tokens, 0, self.max_new_tokens)
         _flag("logprobs", self.logprobs)
         _flag("lora", self.lora)
+        _flag("allow_lossy", self.allow_lossy)
+        if self.allow_lossy and self.mode != "auto":
+            raise GenerationError(f"allow_lossy is for mode auto (it lets auto choose dlm), not {self.mode}")
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise GenerationError("top_logprobs needs logprobs=true")

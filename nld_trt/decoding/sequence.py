@@ -37,6 +37,7 @@ class Stats:
     accepted_per_step: list[int] = field(default_factory=list)  # linear_spec: tokens added per verify
     draft_passes_per_step: list[int] = field(default_factory=list)  # linear_spec: draft passes per step
     passes_per_block: list[int] = field(default_factory=list)  # dlm: denoising passes per block
+    auto: dict | None = None  # auto: steps per option and why they were chosen
 
     @property
     def tpf(self) -> float:
@@ -69,6 +70,8 @@ class Stats:
             d["draft_passes_per_step"] = self.draft_passes_per_step
         if self.passes_per_block:
             d["passes_per_block"] = self.passes_per_block
+        if self.auto is not None:
+            d["auto"] = self.auto
         return d
 
 

@@ -109,10 +109,15 @@ LOGPROB_FLOOR = -9999.0  # what a zero probability is sent as (JSON has no -inf;
 class Scheduler:
     """Continuous batching over one model for requests arriving from any thread (`submit`)."""
 
-    def __init__(self, nld: NLD, on_occupancy: Callable[[int, int, int], None] | None = None) -> None:
+    def __init__(self, nld: NLD, on_occupancy: Callable[[int, int, int], None] | None = None,
+                 on_mix: Callable[[dict[str, int]], None] | None = None) -> None:
         self.nld = nld
-        self.batcher = Batcher(nld.executor)
+        self.planner = nld.planner
+        self.planner.model  # auto's pass-cost model: loaded, or measured now while every slot is free
+        self.batcher = Batcher(nld.executor, planner=self.planner)
         self.on_occupancy = on_occupancy  # (slots in use, slots total, requests waiting)
+        self.on_mix = on_mix  # steps auto planned per option since the last call
+        self._mix_reported: dict[str, int] = {}
         self.cancelled_total = 0
         self._inbox: queue.SimpleQueue[Job] = queue.SimpleQueue()
         self._jobs: dict[int, Job] = {}
@@ -343,7 +348,7 @@ class Scheduler:
                 break
             self._post(job, lambda sink: sink.error(message))
         self._jobs.clear()
-        self.batcher = Batcher(self.nld.executor)
+        self.batcher = Batcher(self.nld.executor, planner=self.planner)
         self._report()
 
     def _report(self) -> None:
@@ -352,6 +357,11 @@ class Scheduler:
         if self.on_occupancy is not None and now != self._reported:
             self._reported = now
             self._outbox.put(lambda: self.on_occupancy(*now))  # in order with the responses
+        mix = self.planner.mix
+        if self.on_mix is not None and mix != self._mix_reported:
+            delta = {k: v - self._mix_reported.get(k, 0) for k, v in mix.items() if v != self._mix_reported.get(k, 0)}
+            self._mix_reported = dict(mix)
+            self._outbox.put(lambda: self.on_mix(delta))
 
     @staticmethod
     def _safe(fn: Callable[[], Any], default: Any) -> Any:

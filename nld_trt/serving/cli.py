@@ -42,7 +42,7 @@ def stats_line(stats: dict[str, Any]) -> str:
 def generation_options(f):
     """The per-request options shared by `client` and `chat`."""
     for option in reversed([
-        click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec"),
+        click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec | auto"),
         click.option("--max-tokens", type=int, default=128, show_default=True),
         click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size"),
         click.option("--threshold", type=float, default=None, help="default: 0.9 dlm, 0.0 linear_spec"),
@@ -80,9 +80,12 @@ def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
               help="also write nld_sync, the non-decoupled entry point (unary infer, HTTP generate)")
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False), default=None,
               help="serve an nld-trt build output instead of a checkpoint (TensorRT plan on cuda, ONNX graph on cpu)")
+@click.option("--default-mode", default="ar", show_default=True,
+              help="mode of requests that do not name one: ar | dlm | linear_spec | auto")
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
 def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
-                    default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, overwrite) -> None:
+                    default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, default_mode,
+                    overwrite) -> None:
     """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
     from .package import ServingOptions, package_repository
 
@@ -91,7 +94,8 @@ def package_command(model_dir, output, max_batch, max_seq_len, max_block_length,
 
     options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
                              max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
-                             instances=instances, device=device, dtype=dtype, torch_threads=threads)
+                             instances=instances, device=device, dtype=dtype, torch_threads=threads,
+                             default_mode=default_mode)
     repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
                               engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())

@@ -53,6 +53,7 @@ class ServingOptions:
     lora: bool = True
     max_prompt_bytes: int = 0  # text_input / messages size cap, checked before tokenizing (0: 32 x max_seq_len, >= 64 KiB)
     exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
+    default_mode: str = "ar"  # the mode of a request that does not say: ar | dlm | linear_spec | auto
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
@@ -63,6 +64,10 @@ class ServingOptions:
         cap = min(self.max_tokens_cap, seq - 1)
         if cap < 1:
             raise NLDError(f"max-seq-len {seq} leaves no room to generate")
+        from ..decoding import MODES
+
+        if self.default_mode not in MODES:
+            raise NLDError(f"default-mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if self.max_prompt_bytes < 0:
             raise NLDError("max-prompt-bytes must be a positive integer (0: the default)")
         prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
@@ -90,7 +95,9 @@ def parameters_block(params: dict[str, object]) -> str:
 def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions) -> str:
     from .. import __version__
 
-    params = {"manifest": manifest, **{k: v for k, v in asdict(options).items() if k != "instances"}}
+    calibration = str(Path(manifest).parent / "calibration")  # beside the artifacts, shared by both models
+    params = {"manifest": manifest, "calibration_dir": calibration,
+              **{k: v for k, v in asdict(options).items() if k != "instances"}}
     purpose = ("decoupled: one response per decoding step when stream=true (gRPC stream, HTTP generate_stream)"
                if decoupled else "one response per request: unary gRPC/HTTP infer and HTTP generate")
     text = (template_dir() / "config.pbtxt.template").read_text()

@@ -98,7 +98,8 @@ INPUTS: tuple[TensorSpec, ...] = (
     _refused("num_draft_tokens", "TYPE_INT32", (0,)),
     _refused("use_draft_logits", "TYPE_BOOL", (False,)),
     # NLD's own
-    TensorSpec("mode", "TYPE_STRING", doc="ar | dlm | linear_spec"),
+    TensorSpec("mode", "TYPE_STRING", doc="ar | dlm | linear_spec | auto (default: the deployment's)"),
+    TensorSpec("allow_lossy", "TYPE_BOOL", doc="auto may also choose dlm"),
     TensorSpec("block_length", "TYPE_INT64", doc="dlm / linear_spec block length"),
     TensorSpec("threshold", "TYPE_FP32", doc="confidence threshold in [0, 1]"),
     TensorSpec("steps_per_block", "TYPE_INT64", doc="dlm: denoising passes per block at most"),
@@ -150,6 +151,7 @@ class Limits:
     max_prompt_bytes: int = 65536  # text_input / messages, checked before tokenizing
     max_sequences: int = 8  # num_return_sequences at most
     exclude_input_default: bool = True  # exclude_input_in_output when a request does not say
+    default_mode: str = "ar"  # the mode of a request that does not say
 
 
 @dataclass(frozen=True)
@@ -331,7 +333,7 @@ def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
 def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     """Validate one request against the model and the deployment; GenerationError names what to fix."""
     _refuse_unsupported(fields)
-    mode = fields.get("mode", "ar")
+    mode = fields.get("mode", limits.default_mode)
     mode = text("mode", mode) if isinstance(mode, (bytes, str)) else mode
     end_id = _integer("end_id", fields.get("end_id"))
     top_p = fields.get("top_p")
@@ -362,6 +364,7 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
             max_thinking_tokens=_integer("max_thinking_tokens", thinking_budget),
             end_think_token_id=end_think,
             lora=_flag("lora", fields.get("lora"), True),
+            allow_lossy=_flag("allow_lossy", fields.get("allow_lossy"), False),
             **strings,
         ).resolved(nld.config)
     except TypeError as e:

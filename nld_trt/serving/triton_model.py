@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -153,6 +154,7 @@ class TritonPythonModel:
             max_seq_len=int(params["max_seq_len"]),
             max_block_length=int(params["max_block_length"]),
             lora=params.get("lora", "true") == "true",
+            calibration_dir=(model_dir / params["calibration_dir"]).resolve() if params.get("calibration_dir") else None,
         )
         self.limits = Limits(
             max_tokens_cap=int(params["max_tokens_cap"]),
@@ -161,9 +163,14 @@ class TritonPythonModel:
             max_prompt_bytes=int(params.get("max_prompt_bytes") or 65536),
             max_sequences=self.nld.executor.max_batch,
             exclude_input_default=params.get("exclude_input_in_output", "true") == "true",
+            default_mode=params.get("default_mode") or "ar",
         )
         self._metrics(args.get("model_instance_name", self.name))
-        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy)
+        start = time.perf_counter()
+        self.nld.calibrate(progress=log.info)
+        log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
+                 f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
+        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix)
         self._occupancy(0, self.nld.executor.max_batch, 0)
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
@@ -175,7 +182,15 @@ class TritonPythonModel:
         """Prometheus gauges on Triton's metrics port: KV-slot occupancy and the waiting queue."""
         self._families = []
         self._gauges: dict[str, Any] = {}
-        labels = {"model": self.name, "instance": instance}
+        labels = self._labels = {"model": self.name, "instance": instance}
+        self._mix_metrics: dict[str, Any] = {}
+        try:
+            self._mix_family = pb_utils.MetricFamily(name="nld_auto_steps_total", kind=pb_utils.MetricFamily.COUNTER,
+                                                     description="steps mode auto planned, per option")
+            self._families.append(self._mix_family)
+        except Exception as e:  # metrics disabled on this server
+            log.warning(f"metric nld_auto_steps_total unavailable: {e}")
+            self._mix_family = None
         for key, name, doc in (
             ("in_use", "nld_kv_slots_in_use", "KV-cache slots held by requests"),
             ("total", "nld_kv_slots_total", "KV-cache slots of the model instance"),
@@ -187,6 +202,15 @@ class TritonPythonModel:
                 self._gauges[key] = family.Metric(labels=labels)
             except Exception as e:  # metrics disabled on this server: the stats output still reports it
                 log.warning(f"metric {name} unavailable: {e}")
+
+    def _mix(self, delta: dict[str, int]) -> None:
+        """Steps mode auto planned, per option (ar, linear_spec/B, dlm/B)."""
+        if self._mix_family is None:
+            return
+        for option, n in delta.items():
+            if option not in self._mix_metrics:
+                self._mix_metrics[option] = self._mix_family.Metric(labels={**self._labels, "option": option})
+            self._mix_metrics[option].increment(n)
 
     def _occupancy(self, in_use: int, total: int, waiting: int) -> None:
         for key, value in (("in_use", in_use), ("total", total), ("waiting", waiting)):

@@ -1,0 +1,211 @@
+"""What one forward pass costs on the executor that serves: measured over a grid, fitted, saved, reused.
+
+The `auto` mode (nld_trt/decoding/auto.py) chooses ar or linear_spec (and the block length) by the time a
+step will take, so the time of a pass must be known for any batch: `calibrate` times passes over a grid of
+(rows, tokens per row, cache length) on the executor itself and fits them roofline-shaped,
+
+    time(tokens, attention) = base + slope * max(0, tokens - knee) + attention_cost * attention,
+
+flat while the pass is bound by reading the weights (a 32-token pass costs what a 1-token pass costs) and
+linear once it is compute-bound; `attention` is the number of query-key pairs (rows x chunk x keys). The
+fit, with the measured points and their fit error, is saved as JSON under a name that hashes the executor's
+identity (its class, device, dtype, model shape, limits, torch version), so it is reused until any of them
+changes, and remeasured otherwise.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import NLDError
+from .base import Chunk, Executor
+
+FORMAT = 1
+
+
+@dataclass
+class CostModel:
+    """Seconds per forward pass as a function of its tokens and its query-key pairs."""
+
+    base: float  # seconds of a pass while weight-bound
+    knee: float  # tokens where compute starts to dominate
+    slope: float  # seconds per token beyond the knee
+    attention_cost: float  # seconds per query-key pair
+    points: list[dict[str, float]] = field(default_factory=list)  # what was measured
+    identity: dict[str, Any] = field(default_factory=dict)
+
+    def pass_time(self, tokens: float, attention: float = 0.0) -> float:
+        return self.base + self.slope * max(0.0, tokens - self.knee) + self.attention_cost * attention
+
+    @property
+    def max_error(self) -> float:
+        """The largest relative error of the fit over the measured points."""
+        return max((abs(self.pass_time(p["tokens"], p["attention"]) / p["seconds"] - 1) for p in self.points),
+                   default=0.0)
+
+    def table(self) -> str:
+        rows = [f"{'rows':>5} {'tokens/row':>10} {'cache':>6} {'measured ms':>12} {'fitted ms':>10}"]
+        for p in self.points:
+            rows.append(f"{int(p['rows']):5d} {int(p['chunk']):10d} {int(p['cache']):6d} {1e3 * p['seconds']:12.3f} "
+                        f"{1e3 * self.pass_time(p['tokens'], p['attention']):10.3f}")
+        rows.append(f"fit: {1e3 * self.base:.3f} ms flat up to {self.knee:.0f} tokens, then {1e6 * self.slope:.2f} us "
+                    f"per token; {1e9 * self.attention_cost:.3f} ns per query-key pair; max error "
+                    f"{100 * self.max_error:.1f}%")
+        return "\n".join(rows)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, **asdict(self)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CostModel:
+        if data.get("format") != FORMAT:
+            raise NLDError(f"calibration format {data.get('format')!r} is not {FORMAT}: recalibrate")
+        return cls(**{k: v for k, v in data.items() if k != "format"})
+
+
+def fit(points: list[dict[str, float]]) -> CostModel:
+    """Least squares in relative error (small and large passes count alike), the knee chosen among the
+    measured token counts."""
+    t = torch.tensor([p["seconds"] for p in points], dtype=torch.float64)
+    n = torch.tensor([p["tokens"] for p in points], dtype=torch.float64)
+    a = torch.tensor([p["attention"] for p in points], dtype=torch.float64)
+    best = None
+    for knee in sorted({p["tokens"] for p in points}):
+        x = torch.stack([torch.ones_like(n), (n - knee).clamp_min(0), a], 1) / t[:, None]
+        coef = torch.linalg.lstsq(x, torch.ones_like(t)[:, None]).solution[:, 0].clamp_min(0)
+        err = float(((x @ coef) - 1).pow(2).sum())
+        if best is None or err < best[0]:
+            best = (err, knee, coef)
+    _, knee, (base, slope, attention) = best
+    return CostModel(float(base), float(knee), float(slope), float(attention), points)
+
+
+def grid(executor: Executor) -> list[tuple[int, int, int]]:
+    """(rows, tokens per row, cache length) to time: batch and chunk sizes the decoding loops use."""
+    rows = [r for r in (1, 2, 4, 8, 16, 32, 64) if r <= executor.max_batch]
+    chunks = [c for c in (1, 4, 8, 16, 32) if c <= executor.max_chunk]
+    caches = sorted({c for c in (64, 512) if c + max(chunks) <= executor.max_seq_len} or {0})
+    return [(r, c, k) for r in rows for c in chunks for k in caches]
+
+
+def measure(executor: Executor, shape: tuple[int, int, int], repeats: int = 3) -> float:
+    """Median seconds of one pass of `rows` chunks of `chunk` tokens after `cache` committed positions.
+    Needs `rows` free slots; the cache contents do not matter for the time."""
+    rows, chunk, cache = shape
+    slots = [executor.allocate() for _ in range(rows)]
+    try:
+        for s in slots:
+            executor.lengths[s] = cache
+        chunks = [Chunk([1] * chunk, block=chunk > 1)] * rows
+        executor.forward(slots, chunks)  # warm-up
+        times = []
+        for _ in range(repeats):
+            if executor.device.type == "cuda":
+                torch.cuda.synchronize(executor.device)
+            start = time.perf_counter()
+            executor.forward(slots, chunks)
+            if executor.device.type == "cuda":
+                torch.cuda.synchronize(executor.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+    finally:
+        for s in slots:
+            executor.release(s)
+
+
+def calibrate(executor: Executor, progress: Callable[[str], None] | None = None) -> CostModel:
+    """Time every grid point on this executor and fit the cost model (all slots must be free)."""
+    if executor.free_slots != executor.max_batch:
+        raise NLDError("calibration needs an idle executor: every KV-cache slot free")
+    points = []
+    shapes = grid(executor)
+    start = time.perf_counter()
+    for i, (rows, chunk, cache) in enumerate(shapes, 1):
+        seconds = measure(executor, (rows, chunk, cache))
+        points.append({"rows": rows, "chunk": chunk, "cache": cache, "tokens": rows * chunk,
+                       "attention": rows * chunk * (cache + chunk), "seconds": seconds})
+        if progress is not None and (i % 10 == 0 or i == len(shapes)):
+            progress(f"calibrating the pass cost: {i}/{len(shapes)} shapes, {time.perf_counter() - start:.1f} s")
+    model = fit(points)
+    model.identity = identity(executor)
+    return model
+
+
+def identity(executor: Executor) -> dict[str, Any]:
+    """What a calibration is valid for: the executor, the device, the model's shape, the limits."""
+    c = executor.config
+    dev = executor.device
+    device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
+    return {
+        "executor": type(executor).__name__,
+        "variant": getattr(executor, "variant", ""),
+        "device": f"{dev.type}:{device_name}",
+        "dtype": str(getattr(executor, "dtype", "")),
+        "model": [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,
+                  c.num_key_value_heads, c.head_dim, c.quantization_config is not None],
+        "limits": [executor.max_batch, executor.max_seq_len, executor.max_chunk],
+        "threads": torch.get_num_threads() if dev.type == "cpu" else 0,
+        "torch": torch.__version__,
+    }
+
+
+def default_directory() -> Path:
+    """$NLD_TRT_CACHE, else $XDG_CACHE_HOME/nld-trt, else ~/.cache/nld-trt; calibrations go in calibration/."""
+    root = os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nld-trt"
+    return Path(root) / "calibration"
+
+
+def calibration_file(executor: Executor, directory: Path) -> Path:
+    digest = hashlib.sha256(json.dumps(identity(executor), sort_keys=True).encode()).hexdigest()[:16]
+    return directory / f"cost-{digest}.json"
+
+
+def load_or_calibrate(executor: Executor, directory: str | Path | None = None,
+                      progress: Callable[[str], None] | None = None) -> tuple[CostModel, Path, bool]:
+    """The saved calibration of this executor if there is one for its identity, else a new one (saved
+    atomically). Returns (model, file, whether it was measured now)."""
+    path = calibration_file(executor, Path(directory) if directory else default_directory())
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = open(path.parent / ".lock", "a")  # noqa: SIM115 - held until the calibration is saved
+    except OSError:
+        lock = None
+    try:
+        if lock is not None:  # two model instances loading at once: one measures, the other then loads
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _load_or_calibrate(executor, path, progress)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _load_or_calibrate(executor: Executor, path: Path, progress) -> tuple[CostModel, Path, bool]:
+    if path.is_file():
+        try:
+            model = CostModel.from_json(json.loads(path.read_text()))
+            if model.identity == identity(executor):
+                return model, path, False
+        except (ValueError, TypeError, KeyError, NLDError):
+            pass  # unreadable or stale: measure again
+    model = calibrate(executor, progress)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(model.to_json(), indent=1) + "\n")
+        tmp.replace(path)
+    except OSError as e:
+        if progress is not None:
+            progress(f"calibration not saved ({e}): it will be measured again at the next load")
+    return model, path, True
