@@ -21,7 +21,6 @@ from pathlib import Path
 
 import click
 
-MODES = ("ar", "dlm", "linear_spec")
 
 
 def prompts(n: int, tasks: str) -> list[str]:
@@ -101,13 +100,14 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--prompts", "n_prompts", type=int, default=8, show_default=True, help="the first N questions")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
+@click.option("--modes", default="ar,dlm,linear_spec", show_default=True, help="comma-separated; auto too")
 @click.option("--concurrency", default="1,4,16", show_default=True)
 @click.option("--requests", "n_requests", type=int, default=32, show_default=True, help="requests per concurrency level")
 @click.option("--max-batch", type=int, default=16, show_default=True, help="KV slots, in-process and served")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
-def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_requests, max_batch, threads,
+def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurrency, n_requests, max_batch, threads,
          json_out) -> None:
     import torch
 
@@ -117,6 +117,7 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
     from nld_trt.serving.server import TritonServer
 
     levels = [int(c) for c in concurrency.split(",")]
+    modes = modes.split(",")
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         path, what = model_dir(model_path)
@@ -144,7 +145,7 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
                 r = nld.generate(text, mode=mode, max_new_tokens=max_tokens, block_length=block)
                 return time.perf_counter() - start, r.token_ids
 
-            for mode in MODES:
+            for mode in modes:
                 local(texts[0], mode), one(texts[0], mode), one(texts[0], mode, unary=True)  # warm-up
                 # interleaved, prompt by prompt, so that a busy machine slows every column alike
                 runs = [(local(t, mode), one(t, mode), one(t, mode, unary=True)) for t in texts]
@@ -192,6 +193,12 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, concurrency, n_
             print(f"{mode:12} {c:4d} {load['requests_per_s']:7.2f} {load['tokens_per_s']:8.1f} "
                   f"{load['p50_ms']:8.1f} {load['p99_ms']:8.1f} {load['in_process_tokens_per_s']:17.1f} "
                   f"{load['tokens_per_s'] / load['in_process_tokens_per_s']:18.2f} {load['tokens_per_s'] / base:9.2f}")
+    if "auto" in results["modes"]:
+        fixed = [m for m in results["modes"] if m in ("ar", "linear_spec")]
+        print(f"\nauto vs the better of {' and '.join(fixed)} (tokens/s, served):")
+        for c in levels:
+            best = max(results["modes"][m]["load"][c]["tokens_per_s"] for m in fixed)
+            print(f"  concurrency {c:3d}: {results['modes']['auto']['load'][c]['tokens_per_s'] / best:.2f}x")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")
 

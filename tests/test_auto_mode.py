@@ -62,7 +62,7 @@ def test_sampled_auto_keeps_the_ar_law_while_switching():
 class Flat:
     """Weight-bound: every pass costs the same."""
 
-    def pass_time(self, tokens, attention=0.0):
+    def pass_time(self, tokens, attention=0.0, rows=0.0, keys=0.0):
         return 0.01
 
 
@@ -72,7 +72,7 @@ class Linear:
     def __init__(self, base=0.0, per_token=0.001):
         self.base, self.per_token = base, per_token
 
-    def pass_time(self, tokens, attention=0.0):
+    def pass_time(self, tokens, attention=0.0, rows=0.0, keys=0.0):
         return self.base + self.per_token * tokens
 
 

@@ -42,7 +42,9 @@ def label(option: tuple[str, int]) -> str:
 
 
 class Cost(Protocol):
-    def pass_time(self, tokens: float, attention: float = 0.0) -> float: ...
+    """Seconds of one forward pass: its tokens, query-key pairs, rows and keys (cached + chunk positions)."""
+
+    def pass_time(self, tokens: float, attention: float = 0.0, rows: float = 0.0, keys: float = 0.0) -> float: ...
 
 
 @dataclass
@@ -278,7 +280,7 @@ class AutoPlanner:
             _add(base, 1, _cache(s))
 
         def seconds_of(groups: dict[int, list[float]]) -> float:
-            return sum(cost.pass_time(tok, att) for tok, att in groups.values() if tok > 0)
+            return sum(cost.pass_time(*g) for g in groups.values() if g[0] > 0)
 
         ar_seconds = seconds_of(base)
         ar_rate = (base_yield + len(free)) / ar_seconds
@@ -320,7 +322,10 @@ def _cache(seq) -> int:
 
 
 def _add(groups: dict[int, list[float]], chunk: int, cache: int, sign: int = 1) -> None:
-    """Add (or with sign -1 remove) one row of `chunk` tokens after `cache` positions to its forward."""
-    g = groups.setdefault(chunk, [0.0, 0.0])
+    """Add (or with sign -1 remove) one row of `chunk` tokens after `cache` positions to its forward:
+    [tokens, query-key pairs, rows, keys]."""
+    g = groups.setdefault(chunk, [0.0, 0.0, 0.0, 0.0])
     g[0] += sign * chunk
     g[1] += sign * chunk * (cache + chunk)
+    g[2] += sign
+    g[3] += sign * (cache + chunk)

@@ -46,7 +46,7 @@ class CostModel:
     points: list[dict[str, float]] = field(default_factory=list)  # what was measured
     identity: dict[str, Any] = field(default_factory=dict)
 
-    def pass_time(self, tokens: float, attention: float = 0.0) -> float:
+    def pass_time(self, tokens: float, attention: float = 0.0, rows: float = 0.0, keys: float = 0.0) -> float:
         return self.base + self.slope * max(0.0, tokens - self.knee) + self.attention_cost * attention
 
     @property

@@ -82,10 +82,12 @@ def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
               help="serve an nld-trt build output instead of a checkpoint (TensorRT plan on cuda, ONNX graph on cpu)")
 @click.option("--default-mode", default="ar", show_default=True,
               help="mode of requests that do not name one: ar | dlm | linear_spec | auto")
+@click.option("--max-prompt-bytes", type=int, default=0, help="prompt size cap, checked before tokenizing "
+              "(default: 32 bytes per KV position, at least 64 KiB)")
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
 def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
                     default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, default_mode,
-                    overwrite) -> None:
+                    max_prompt_bytes, overwrite) -> None:
     """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
     from .package import ServingOptions, package_repository
 
@@ -95,7 +97,7 @@ def package_command(model_dir, output, max_batch, max_seq_len, max_block_length,
     options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
                              max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                              instances=instances, device=device, dtype=dtype, torch_threads=threads,
-                             default_mode=default_mode)
+                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes)
     repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
                               engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
