@@ -66,6 +66,13 @@ class Acceptance:
     def rate(self) -> float:
         return self.accepted / (self.accepted + self.rejected)
 
+    @property
+    def optimistic_rate(self) -> float:
+        """The posterior mean plus one standard deviation: a request whose acceptance is still uncertain gets
+        to try drafting (else a pessimistic prior would keep everyone on ar and nobody would learn)."""
+        n = self.accepted + self.rejected
+        return min(self.rate + (self.rate * (1 - self.rate) / (n + 1)) ** 0.5, 0.999)
+
     def observe(self, matches: int, block: int, passes: int, keep: float = 1.0) -> None:
         """One verify: `matches` drafts accepted of block - 1. `keep` < 1 forgets old evidence (the
         deployment-wide estimate follows the traffic)."""
@@ -83,8 +90,9 @@ class Acceptance:
         self.dlm_tokens = total / self.dlm_weight
 
     def expected(self, block: int) -> float:
-        """Expected tokens one linear_spec step commits with this block (matched drafts + the bonus)."""
-        a = min(self.rate, 1 - 1e-9)
+        """Expected tokens one linear_spec step commits with this block (matched drafts + the bonus), at the
+        optimistic rate."""
+        a = self.optimistic_rate
         return (1 - a**block) / (1 - a)
 
 
