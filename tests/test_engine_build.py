@@ -52,6 +52,24 @@ def test_engine_directory_generates_the_checkpoint_tokens(engine, tiny, mode):
     assert [r.token_ids for r in nld.generate(prompts, **kw)] == [r.token_ids for r in tiny.generate(prompts, **kw)]
 
 
+@pytest.mark.parametrize("mode", ["ar", "dlm", "linear_spec", "auto"])
+def test_the_sampling_controls_give_the_same_generations_on_onnx_runtime(engine, tiny, mode):
+    """Filters, seeds, stop strings, stop tokens, min_tokens and logprobs are in the decoding loops, so an
+    engine build gives what the PyTorch executor gives."""
+    out, _, _ = engine
+    nld = load(out, max_batch=4, max_seq_len=512)
+    prompts = ["Tom has 12 apples.", "A pack holds 6 pens"]
+    free = tiny.generate(prompts[0], mode=mode, max_new_tokens=24, block_length=4)
+    stop = free.text[len(free.text) // 2 : len(free.text) // 2 + 2]
+    for kw in (dict(stop=[stop], min_tokens=3, logprobs=True, top_logprobs=2),
+               dict(temperature=0.8, top_k=20, top_p=0.9, min_p=0.05, seed=11, stop_token_ids=[free.token_ids[5]])):
+        want = tiny.generate(prompts, mode=mode, max_new_tokens=24, block_length=4, **kw)
+        got = nld.generate(prompts, mode=mode, max_new_tokens=24, block_length=4, **kw)
+        assert [(g.token_ids, g.text, g.finish_reason) for g in got] == [(w.token_ids, w.text, w.finish_reason) for w in want]
+        if kw.get("logprobs"):
+            assert [lp.logprob for lp in got[0].logprobs] == pytest.approx([lp.logprob for lp in want[0].logprobs], abs=1e-4)
+
+
 def test_onnx_runtime_logits_match_pytorch_for_mixed_rows(tiny, engine):
     out, _, _ = engine
     ort_ex = OnnxExecutor(out / "model.onnx", tiny.config, max_batch=3, max_seq_len=128, has_lora=True)
