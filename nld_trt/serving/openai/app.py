@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any
 
-import anyio
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -231,15 +230,17 @@ class EventStream(StreamingResponse):
     media_type = "text/event-stream"
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        async with anyio.create_task_group() as group:
-            async def produce() -> None:
-                with contextlib.suppress(OSError):  # the client went away while we wrote
-                    await self.stream_response(send)
-                group.cancel_scope.cancel()
-
-            group.start_soon(produce)
-            await self.listen_for_disconnect(receive)
-            group.cancel_scope.cancel()
+        producer = asyncio.ensure_future(self.stream_response(send))
+        listener = asyncio.ensure_future(self.listen_for_disconnect(receive))
+        try:
+            await asyncio.wait((producer, listener), return_when=asyncio.FIRST_COMPLETED)
+        finally:  # the client left (or the server stops): cancelling the producer cancels its gRPC streams
+            for task in (producer, listener):
+                task.cancel()
+            results = await asyncio.gather(producer, listener, return_exceptions=True)
+        error = results[0]
+        if isinstance(error, BaseException) and not isinstance(error, (asyncio.CancelledError, OSError)):
+            raise error
 
 
 async def until_disconnect(request: Request) -> None:

@@ -76,34 +76,51 @@ class Piece:
     logprobs: list[dict[str, Any]] | None = None
 
 
-def _first(result: Any, name: str) -> Any:
-    array = result.as_numpy(name)
-    if array is None:
-        return None
-    flat = array.reshape(-1)
-    return flat[0] if flat.size else None
+WIRE = {"INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "BOOL": "?"}
 
 
-def _string(value: Any) -> str:
-    return value.decode("utf-8", errors="replace") if isinstance(value, bytes) else ("" if value is None else str(value))
+def _decode(datatype: str, raw: bytes) -> Any:
+    """One output tensor's raw bytes as a list (BYTES: length-prefixed elements)."""
+    if datatype == "BYTES":
+        items, i = [], 0
+        while i < len(raw):
+            n = int.from_bytes(raw[i:i + 4], "little")
+            items.append(raw[i + 4:i + 4 + n])
+            i += 4 + n
+        return items
+    return np.frombuffer(raw, dtype=WIRE[datatype]).tolist()
+
+
+def outputs(result: Any) -> dict[str, list]:
+    """Every output of a tritonclient InferResult, decoded straight from the response message (one pass,
+    instead of a search through the outputs per name)."""
+    response = result.get_response()
+    if len(response.raw_output_contents) == len(response.outputs):
+        return {o.name: _decode(o.datatype, raw) for o, raw in zip(response.outputs, response.raw_output_contents)}
+    return {o.name: result.as_numpy(o.name).reshape(-1).tolist() for o in response.outputs}
+
+
+def _string(values: list | None) -> str:
+    if not values:
+        return ""
+    v = values[0]
+    return v.decode("utf-8", errors="replace") if isinstance(v, bytes) else str(v)
 
 
 def piece_from(result: Any) -> Piece:
     """A Piece from a tritonclient InferResult."""
-    ids = result.as_numpy("output_ids")
-    stats = _string(_first(result, "stats"))
-    logprobs = _string(_first(result, "logprobs"))
-    index = _first(result, "sequence_index")
+    out = outputs(result)
+    stats, logprobs = _string(out.get("stats")), _string(out.get("logprobs"))
     return Piece(
-        index=0 if index is None else int(index),
-        text=_string(_first(result, "text_output")),
-        token_ids=[] if ids is None else [int(t) for t in ids.reshape(-1)],
-        num_tokens=int(_first(result, "num_tokens") or 0),
-        nfe=int(_first(result, "nfe") or 0),
-        tpf=float(_first(result, "tpf") or 0.0),
-        finish_reason=_string(_first(result, "finish_reason")),
+        index=int(out["sequence_index"][0]) if out.get("sequence_index") else 0,
+        text=_string(out.get("text_output")),
+        token_ids=[int(t) for t in out.get("output_ids", [])],
+        num_tokens=int(out["num_tokens"][0]) if out.get("num_tokens") else 0,
+        nfe=int(out["nfe"][0]) if out.get("nfe") else 0,
+        tpf=float(out["tpf"][0]) if out.get("tpf") else 0.0,
+        finish_reason=_string(out.get("finish_reason")),
         stats=json.loads(stats) if stats else None,
-        reasoning=_string(_first(result, "reasoning_output")),
+        reasoning=_string(out.get("reasoning_output")),
         logprobs=json.loads(logprobs) if logprobs else None,
     )
 
