@@ -451,3 +451,17 @@ def test_a_unary_client_that_gives_up_frees_its_kv_slot(stack, client):
     _wait_for_cancel(stack, before)
     assert stack.metric("nld_kv_slots_in_use") == 0
     good_request_answers(client)
+
+
+def test_serve_refuses_an_openai_port_in_use_before_starting_tritonserver(tmp_path):
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = subprocess.run([sys.executable, "-m", "nld_trt.serving.cli", "serve", str(tmp_path / "no-repo"),
+                              "--openai-port", str(port)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 1 and "tritonserver" not in out.stderr.split("Error:")[0]
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--openai-port" in out.stderr

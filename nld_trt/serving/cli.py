@@ -129,15 +129,17 @@ def serve_command(repo, host, http_port, grpc_port, metrics_port, openai_port, s
     server = TritonServer(Path(repo), host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, binary=binary, extra_args=extra, log=_err)
     front = None
+    if openai_port:  # its port first: a port in use fails before tritonserver starts
+        from .openai.frontend import FrontEnd
+
+        front = FrontEnd(server.grpc_url, host=host, port=openai_port, served_model=served_model_name,
+                         max_body_bytes=max_body_bytes).bind()
     # both stop the server; SIGINT too, as a shell starts background jobs with SIGINT ignored
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(timeout=ready_timeout)
-        if openai_port:
-            from .openai.frontend import FrontEnd
-
-            front = FrontEnd(server.grpc_url, host=host, port=openai_port, served_model=served_model_name,
-                             max_body_bytes=max_body_bytes).start()
+        if front is not None:
+            front.start()
         _err(f"nld-trt: serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
              f"metrics {server.metrics_url}; Ctrl-C or SIGTERM stops")
         if front is not None:

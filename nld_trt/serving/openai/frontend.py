@@ -36,9 +36,10 @@ class FrontEnd:
         host = "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
         return f"http://{host}:{self.port}"
 
-    def _prepare(self) -> tuple[Any, socket.socket]:
-        import uvicorn
-
+    def bind(self) -> FrontEnd:
+        """Take the listening socket now (a port in use fails here, before anything else starts)."""
+        if self._socket is not None:
+            return self
         family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
         sock = socket.socket(family, socket.SOCK_STREAM)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -50,13 +51,20 @@ class FrontEnd:
                            "choose another --openai-port") from None
         sock.listen(2048)
         self.port = sock.getsockname()[1]
+        self._socket = sock
+        return self
+
+    def _prepare(self) -> Any:
+        import uvicorn
+
+        self.bind()
         app = create_app(TritonBridge(self.triton_url, self.triton_model), self.served_model, self.max_body_bytes)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=30)
-        return uvicorn.Server(config), sock
+        return uvicorn.Server(config)
 
     def start(self, timeout: float = 30.0) -> FrontEnd:
         """Serve from a background thread; returns once the front end accepts connections."""
-        self._server, self._socket = self._prepare()
+        self._server = self._prepare()
         self._thread = threading.Thread(target=self._server.run, kwargs={"sockets": [self._socket]},
                                         name="nld-openai", daemon=True)
         self._thread.start()
@@ -70,7 +78,7 @@ class FrontEnd:
 
     def serve_forever(self, announce: Callable[[str], None] | None = None) -> None:
         """Serve in this thread until SIGINT or SIGTERM (uvicorn's handlers); `announce` gets the URL."""
-        self._server, self._socket = self._prepare()
+        self._server = self._prepare()
         if announce is not None:
             announce(self.url)
         try:
