@@ -2,13 +2,18 @@
 
 Only safetensors are read, never pickles, and no checkpoint code runs. Every tensor is checked against the
 shapes `NLDConfig.expected_shapes()` derives from config.json, so a wrong or damaged file fails here with
-the tensor's name instead of deep inside a matmul.
+the tensor's name instead of deep inside a matmul. `check_model_dir` is the one check every command runs on
+its model directory before any work, so a directory that cannot be served is refused by `nld-trt package`,
+not by the server that loads it later.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import math
+import re
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -20,6 +25,25 @@ from .errors import CheckpointError
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LORA_DIR = "linear_spec_lora"
 LORA_PREFIX = "base_model.model.encoder.layers."
+ENGINE_FILE = "engine.json"  # what marks an `nld-trt build` output: a graph or plan instead of weights
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+# Run by the user, in an environment they trust: nld-trt itself never unpickles. weights_only=True keeps
+# torch's unpickler to tensors; every matching file (shards too) goes into one safetensors file.
+CONVERT = ("import glob, os, sys, torch; from safetensors.torch import save_file; d, pattern, out = sys.argv[1:]; "
+           "sd = {}; [sd.update((k, v.clone().contiguous()) for k, v in torch.load(f, weights_only=True).items()) "
+           "for f in sorted(glob.glob(os.path.join(glob.escape(d), pattern)))]; "
+           'save_file(sd, os.path.join(d, out), metadata={"format": "pt"})')
+
+
+def pickle_refusal(directory: Path, pickles: list[str], pattern: str, out: str) -> CheckpointError:
+    """Why pickled weights are refused, and the one command that converts them into `out`."""
+    command = f"python -c {shlex.quote(CONVERT)} {shlex.quote(str(directory))} {shlex.quote(pattern)} {out}"
+    return CheckpointError(
+        f"{directory} holds pickled weights ({', '.join(pickles)}) and no {out}: nld-trt never unpickles (loading "
+        f"a pickle can run code shipped with it). Convert them to safetensors in an environment you trust, then "
+        f"retry: `{command}`"
+    )
 
 
 def weight_files(directory: Path) -> dict[str, Path]:
@@ -38,10 +62,12 @@ def weight_files(directory: Path) -> dict[str, Path]:
     single = directory / "model.safetensors"
     if not single.is_file():
         found = sorted(p.name for p in directory.glob("*.safetensors"))
+        pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES and p.is_file())
+        if pickles and not found:
+            transformers = any(p.startswith("pytorch_model") and p.endswith(".bin") for p in pickles)
+            pattern = "pytorch_model*.bin" if transformers else f"*{Path(pickles[0]).suffix}"
+            raise pickle_refusal(directory, pickles, pattern, "model.safetensors")
         hint = f" (found {', '.join(found)}, but no model.safetensors.index.json)" if found else ""
-        bins = sorted(p.name for p in directory.glob("*.bin")) + sorted(p.name for p in directory.glob("*.pt"))
-        if bins and not found:
-            hint = f" (found {', '.join(bins)}: pickled weights are never loaded; convert them to safetensors)"
         raise CheckpointError(f"no model.safetensors or model.safetensors.index.json in {directory}{hint}")
     return weight_files_single(single)
 
@@ -65,10 +91,10 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
     return out
 
 
-def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str) -> None:
+def check_tensor(name: str, t: torch.Tensor, shape: tuple[int, ...], where: str, source: str = "config.json") -> None:
     if tuple(t.shape) != tuple(shape):
         raise CheckpointError(
-            f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} from config.json"
+            f"{where}: tensor {name} has shape {list(t.shape)}, expected {list(shape)} from {source}"
         )
     if t.dtype not in SUPPORTED_DTYPES:
         raise CheckpointError(
@@ -89,31 +115,141 @@ def check_names(where: str, expected: set[str], found: set[str], missing_hint: s
             raise CheckpointError(f"{where}: {what} tensors {', '.join(names[:5])}{more} ({hint})")
 
 
+def backbone_files(directory: Path, config: NLDConfig) -> dict[str, Path]:
+    """Tensor name -> file of an unquantized checkpoint, its names checked against the configuration."""
+    files = weight_files(directory)
+    check_names(str(directory), set(config.expected_shapes()), set(files),
+                missing_hint="is this an NLD checkpoint, and does config.json match it?",
+                unexpected_hint="does num_hidden_layers in config.json match the weights?")
+    return files
+
+
 def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Tensor]:
     """Every backbone and head tensor of the checkpoint, validated against the configuration."""
     directory = Path(directory)
-    files = weight_files(directory)
+    files = backbone_files(directory, config)
     expected = config.expected_shapes()
-    check_names(str(directory), set(expected), set(files),
-                missing_hint="is this an NLD checkpoint, and does config.json match it?",
-                unexpected_hint="does num_hidden_layers in config.json match the weights?")
     tensors = read_tensors(files, list(expected))
     for name, shape in expected.items():
         check_tensor(name, tensors[name], shape, str(directory))
     return tensors
 
 
+# The PEFT adapter ---------------------------------------------------------------------------------
+# adapter_config.json fields by what they do to the forward. Applied exactly: r, lora_alpha, use_rslora,
+# rank_pattern, alpha_pattern, target_modules (o_proj only), layers_to_transform (which layers have tensors).
+INERT = {"peft_type", "task_type", "auto_mapping", "peft_version", "base_model_name_or_path", "revision",
+         "inference_mode", "lora_dropout",  # dropout is off at inference
+         "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config", "qalora_group_size",
+         "runtime_config", "ensure_weight_tying"}  # initialisation or placement only
+MUST_BE_DEFAULT = {"fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False, "use_qalora": False,
+                   "modules_to_save": None, "exclude_modules": None, "layers_pattern": None, "layer_replication": None,
+                   "alora_invocation_tokens": None, "trainable_token_indices": None, "target_parameters": None,
+                   "megatron_config": None, "use_bdlora": None, "arrow_config": None, "kasa_config": None,
+                   "velora_config": None, "monteclora_config": None}
+APPLIED = {"r", "lora_alpha", "use_rslora", "rank_pattern", "alpha_pattern", "target_modules", "layers_to_transform",
+           "init_lora_weights"}
+PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")  # the others (pissa, olora, corda, loftq...) change W
+
+
+def module_key(layer: int) -> str:
+    """The o_proj's module name in the base model, as PEFT matches rank_pattern / alpha_pattern keys."""
+    return f"{LORA_PREFIX.removeprefix('base_model.model.')}{layer}.self_attn.o_proj"
+
+
+def pattern_value(patterns: dict, key: str, default):
+    """PEFT's rule: the first pattern (a regex) matching the end of the key after a dot, else the default."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
 @dataclass
 class LoRAAdapter:
-    """The linear_spec draft adapter: per layer (A [r, in], B [out, r]) and the scale alpha / r."""
+    """The linear_spec draft adapter: per layer (A [r_i, in], B [out, r_i]), scaled as PEFT scales it."""
 
     layers: dict[int, tuple[torch.Tensor, torch.Tensor]]
     rank: int
     alpha: float
+    use_rslora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def layer_rank(self, layer: int) -> int:
+        return pattern_value(self.rank_pattern, module_key(layer), self.rank)
 
     @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    def scale(self) -> dict[int, float]:
+        """Per layer: alpha / r, or alpha / sqrt(r) with rsLoRA, with that layer's rank and alpha."""
+        scales = {}
+        for i in self.layers:
+            r, alpha = self.layer_rank(i), pattern_value(self.alpha_pattern, module_key(i), self.alpha)
+            scales[i] = alpha / math.sqrt(r) if self.use_rslora else alpha / r
+        return scales
+
+
+def _empty(value) -> bool:
+    return value is None or value is False or value in ("", [], {})
+
+
+def read_adapter_config(path: Path) -> dict:
+    """adapter_config.json, refusing any option that would make PEFT's forward differ from ours."""
+    try:
+        acfg = json.loads(path.read_text())
+        rank, alpha = acfg["r"], acfg.get("lora_alpha", 8)  # PEFT's LoraConfig default
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{path} is not a valid adapter config ({e!r})") from None
+    if acfg.get("peft_type", "LORA") != "LORA":
+        raise CheckpointError(f"{path}: peft_type is {acfg['peft_type']!r}; the draft adapter must be a LORA adapter")
+    for name, default in MUST_BE_DEFAULT.items():
+        value = acfg.get(name, default)
+        if value != default and not (default is None and _empty(value)):
+            raise CheckpointError(f"{path}: {name} is {value!r}, which changes the adapter's forward in a way "
+                                  f"nld-trt does not implement (supported: {default!r})")
+    for name, value in acfg.items():
+        if name not in INERT | APPLIED | set(MUST_BE_DEFAULT) and not _empty(value):
+            raise CheckpointError(f"{path}: unknown option {name} = {value!r}; nld-trt applies only what it "
+                                  "understands, and refuses an adapter it might apply differently from PEFT")
+    init = acfg.get("init_lora_weights", True)
+    if init not in PLAIN_INITS:
+        raise CheckpointError(f"{path}: init_lora_weights is {init!r}: such an adapter is meant for modified base "
+                              "weights; convert it to a plain LoRA first (peft's path_initial_model_for_weight_conversion)")
+
+    def positive_int(name, v):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise CheckpointError(f"{path}: {name} must be a positive integer, found {v!r}")
+        return v
+
+    def number(name, v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise CheckpointError(f"{path}: {name} must be a number, found {v!r}")
+        return float(v)
+
+    def patterns(name, check):
+        value = acfg.get(name) or {}
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path}: {name} must map module-name patterns to values, found {value!r}")
+        for key in value:
+            try:
+                re.compile(key)
+            except re.error as e:
+                raise CheckpointError(f"{path}: {name} key {key!r} is not a valid regular expression ({e})") from None
+        return {key: check(f"{name}[{key!r}]", v) for key, v in value.items()}
+
+    targets = acfg.get("target_modules", ["o_proj"])
+    if targets not in ("o_proj", ["o_proj"]):
+        raise CheckpointError(f"{path}: target_modules is {targets}; the NLD draft adapter targets only o_proj")
+    use_rslora = acfg.get("use_rslora", False)
+    if not isinstance(use_rslora, bool):
+        raise CheckpointError(f"{path}: use_rslora must be true or false, found {use_rslora!r}")
+    layers = acfg.get("layers_to_transform")
+    layers = [layers] if isinstance(layers, int) else layers
+    if layers is not None and not (isinstance(layers, list) and all(isinstance(i, int) for i in layers)):
+        raise CheckpointError(f"{path}: layers_to_transform must be a layer index or a list of them, found {layers!r}")
+    return {"rank": positive_int("r", rank), "alpha": number("lora_alpha", alpha), "use_rslora": use_rslora,
+            "rank_pattern": patterns("rank_pattern", positive_int), "alpha_pattern": patterns("alpha_pattern", number),
+            "layers_to_transform": layers}
 
 
 def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
@@ -123,21 +259,14 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         return None
     where = str(root)
     cfg_path, weights_path = root / "adapter_config.json", root / "adapter_model.safetensors"
+    if not weights_path.is_file() and (root / "adapter_model.bin").is_file():
+        raise pickle_refusal(root, ["adapter_model.bin"], "adapter_model.bin", weights_path.name)
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise CheckpointError(f"{where}: {p.name} is missing (a PEFT adapter needs both files)")
-    try:
-        acfg = json.loads(cfg_path.read_text())
-        rank, alpha = int(acfg["r"]), float(acfg.get("lora_alpha", acfg["r"]))
-        targets = acfg.get("target_modules", ["o_proj"])
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise CheckpointError(f"{cfg_path} is not a valid adapter config ({e!r})") from None
-    if rank < 1:
-        raise CheckpointError(f"{cfg_path}: r must be >= 1, found {rank}")
-    if isinstance(targets, str):
-        targets = [targets]
-    if list(targets) != ["o_proj"]:
-        raise CheckpointError(f"{cfg_path}: target_modules is {targets}; the NLD draft adapter targets only o_proj")
+    acfg = read_adapter_config(cfg_path)
+    only = acfg.pop("layers_to_transform")
+    adapter = LoRAAdapter({}, **acfg)
     files = weight_files_single(weights_path)
     q = config.num_attention_heads * config.head_dim
     layers: dict[int, dict[str, torch.Tensor]] = {}
@@ -155,8 +284,11 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         ):
             raise CheckpointError(f"{where}: unexpected adapter tensor {name}")
         i, which = int(parts[0]), parts[3]
-        shape = (rank, q) if which == "lora_A" else (config.hidden_size, rank)
-        check_tensor(name, t, shape, where)
+        if only is not None and i not in only:
+            raise CheckpointError(f"{cfg_path}: layers_to_transform is {only}, but the adapter holds layer {i}")
+        r = adapter.layer_rank(i)
+        shape = (r, q) if which == "lora_A" else (config.hidden_size, r)
+        check_tensor(name, t, shape, where, source=f"{cfg_path.name} (r = {r} for {module_key(i)}) and config.json")
         layers.setdefault(i, {})[which] = t
     if not layers:
         raise CheckpointError(f"{where}: the adapter holds no o_proj LoRA tensors")
@@ -164,7 +296,31 @@ def load_lora(directory: str | Path, config: NLDConfig) -> LoRAAdapter | None:
         for which in ("lora_A", "lora_B"):
             if which not in ab:
                 raise CheckpointError(f"{where}: layer {i} has no {which} tensor")
-    return LoRAAdapter({i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}, rank, alpha)
+    adapter.layers = {i: (ab["lora_A"], ab["lora_B"]) for i, ab in layers.items()}
+    return adapter
+
+
+def check_model_dir(directory: str | Path, lora: bool = True) -> NLDConfig:
+    """The check every command runs on its model directory (`--model`, build's `--checkpoint`, `package`)
+    before any work: it exists, config.json and the tokenizer are valid, the weights are safetensors whose
+    headers hold the tensors config.json needs (an `nld-trt build` output holds a graph instead), and, with
+    `lora`, a `linear_spec_lora/` adapter is valid. Reads file headers and the small adapter, not the weights."""
+    from .tokenizer import NLDTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CheckpointError(f"model directory {directory} does not exist")
+    config = NLDConfig.from_file(directory)
+    NLDTokenizer(directory)
+    if (directory / ENGINE_FILE).is_file():
+        return config
+    if config.quantization_config is None:
+        backbone_files(directory, config)
+    else:  # a ModelOpt export: its tensor names depend on the recipe, checked when nld_trt.quant loads it
+        weight_files(directory)
+    if lora:
+        load_lora(directory, config)
+    return config
 
 
 def weight_files_single(path: Path) -> dict[str, Path]:
@@ -232,6 +388,9 @@ def save_lora(directory: Path, lora: LoRAAdapter, config: NLDConfig) -> None:
         "task_type": "CAUSAL_LM",
         "r": lora.rank,
         "lora_alpha": lora.alpha,
+        "use_rslora": lora.use_rslora,
+        "rank_pattern": lora.rank_pattern,
+        "alpha_pattern": lora.alpha_pattern,
         "lora_dropout": 0.0,
         "bias": "none",
         "target_modules": ["o_proj"],

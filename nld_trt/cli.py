@@ -32,10 +32,19 @@ def cli() -> None:
 @click.option("--threshold", type=float, default=None, help="confidence threshold (default 0.9 dlm, 0.0 linear_spec)")
 @click.option("--max-new-tokens", type=int, default=128, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy")
+@click.option("--top-k", type=int, default=0, show_default=True, help="sampling: keep the k most likely tokens (0: off)")
+@click.option("--top-p", type=float, default=1.0, show_default=True, help="sampling: nucleus mass (1: off)")
+@click.option("--min-p", type=float, default=0.0, show_default=True, help="sampling: drop tokens under min-p x the top one")
+@click.option("--stop", multiple=True, help="stop string (repeatable): the text ends just before the first one")
+@click.option("--min-tokens", type=int, default=0, show_default=True, help="no EOS before this many tokens")
+@click.option("--logprobs", is_flag=True, help="print each token's log-probability")
+@click.option("--top-logprobs", type=int, default=0, show_default=True, help="with --logprobs: the N likeliest others")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
 @click.option("--acceptance", default="speculative", show_default=True,
-              help="linear_spec at temperature > 0: speculative (distribution-preserving) | official")
+              help="linear_spec at temperature > 0: speculative (accepts more) | official (the reference's); both exact")
+@click.option("--draft", default="repeat", show_default=True,
+              help="linear_spec with --threshold > 0: repeat (passes until no MASK is left) | once")
 @click.option("--max-thinking-tokens", type=int, default=None, help="thinking budget (needs an end-think token)")
 @click.option("--end-think-token", default="[/THINK]", show_default=True, help="token that closes thinking")
 @click.option("--think/--no-think", default=False, show_default=True, help="enable_thinking in the chat template")
@@ -43,12 +52,18 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, prompt_token_ids, stats")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
-def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, seed, lora, acceptance,
-             max_thinking_tokens, end_think_token, think, raw, as_json, device, dtype) -> None:
+def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
+             min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, max_thinking_tokens, end_think_token,
+             think, raw, as_json, device, dtype) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
-    from .runtime import load
+    from pathlib import Path
 
-    model = load(model_dir, device=device, dtype=dtype, max_batch=1, lora=lora)
+    from .checkpoint import check_model_dir
+    from .runtime import default_model_path, load
+
+    path = default_model_path() if model_dir is None else Path(model_dir)
+    check_model_dir(path, lora=lora)
+    model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora)
     end_think_id = None
     if max_thinking_tokens is not None:
         end_think_id = model.tokenizer.token_id(end_think_token)
@@ -63,9 +78,17 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         threshold=threshold,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        stop=list(stop),
+        min_tokens=min_tokens,
+        logprobs=logprobs,
+        top_logprobs=top_logprobs,
         seed=seed,
         lora=lora,
         acceptance=acceptance,
+        draft=draft,
         max_thinking_tokens=max_thinking_tokens,
         end_think_token_id=end_think_id,
     )
@@ -73,14 +96,38 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         click.echo(json.dumps(result.as_dict()))
         return
     click.echo(result.text)
+    console = _console()
+    if result.logprobs is not None:
+        _print_logprobs(console, model.tokenizer, result.logprobs)
     s = result.stats
     extra = ""
     if s.accepted_per_step:
         extra = f"  mean accepted {sum(s.accepted_per_step) / len(s.accepted_per_step):.2f}"
-    _console().print(
-        f"[dim]{mode}: {s.tokens} tokens, {s.nfe} forwards, TPF {s.tpf:.2f}, "
-        f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, finish {result.finish_reason}[/dim]"
+    stop_reason = f" ({result.stop_reason!r})" if result.stop_reason is not None else ""
+    console.print(
+        f"[dim]{mode}: {s.tokens} tokens, {nfe_phrase(s.as_dict())}, "
+        f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, "
+        f"finish {result.finish_reason}{stop_reason}[/dim]"
     )
+
+
+def nfe_phrase(stats: dict) -> str:
+    """NFE and TPF as printed everywhere, with the reference's count beside ours where they differ (dlm:
+    the reference leaves the prefill out)."""
+    phrase = f"{stats.get('nfe', 0)} forwards, TPF {stats.get('tpf', 0):.2f}"
+    if stats.get("nfe_reference", stats.get("nfe")) != stats.get("nfe"):
+        phrase += f" (as the reference counts: {stats['nfe_reference']} forwards, TPF {stats['tpf_reference']:.2f})"
+    return phrase
+
+
+def _print_logprobs(console, tokenizer, logprobs) -> None:
+    from rich.table import Table
+
+    table = Table("token", "logprob", "most likely", box=None, header_style="dim")
+    for lp in logprobs:
+        others = ", ".join(f"{tokenizer.token_text(t)!r} {v:.2f}" for t, v in lp.top)
+        table.add_row(repr(tokenizer.token_text(lp.token_id)), f"{lp.logprob:.3f}", others)
+    console.print(table)
 
 
 @cli.command()
@@ -88,13 +135,12 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object")
 def info(model_dir, as_json) -> None:
     """Print a checkpoint's parsed configuration and parameter count."""
-    from .checkpoint import load_lora
-    from .config import NLDConfig
+    from .checkpoint import check_model_dir, load_lora
     from .runtime import default_model_path
     from .tokenizer import NLDTokenizer
 
     path = default_model_path() if model_dir is None else model_dir
-    config = NLDConfig.from_file(path)
+    config = check_model_dir(path)
     tokenizer = NLDTokenizer(path)
     lora = load_lora(path, config)
     data = {

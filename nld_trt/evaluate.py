@@ -222,7 +222,8 @@ def evaluate(
 @click.command("eval")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
               help="checkpoint directory (default: the embedded tiny NLD model)")
-@click.option("--tasks", required=True, help="comma-separated: built-in set names (gsm_synth) or JSONL paths")
+@click.option("--tasks", default="gsm_synth", show_default=True,
+              help="comma-separated: built-in set names (gsm_synth, the embedded model's held-out set) or JSONL paths")
 @click.option("--mode", default="ar", show_default=True, type=click.Choice(["ar", "dlm", "linear_spec"]))
 @click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="only the first N problems of each task")
@@ -239,8 +240,11 @@ def evaluate(
 def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, batch_size, max_new_tokens,
                  question_field, answer_field, device, dtype, as_json, output) -> None:
     """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
-    from .runtime import load
+    from .checkpoint import check_model_dir
+    from .runtime import default_model_path, load
 
+    model_dir = default_model_path() if model_dir is None else Path(model_dir)
+    check_model_dir(model_dir, lora=lora)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise NLDError("--tasks names no task")

@@ -235,13 +235,16 @@ class NLDModel(nn.Module):
         return self.diffusion_head(hidden)
 
     # ----------------------------------------------------------------------------------------------
-    def set_lora(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None, scale: float = 1.0) -> None:
-        """Install (or with None remove) the draft adapter: {layer: (A [r, in], B [out, r])}."""
+    def set_lora(self, layers: dict[int, tuple[torch.Tensor, torch.Tensor]] | None,
+                 scale: float | dict[int, float] = 1.0) -> None:
+        """Install (or with None remove) the draft adapter: {layer: (A [r, in], B [out, r])}, with one scale
+        or one per layer (PEFT's rank / alpha patterns)."""
         p = next(self.parameters())
         for i, layer in enumerate(self.encoder.layers):
             ab = (layers or {}).get(i)
+            s = scale[i] if isinstance(scale, dict) else scale
             layer.self_attn.lora = (
-                None if ab is None else LoRA(ab[0].to(p.device, p.dtype), ab[1].to(p.device, p.dtype), scale)
+                None if ab is None else LoRA(ab[0].to(p.device, p.dtype), ab[1].to(p.device, p.dtype), s)
             )
 
     @property

@@ -11,6 +11,7 @@ import torch
 from .checkpoint import LoRAAdapter, load_lora, load_weights
 from .config import NLDConfig
 from .decoding import SEQUENCE_TYPES, GenerationParams, Stats, run
+from .decoding.sequence import TokenLogprob
 from .errors import CheckpointError, GenerationError
 from .executors import TorchExecutor
 from .model import NLDModel, Rotary
@@ -29,18 +30,25 @@ class GenerationResult:
     token_ids: list[int]
     prompt_token_ids: list[int]
     mode: str
-    finish_reason: str
+    finish_reason: str  # eos | length | stop
     stats: Stats
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it
+    logprobs: list[TokenLogprob] | None = None  # with logprobs=True: one per token id
 
     def as_dict(self) -> dict[str, Any]:
-        return {
+        d = {
             "text": self.text,
             "token_ids": self.token_ids,
             "prompt_token_ids": self.prompt_token_ids,
             "mode": self.mode,
             "finish_reason": self.finish_reason,
+            "stop_reason": self.stop_reason,
             "stats": self.stats.as_dict(),
         }
+        if self.logprobs is not None:
+            d["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                              "top_logprobs": [list(t) for t in lp.top]} for lp in self.logprobs]
+        return d
 
 
 def build_model(config: NLDConfig, tensors: dict[str, torch.Tensor], device: str | torch.device, dtype) -> NLDModel:
@@ -163,16 +171,21 @@ class NLD:
         for x in ids:
             self.check_fits(len(x), p, "shorten the prompt, lower max_new_tokens, or load with a larger max_seq_len")
         seq_type = SEQUENCE_TYPES[p.mode]
-        seqs = [seq_type(x, p, self.config, p.seed + i) for i, x in enumerate(ids)]
+        seqs = [seq_type(x, p, self.config, p.seed + i, self.tokenizer.decode) for i, x in enumerate(ids)]
         run(self.executor, seqs)
+        failed = [s for s in seqs if s.error is not None]
+        if failed:
+            raise GenerationError(f"generation failed: {failed[0].error}")
         results = [
             GenerationResult(
-                text=self.tokenizer.decode(s.out),
+                text=s.text(),
                 token_ids=s.out,
                 prompt_token_ids=s.prompt,
                 mode=p.mode,
                 finish_reason=s.finish_reason or "length",
                 stats=s.stats,
+                stop_reason=s.stop_reason,
+                logprobs=s.logprobs if p.logprobs else None,
             )
             for s in seqs
         ]

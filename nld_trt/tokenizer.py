@@ -55,7 +55,8 @@ class NLDTokenizer:
         return v if isinstance(v, str) else None
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        # encode_batch releases the GIL while it works, so a long prompt does not stall the decoding thread
+        return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -68,18 +69,61 @@ class NLDTokenizer:
                 "this checkpoint has no chat template (chat_template.jinja or tokenizer_config.json): "
                 "pass the prompt raw (--raw / chat=False)"
             )
+        from jinja2.exceptions import SecurityError, TemplateError, TemplateSyntaxError
         from transformers.utils.chat_template_utils import render_jinja_template
 
         specials = {k: self.special_token(k) for k in ("bos_token", "eos_token", "pad_token", "unk_token")}
-        rendered, _ = render_jinja_template(
-            conversations=[messages],
-            chat_template=self.chat_template,
-            add_generation_prompt=add_generation_prompt,
-            **{k: v for k, v in specials.items() if v is not None},
-            **kwargs,
-        )
+        try:
+            rendered, _ = render_jinja_template(
+                conversations=[messages],
+                chat_template=self.chat_template,
+                add_generation_prompt=add_generation_prompt,
+                **{k: v for k, v in specials.items() if v is not None},
+                **kwargs,
+            )
+        except SecurityError as e:  # the sandbox stopped it before the forbidden access: nothing ran
+            raise CheckpointError(
+                f"the checkpoint's chat template tried something the Jinja sandbox forbids (SecurityError: {str(e).rstrip('.')}); "
+                "nothing ran. Use a trusted chat template, or pass the prompt raw (--raw / chat=False)"
+            ) from None
+        except TemplateSyntaxError as e:
+            raise CheckpointError(f"the checkpoint's chat template is not valid Jinja (line {e.lineno}: {e.message}); "
+                                  "fix chat_template.jinja or pass the prompt raw (--raw / chat=False)") from None
+        except TemplateError as e:  # raise_exception(...) in the template, or an undefined value it needs
+            raise GenerationError(f"the chat template refused this conversation: {e}") from None
+        except (ArithmeticError, LookupError, TypeError, ValueError, RecursionError) as e:  # a template bug
+            raise CheckpointError(f"the checkpoint's chat template failed ({type(e).__name__}: {e}); fix "
+                                  "chat_template.jinja or pass the prompt raw (--raw / chat=False)") from None
         return rendered[0]
 
     def encode_chat(self, messages: list[dict[str, Any]], **kwargs: Any) -> list[int]:
         """Token ids of a conversation rendered with the chat template and a generation prompt."""
         return self.encode(self.apply_chat_template(messages, **kwargs), add_special_tokens=False)
+
+    # single tokens, for per-token log-probabilities ---------------------------------------------
+    def token_text(self, token_id: int) -> str:
+        """One token's text (special tokens included; a partial UTF-8 character shows as U+FFFD)."""
+        return self._tok.decode([token_id], skip_special_tokens=False)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's raw bytes: byte-level tokens map back through the byte alphabet."""
+        piece = self._tok.id_to_token(token_id)
+        if piece is not None and type(self._tok.decoder).__name__ == "ByteLevel" and all(c in _UNICODE_TO_BYTE for c in piece):
+            return bytes(_UNICODE_TO_BYTE[c] for c in piece)
+        return self.token_text(token_id).encode("utf-8")
+
+
+def _byte_alphabet() -> dict[str, int]:
+    """The byte-level BPE alphabet (GPT-2's): printable bytes stand for themselves, the rest from U+0100."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), 256)]
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            chars[chr(b)] = b
+        else:
+            chars[chr(256 + extra)] = b
+            extra += 1
+    return chars
+
+
+_UNICODE_TO_BYTE = _byte_alphabet()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from nld_trt.decoding.select import accept_greedy, accept_speculative, candidates, dlm_fill
+from nld_trt.decoding.select import Sampling, accept_greedy, accept_speculative, candidates, dlm_fill
 
 PROMPT = [1, 40, 41, 42, 43]
 
@@ -88,8 +88,38 @@ def test_dlm_fill_takes_the_most_confident_and_those_above_threshold():
 def test_gumbel_candidates_sample_softmax_over_temperature():
     logits = torch.tensor([[2.0, 1.0, 0.0]]).repeat(20000, 1)
     g = torch.Generator().manual_seed(1)
-    tokens, conf = candidates(logits, temperature=0.5, generator=g)
+    tokens, conf = candidates(logits, Sampling(temperature=0.5), generator=g)
     freq = torch.bincount(tokens, minlength=3).float() / len(tokens)
     expected = torch.softmax(logits[0] / 0.5, -1)
     assert (freq - expected).abs().max() < 0.01
     assert torch.allclose(conf[tokens == 0], torch.softmax(logits[0], -1)[0].expand(int((tokens == 0).sum())))
+
+
+def test_dlm_does_not_force_end_think_when_an_earlier_position_of_the_block_ended_thinking(tiny):
+    """Budget m = 3 inside the first block; the model fills position 2 with end-think during denoising:
+    index 3 is no longer forced (thinking ended once) and is denoised like any other position."""
+    from nld_trt.decoding.dlm import DLMSequence
+    from nld_trt.decoding.params import GenerationParams
+
+    v, end, a, b, c, y = tiny.config.vocab_size, 35, 50, 51, 52, 53
+
+    def rows(*tokens):  # block-pass logits whose position j strongly prefers tokens[j-1] (llada: own position)
+        logits = torch.zeros(4, v)
+        for j, (tok, height) in enumerate(tokens, start=1):
+            if tok is not None:
+                logits[j, tok] = height
+        return logits
+
+    params = GenerationParams(mode="dlm", block_length=4, threshold=0.9, max_new_tokens=8, eos_token_ids=(),
+                              max_thinking_tokens=3, end_think_token_id=end).resolved(tiny.config)
+    seq = DLMSequence([1, 2, 3], params, tiny.config, seed=0)
+    first = torch.zeros(v)
+    first[a] = 20.0
+    seq.start(first)
+    assert seq.next_chunk().tokens == [a, tiny.config.mask_token_id, tiny.config.mask_token_id, end]  # forced
+    # pass 1: only position 2 is confident, and it is end-think
+    seq.consume(rows((b, 1.0), (end, 30.0), (None, 0)))
+    assert seq.next_chunk().tokens[3] == tiny.config.mask_token_id  # the forced end-think was taken back
+    seq.consume(rows((b, 30.0), (None, 0), (y, 30.0)))
+    assert seq.out == [a, b, end, y]
+    assert seq.out.count(end) == 1

@@ -134,3 +134,10 @@ def test_eval_command_bad_task_is_a_clear_error(tiny_dir):
     result = CliRunner().invoke(eval_command, ["--model", str(tiny_dir), "--tasks", "nope"])
     assert result.exit_code != 0
     assert isinstance(result.exception, NLDError) and "unknown task" in str(result.exception)
+
+
+def test_eval_defaults_to_the_embedded_model_and_its_evaluation_set():
+    result = CliRunner().invoke(eval_command, ["--mode", "ar", "--limit", "2", "--max-new-tokens", "4", "--json"])
+    assert result.exit_code == 0, result.output
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(s["task"], s["problems"], s["mode"]) for s in summaries] == [("gsm_synth", 2, "ar")]

@@ -10,27 +10,32 @@ import pytest
 
 from nld_trt.errors import GenerationError
 from nld_trt.serving.backend import Scheduler, Update
-from nld_trt.serving.protocol import Limits, gather, prepare
+from nld_trt.serving.protocol import INPUT_TYPES, Limits, gather, prepare
 
 LIMITS = Limits(max_tokens_cap=64, default_max_tokens=16, streaming=True)
 
 
+NUMPY = {"TYPE_STRING": np.object_, "TYPE_BOOL": np.bool_, "TYPE_INT32": np.int32, "TYPE_INT64": np.int64,
+         "TYPE_UINT64": np.uint64, "TYPE_FP32": np.float32, "TYPE_FP16": np.float16}
+
+
 def fields(**kw):
-    """Inputs as the Triton backend hands them over: [1, 1] arrays."""
+    """Inputs as the Triton backend hands them over: [1, 1] arrays of the declared type ([1, N] for lists)."""
     arrays = {}
     for k, v in kw.items():
-        dtype = {str: np.object_, bytes: np.object_, bool: np.bool_, int: np.int32, float: np.float32}[type(v)]
-        arrays[k] = np.array([[v.encode() if isinstance(v, str) else v]], dtype=dtype)
+        items = v if isinstance(v, list) else [v]
+        items = [x.encode() if isinstance(x, str) else x for x in items]
+        arrays[k] = np.array([items], dtype=NUMPY[INPUT_TYPES[k].dtype])
     return gather(arrays, None)
 
 
 @pytest.mark.parametrize("request_fields, message", [
     (dict(text_input="hi", mode="foo"), "unknown mode 'foo'"),
-    (dict(text_input="hi", max_tokens=0), "max_tokens must be a positive integer"),
+    (dict(text_input="hi", max_tokens=0), r"max_tokens must be an integer in \[1, 2147483647\], got 0"),
     (dict(text_input="hi", max_tokens=65), "over this deployment's cap of 64"),
     (dict(text_input="hi", block_length=0), "block_length must be an integer"),
     (dict(text_input="hi", block_length=4096), "block_length must be an integer"),
-    (dict(text_input="hi", threshold=1.5), r"threshold must be in \[0, 1\]"),
+    (dict(text_input="hi", threshold=1.5), r"threshold must be a number in \[0, 1\], got 1.5"),
     (dict(max_tokens=4), "missing text_input"),
     (dict(text_input=b"ok \xff\xfe"), r"not valid UTF-8 \(byte 0xff at position 3\)"),
     (dict(text_input="hi " * 600), "needs .* KV-cache positions, more than the 512"),
@@ -61,7 +66,7 @@ def test_fields_map_to_generation_params(tiny):
     assert p.prompt_ids == tiny.encode("hi") and not p.stream
     # request parameters fill gaps, input tensors win, random_seed is TensorRT-LLM's name for seed
     g = gather({"mode": np.array([[b"ar"]], dtype=np.object_), "random_seed": np.array([[7]], dtype=np.uint64)},
-               '{"mode": "dlm", "max_tokens": 3, "text_input": "hi", "unrelated": 1}')
+               '{"mode": "dlm", "max_tokens": 3, "text_input": "hi"}')
     assert g == {"mode": b"ar", "max_tokens": 3, "text_input": "hi", "seed": 7}
     raw = prepare(tiny, fields(text_input="hi", chat=False), LIMITS)
     assert raw.prompt_ids == tiny.encode("hi", chat=False) != p.prompt_ids

@@ -12,10 +12,11 @@ class ARSequence(Sequence):
     mode = "ar"
 
     def _next_token(self, logits: torch.Tensor) -> None:
-        forced = self.forced(len(self.out))
-        token = forced if forced is not None else int(self.pick(logits[None])[0][0])
+        index = len(self.out)
+        forced = self.forced(index)
+        token = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
         self.pending = token
-        self.append([token])
+        self.append([token], self.law_if_logged(logits[None], index, forced))
 
     def start(self, last_logits: torch.Tensor) -> None:
         self._next_token(last_logits)

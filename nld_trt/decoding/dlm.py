@@ -9,6 +9,10 @@ Two things the reference does differently without changing any returned token: i
 beyond max_new_tokens (we stop once every returned position is decided; the fill order of the earlier
 positions is the same), and it runs the commit pass of the final block (we skip it: it only yields the
 next block's first token). NFE counts the passes that run.
+
+One thing it does differently on purpose: the thinking budget writes end-think at the budget's offset when
+the block starts, and we take it back out (the position is denoised like any other) as soon as an earlier
+position of the same block is filled with end-think, so thinking never ends twice.
 """
 
 from __future__ import annotations
@@ -27,10 +31,11 @@ class DLMSequence(Sequence):
         self._begin_block(last_logits)
 
     def _begin_block(self, logits: torch.Tensor) -> None:
-        forced = self.forced(len(self.out))
-        t0 = forced if forced is not None else int(self.pick(logits[None])[0][0])
-        self.block_start = len(self.out)  # output index of t0
-        self.append([t0])
+        index = len(self.out)
+        forced = self.forced(index)
+        t0 = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
+        self.block_start = index  # output index of t0
+        self.append([t0], self.law_if_logged(logits[None], index, forced))
         if self.done:
             return
         b = self.params.block_length
@@ -38,10 +43,13 @@ class DLMSequence(Sequence):
         self.block[0] = t0
         self.fixed = torch.zeros(b, dtype=torch.bool)
         self.fixed[0] = True
+        self.laws: list[torch.Tensor | None] = [None] * b  # the law each position was filled from
+        self.forced_at = None  # block position of a forced end-think
         m = self.params.max_thinking_tokens
         if m is not None and 0 < m - self.block_start < b and self.forced(m) is not None:
-            self.block[m - self.block_start] = self.params.end_think_token_id
-            self.fixed[m - self.block_start] = True
+            self.forced_at = m - self.block_start
+            self.block[self.forced_at] = self.params.end_think_token_id
+            self.fixed[self.forced_at] = True
         self.passes = 0
         self.committing = False
         if self._decided():
@@ -59,7 +67,14 @@ class DLMSequence(Sequence):
 
     def _finish_block(self) -> None:
         self.stats.passes_per_block.append(self.passes)
-        self.append(self.block[1:].tolist())
+        laws = None
+        if self.params.logprobs:
+            if self.forced_at is not None:
+                self.laws[self.forced_at] = self.point_law(self.params.end_think_token_id)
+            # positions left masked lie past an EOS or max_new_tokens, where append stops
+            decided = [p for p in self.laws[1:] if p is not None]
+            laws = torch.stack(decided) if decided else None
+        self.append(self.block[1:].tolist(), laws)
         self.committing = not self.done
 
     def next_chunk(self) -> Chunk:
@@ -70,11 +85,22 @@ class DLMSequence(Sequence):
             self._begin_block(logits[self.params.block_length - 1])
             return self.params.block_length
         self.passes += 1
-        tokens, conf = self.pick(self.align(logits))
+        rows = self.align(logits)
+        tokens, conf = self.draw(rows, self.block_start + 1)
         masked = ~self.fixed[1:]
         fill = dlm_fill(masked, conf, self.params.threshold, fill_all=self.passes >= self.params.steps_per_block)
         self.block[1:][fill] = tokens[fill]
         self.fixed[1:] |= fill
+        if self.params.logprobs:
+            pass_laws = self.law(rows, self.block_start + 1).cpu()
+            for j in fill.nonzero()[:, 0].tolist():
+                self.laws[j + 1] = pass_laws[j]
+        end = self.params.end_think_token_id
+        if self.forced_at is not None and bool((self.block[1 : self.forced_at] == end).any()):
+            # thinking already ended earlier in this block: the budget's end-think is not needed
+            self.block[self.forced_at] = self.mask_id
+            self.fixed[self.forced_at] = False
+            self.forced_at = None
         if self._decided():
             self._finish_block()
         return 0

@@ -5,6 +5,9 @@ executor's prefill chunk go in pieces), then step together: each step gathers ev
 chunk, runs one forward per chunk length (rows have their own pattern, LoRA switch and committed length),
 hands each sequence its logits and commits what it accepted. Finished sequences leave at once and their
 slots go to waiting ones.
+
+A failure is kept to the sequences it touches: one whose own rule raises fails alone, and a forward pass
+that raises fails the rows it was computing; every other sequence carries on.
 """
 
 from __future__ import annotations
@@ -26,23 +29,44 @@ SEQUENCE_TYPES: dict[str, type[Sequence]] = {
 }
 
 
+def _failed(seq: Sequence, error: Exception) -> None:
+    seq.fail(f"{type(error).__name__}: {error}")
+
+
+def _guarded(executor: Executor, seqs: list[Sequence], slots: list[int], chunks: list[Chunk],
+             all_logits: bool = True):
+    """executor.forward, or None after failing every sequence of the pass if it raises."""
+    try:
+        return executor.forward(slots, chunks, all_logits=all_logits)
+    except Exception as e:  # noqa: BLE001 - a device or executor error fails only this pass's rows
+        for s in seqs:
+            _failed(s, e)
+        return None
+
+
 def prefill(executor: Executor, seqs: list[Sequence]) -> None:
     """Causal passes over the prompts, committed; each sequence then takes its first token."""
     start = time.perf_counter()
     done = [0] * len(seqs)
     piece = executor.max_prefill_chunk
     while True:
-        rows = [i for i, s in enumerate(seqs) if done[i] < len(s.prompt)]
+        rows = [i for i, s in enumerate(seqs) if done[i] < len(s.prompt) and not s.done]
         if not rows:
             break
         chunks = [Chunk(seqs[i].prompt[done[i] : done[i] + piece]) for i in rows]
-        logits = executor.forward([seqs[i].slot for i in rows], chunks, all_logits=False)
+        logits = _guarded(executor, [seqs[i] for i in rows], [seqs[i].slot for i in rows], chunks, False)
+        if logits is None:
+            continue
         for r, i in enumerate(rows):
-            executor.commit(seqs[i].slot, len(chunks[r].tokens))
+            s = seqs[i]
+            executor.commit(s.slot, len(chunks[r].tokens))
             done[i] += len(chunks[r].tokens)
-            if done[i] == len(seqs[i].prompt):
-                seqs[i].stats.nfe += 1
-                seqs[i].start(logits[r])
+            if done[i] == len(s.prompt):
+                s.stats.nfe += 1
+                try:
+                    s.start(logits[r])
+                except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
+                    _failed(s, e)
     elapsed = time.perf_counter() - start
     for s in seqs:
         s.stats.prefill_s = elapsed
@@ -50,16 +74,26 @@ def prefill(executor: Executor, seqs: list[Sequence]) -> None:
 
 def step(executor: Executor, seqs: list[Sequence]) -> None:
     """One decoding step for every sequence: one forward per distinct chunk length."""
-    chunks = [s.next_chunk() for s in seqs]
+    chunks: dict[int, Chunk] = {}
+    for i, s in enumerate(seqs):
+        try:
+            chunks[i] = s.next_chunk()
+        except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
+            _failed(s, e)
     by_len: dict[int, list[int]] = {}
-    for i, c in enumerate(chunks):
+    for i, c in chunks.items():
         by_len.setdefault(len(c.tokens), []).append(i)
     for rows in by_len.values():
-        logits = executor.forward([seqs[i].slot for i in rows], [chunks[i] for i in rows])
+        logits = _guarded(executor, [seqs[i] for i in rows], [seqs[i].slot for i in rows], [chunks[i] for i in rows])
+        if logits is None:
+            continue
         for r, i in enumerate(rows):
             s = seqs[i]
             s.stats.nfe += 1
-            executor.commit(s.slot, s.consume(logits[r, : len(chunks[i].tokens)]))
+            try:
+                executor.commit(s.slot, s.consume(logits[r, : len(chunks[i].tokens)]))
+            except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
+                _failed(s, e)
 
 
 class Batcher:

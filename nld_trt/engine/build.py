@@ -18,10 +18,10 @@ from pathlib import Path
 import onnx
 import torch
 
+from ..checkpoint import ENGINE_FILE, check_model_dir
 from ..errors import NLDError
 from ..fileutil import atomic_directory
 
-ENGINE_FILE = "engine.json"
 GRAPH_FILE = "model.onnx"
 PLAN_FILE = "nld.plan"
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
@@ -111,6 +111,7 @@ def build(options: BuildOptions, progress: Callable[[str], None] = print) -> Bui
     for name in ("max_batch", "max_seq_len", "max_block"):
         if getattr(options, name) < 1:
             raise NLDError(f"--{name.replace('_', '-')} must be a positive integer")
+    check_model_dir(options.checkpoint)
     progress(f"load {options.checkpoint}")
     nld = load(options.checkpoint, max_batch=len(VERIFY_PROMPTS), max_seq_len=256, dtype="float32")
     dtype = DTYPES[options.dtype]

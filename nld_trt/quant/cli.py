@@ -134,12 +134,17 @@ def quantize_command(
     exported in the unified Hugging Face format, then compared with the original (accuracy and TPF)."""
     import os
     import warnings
+    from pathlib import Path
 
     import torch
     from rich.console import Console
 
+    from ..checkpoint import check_model_dir
+    from ..runtime import default_model_path
     from .pipeline import QuantizeOptions, quantize_checkpoint
 
+    model_dir = default_model_path() if model_dir is None else Path(model_dir)
+    check_model_dir(model_dir)
     console = Console(stderr=True, highlight=False)
     if not os.environ.get("NLD_TRT_VERBOSE"):  # ModelOpt's version and tensor-copy notices are not ours to fix
         warnings.filterwarnings("ignore", category=UserWarning, module="modelopt")

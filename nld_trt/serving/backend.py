@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from ..decoding import SEQUENCE_TYPES, Batcher, Sequence
+from ..decoding.sequence import TokenLogprob
 from ..errors import CheckpointError
 from ..runtime import NLD, load
 from .protocol import Prepared
@@ -60,24 +61,49 @@ class Sink(Protocol):
 
 @dataclass
 class Update:
-    text: str  # the new text (streaming: the delta since the last update)
+    text: str  # the new text (streaming: the delta since the last update); the answer only with reasoning split
     token_ids: list[int]
     num_tokens: int
     nfe: int
     tpf: float
-    final: bool
+    final: bool  # the request's last response (Triton's final flag)
+    finished: bool = False  # this sequence's last response
+    sequence_index: int = 0
     finish_reason: str = ""
     stats: dict[str, Any] | None = None
+    reasoning: str = ""  # with separate_reasoning: the new thinking text
+    logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token in token_ids
+    cum_logprob: float = 0.0
+    num_input_tokens: int = 0
+
+
+@dataclass
+class Stream:
+    """What one sequence of a request has sent so far."""
+
+    seq: Sequence
+    index: int
+    tokens: int = 0
+    reasoning: str = ""
+    content: str = ""
+    cum_logprob: float = 0.0
+    finished: bool = False
 
 
 @dataclass
 class Job:
     prepared: Prepared
     sink: Sink
-    seq: Sequence | None = None
-    sent_tokens: int = 0
-    sent_text: str = ""
+    streams: list[Stream] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
+    failed: bool = False  # answered with an error: nothing more is sent
+
+    @property
+    def done(self) -> bool:
+        return all(st.finished for st in self.streams)
+
+
+LOGPROB_FLOOR = -9999.0  # what a zero probability is sent as (JSON has no -inf; the OpenAI API's value)
 
 
 class Scheduler:
@@ -132,8 +158,9 @@ class Scheduler:
         """Queue one response; a stream whose client is gone (send False or raising) gets cancelled."""
 
         def deliver() -> None:
-            if self._safe(lambda: action(job.sink), False) is False and job.seq is not None:
-                self.batcher.cancel(job.seq)
+            if self._safe(lambda: action(job.sink), False) is False:
+                for st in job.streams:
+                    self.batcher.cancel(st.seq)
 
         self._outbox.put(deliver)
 
@@ -158,72 +185,120 @@ class Scheduler:
         left = self.batcher.step()
         self._report()  # before any response goes out: a client that got its answer sees the gauges updated
         for seq in self.batcher.active:
-            self._progress(self._jobs[id(seq)])
+            self._progress(self._jobs[id(seq)], seq)
         for seq in left:
-            self._finish(self._jobs.pop(id(seq)))
+            self._finish(self._jobs.pop(id(seq)), seq)
 
     def _admit(self) -> None:
+        """Turn queued requests into sequences. Building one can fail (a bug, an odd value that got
+        through): then that request alone is answered with the error."""
         while True:
             try:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 return
             p = job.prepared
-            job.seq = SEQUENCE_TYPES[p.params.mode](p.prompt_ids, p.params, self.nld.config, p.params.seed)
-            self._jobs[id(job.seq)] = job
-            self.batcher.submit(job.seq)
+            try:
+                seq_type = SEQUENCE_TYPES[p.params.mode]
+                job.streams = [Stream(seq_type(p.prompt_ids, p.params, self.nld.config, seed, self.nld.tokenizer.decode), i)
+                               for i, seed in enumerate(p.seeds or [p.params.seed])]
+            except Exception as e:  # noqa: BLE001 - one bad request must not reach the batch
+                log.error("could not start a request:\n%s", traceback.format_exc())
+                message = f"could not start the request ({type(e).__name__}: {e})"
+                self._post(job, lambda sink: sink.error(message))
+                continue
+            for st in job.streams:
+                self._jobs[id(st.seq)] = job
+                self.batcher.submit(st.seq)
 
     def _check_cancelled(self) -> None:
         now = time.perf_counter()
         if now - self._last_cancel_check < CANCEL_CHECK_S:
             return
         self._last_cancel_check = now
-        for job in self._jobs.values():
-            if not job.seq.cancelled and self._safe(job.sink.cancelled, True):
-                self.batcher.cancel(job.seq)
+        for job in {id(j): j for j in self._jobs.values()}.values():
+            if self._safe(job.sink.cancelled, True):
+                for st in job.streams:
+                    self.batcher.cancel(st.seq)
 
-    def _progress(self, job: Job) -> None:
-        """Streaming: send what the sequence committed since the last update."""
-        if not job.prepared.stream or len(job.seq.out) == job.sent_tokens:
+    def _stream_of(self, job: Job, seq: Sequence) -> Stream:
+        return next(st for st in job.streams if st.seq is seq)
+
+    def _progress(self, job: Job, seq: Sequence) -> None:
+        """Streaming: send what the sequence committed since the last update, as far as it is releasable
+        (complete characters, nothing that might still become a stop string)."""
+        st = self._stream_of(job, seq)
+        if not job.prepared.stream or len(seq.out) == st.tokens:
             return
-        update = self._update(job, final=False)
+        k, text = seq.output.releasable(seq.out)
+        if k <= st.tokens:
+            return
+        update = self._update(job, st, k, text, final=False)
         self._post(job, lambda sink: sink.send(update))
 
-    def _finish(self, job: Job) -> None:
-        seq = job.seq
+    def _finish(self, job: Job, seq: Sequence) -> None:
+        """A sequence left the batch: its last response, or the request's error (once: an error response is
+        final, so the request's other sequences stop and send nothing more)."""
+        st = self._stream_of(job, seq)
+        st.finished = True
+        if job.failed:
+            return
+        if seq.finish_reason == "error":
+            job.failed = True
+            for other in job.streams:
+                self.batcher.cancel(other.seq)
+            message = f"the request failed while decoding ({seq.error}): retry it"
+            self._post(job, lambda sink: sink.error(message))
+            return
         if seq.finish_reason == "cancelled":
             self.cancelled_total += 1
             log.info("request cancelled by its client after %d tokens; KV slot freed", len(seq.out))
-            self._post(job, lambda sink: sink.close_cancelled())
+            if job.done:
+                self._post(job, lambda sink: sink.close_cancelled())
             return
-        update = self._update(job, final=True)
+        update = self._update(job, st, len(seq.out), seq.text(), final=job.done)
         self._post(job, lambda sink: sink.send(update))
 
-    def _update(self, job: Job, final: bool) -> Update:
-        """The next response: new tokens and text (streaming) or everything (final of a unary request).
-
-        Text deltas hold back a trailing U+FFFD (an incomplete UTF-8 character of byte-level tokens)."""
-        seq, stream = job.seq, job.prepared.stream
-        full = self.nld.tokenizer.decode(seq.out)
-        if not final and full.endswith("\ufffd"):
-            full = full.rstrip("\ufffd")
-        start_ids = job.sent_tokens if stream else 0
-        start_text = len(job.sent_text) if stream else 0
+    def _update(self, job: Job, st: Stream, k: int, text: str, final: bool) -> Update:
+        """The next response of one sequence: its tokens st.tokens..k and the text they release (`text`
+        is the text of out[:k], or the final text), split into thinking and answer when asked."""
+        seq, p = st.seq, job.prepared
+        finished = seq.done
+        stream = p.stream
+        reasoning_len = self._reasoning_length(p, seq, k, text)
+        reasoning, content = text[:reasoning_len], text[reasoning_len:]
+        if not p.separate_reasoning:
+            reasoning, content = "", text
+        ids = seq.out[st.tokens : k] if stream else seq.out[:k]
+        lps = seq.logprobs[st.tokens : k] if stream else seq.logprobs[:k]
         update = Update(
-            text=full[start_text:],
-            token_ids=seq.out[start_ids:],
+            text=content[len(st.content):] if stream else content,
+            reasoning=reasoning[len(st.reasoning):] if stream else reasoning,
+            token_ids=ids,
             num_tokens=len(seq.out),
             nfe=seq.stats.nfe,
             tpf=seq.stats.tpf,
             final=final,
+            finished=finished,
+            sequence_index=st.index,
+            num_input_tokens=len(seq.prompt),
         )
-        job.sent_tokens, job.sent_text = len(seq.out), full
-        if final:
+        if p.params.logprobs:
+            update.logprobs = [self._logprob_entry(lp) for lp in lps]
+            st.cum_logprob += sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps) if stream else 0.0
+            update.cum_logprob = st.cum_logprob if stream else sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps)
+        if p.echo:  # unary only: TensorRT-LLM's output starts with the prompt unless exclude_input_in_output
+            update.text = self.nld.tokenizer.decode(seq.prompt) + update.text
+            update.token_ids = seq.prompt + update.token_ids
+        st.tokens, st.reasoning, st.content = k, reasoning, content
+        if finished:
             update.finish_reason = seq.finish_reason or "length"
             update.stats = {
                 **seq.stats.as_dict(),
                 "mode": seq.params.mode,
                 "finish_reason": update.finish_reason,
+                "stop_reason": seq.stop_reason,
+                "sequence_index": st.index,
                 "prompt_tokens": len(seq.prompt),
                 "latency_s": round(time.perf_counter() - job.submitted, 6),
                 # after this request's slot was released: what other requests hold right now
@@ -234,9 +309,28 @@ class Scheduler:
             }
         return update
 
+    def _reasoning_length(self, p: Prepared, seq: Sequence, k: int, text: str) -> int:
+        """How much of `text` (the text of out[:k]) is thinking: all of it until the end-think token when
+        the prompt opened thinking, none otherwise."""
+        if not (p.separate_reasoning and p.thinking):
+            return 0
+        end = self.nld.tokenizer.token_id("[/THINK]")
+        if end in seq.out[:k]:
+            return min(len(self.nld.tokenizer.decode(seq.out[: seq.out.index(end)])), len(text))
+        return len(text)
+
+    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        tok = self.nld.tokenizer
+
+        def one(token_id: int, logprob: float) -> dict[str, Any]:
+            return {"token_id": token_id, "token": tok.token_text(token_id), "bytes": list(tok.token_bytes(token_id)),
+                    "logprob": max(logprob, LOGPROB_FLOOR)}
+
+        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
+
     def _fail_all(self, message: str) -> None:
         """Answer every request in flight or waiting with an error and start over with an empty batch."""
-        for job in self._jobs.values():
+        for job in {id(j): j for j in self._jobs.values()}.values():
             self._post(job, lambda sink: sink.error(message))
         for slot in range(self.nld.executor.max_batch):  # every slot belongs to a request failed here
             self.nld.executor.release(slot)

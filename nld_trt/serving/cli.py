@@ -28,10 +28,12 @@ def _err(message: str) -> None:
 
 def stats_line(stats: dict[str, Any]) -> str:
     """One line of per-request stats, as `nld-trt generate` prints them."""
+    from ..cli import nfe_phrase
+
     extra = f", mean accepted {stats['mean_accepted']:.2f}" if "mean_accepted" in stats else ""
     return (
-        f"{stats.get('mode', '?')}: {stats.get('tokens', 0)} tokens, {stats.get('nfe', 0)} forwards, "
-        f"TPF {stats.get('tpf', 0):.2f}{extra}, latency {stats.get('latency_s', 0) * 1e3:.0f} ms, "
+        f"{stats.get('mode', '?')}: {stats.get('tokens', 0)} tokens, {nfe_phrase(stats)}"
+        f"{extra}, latency {stats.get('latency_s', 0) * 1e3:.0f} ms, "
         f"finish {stats.get('finish_reason', '?')}, KV slots in use {stats.get('slots_in_use', '?')}/"
         f"{stats.get('slots_total', '?')}"
     )
@@ -45,10 +47,19 @@ def generation_options(f):
         click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size"),
         click.option("--threshold", type=float, default=None, help="default: 0.9 dlm, 0.0 linear_spec"),
         click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy"),
+        click.option("--top-k", type=int, default=None, help="sampling: keep the k most likely tokens"),
+        click.option("--top-p", type=float, default=None, help="sampling: nucleus mass"),
+        click.option("--min-p", type=float, default=None, help="sampling: drop tokens under min-p x the top one"),
+        click.option("--stop", multiple=True, help="stop string (repeatable)"),
         click.option("--seed", type=int, default=0, show_default=True),
     ]):
         f = option(f)
     return f
+
+
+def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
+    """The model inputs of the sampling options (None: not sent)."""
+    return dict(top_k=top_k, top_p=top_p, min_p=min_p, stop_words=list(stop) or None)
 
 
 # package --------------------------------------------------------------------------------------------
@@ -190,16 +201,20 @@ def _interrupt(signum, frame) -> None:
 @generation_options
 @click.option("--stream/--no-stream", default=True, show_default=True, help="print tokens as they arrive")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--logprobs", is_flag=True, help="return each token's log-probability (in --json output)")
+@click.option("--top-logprobs", type=int, default=None, help="with --logprobs: the N likeliest others")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
 def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
-                   seed, stream, raw, as_json) -> None:
+                   top_k, top_p, min_p, stop, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
     """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
     from . import client as c
 
     url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     model_name = model_name or (c.STREAM_MODEL if stream else c.SYNC_MODEL)
     fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
-                  threshold=threshold, temperature=temperature, seed=seed, chat=not raw)
+                  threshold=threshold, temperature=temperature, seed=seed, chat=not raw,
+                  return_log_probs=logprobs or None, top_logprobs=top_logprobs,
+                  **sampling_fields(top_k, top_p, min_p, stop))
     if stream:
         chunks = (c.GrpcClient(url).stream(model_name, **fields) if protocol == "grpc"
                   else c.http_generate_stream(url, model_name, **fields))
@@ -215,8 +230,8 @@ def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_le
     else:
         result = c.http_generate(url, model_name, **fields)
     if as_json:
-        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids,
-                               "finish_reason": result.finish_reason, "stats": result.stats}))
+        click.echo(json.dumps({"text": result.text, "token_ids": result.token_ids, "finish_reason": result.finish_reason,
+                               "stats": result.stats, **({"logprobs": result.logprobs} if logprobs else {})}))
         return
     if not stream:
         click.echo(result.text, nl=False)
@@ -233,7 +248,8 @@ CHAT_HELP = "/mode ar|dlm|linear_spec switches the decoding mode, /reset forgets
 @click.option("--model", "model_name", default="nld", show_default=True)
 @generation_options
 @click.option("--system", default=None, help="a system prompt")
-def chat_command(url, model_name, mode, max_tokens, block_length, threshold, temperature, seed, system) -> None:
+def chat_command(url, model_name, mode, max_tokens, block_length, threshold, temperature, top_k, top_p, min_p, stop,
+                 seed, system) -> None:
     """Multi-turn chat over gRPC streaming, reading user turns from stdin (one per line).
 
     /mode ar|dlm|linear_spec switches the decoding mode mid-conversation; /reset; /quit."""
@@ -275,7 +291,7 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
         try:
             for chunk in client.stream(model_name, messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
                                        block_length=block_length, threshold=threshold, temperature=temperature,
-                                       seed=seed):
+                                       seed=seed, **sampling_fields(top_k, top_p, min_p, stop)):
                 chunks.append(chunk)
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()

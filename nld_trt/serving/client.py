@@ -22,7 +22,7 @@ from .protocol import INPUT_TYPES
 
 STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
 NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
-               "UINT64": np.uint64, "FP32": np.float32}
+               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16}
 
 
 class ClientError(NLDError):
@@ -40,6 +40,8 @@ class Chunk:
     tpf: float
     finish_reason: str = ""
     stats: dict[str, Any] | None = None
+    logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token id
+    sequence_index: int = 0
 
     @property
     def final(self) -> bool:
@@ -53,13 +55,15 @@ class Result:
     finish_reason: str
     stats: dict[str, Any]
     chunks: list[Chunk] = field(default_factory=list)
+    logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
     def join(cls, chunks: list[Chunk]) -> Result:
         if not chunks or not chunks[-1].final:
             raise ClientError("the stream ended without a final response")
+        logprobs = None if chunks[-1].logprobs is None else [e for c in chunks for e in c.logprobs or []]
         return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
-                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks)
+                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks, logprobs)
 
 
 def _value(name: str, array: Any) -> Any:
@@ -77,6 +81,7 @@ def _value(name: str, array: Any) -> Any:
 def chunk_from(get: Any) -> Chunk:
     """A Chunk from an accessor name -> array (tritonclient's as_numpy) or JSON value."""
     stats = _value("stats", get("stats"))
+    logprobs = _value("logprobs", get("logprobs"))
     return Chunk(
         text=_value("text_output", get("text_output")) or "",
         token_ids=_value("output_ids", get("output_ids")) or [],
@@ -85,6 +90,8 @@ def chunk_from(get: Any) -> Chunk:
         tpf=float(_value("tpf", get("tpf")) or 0.0),
         finish_reason=_value("finish_reason", get("finish_reason")) or "",
         stats=json.loads(stats) if stats else None,
+        logprobs=json.loads(logprobs) if logprobs else None,
+        sequence_index=int(_value("sequence_index", get("sequence_index")) or 0),
     )
 
 
@@ -97,10 +104,11 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
             continue
         if name not in INPUT_TYPES:
             raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
-        wire = INPUT_TYPES[name].wire_type
-        if wire == "BYTES" and isinstance(value, str):
-            value = value.encode("utf-8")
-        array = np.array([[value]], dtype=NUMPY_TYPES[wire])
+        spec = INPUT_TYPES[name]
+        wire = spec.wire_type
+        items = list(value) if spec.kind == "list" else [value]
+        items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
+        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input
         tensor = grpcclient.InferInput(name, list(array.shape), wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)

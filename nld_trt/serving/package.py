@@ -15,10 +15,10 @@ import string
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from ..checkpoint import check_model_dir
 from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
-from ..tokenizer import NLDTokenizer
 from .manifest import write_manifest
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
@@ -51,6 +51,8 @@ class ServingOptions:
     dtype: str = ""  # "": float32 on CPU, bfloat16 on CUDA
     torch_threads: int = 1  # per instance; 0: PyTorch's default (every core, oversubscribed with 2+ instances)
     lora: bool = True
+    max_prompt_bytes: int = 0  # text_input / messages size cap, checked before tokenizing (0: 32 x max_seq_len, >= 64 KiB)
+    exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
@@ -61,8 +63,12 @@ class ServingOptions:
         cap = min(self.max_tokens_cap, seq - 1)
         if cap < 1:
             raise NLDError(f"max-seq-len {seq} leaves no room to generate")
+        if self.max_prompt_bytes < 0:
+            raise NLDError("max-prompt-bytes must be a positive integer (0: the default)")
+        prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
         return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
-                                 "default_max_tokens": min(self.default_max_tokens, cap)})
+                                 "default_max_tokens": min(self.default_max_tokens, cap),
+                                 "max_prompt_bytes": prompt_bytes})
 
 
 def tensors_block(kind: str, specs: tuple[TensorSpec, ...]) -> str:
@@ -103,12 +109,8 @@ def render_config(name: str, decoupled: bool, manifest: str, options: ServingOpt
 
 
 def check_checkpoint(model_dir: Path) -> NLDConfig:
-    """Fail at packaging time, not at load time, on a directory that is not a usable checkpoint."""
-    if not model_dir.is_dir():
-        raise CheckpointError(f"model directory {model_dir} does not exist")
-    config = NLDConfig.from_file(model_dir)
-    NLDTokenizer(model_dir)
-    return config
+    """Fail at packaging time, not at load time, on a directory that is not a usable checkpoint (or engine)."""
+    return check_model_dir(model_dir)
 
 
 def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:

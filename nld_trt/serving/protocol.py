@@ -1,17 +1,26 @@
 """The wire protocol of the `nld` and `nld_sync` Triton models: tensor names, types and request parsing.
 
-Names follow TensorRT-LLM's Triton ensemble where they overlap (`text_input`, `max_tokens`, `stream`,
-`temperature`, `end_id`, `random_seed`, `text_output`, `output_ids`), so its clients and benchmarks work
-unchanged; NLD adds `mode`, `block_length`, `threshold`, `seed`, `chat` and `messages`. Any input may also
-come as a request parameter (inputs win). Parsing is pure Python over already-extracted values, so it is
-tested without a server; validation is `GenerationParams.validate`, plus the deployment's limits.
+Inputs carry TensorRT-LLM's names and types where its Triton ensemble has them (`text_input`, `max_tokens`,
+`stream`, `temperature`, `top_k`, `top_p`, `seed`, `end_id`, `stop_words`, `return_log_probs`, ...: its
+clients send them as [1, 1] batched tensors, lists as [1, N]), so its clients and benchmarks work unchanged;
+NLD adds `mode`, `block_length`, `threshold`, `min_p`, `chat`, `messages`, `input_ids` and the rest of
+`INPUTS`. TensorRT-LLM inputs that nld-trt does not implement (beam search, penalties, bad words, prompt
+tables, ...) are accepted at their default value and refused with a clear error otherwise, never ignored.
+
+Any input may also come as a request parameter (inputs win); an unknown parameter is refused with the list of
+known ones. The types nld-trt chooses are 64-bit so that an out-of-range value reaches the model and is
+refused; TensorRT-LLM's INT32 inputs keep their type (its gRPC clients send INT32), and Triton's own JSON
+parser converts HTTP `generate` values to it without a range check (triton_model_repo/README.md).
+
+Parsing is pure Python over already-extracted values, so it is tested without a server; the values are
+checked by `GenerationParams.validate`, plus the deployment's limits.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..decoding import GenerationParams
@@ -27,6 +36,9 @@ class TensorSpec:
     dtype: str  # the Triton config type
     dims: str = "[ 1 ]"
     doc: str = ""
+    kind: str = "scalar"  # scalar | list | json (a JSON text)
+    refused: bool = False  # not implemented: accepted only absent, empty or at one of `defaults`
+    defaults: tuple = ()
 
     @property
     def wire_type(self) -> str:
@@ -34,19 +46,73 @@ class TensorSpec:
         return {"TYPE_STRING": "BYTES"}.get(self.dtype, self.dtype.removeprefix("TYPE_"))
 
 
+def _refused(name: str, dtype: str, defaults: tuple, dims: str = "[ 1 ]") -> TensorSpec:
+    return TensorSpec(name, dtype, dims, "TensorRT-LLM's; not implemented: refused unless at its default",
+                      "list" if dims != "[ 1 ]" else "scalar", refused=True, defaults=defaults)
+
+
 INPUTS: tuple[TensorSpec, ...] = (
+    # the prompt: one of
     TensorSpec("text_input", "TYPE_STRING", doc="the prompt, UTF-8; with chat=true (default) one user turn"),
-    TensorSpec("messages", "TYPE_STRING", doc="instead of text_input: a JSON list of {role, content}"),
+    TensorSpec("messages", "TYPE_STRING", doc="instead of text_input: a JSON list of {role, content}", kind="json"),
+    TensorSpec("input_ids", "TYPE_INT64", "[ -1 ]", "instead of text_input: the prompt as token ids", "list"),
+    # TensorRT-LLM's ensemble inputs that nld-trt implements
     TensorSpec("max_tokens", "TYPE_INT32", doc="tokens to generate at most"),
     TensorSpec("stream", "TYPE_BOOL", doc="nld only: one response per decoding step (default false)"),
     TensorSpec("temperature", "TYPE_FP32", doc="0 is greedy"),
+    TensorSpec("top_k", "TYPE_INT32", doc="sampling: keep the k most likely tokens (0: off)"),
+    TensorSpec("top_p", "TYPE_FP32", doc="sampling: nucleus mass (0 or 1: off, as TensorRT-LLM)"),
+    TensorSpec("seed", "TYPE_UINT64", doc="sampling seed (sequence i of a request uses seed + i)"),
+    TensorSpec("random_seed", "TYPE_UINT64", doc="TensorRT-LLM's older name for seed"),
     TensorSpec("end_id", "TYPE_INT32", doc="stop token (default: the checkpoint's EOS)"),
-    TensorSpec("random_seed", "TYPE_UINT64", doc="TensorRT-LLM's name for seed"),
+    TensorSpec("pad_id", "TYPE_INT32", doc="accepted and unused: responses are never padded"),
+    TensorSpec("stop_words", "TYPE_STRING", "[ -1 ]", "stop strings: the text ends just before the first one", "list"),
+    TensorSpec("min_tokens", "TYPE_INT32", doc="no EOS or stop token before this many tokens"),
+    TensorSpec("min_length", "TYPE_INT32", doc="TensorRT-LLM's older name for min_tokens"),
+    TensorSpec("return_log_probs", "TYPE_BOOL", doc="return each token's log-probability"),
+    TensorSpec("exclude_input_in_output", "TYPE_BOOL", doc="false: unary responses start with the prompt"),
+    TensorSpec("num_return_sequences", "TYPE_INT32", doc="nld only: sequences decoded for this prompt"),
+    TensorSpec("return_num_input_tokens", "TYPE_BOOL", doc="also send num_input_tokens"),
+    TensorSpec("return_num_output_tokens", "TYPE_BOOL", doc="also send num_output_tokens"),
+    # TensorRT-LLM's ensemble inputs that nld-trt does not implement
+    _refused("beam_width", "TYPE_INT32", (1,)),
+    _refused("bad_words", "TYPE_STRING", ("",), "[ -1 ]"),
+    _refused("length_penalty", "TYPE_FP32", (1.0,)),
+    _refused("repetition_penalty", "TYPE_FP32", (1.0,)),
+    _refused("presence_penalty", "TYPE_FP32", (0.0,)),
+    _refused("frequency_penalty", "TYPE_FP32", (0.0,)),
+    _refused("return_context_logits", "TYPE_BOOL", (False,)),
+    _refused("return_generation_logits", "TYPE_BOOL", (False,)),
+    _refused("return_perf_metrics", "TYPE_BOOL", (False,)),
+    _refused("decoder_text_input", "TYPE_STRING", ("",)),
+    _refused("prompt_embedding_table", "TYPE_FP16", (), "[ -1, -1 ]"),
+    _refused("prompt_table_extra_id", "TYPE_UINT64", ()),
+    _refused("prompt_vocab_size", "TYPE_INT32", (0,)),
+    _refused("embedding_bias_words", "TYPE_STRING", ("",), "[ -1 ]"),
+    _refused("embedding_bias_weights", "TYPE_FP32", (), "[ -1 ]"),
+    _refused("lora_task_id", "TYPE_UINT64", ()),
+    _refused("lora_weights", "TYPE_FP16", (), "[ -1, -1 ]"),
+    _refused("lora_config", "TYPE_INT32", (), "[ -1, 3 ]"),
+    _refused("guided_decoding_guide_type", "TYPE_STRING", ("",)),
+    _refused("guided_decoding_guide", "TYPE_STRING", ("",)),
+    _refused("num_draft_tokens", "TYPE_INT32", (0,)),
+    _refused("use_draft_logits", "TYPE_BOOL", (False,)),
+    # NLD's own
     TensorSpec("mode", "TYPE_STRING", doc="ar | dlm | linear_spec"),
-    TensorSpec("block_length", "TYPE_INT32", doc="dlm / linear_spec block length"),
+    TensorSpec("block_length", "TYPE_INT64", doc="dlm / linear_spec block length"),
     TensorSpec("threshold", "TYPE_FP32", doc="confidence threshold in [0, 1]"),
-    TensorSpec("seed", "TYPE_INT64", doc="sampling seed"),
+    TensorSpec("steps_per_block", "TYPE_INT64", doc="dlm: denoising passes per block at most"),
+    TensorSpec("acceptance", "TYPE_STRING", doc="linear_spec sampling: speculative | official"),
+    TensorSpec("draft", "TYPE_STRING", doc="linear_spec with threshold > 0: repeat | once"),
+    TensorSpec("lora", "TYPE_BOOL", doc="linear_spec: draft with the LoRA adapter (default true)"),
+    TensorSpec("min_p", "TYPE_FP32", doc="sampling: drop tokens below min_p x the top probability"),
+    TensorSpec("top_logprobs", "TYPE_INT64", doc="with return_log_probs: the N most likely alternatives"),
+    TensorSpec("stop_token_ids", "TYPE_INT64", "[ -1 ]", "tokens that end generation", "list"),
     TensorSpec("chat", "TYPE_BOOL", doc="apply the chat template to text_input (default true)"),
+    TensorSpec("chat_template_kwargs", "TYPE_STRING", doc='a JSON object for the chat template, e.g. {"enable_thinking": true}',
+               kind="json"),
+    TensorSpec("max_thinking_tokens", "TYPE_INT64", doc="thinking budget: end-think is forced at this output index"),
+    TensorSpec("separate_reasoning", "TYPE_BOOL", doc="text_output carries the answer, reasoning_output the thinking"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
@@ -55,13 +121,23 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("num_tokens", "TYPE_INT32", doc="tokens generated so far"),
     TensorSpec("nfe", "TYPE_INT32", doc="forward passes so far, the prefill counted as one"),
     TensorSpec("tpf", "TYPE_FP32", doc="tokens per forward pass so far"),
-    TensorSpec("finish_reason", "TYPE_STRING", doc="final response only: eos | length"),
-    TensorSpec("stats", "TYPE_STRING", doc="final response only: JSON stats, incl. KV-slot occupancy"),
+    TensorSpec("finish_reason", "TYPE_STRING", doc="a sequence's last response: eos | length | stop"),
+    TensorSpec("stats", "TYPE_STRING", doc="a sequence's last response: JSON stats, incl. KV-slot occupancy"),
+    TensorSpec("sequence_index", "TYPE_INT32", doc="which of num_return_sequences this response belongs to"),
+    TensorSpec("batch_index", "TYPE_INT32", doc="always 0: one prompt per request"),
+    TensorSpec("output_log_probs", "TYPE_FP32", "[ -1, -1 ]",
+               "with return_log_probs: the new tokens' log-probabilities, [1, 1, n] as TensorRT-LLM's [batch, beam, n]"),
+    TensorSpec("cum_log_probs", "TYPE_FP32", "[ -1 ]", "with return_log_probs: their sum so far, [1, 1]"),
+    TensorSpec("logprobs", "TYPE_STRING", doc="with return_log_probs: JSON, per new token: token_id, token, bytes, "
+               "logprob, top_logprobs"),
+    TensorSpec("reasoning_output", "TYPE_STRING", "[ -1 ]", "with separate_reasoning: the new thinking text"),
+    TensorSpec("num_input_tokens", "TYPE_INT32", doc="the prompt's tokens"),
+    TensorSpec("num_output_tokens", "TYPE_INT32", doc="tokens generated so far"),
 )
 
 INPUT_TYPES = {t.name: t for t in INPUTS}
-# request-parameter aliases; the TensorRT-LLM name wins over ours where both come
-ALIASES = {"random_seed": "seed"}
+ALIASES = {"random_seed": "seed", "min_length": "min_tokens"}  # TensorRT-LLM's older names
+MAX_TEMPLATE_KWARGS_BYTES = 16384
 
 
 @dataclass(frozen=True)
@@ -71,6 +147,9 @@ class Limits:
     max_tokens_cap: int
     default_max_tokens: int
     streaming: bool  # the decoupled model streams; the sync one answers once
+    max_prompt_bytes: int = 65536  # text_input / messages, checked before tokenizing
+    max_sequences: int = 8  # num_return_sequences at most
+    exclude_input_default: bool = True  # exclude_input_in_output when a request does not say
 
 
 @dataclass(frozen=True)
@@ -78,6 +157,12 @@ class Prepared:
     prompt_ids: list[int]
     params: GenerationParams
     stream: bool
+    sequences: int = 1
+    echo: bool = False  # unary responses start with the prompt (exclude_input_in_output=false)
+    separate_reasoning: bool = False
+    thinking: bool = False  # the prompt opens thinking: the output starts as reasoning
+    send_counts: bool = False  # num_input_tokens / num_output_tokens asked for
+    seeds: list[int] = field(default_factory=list)
 
 
 def scalar(name: str, value: Any) -> Any:
@@ -93,6 +178,16 @@ def scalar(name: str, value: Any) -> Any:
     return value
 
 
+def values(name: str, value: Any) -> list[Any]:
+    """The elements of one list input ([1, N] tensor) or of a request parameter (one value)."""
+    if hasattr(value, "shape"):
+        if value.ndim >= 2 and value.shape[0] != 1:
+            raise GenerationError(f"{name} must hold one list per request, got shape {list(value.shape)}: "
+                                  "send one prompt per request")
+        return [v.item() if hasattr(v, "item") and not isinstance(v, bytes) else v for v in value.reshape(-1)]
+    return [value]
+
+
 def text(name: str, value: Any) -> str:
     if isinstance(value, bytes):
         try:
@@ -103,25 +198,43 @@ def text(name: str, value: Any) -> str:
             ) from None
     if isinstance(value, str):
         return value
-    raise GenerationError(f"{name} must be a string, got {type(value).__name__}")
+    raise GenerationError(f"{name} must be a string, got {type(value).__name__} {value!r}")
 
 
 def gather(inputs: dict[str, Any], parameters: dict[str, Any] | str | None) -> dict[str, Any]:
-    """One dict of request fields: the request parameters, overridden by the input tensors present."""
+    """One dict of request fields: the request parameters, overridden by the input tensors present.
+    An unknown parameter is refused, naming the known ones."""
     if isinstance(parameters, str):
-        parameters = json.loads(parameters) if parameters else {}
-    fields = {ALIASES.get(k, k): v for k, v in (parameters or {}).items() if ALIASES.get(k, k) in INPUT_TYPES}
+        try:
+            parameters = json.loads(parameters) if parameters else {}
+        except json.JSONDecodeError as e:
+            raise GenerationError(f"the request parameters are not valid JSON ({e})") from None
+    fields: dict[str, Any] = {}
+    for k, v in (parameters or {}).items():
+        if k not in INPUT_TYPES:
+            raise GenerationError(f"unknown request parameter {k!r}: the known ones are {', '.join(sorted(INPUT_TYPES))}")
+        fields[ALIASES.get(k, k)] = v
     for name, value in inputs.items():
-        if value is not None:
-            fields[ALIASES.get(name, name)] = scalar(name, value)
+        if value is None:
+            continue
+        spec = INPUT_TYPES[name]
+        fields[ALIASES.get(name, name)] = values(name, value) if spec.kind == "list" else scalar(name, value)
     return fields
 
 
 def _integer(name: str, v: Any) -> Any:
-    """Integral floats from JSON (`"max_tokens": 8.0`) become ints; anything else is left to validate."""
+    """Integral floats from JSON parameters (`"max_tokens": 8.0`) become ints; validation checks the range."""
     if isinstance(v, float) and math.isfinite(v) and v.is_integer():
         return int(v)
+    if isinstance(v, (str, bytes)) or isinstance(v, float):
+        raise GenerationError(f"{name} must be an integer, got {v!r}")
     return v
+
+
+def _real(name: str, v: Any) -> Any:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise GenerationError(f"{name} must be a number, got {v!r}")
+    return float(v)
 
 
 def _flag(name: str, v: Any, default: bool) -> bool:
@@ -136,55 +249,128 @@ def _flag(name: str, v: Any, default: bool) -> bool:
     raise GenerationError(f"{name} must be true or false, got {v!r}")
 
 
-def prompt_ids(nld: NLD, fields: dict[str, Any]) -> list[int]:
-    """The prompt's token ids: `messages` through the chat template, or `text_input` (templated unless
-    chat=false)."""
+def _json(name: str, v: Any) -> Any:
+    try:
+        return json.loads(text(name, v))
+    except json.JSONDecodeError as e:
+        raise GenerationError(f"{name} is not valid JSON ({e}): send it as a JSON text") from None
+
+
+def _refuse_unsupported(fields: dict[str, Any]) -> None:
+    """TensorRT-LLM inputs nld-trt does not implement: fine when empty or at their default, else refused."""
+    for name, value in fields.items():
+        spec = INPUT_TYPES.get(name)
+        if spec is None or not spec.refused:
+            continue
+        items = [text(name, x) if isinstance(x, bytes) else x for x in (value if isinstance(value, list) else [value])]
+        if all(x in spec.defaults for x in items):
+            continue
+        allowed = " or ".join(repr(x) for x in spec.defaults) if spec.defaults else "absent or empty"
+        shown = items if isinstance(value, list) else items[0]
+        raise GenerationError(f"{name} is not supported by nld-trt: got {shown!r}, only {allowed} is accepted "
+                              "(leave it out)")
+
+
+def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> tuple[list[int], bool]:
+    """The prompt's token ids (`messages` through the chat template, `text_input` templated unless
+    chat=false, or `input_ids`), and whether the prompt opens thinking. Sizes are checked before tokenizing."""
     chat = _flag("chat", fields.get("chat"), True)
+    kwargs = {}
+    if fields.get("chat_template_kwargs") is not None:
+        raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
+        if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
+            raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
+        kwargs = _json("chat_template_kwargs", raw)
+        if not isinstance(kwargs, dict):
+            raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
+    given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
+    if len(given) > 1:
+        raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
+    for name in ("text_input", "messages"):
+        v = fields.get(name)
+        if isinstance(v, (bytes, str)) and len(v) > limits.max_prompt_bytes:  # a str is at least as many bytes
+            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {limits.max_prompt_bytes}: "
+                                  "send a shorter prompt")
     if fields.get("messages") is not None:
-        try:
-            messages = json.loads(text("messages", fields["messages"]))
-        except json.JSONDecodeError as e:
-            raise GenerationError(f"messages is not valid JSON ({e})") from None
+        messages = _json("messages", fields["messages"])
         ok = isinstance(messages, list) and messages and all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in messages
         )
         if not ok:
             raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
-        ids = nld.tokenizer.encode_chat(messages)
+        ids = nld.tokenizer.encode_chat(messages, **kwargs)
     elif fields.get("text_input") is not None:
         prompt = text("text_input", fields["text_input"])
         if not prompt:
             raise GenerationError("text_input is empty: send some text")
-        ids = nld.encode(prompt, chat=chat)
+        ids = nld.encode(prompt, chat=chat, **kwargs)
+    elif fields.get("input_ids") is not None:
+        ids = [_integer("input_ids", t) for t in fields["input_ids"]]
+        if len(ids) > nld.executor.max_seq_len:
+            raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {nld.executor.max_seq_len} "
+                                  "KV-cache positions")
+        for t in ids:
+            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < nld.config.vocab_size:
+                raise GenerationError(f"input_ids must be token ids in [0, {nld.config.vocab_size}), got {t!r}")
     else:
-        raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages)")
+        raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or input_ids)")
     if not ids:
         raise GenerationError("the prompt encodes to no tokens")
-    return ids
+    think = nld.tokenizer.token_id("[THINK]")
+    return ids, think is not None and ids[-1] == think
+
+
+def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
+    words = fields.get("stop_words")
+    if words is None:
+        return ()
+    return tuple(w for w in (text("stop_words", x) for x in words) if w)  # TensorRT-LLM skips empty words
 
 
 def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     """Validate one request against the model and the deployment; GenerationError names what to fix."""
+    _refuse_unsupported(fields)
     mode = fields.get("mode", "ar")
     mode = text("mode", mode) if isinstance(mode, (bytes, str)) else mode
     end_id = _integer("end_id", fields.get("end_id"))
+    top_p = fields.get("top_p")
+    thinking_budget = fields.get("max_thinking_tokens")
+    end_think = nld.tokenizer.token_id("[/THINK]") if thinking_budget is not None else None
+    if thinking_budget is not None and end_think is None:
+        raise GenerationError("max_thinking_tokens needs an end-think token ([/THINK]) and this tokenizer has none")
+    logprobs = _flag("return_log_probs", fields.get("return_log_probs"), False)
+    strings = {k: text(k, fields[k]) for k in ("acceptance", "draft") if fields.get(k) is not None}
     try:
         params = GenerationParams(
             mode=mode,
             max_new_tokens=_integer("max_tokens", fields.get("max_tokens", limits.default_max_tokens)),
             block_length=_integer("block_length", fields.get("block_length")),
-            threshold=fields.get("threshold"),
-            temperature=fields.get("temperature", 0.0),
+            threshold=None if fields.get("threshold") is None else _real("threshold", fields["threshold"]),
+            steps_per_block=_integer("steps_per_block", fields.get("steps_per_block")),
+            temperature=_real("temperature", fields.get("temperature", 0.0)),
+            top_k=_integer("top_k", fields.get("top_k", 0)),
+            top_p=1.0 if top_p is None or top_p == 0 else _real("top_p", top_p),  # TensorRT-LLM: 0 is off
+            min_p=_real("min_p", fields.get("min_p", 0.0)),
             seed=_integer("seed", fields.get("seed", 0)),
             eos_token_ids=None if end_id is None else (end_id,),
+            stop=stop_strings(fields),
+            stop_token_ids=tuple(_integer("stop_token_ids", t) for t in fields.get("stop_token_ids") or ()),
+            min_tokens=_integer("min_tokens", fields.get("min_tokens", 0)),
+            logprobs=logprobs,
+            top_logprobs=_integer("top_logprobs", fields.get("top_logprobs", 0)),
+            max_thinking_tokens=_integer("max_thinking_tokens", thinking_budget),
+            end_think_token_id=end_think,
+            lora=_flag("lora", fields.get("lora"), True),
+            **strings,
         ).resolved(nld.config)
     except TypeError as e:
         raise GenerationError(f"bad request field: {e}") from None
     try:
         params.validate(nld.config, nld.executor.max_chunk)
     except GenerationError as e:  # speak the wire names
-        raise GenerationError(str(e).replace("max_new_tokens", "max_tokens").replace("eos token id", "end_id")) from None
+        raise GenerationError(str(e).replace("max_new_tokens", "max_tokens").replace("eos token id", "end_id")
+                              .replace("needs logprobs=true", "needs return_log_probs=true")) from None
     if params.max_new_tokens > limits.max_tokens_cap:
         raise GenerationError(
             f"max_tokens {params.max_new_tokens} is over this deployment's cap of {limits.max_tokens_cap}: ask for fewer"
@@ -192,6 +378,16 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     stream = _flag("stream", fields.get("stream"), False)
     if stream and not limits.streaming:
         raise GenerationError("stream=true needs the decoupled model `nld` (gRPC stream or HTTP generate_stream)")
-    ids = prompt_ids(nld, fields)
+    n = _integer("num_return_sequences", fields.get("num_return_sequences", 1))
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= limits.max_sequences:
+        raise GenerationError(f"num_return_sequences must be an integer in [1, {limits.max_sequences}], got {n!r}")
+    if n > 1 and not limits.streaming:
+        raise GenerationError("num_return_sequences > 1 needs the decoupled model `nld`, whose responses carry "
+                              "sequence_index")
+    ids, thinking = prompt_ids(nld, fields, limits)
     nld.check_fits(len(ids), params, "this deployment's limit; shorten the prompt or lower max_tokens", "max_tokens")
-    return Prepared(ids, params, stream)
+    echo = not _flag("exclude_input_in_output", fields.get("exclude_input_in_output"), limits.exclude_input_default)
+    counts = any(_flag(k, fields.get(k), False) for k in ("return_num_input_tokens", "return_num_output_tokens"))
+    return Prepared(ids, params, stream, n, echo and not stream, _flag("separate_reasoning",
+                    fields.get("separate_reasoning"), False), thinking, counts,
+                    [(params.seed + i) % 2**64 for i in range(n)])

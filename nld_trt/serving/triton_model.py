@@ -20,7 +20,7 @@ import triton_python_backend_utils as pb_utils
 from ..errors import NLDError
 from .backend import Scheduler, Update, load_artifacts
 from .manifest import verify_manifest
-from .protocol import INPUTS, Limits, gather, prepare
+from .protocol import INPUTS, Limits, Prepared, gather, prepare
 
 log = logging.getLogger("nld_trt.serving")
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
@@ -57,26 +57,50 @@ def _forget_frames(error: BaseException) -> None:
         error = error.__context__
 
 
+def _strings(*values: str) -> np.ndarray:
+    return np.array([[v.encode("utf-8") for v in values]], dtype=np.object_)
+
+
+def _text(value: str) -> np.ndarray:
+    """text_output as TensorRT-LLM's models send it: shape [1] (its clients read output[0].decode())."""
+    return np.array([value.encode("utf-8")], dtype=np.object_)
+
+
 class TritonSink:
     """One request's response sender, as the scheduler's Sink."""
 
-    def __init__(self, sender: Any) -> None:
+    def __init__(self, sender: Any, prepared: Prepared | None = None) -> None:
         self.sender = sender
+        self.prepared = prepared
 
-    def send(self, u: Update) -> bool:
-        tensors = [
-            pb_utils.Tensor("text_output", np.array([[u.text.encode("utf-8")]], dtype=np.object_)),
+    def tensors(self, u: Update) -> list[Any]:
+        p = self.prepared
+        t = [
+            pb_utils.Tensor("text_output", _text(u.text)),
             pb_utils.Tensor("output_ids", np.array([u.token_ids], dtype=np.int32).reshape(1, -1)),
             pb_utils.Tensor("num_tokens", np.array([[u.num_tokens]], dtype=np.int32)),
             pb_utils.Tensor("nfe", np.array([[u.nfe]], dtype=np.int32)),
             pb_utils.Tensor("tpf", np.array([[u.tpf]], dtype=np.float32)),
+            pb_utils.Tensor("sequence_index", np.array([[u.sequence_index]], dtype=np.int32)),
+            pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
         ]
-        if u.final:
-            tensors += [
-                pb_utils.Tensor("finish_reason", np.array([[u.finish_reason.encode()]], dtype=np.object_)),
-                pb_utils.Tensor("stats", np.array([[json.dumps(u.stats).encode()]], dtype=np.object_)),
-            ]
-        self.sender.send(pb_utils.InferenceResponse(output_tensors=tensors), flags=FINAL if u.final else 0)
+        if u.finished:
+            t += [pb_utils.Tensor("finish_reason", _strings(u.finish_reason)),
+                  pb_utils.Tensor("stats", _strings(json.dumps(u.stats)))]
+        if u.logprobs is not None:
+            t += [pb_utils.Tensor("output_log_probs",
+                                  np.array([e["logprob"] for e in u.logprobs], dtype=np.float32).reshape(1, 1, -1)),
+                  pb_utils.Tensor("cum_log_probs", np.array([[u.cum_logprob]], dtype=np.float32)),
+                  pb_utils.Tensor("logprobs", _strings(json.dumps(u.logprobs)))]
+        if p is not None and p.separate_reasoning:
+            t.append(pb_utils.Tensor("reasoning_output", _text(u.reasoning)))
+        if p is not None and p.send_counts:
+            t += [pb_utils.Tensor("num_input_tokens", np.array([[u.num_input_tokens]], dtype=np.int32)),
+                  pb_utils.Tensor("num_output_tokens", np.array([[u.num_tokens]], dtype=np.int32))]
+        return t
+
+    def send(self, u: Update) -> bool:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=self.tensors(u)), flags=FINAL if u.final else 0)
         return True
 
     def error(self, message: str) -> None:
@@ -92,6 +116,16 @@ class TritonSink:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
+        """Load the model; a bad repository fails the load with our message. The backend stub appends the
+        frames of the exception that leaves `initialize` ("At: file(line): function", pybind11's
+        error_already_set), so the error is raised afresh here: the frames below (manifest.py, the loaders)
+        stay out of Triton's load error, only this entry point remains."""
+        try:
+            self._load(args)
+        except NLDError as e:
+            raise type(e)(str(e)) from None
+
+    def _load(self, args: dict[str, str]) -> None:
         if not log.handlers:
             log.addHandler(TritonLogHandler())
             log.setLevel(logging.INFO)
@@ -124,6 +158,9 @@ class TritonPythonModel:
             max_tokens_cap=int(params["max_tokens_cap"]),
             default_max_tokens=int(params["default_max_tokens"]),
             streaming=streaming,
+            max_prompt_bytes=int(params.get("max_prompt_bytes") or 65536),
+            max_sequences=self.nld.executor.max_batch,
+            exclude_input_default=params.get("exclude_input_in_output", "true") == "true",
         )
         self._metrics(args.get("model_instance_name", self.name))
         self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy)
@@ -166,6 +203,7 @@ class TritonPythonModel:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     inputs[spec.name] = None if tensor is None else tensor.as_numpy()
                 prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits)
+                sink.prepared = prepared
             except NLDError as e:
                 _forget_frames(e)
                 sink.error(str(e))

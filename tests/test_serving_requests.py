@@ -1,0 +1,204 @@
+"""The Triton models' request fields (TensorRT-LLM's names, types and shapes, NLD's own) and what the
+scheduler sends for them (stop strings held back, several sequences, logprobs, reasoning, echo), without
+Triton: a list stands in for the client."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from nld_trt.errors import GenerationError
+from nld_trt.serving.backend import Scheduler
+from nld_trt.serving.protocol import Limits, Prepared, gather, prepare
+from test_serving_protocol import LIMITS, ListSink, fields
+
+PROMPT = "Tom has 12 apples."
+
+
+def run(nld, *prepared: Prepared, timeout: float = 60) -> list[ListSink]:
+    scheduler = Scheduler(nld)
+    try:
+        sinks = [ListSink() for _ in prepared]
+        for p, sink in zip(prepared, sinks):
+            scheduler.submit(p, sink)
+        assert all(s.done.wait(timeout) for s in sinks)
+    finally:
+        scheduler.stop()
+    assert nld.executor.free_slots == nld.executor.max_batch
+    return sinks
+
+
+def test_tensorrt_llm_request_shapes_are_accepted(tiny):
+    """Exactly what TensorRT-LLM's end_to_end_grpc_client.py / the ensemble send: [1, 1] tensors of the
+    ensemble's types, lists [1, N], optional outputs asked for."""
+    inputs = {
+        "text_input": np.array([[b"hi"]], dtype=object),
+        "max_tokens": np.array([[8]], dtype=np.int32),
+        "stream": np.array([[False]], dtype=bool),
+        "beam_width": np.array([[1]], dtype=np.int32),
+        "temperature": np.array([[0.7]], dtype=np.float32),
+        "top_k": np.array([[5]], dtype=np.int32),
+        "top_p": np.array([[0.9]], dtype=np.float32),
+        "seed": np.array([[2**63 + 5]], dtype=np.uint64),
+        "num_return_sequences": np.array([[1]], dtype=np.int32),
+        "bad_words": np.array([[""]], dtype=object),
+        "stop_words": np.array([["never", ""]], dtype=object),
+        "exclude_input_in_output": np.array([[True]], dtype=bool),
+        "return_log_probs": np.array([[True]], dtype=bool),
+        "end_id": np.array([[2]], dtype=np.int32),
+        "pad_id": np.array([[2]], dtype=np.int32),
+        "repetition_penalty": np.array([[1.0]], dtype=np.float32),
+        "presence_penalty": np.array([[0.0]], dtype=np.float32),
+        "frequency_penalty": np.array([[0.0]], dtype=np.float32),
+        "return_context_logits": np.array([[False]], dtype=bool),
+        "lora_weights": np.zeros((1, 0, 0), dtype=np.float16),
+    }
+    p = prepare(tiny, gather(inputs, None), LIMITS)
+    assert (p.params.temperature, p.params.top_k, p.params.top_p, p.params.seed) == (0.7, 5, 0.9, 2**63 + 5)
+    assert p.params.stop == ("never",) and p.params.logprobs and p.params.eos_token_ids == (2,)
+    sink, = run(tiny, p)
+    want = tiny.generate("hi", max_new_tokens=8, temperature=0.7, top_k=5, top_p=0.9, seed=2**63 + 5,
+                         eos_token_ids=(2,), logprobs=True)
+    assert sink.ids() == want.token_ids
+    assert [e["logprob"] for u in sink.updates for e in u.logprobs] == pytest.approx([lp.logprob for lp in want.logprobs])
+
+
+@pytest.mark.parametrize("request_fields, message", [
+    (dict(text_input="hi", beam_width=4), r"beam_width is not supported by nld-trt: got 4, only 1 is accepted"),
+    (dict(text_input="hi", bad_words=["bad"]), r"bad_words is not supported by nld-trt: got \['bad'\]"),
+    (dict(text_input="hi", repetition_penalty=1.3), "repetition_penalty is not supported by nld-trt: got 1.3"),
+    (dict(text_input="hi", frequency_penalty=0.5), "frequency_penalty is not supported"),
+    (dict(text_input="hi", return_generation_logits=True), "return_generation_logits is not supported"),
+    (dict(text_input="hi", lora_task_id=3), "lora_task_id is not supported by nld-trt: got 3, only absent or empty"),
+    (dict(text_input="hi", top_k=-2), r"top_k must be an integer in \[0, 512\], got -2"),
+    (dict(text_input="hi", top_p=1.5), r"top_p must be a number in \[0, 1\], got 1.5"),
+    (dict(text_input="hi", min_p=-1.0), r"min_p must be a number in \[0, 1\], got -1.0"),
+    (dict(text_input="hi", block_length=4294967304), r"block_length must be an integer in \[1, 128\], got 4294967304"),
+    (dict(text_input="hi", top_logprobs=3), "top_logprobs needs return_log_probs=true"),
+    (dict(text_input="hi", num_return_sequences=0), r"num_return_sequences must be an integer in \[1, 8\], got 0"),
+    (dict(text_input="hi", stop_token_ids=[99999]), r"stop_token_ids must be a token id in \[0, 512\)"),
+    (dict(text_input="hi", input_ids=[1, 2]), "send one of text_input, messages and input_ids"),
+    (dict(input_ids=[1, 99999]), r"input_ids must be token ids in \[0, 512\), got 99999"),
+    (dict(text_input="hi", chat_template_kwargs="[1]"), "chat_template_kwargs must be a JSON object"),
+    (dict(text_input="hi", chat_template_kwargs="{"), "chat_template_kwargs is not valid JSON"),
+    (dict(text_input="hi", mode="auto?"), "unknown mode 'auto\\?'"),
+])
+def test_bad_fields_are_named(tiny, request_fields, message):
+    with pytest.raises(GenerationError, match=message):
+        prepare(tiny, fields(**request_fields), LIMITS)
+
+
+@pytest.mark.parametrize("parameters, message", [
+    ({"max_token": 8}, r"unknown request parameter 'max_token': the known ones are .*max_tokens"),
+    ({"seed": 1e30, "temperature": 0.5}, r"seed must be an integer in \[0, 18446744073709551615\], got 1000000000000000019884624838656"),
+    ({"seed": 2**64}, r"seed must be an integer in \[0, 18446744073709551615\]"),
+    ({"random_seed": -1}, r"seed must be an integer in \[0, 18446744073709551615\], got -1"),
+    ({"max_tokens": "16"}, "max_tokens must be an integer, got '16'"),
+    ({"max_tokens": 1.5}, "max_tokens must be an integer, got 1.5"),
+    ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
+    ({"chat": "maybe"}, "chat must be true or false, got 'maybe'"),
+    ({"max_tokens": 4294967312}, r"max_tokens must be an integer in \[1, 2147483647\], got 4294967312"),
+])
+def test_bad_request_parameters_are_named(tiny, parameters, message):
+    with pytest.raises(GenerationError, match=message):
+        prepare(tiny, gather({"text_input": np.array([[b"hi"]], dtype=object)}, parameters), LIMITS)
+
+
+def test_top_p_zero_means_off_as_in_tensorrt_llm(tiny):
+    assert prepare(tiny, fields(text_input="hi", top_p=0.0), LIMITS).params.top_p == 1.0
+
+
+def test_a_huge_prompt_is_refused_before_it_is_tokenized(tiny, monkeypatch):
+    monkeypatch.setattr(tiny.tokenizer, "encode", lambda *a, **k: pytest.fail("tokenized a prompt over the cap"))
+    with pytest.raises(GenerationError, match="text_input is 10000000 bytes, over this deployment's cap of 65536"):
+        prepare(tiny, fields(text_input="x" * 10_000_000), LIMITS)
+    with pytest.raises(GenerationError, match="messages is 70000 bytes"):
+        prepare(tiny, fields(messages="[" + " " * 69998 + "]"), LIMITS)
+
+
+def test_a_request_that_cannot_start_fails_alone_and_its_neighbours_finish(tiny):
+    good = [prepare(tiny, fields(text_input=PROMPT, max_tokens=12, mode=m, stream=True), LIMITS)
+            for m in ("ar", "dlm", "linear_spec")]
+    ok = prepare(tiny, fields(text_input="hi", max_tokens=4, stop_words=["x"]), LIMITS)
+    bad = Prepared(ok.prompt_ids, replace(ok.params, stop=(5,)), False)  # a value validation would refuse
+    sinks = run(tiny, good[0], bad, good[1], good[2])
+    assert "could not start the request (TypeError" in sinks[1].errors[0]
+    for sink, p in zip([sinks[0], sinks[2], sinks[3]], good):
+        want = tiny.generate(PROMPT, mode=p.params.mode, max_new_tokens=12)
+        assert not sink.errors and sink.ids() == want.token_ids
+
+
+def test_a_failure_inside_a_step_fails_only_its_request(tiny, monkeypatch):
+    from nld_trt.decoding.linear_spec import LinearSpecSequence
+
+    consume = LinearSpecSequence.consume
+
+    def broken(self, logits):
+        if self.params.max_new_tokens == 13:  # the request that carries the bug
+            raise RuntimeError("boom")
+        return consume(self, logits)
+
+    monkeypatch.setattr(LinearSpecSequence, "consume", broken)
+    bad = prepare(tiny, fields(text_input=PROMPT, max_tokens=13, mode="linear_spec"), LIMITS)
+    good = [prepare(tiny, fields(text_input=PROMPT, max_tokens=12, mode=m), LIMITS) for m in ("ar", "linear_spec")]
+    sinks = run(tiny, good[0], bad, good[1])
+    assert "the request failed while decoding (RuntimeError: boom)" in sinks[1].errors[0]
+    assert not sinks[0].errors and not sinks[2].errors
+    monkeypatch.setattr(LinearSpecSequence, "consume", consume)
+    assert sinks[2].ids() == tiny.generate(PROMPT, mode="linear_spec", max_new_tokens=12).token_ids
+
+
+@pytest.mark.parametrize("mode", ["ar", "dlm", "linear_spec"])
+def test_streaming_with_a_stop_string_sends_exactly_the_unary_text(tiny, mode):
+    free = tiny.generate(PROMPT, mode=mode, max_new_tokens=40, block_length=8)
+    stop = next(free.text[i : i + 3] for i in range(6, len(free.text) - 3)
+                if free.text.find(free.text[i : i + 3]) == i and free.text[i : i + 3].strip())
+    kw = dict(text_input=PROMPT, mode=mode, max_tokens=40, block_length=8, stop_words=[stop])
+    streamed, unary = run(tiny, prepare(tiny, fields(stream=True, **kw), LIMITS), prepare(tiny, fields(**kw), LIMITS))
+    text = free.text[: free.text.find(stop)]
+    assert unary.updates[-1].text == text and unary.updates[-1].finish_reason == "stop"
+    assert "".join(u.text for u in streamed.updates) == text
+    assert all(stop not in u.text for u in streamed.updates)
+    assert streamed.updates[-1].stats["stop_reason"] == stop
+
+
+def test_num_return_sequences_decodes_them_together_with_seed_plus_i(tiny):
+    p = prepare(tiny, fields(text_input=PROMPT, max_tokens=10, temperature=1.0, seed=5, num_return_sequences=3,
+                             stream=True, mode="linear_spec", block_length=4), LIMITS)
+    sink, = run(tiny, p)
+    want = tiny.generate([PROMPT] * 3, max_new_tokens=10, temperature=1.0, seed=5, mode="linear_spec", block_length=4)
+    by_index = {i: [t for u in sink.updates if u.sequence_index == i for t in u.token_ids] for i in range(3)}
+    assert [by_index[i] for i in range(3)] == [r.token_ids for r in want]
+    assert [u.final for u in sink.updates].count(True) == 1 and sink.updates[-1].final
+    assert sorted(u.sequence_index for u in sink.updates if u.finished) == [0, 1, 2]
+    with pytest.raises(GenerationError, match="num_return_sequences > 1 needs the decoupled model"):
+        prepare(tiny, fields(text_input=PROMPT, num_return_sequences=2), Limits(64, 16, streaming=False))
+
+
+def test_thinking_is_sent_apart_from_the_answer(tiny):
+    kw = dict(text_input=PROMPT, max_tokens=12, chat_template_kwargs='{"enable_thinking": true}',
+              max_thinking_tokens=5, separate_reasoning=True)
+    streamed, unary = run(tiny, prepare(tiny, fields(stream=True, **kw), LIMITS), prepare(tiny, fields(**kw), LIMITS))
+    ids = unary.updates[-1].token_ids
+    end = tiny.tokenizer.token_id("[/THINK]")
+    assert ids[5] == end
+    decode = tiny.tokenizer.decode
+    assert unary.updates[-1].reasoning == decode(ids[:5]) and unary.updates[-1].text == decode(ids[6:])
+    assert "".join(u.reasoning for u in streamed.updates) == decode(ids[:5])
+    assert "".join(u.text for u in streamed.updates) == decode(ids[6:])
+
+
+def test_exclude_input_in_output_false_echoes_the_prompt_as_tensorrt_llm(tiny):
+    p = prepare(tiny, fields(text_input=PROMPT, max_tokens=6, exclude_input_in_output=False), LIMITS)
+    sink, = run(tiny, p)
+    want = tiny.generate(PROMPT, max_new_tokens=6)
+    assert sink.updates[-1].token_ids == want.prompt_token_ids + want.token_ids
+    assert sink.updates[-1].text == tiny.tokenizer.decode(want.prompt_token_ids) + want.text
+
+
+def test_input_ids_are_a_prompt(tiny):
+    ids = tiny.encode(PROMPT)
+    sink, = run(tiny, prepare(tiny, fields(input_ids=ids, max_tokens=6), LIMITS))
+    assert sink.ids() == tiny.generate(ids, max_new_tokens=6).token_ids
