@@ -159,7 +159,9 @@ def test_completions_with_a_list_of_prompts_answer_each_in_order(nld, client):
 
 def test_nld_fields_as_extra_body_reach_the_model(nld, client):
     cases = [dict(mode="dlm", block_length=8, threshold=0.5), dict(mode="linear_spec", block_length=16, threshold=0.3),
-             dict(mode="ar", temperature=0.8, seed=11), dict(mode="dlm", block_length=4, temperature=0.7, seed=3)]
+             dict(mode="ar", temperature=0.8, seed=11), dict(mode="dlm", block_length=4, temperature=0.7, seed=3),
+             dict(mode="ar", min_tokens=45), dict(mode="dlm", steps_per_block=2, block_length=8),
+             dict(mode="linear_spec", threshold=0.5, draft="once", lora=False)]
     for case in cases:
         want = nld.generate(QUESTIONS[1], max_new_tokens=48, **case)
         extra = {k: v for k, v in case.items() if k not in ("temperature", "seed")}

@@ -122,9 +122,28 @@ def test_a_person_chats_sees_streamed_answers_and_stats_and_switches_modes(stack
     assert second.find_element(By.CSS_SELECTOR, ".label").text == "dlm · B=8 · T=0"
     assert f"{want2.stats.nfe} forward passes" in second.find_element(By.CSS_SELECTOR, ".stats").text
 
-    shot = tmp_path_factory.mktemp("screenshots") / "openai-chat-page.png"
+    shots = tmp_path_factory.mktemp("screenshots")
+    assert browser.save_screenshot(str(shots / "openai-chat-page.png"))
+
+    # thinking on, with a budget: the reasoning shows apart from the answer, as the model split them
+    browser.find_element(By.ID, "thinking").click()
+    set_field(browser, "think-budget", "8")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("linear_spec")
+    set_field(browser, "block-length", "")
+    browser.find_element(By.ID, "reset").click()
+    third = ask(browser, QUESTIONS[0], 0)
+    end_think = nld.tokenizer.token_id("[/THINK]")
+    want3 = nld.generate(QUESTIONS[0], mode="linear_spec", max_new_tokens=256, max_thinking_tokens=8,
+                         end_think_token_id=end_think, template_kwargs={"enable_thinking": True})
+    cut = want3.token_ids.index(end_think)
+    reasoning = third.find_element(By.CSS_SELECTOR, "details.reasoning div").get_attribute("textContent")
+    assert reasoning == nld.tokenizer.decode(want3.token_ids[:cut])
+    assert content(third) == nld.tokenizer.decode(want3.token_ids[cut + 1:])
+    assert third.find_element(By.CSS_SELECTOR, ".label").text == "linear_spec · T=0 · think ≤8"
+
+    shot = shots / "openai-chat-page-thinking.png"
     assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
-    print(f"\nscreenshot of the chat page: {shot}")
+    print(f"\nscreenshots of the chat page: {shots / 'openai-chat-page.png'}, {shot}")
 
 
 def test_the_stop_button_ends_the_stream_and_frees_its_kv_slot(stack, browser):

@@ -25,7 +25,8 @@ TODAY = {"text_input": "BYTES", "messages": "BYTES", "max_tokens": "INT32", "str
 SAMPLING = {**TODAY, "seed": "UINT64", "top_k": "INT32", "top_p": "FP32", "min_p": "FP32", "stop_words": "BYTES",
             "stop_token_ids": "INT32", "return_log_probs": "BOOL", "top_logprobs": "INT32",
             "num_return_sequences": "INT32", "input_ids": "INT32", "max_thinking_tokens": "INT32",
-            "chat_template_kwargs": "BYTES", "separate_reasoning": "BOOL"}
+            "chat_template_kwargs": "BYTES", "separate_reasoning": "BOOL", "min_tokens": "INT32",
+            "steps_per_block": "INT64", "acceptance": "BYTES", "draft": "BYTES", "lora": "BOOL"}
 LIMITS = {"max_tokens_cap": "400", "max_block_length": "128", "max_batch": "8", "max_seq_len": "1024"}
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -105,6 +106,16 @@ def test_a_model_without_the_input_refuses_the_field_by_name(fields, param, mode
     defaults = dict(top_p=1.0, top_k=-1, min_p=0, stop=[], n=1, logprobs=False, chat_template_kwargs={})
     if param in defaults:  # the same field at its default value needs nothing from the model
         chat_request(chat(**{param: defaults[param]}), info(TODAY))
+
+
+def test_the_models_own_fields_pass_through_by_name():
+    r = chat(min_tokens=4, steps_per_block=2, acceptance="official", draft="once", lora=False)
+    fields = chat_request(r, info(SAMPLING)).fields
+    assert {k: fields[k] for k in ("min_tokens", "steps_per_block", "acceptance", "draft", "lora")} == dict(
+        min_tokens=4, steps_per_block=2, acceptance="official", draft="once", lora=False)
+    with pytest.raises(RequestError) as e:
+        chat(draft="twice")
+    assert e.value.param == "draft"
 
 
 def test_token_id_prompts_need_the_models_input_ids():

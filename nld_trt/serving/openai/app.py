@@ -80,11 +80,13 @@ class Choice:
         if piece.logprobs:
             self.logprobs.extend(piece.logprobs)
         self.tokens, self.nfe = piece.num_tokens, piece.nfe
+        if piece.prompt_tokens is not None:
+            self.prompt_tokens = piece.prompt_tokens
         if piece.finish_reason:
             self.finish_reason = FINISH.get(piece.finish_reason, piece.finish_reason)
             stats = piece.stats or {}
             self.tokens, self.nfe = int(stats.get("tokens", self.tokens)), int(stats.get("nfe", self.nfe))
-            self.prompt_tokens = stats.get("prompt_tokens")
+            self.prompt_tokens = stats.get("prompt_tokens", self.prompt_tokens)
 
 
 def usage(choices: list[Choice], n: int) -> dict[str, Any]:

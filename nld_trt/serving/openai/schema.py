@@ -6,7 +6,8 @@ an integer) before anything reaches Triton, so a bad request gets an OpenAI-shap
 logit_bias, echo, ...) are refused unless they carry their default value; unknown fields are refused too:
 nothing is silently ignored except `user` and its successors. NLD's own fields (`mode`, `block_length`,
 `threshold`, `top_k`, `min_p`, `max_thinking_tokens`, `chat_template_kwargs`, `stop_token_ids`) come as
-extra body keys, which is what the OpenAI SDK's `extra_body` sends.
+extra body keys, which is what the OpenAI SDK's `extra_body` sends; so do `min_tokens`, `steps_per_block`,
+`acceptance`, `draft` and `lora`, the model's own names.
 
 `to_triton` then maps a valid request onto the served model's inputs, refusing what that model's config
 cannot take (an older repository without `stop_words`, say) and what is over the deployment's limits.
@@ -66,7 +67,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "reasoning_effort": ((None,), "use chat_template_kwargs (e.g. {\"enable_thinking\": true}) and max_thinking_tokens"),
     "web_search_options": ((None,), "web search is not supported"),
     "ignore_eos": ((None, False), "ignore_eos is not supported"),
-    "min_tokens": ((None, 0), "min_tokens is not supported"),
     "include_stop_str_in_output": ((None, False), "stop strings are never included in the output"),
     "skip_special_tokens": ((None, True), "special tokens are always skipped"),
 }
@@ -131,6 +131,11 @@ class _Request(_Strict):
     min_p: float | None = Field(None, ge=0, le=1)
     max_thinking_tokens: int | None = Field(None, ge=0)
     stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
+    min_tokens: int | None = Field(None, ge=0)  # vLLM's name too: no EOS or stop before this many tokens
+    steps_per_block: int | None = Field(None, ge=1)
+    acceptance: Literal["speculative", "official"] | None = None
+    draft: Literal["repeat", "once"] | None = None
+    lora: bool | None = None
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -342,6 +347,11 @@ def common_fields(req: _Request, info: ModelInfo) -> dict[str, Any]:
         fields["max_thinking_tokens"] = req.max_thinking_tokens
     if _need(info, "num_return_sequences", "n", req.n > 1):
         fields["num_return_sequences"] = req.n
+    for name in ("min_tokens", "steps_per_block", "acceptance", "draft", "lora"):  # NLD's own, passed as they are
+        if _need(info, name, name, getattr(req, name) is not None):
+            fields[name] = getattr(req, name)
+    if info.has("return_num_input_tokens"):  # prompt_tokens on every response (usage while streaming)
+        fields["return_num_input_tokens"] = True
     return {k: v for k, v in fields.items() if v is not None}
 
 

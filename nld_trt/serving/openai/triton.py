@@ -74,6 +74,7 @@ class Piece:
     stats: dict[str, Any] | None = None  # likewise
     reasoning: str = ""  # reasoning_output (separate_reasoning=true)
     logprobs: list[dict[str, Any]] | None = None
+    prompt_tokens: int | None = None  # num_input_tokens (return_num_input_tokens=true)
 
 
 WIRE = {"INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "BOOL": "?"}
@@ -122,6 +123,7 @@ def piece_from(result: Any) -> Piece:
         stats=json.loads(stats) if stats else None,
         reasoning=_string(out.get("reasoning_output")),
         logprobs=json.loads(logprobs) if logprobs else None,
+        prompt_tokens=int(out["num_input_tokens"][0]) if out.get("num_input_tokens") else None,
     )
 
 
