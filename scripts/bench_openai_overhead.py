@@ -4,7 +4,7 @@ OpenAI chat completions through the front end, against one `nld-trt serve` deplo
 
 Per mode and concurrency (default 1 and 16): mean and p50 latency, requests/s and tokens/s both ways, the
 ratios, and whether both ways gave the same text. The two ways alternate in rounds over the same prompts
-so that drift of a shared machine hits both alike. The direct client is `tritonclient.grpc.aio` (through
+(ABBA order) so that drift of a shared machine hits both alike. The direct client is `tritonclient.grpc.aio` (through
 the front end's own bridge, the same calls it makes); the OpenAI client is plain httpx reading SSE (the SDK's
 parsing cost is the client's, not the front end's). CPU milliseconds per request of this client and of the
 front end's process (`nld-trt serve`, which runs only the front end beside tritonserver) show where the time
@@ -128,8 +128,9 @@ async def measure(front_pid: int, grpc_url: str, url: str, questions: list[str],
             for c in levels:
                 batch = [questions[i % len(questions)] for i in range(max(requests, c))]
                 runs: dict[str, list[dict]] = {"grpc": [], "openai": []}
-                for _ in range(rounds):
-                    for name, way in ways.items():
+                for r in range(rounds):  # ABBA order: a drift of the shared machine hits both ways alike
+                    for name in (("grpc", "openai") if r % 2 == 0 else ("openai", "grpc")):
+                        way = ways[name]
                         runs[name].append(await level(lambda q, w=way: w(q, mode), batch, c, front_pid))
                 row = {"mode": mode, "concurrency": c, "requests": len(batch) * rounds}
                 for name, results in runs.items():
@@ -154,7 +155,7 @@ async def measure(front_pid: int, grpc_url: str, url: str, questions: list[str],
 @click.option("--concurrency", default="1,16", show_default=True)
 @click.option("--prompts", "n_prompts", type=int, default=16, show_default=True, help="evaluation-set questions")
 @click.option("--requests", type=int, default=32, show_default=True, help="requests per round and concurrency")
-@click.option("--rounds", type=int, default=2, show_default=True, help="alternating grpc/openai rounds")
+@click.option("--rounds", type=int, default=6, show_default=True, help="rounds of both ways, in ABBA order")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--slots", type=int, default=16, show_default=True, help="KV slots of the deployment")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
@@ -172,7 +173,7 @@ def main(modes, concurrency, n_prompts, requests, rounds, max_tokens, slots, jso
             process.terminate()
             process.wait(60)
     print(f"OpenAI front end vs direct gRPC streaming ({len(questions)} evaluation questions, max_tokens {max_tokens}, "
-          f"{rounds} alternating rounds, {slots} KV slots; one run)")
+          f"{rounds} rounds in ABBA order, {slots} KV slots; one run)")
     print("| mode | conc | requests | gRPC mean ms | OpenAI mean ms | latency overhead | gRPC p50 | OpenAI p50 "
           "| gRPC req/s | OpenAI req/s | throughput ratio | same text | CPU ms/request: client gRPC / OpenAI, front end |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")

@@ -59,6 +59,10 @@ def model_error(e: ModelError, chat: bool) -> RequestError:
     return RequestError(message, param=param)
 
 
+def unavailable(e: TritonUnavailable) -> RequestError:
+    return RequestError(str(e), status=503, type="server_error", code="service_unavailable")
+
+
 # collecting a request's sequences ---------------------------------------------------------------------
 @dataclass
 class Choice:
@@ -288,7 +292,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
         try:
             return await bridge.info()
         except TritonUnavailable as e:
-            raise RequestError(str(e), status=503, type="server_error", code="service_unavailable") from None
+            raise unavailable(e) from None
 
     def check_model(name: str | None) -> None:
         if name is not None and name != served:
@@ -303,8 +307,8 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
     @app.get("/v1/health")
     async def health() -> JSONResponse:
         if not await bridge.ready():
-            raise RequestError(f"tritonserver at {bridge.url} is not ready to serve model {bridge.model!r}",
-                               status=503, type="server_error", code="service_unavailable")
+            raise unavailable(TritonUnavailable(f"tritonserver at {bridge.url} is not ready to serve model "
+                                                f"{bridge.model!r}"))
         return JSONResponse({"status": "ok", "model": served})
 
     @app.get("/v1/models")
@@ -356,7 +360,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
         except ModelError as e:
             raise model_error(e, shape.chat) from None
         except TritonUnavailable as e:
-            raise RequestError(str(e), status=503, type="server_error", code="service_unavailable") from None
+            raise unavailable(e) from None
         return shape.answer(choices)
 
     async def stream_answer(stream: AsyncIterator[tuple[int, Piece]], choices: list[Choice], shape: Shape,
@@ -373,7 +377,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
             raise model_error(e, shape.chat) from None
         except TritonUnavailable as e:
             await stream.aclose()
-            raise RequestError(str(e), status=503, type="server_error", code="service_unavailable") from None
+            raise unavailable(e) from None
 
         def event(chunk: dict[str, Any]) -> bytes:
             if include_usage:
@@ -399,8 +403,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
                             yield event(shape.chunk(choice, None, offsets[index]))
                         item = await anext(stream, None)
                 except (ModelError, TritonUnavailable) as e:
-                    error = model_error(e, shape.chat) if isinstance(e, ModelError) else RequestError(
-                        str(e), status=503, type="server_error", code="service_unavailable")
+                    error = model_error(e, shape.chat) if isinstance(e, ModelError) else unavailable(e)
                     yield sse(error.body())
                     yield sse("[DONE]")
                     return
