@@ -229,10 +229,12 @@ def _add_commands() -> None:
     """Commands that live beside what they drive: eval, quantize, and the serving commands."""
     from .evaluate import eval_command
     from .quant.cli import quantize_command
-    from .serving.cli import chat_command, client_command, demo_command, package_command, serve_command
+    from .serving.cli import (chat_command, client_command, demo_command, openai_command, package_command,
+                              serve_command)
 
     cli.add_command(eval_command, "eval")
-    for command in (quantize_command, package_command, serve_command, client_command, chat_command, demo_command):
+    for command in (quantize_command, package_command, serve_command, openai_command, client_command, chat_command,
+                    demo_command):
         cli.add_command(command)
 
 

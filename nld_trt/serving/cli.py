@@ -1,4 +1,4 @@
-"""`nld-trt package | serve | client | chat | demo`: click commands, registered on the main `nld-trt` group.
+"""`nld-trt package | serve | openai | client | chat | demo`: click commands, registered on the main `nld-trt` group.
 
 Also runnable on their own: `python -m nld_trt.serving.cli COMMAND ...`.
 """
@@ -108,42 +108,90 @@ def package_command(model_dir, output, max_batch, max_seq_len, max_block_length,
 
 
 # serve ----------------------------------------------------------------------------------------------
+def openai_options(f):
+    """The OpenAI front end's options, shared by `serve` and `openai`."""
+    for option in reversed([
+        click.option("--served-model-name", default=None,
+                     help="the model id OpenAI clients send (default: the Triton model's name, nld)"),
+        click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
+                     help="largest request body the OpenAI front end accepts (HTTP 413 beyond)"),
+    ]):
+        f = option(f)
+    return f
+
+
 @click.command("serve")
 @click.argument("repo", type=click.Path(file_okay=False))
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
+@click.option("--openai-port", type=int, default=9000, show_default=True,
+              help="port of the OpenAI-compatible API and the chat page (0: no OpenAI front end)")
+@openai_options
 @click.option("--tritonserver", "binary", type=click.Path(dir_okay=False), default=None,
               help="tritonserver binary (default: the one nvidia-pytriton ships, else tritonserver on PATH)")
 @click.option("--model-control-mode", type=click.Choice(["none", "explicit"]), default="none", show_default=True,
               help="explicit: load no model at start (load through the repository API)")
 @click.option("--ready-timeout", type=float, default=600.0, show_default=True, help="seconds to wait for ready")
-def serve_command(repo, host, http_port, grpc_port, metrics_port, binary, model_control_mode, ready_timeout) -> None:
-    """Serve a model repository with the Triton Inference Server until Ctrl-C or SIGTERM."""
+def serve_command(repo, host, http_port, grpc_port, metrics_port, openai_port, served_model_name, max_body_bytes,
+                  binary, model_control_mode, ready_timeout) -> None:
+    """Serve a model repository with the Triton Inference Server, and the OpenAI-compatible API in front of it,
+    until Ctrl-C or SIGTERM."""
     from .server import ServerError, TritonServer
 
+    if openai_port < 0:
+        raise click.BadParameter("must be a port number, or 0 for no OpenAI front end", param_hint="--openai-port")
     extra = ["--model-control-mode=explicit"] if model_control_mode == "explicit" else []
     server = TritonServer(Path(repo), host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, binary=binary, extra_args=extra, log=_err)
+    front = None
+    if openai_port:  # its port first: a port in use fails before tritonserver starts
+        from .openai.frontend import FrontEnd
+
+        front = FrontEnd(server.grpc_url, host=host, port=openai_port, served_model=served_model_name,
+                         max_body_bytes=max_body_bytes).bind()
     # both stop the server; SIGINT too, as a shell starts background jobs with SIGINT ignored
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.start(timeout=ready_timeout)
+        if front is not None:
+            front.start()
         _err(f"nld-trt: serving {repo}: HTTP {server.http_url}, gRPC {server.grpc_url}, "
              f"metrics {server.metrics_url}; Ctrl-C or SIGTERM stops")
+        if front is not None:
+            _err(f"nld-trt: OpenAI API {front.url}/v1, chat page {front.url}/")
         while server.process.poll() is None:
             time.sleep(0.5)
         raise ServerError(f"tritonserver exited on its own with code {server.process.returncode}")
     except KeyboardInterrupt:
         _err("nld-trt: stopping tritonserver")
     finally:
+        if front is not None:
+            front.stop()
         code = server.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if code != 0:
         raise ServerError(f"tritonserver stopped with code {code}")
     _err("nld-trt: tritonserver stopped")
+
+
+@click.command("openai")
+@click.option("--triton", "triton_url", default="127.0.0.1:8001", show_default=True,
+              help="gRPC address of a running tritonserver serving an nld-trt repository")
+@click.option("--triton-model", default="nld", show_default=True, help="its decoupled (streaming) model")
+@click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
+@click.option("--port", type=int, default=9000, show_default=True)
+@openai_options
+def openai_command(triton_url, triton_model, host, port, served_model_name, max_body_bytes) -> None:
+    """Serve only the OpenAI-compatible API and the chat page, in front of a tritonserver started elsewhere."""
+    from .openai.frontend import FrontEnd
+
+    front = FrontEnd(triton_url, host=host, port=port, triton_model=triton_model, served_model=served_model_name,
+                     max_body_bytes=max_body_bytes)
+    front.serve_forever(lambda url: _err(f"nld-trt: OpenAI API {url}/v1, chat page {url}/, for tritonserver "
+                                         f"{triton_url} (model {triton_model}); Ctrl-C stops"))
 
 
 def _interrupt(signum, frame) -> None:
@@ -302,7 +350,7 @@ def demo_command(model_dir, prompt, max_tokens, block_length) -> None:
             raise NLDError(f"tritonserver exited with code {code}")
 
 
-COMMANDS = (package_command, serve_command, client_command, chat_command, demo_command)
+COMMANDS = (package_command, serve_command, openai_command, client_command, chat_command, demo_command)
 
 
 @click.group()

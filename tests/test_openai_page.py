@@ -1,0 +1,170 @@
+"""The web chat page at `/`, driven in a real headless Chromium (Debian's chromium + chromium-driver, through
+selenium) against a real deployment (`nld-trt serve` of the embedded model).
+
+A person types a question, sees the answer stream in and the stats appear under it, switches the decoding
+mode and asks again in the same conversation, and can stop an answer (which frees its KV slot). The
+answers must be the in-process greedy tokens of the same conversation. A screenshot is saved and its path
+printed (run with -s to see it).
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+from openai_stack import package_embedded, require_stack, start_stack
+
+require_stack()
+
+CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
+try:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+except ImportError as e:  # pragma: no cover - the test extra installs selenium
+    pytest.skip(f"selenium is not installed ({e})", allow_module_level=True)
+if not (CHROMIUM.is_file() and DRIVER.is_file()):  # pragma: no cover - the README's first command installs them
+    pytest.skip("no /usr/bin/chromium or /usr/bin/chromedriver: apt-get install chromium chromium-driver "
+                "(the README's first command does)", allow_module_level=True)
+
+import nld_trt  # noqa: E402
+from nld_trt.evaluate import load_task  # noqa: E402
+from nld_trt.serving.client import GrpcClient  # noqa: E402
+
+QUESTIONS = [p.question for p in load_task("gsm_synth")[:2]]
+RAMBLE = "12 12 12 12 12 12 12 12"  # the embedded model answers this for hundreds of tokens (no EOS)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("openai-page")
+    s = start_stack(package_embedded(directory), directory)
+    yield s
+    assert s.stop() == 0, s.log.read_text()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def nld():
+    return nld_trt.load(max_batch=4, max_seq_len=1024)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = str(CHROMIUM)
+    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900",
+                f"--user-data-dir={tempfile.mkdtemp(prefix='nld-chromium-')}"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(options=options, service=Service(str(DRIVER)))
+    yield driver
+    driver.quit()
+
+
+def wait(condition, timeout: float = 120, what: str = "the page"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def answers(driver) -> list:
+    return driver.find_elements(By.CSS_SELECTOR, ".turn.assistant.done")
+
+
+def ask(driver, text: str, done_before: int):
+    box = driver.find_element(By.ID, "prompt")
+    box.send_keys(text)
+    box.send_keys(Keys.ENTER)
+    return wait(lambda: answers(driver)[done_before] if len(answers(driver)) > done_before else None,
+                what=f"answer {done_before + 1}")
+
+
+def set_field(driver, element_id: str, value: str) -> None:
+    field = driver.find_element(By.ID, element_id)
+    field.clear()
+    field.send_keys(value)
+
+
+def content(turn) -> str:
+    return turn.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
+
+
+def test_a_person_chats_sees_streamed_answers_and_stats_and_switches_modes(stack, nld, browser, tmp_path_factory):
+    browser.get(stack.base_url)
+    wait(lambda: "ready" in browser.find_element(By.ID, "health").text, what="the health badge")
+    assert Select(browser.find_element(By.ID, "mode")).first_selected_option.get_attribute("value") == "linear_spec"
+
+    first = ask(browser, QUESTIONS[0], 0)
+    want = nld.generate(QUESTIONS[0], mode="linear_spec", max_new_tokens=256)
+    assert content(first) == want.text
+    assert int(first.get_attribute("data-chunks")) > 1  # the answer arrived in several streamed events
+    assert first.find_element(By.CSS_SELECTOR, ".label").text == "linear_spec · T=0"
+    stats = first.find_element(By.CSS_SELECTOR, ".stats").text
+    for part in (f"{len(want.token_ids)} tokens", f"{want.stats.nfe} forward passes", f"TPF {want.stats.tpf:.2f}",
+                 "tok/s", f"prompt {len(want.prompt_token_ids)}", "finish stop"):
+        assert part in stats, stats
+
+    Select(browser.find_element(By.ID, "mode")).select_by_value("dlm")
+    set_field(browser, "block-length", "8")
+    second = ask(browser, QUESTIONS[1], 1)
+    conversation = [{"role": "user", "content": QUESTIONS[0]}, {"role": "assistant", "content": want.text},
+                    {"role": "user", "content": QUESTIONS[1]}]
+    want2 = nld.generate(nld.tokenizer.encode_chat(conversation), mode="dlm", block_length=8, max_new_tokens=256)
+    assert content(second) == want2.text  # the page sent the whole conversation, in the new mode
+    assert second.find_element(By.CSS_SELECTOR, ".label").text == "dlm · B=8 · T=0"
+    assert f"{want2.stats.nfe} forward passes" in second.find_element(By.CSS_SELECTOR, ".stats").text
+
+    shots = tmp_path_factory.mktemp("screenshots")
+    assert browser.save_screenshot(str(shots / "openai-chat-page.png"))
+
+    # thinking on, with a budget: the reasoning shows apart from the answer, as the model split them
+    browser.find_element(By.ID, "thinking").click()
+    set_field(browser, "think-budget", "8")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("linear_spec")
+    set_field(browser, "block-length", "")
+    browser.find_element(By.ID, "reset").click()
+    third = ask(browser, QUESTIONS[0], 0)
+    end_think = nld.tokenizer.token_id("[/THINK]")
+    want3 = nld.generate(QUESTIONS[0], mode="linear_spec", max_new_tokens=256, max_thinking_tokens=8,
+                         end_think_token_id=end_think, template_kwargs={"enable_thinking": True})
+    cut = want3.token_ids.index(end_think)
+    reasoning = third.find_element(By.CSS_SELECTOR, "details.reasoning div").get_attribute("textContent")
+    assert reasoning == nld.tokenizer.decode(want3.token_ids[:cut])
+    assert content(third) == nld.tokenizer.decode(want3.token_ids[cut + 1:])
+    assert third.find_element(By.CSS_SELECTOR, ".label").text == "linear_spec · T=0 · think ≤8"
+
+    shot = shots / "openai-chat-page-thinking.png"
+    assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+    print(f"\nscreenshots of the chat page: {shots / 'openai-chat-page.png'}, {shot}")
+
+
+def test_the_stop_button_ends_the_stream_and_frees_its_kv_slot(stack, browser):
+    grpc = GrpcClient(stack.grpc_url, timeout=60)
+    before = grpc.generate(text_input="hi", max_tokens=1).stats["cancelled_total"]
+    browser.get(stack.base_url)
+    wait(lambda: "ready" in browser.find_element(By.ID, "health").text, what="the health badge")
+    Select(browser.find_element(By.ID, "mode")).select_by_value("ar")
+    set_field(browser, "max-tokens", "400")
+    box = browser.find_element(By.ID, "prompt")
+    box.send_keys(RAMBLE)
+    box.send_keys(Keys.ENTER)
+    turn = wait(lambda: browser.find_elements(By.CSS_SELECTOR, ".turn.assistant"), what="the answer")[0]
+    wait(lambda: content(turn), what="the first streamed tokens")
+    browser.find_element(By.ID, "stop").click()
+    wait(lambda: answers(browser), what="the stopped answer")
+    assert "stopped by you" in turn.find_element(By.CSS_SELECTOR, ".stats").text
+    deadline = time.monotonic() + 30
+    while (stats := grpc.generate(text_input="hi", max_tokens=1).stats)["cancelled_total"] != before + 1:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    assert stats["slots_in_use"] == 0 and stack.metric("nld_kv_slots_in_use") == 0
+    browser.find_element(By.ID, "reset").click()
+    assert browser.find_elements(By.CSS_SELECTOR, ".turn") == []
