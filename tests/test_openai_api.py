@@ -94,6 +94,16 @@ def test_models_health_and_the_chat_page(stack, client):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|url\(\s*["']?https?:|@import""", page.text)  # offline
 
 
+def test_mode_auto_gives_the_ar_tokens(nld, client):
+    want = nld.generate(QUESTIONS[1], mode="ar", max_new_tokens=64)
+    for extra in ({"mode": "auto"}, {"mode": "auto", "block_length": 16}):
+        r = client.chat.completions.create(model="nld", messages=user(QUESTIONS[1]), max_tokens=64, extra_body=extra)
+        assert r.choices[0].message.content == want.text
+    with pytest.raises(openai.BadRequestError, match="allow_lossy is for mode auto"):
+        client.chat.completions.create(model="nld", messages=user(QUESTIONS[1]), max_tokens=8,
+                                       extra_body={"mode": "ar", "allow_lossy": True})
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_chat_unary_and_streaming_give_the_in_process_tokens(nld, client, mode):
     want = nld.generate(QUESTIONS[0], mode=mode, max_new_tokens=64)

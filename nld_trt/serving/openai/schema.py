@@ -7,7 +7,7 @@ logit_bias, echo, ...) are refused unless they carry their default value; unknow
 nothing is silently ignored except `user` and its successors. NLD's own fields (`mode`, `block_length`,
 `threshold`, `top_k`, `min_p`, `max_thinking_tokens`, `chat_template_kwargs`, `stop_token_ids`) come as
 extra body keys, which is what the OpenAI SDK's `extra_body` sends; so do `min_tokens`, `steps_per_block`,
-`acceptance`, `draft` and `lora`, the model's own names.
+`acceptance`, `draft`, `lora` and `allow_lossy`, the model's own names.
 
 `to_triton` then maps a valid request onto the served model's inputs, refusing what that model's config
 cannot take (an older repository without `stop_words`, say) and what is over the deployment's limits.
@@ -124,7 +124,7 @@ class _Request(_Strict):
     stop: str | list[str] | None = None
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
     # NLD's own (extra_body)
-    mode: Literal["ar", "dlm", "linear_spec"] | None = None
+    mode: Literal["ar", "dlm", "linear_spec", "auto"] | None = None
     block_length: int | None = Field(None, ge=1)
     threshold: float | None = Field(None, ge=0, le=1)
     top_k: int | None = Field(None, ge=-1)
@@ -136,6 +136,7 @@ class _Request(_Strict):
     acceptance: Literal["speculative", "official"] | None = None
     draft: Literal["repeat", "once"] | None = None
     lora: bool | None = None
+    allow_lossy: bool | None = None  # mode auto may also choose dlm
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -347,7 +348,7 @@ def common_fields(req: _Request, info: ModelInfo) -> dict[str, Any]:
         fields["max_thinking_tokens"] = req.max_thinking_tokens
     if _need(info, "num_return_sequences", "n", req.n > 1):
         fields["num_return_sequences"] = req.n
-    for name in ("min_tokens", "steps_per_block", "acceptance", "draft", "lora"):  # NLD's own, passed as they are
+    for name in ("min_tokens", "steps_per_block", "acceptance", "draft", "lora", "allow_lossy"):  # NLD's own, as they are
         if _need(info, name, name, getattr(req, name) is not None):
             fields[name] = getattr(req, name)
     if info.has("return_num_input_tokens"):  # prompt_tokens on every response (usage while streaming)
