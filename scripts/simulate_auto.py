@@ -85,15 +85,20 @@ def simulate(cost, rates: list[float], concurrency: int, option: tuple[str, int]
     from nld_trt.decoding import GenerationParams
     from nld_trt.decoding.auto import AutoPlanner, AutoSequence
 
-    rng = random.Random(seed)
     config = NLDConfig(vocab_size=1000, hidden_size=8, intermediate_size=8, num_hidden_layers=1, num_attention_heads=1,
                        num_key_value_heads=1, head_dim=8, mask_token_id=999, block_size=32)
     params = GenerationParams(mode="auto", max_new_tokens=tokens, block_length=32, eos_token_ids=()).resolved(config)
     planner = AutoPlanner(cost, force=None if option is None else (lambda seq, n: option))
 
+    started = 0
+
     def new() -> AutoSequence:
+        """Request k is the same request (its acceptance, its draft outcomes) whatever decodes it."""
+        nonlocal started
         s = AutoSequence([1] * prompt, params, config, 0)
-        s.true_rate = rng.choice(rates)  # what its drafts really do; the planner only sees the outcomes
+        s.rng = random.Random(seed * 1_000_003 + started)
+        started += 1
+        s.true_rate = s.rng.choice(rates)  # what its drafts really do; the planner only sees the outcomes
         s.out = [5]
         s.phase = 0
         return s
@@ -122,7 +127,7 @@ def simulate(cost, rates: list[float], concurrency: int, option: tuple[str, int]
                 s.phase = 1
             else:  # the verify pass
                 matches = 0
-                while matches < b - 1 and rng.random() < s.true_rate:
+                while matches < b - 1 and s.rng.random() < s.true_rate:
                     matches += 1
                 s.out += [5] * (matches + 1)
                 generated += matches + 1
@@ -143,7 +148,7 @@ def simulate(cost, rates: list[float], concurrency: int, option: tuple[str, int]
 @click.option("--prompt", type=int, default=1024, show_default=True)
 @click.option("--tokens", type=int, default=512, show_default=True)
 @click.option("--steps", type=int, default=400, show_default=True)
-@click.option("--plot", type=click.Path(dir_okay=False), default="simulate_auto.png", show_default=True)
+@click.option("--plot", type=click.Path(dir_okay=False), default="docs/simulate_auto.png", show_default=True)
 def main(source, limit, cost_file, concurrency, prompt, tokens, steps, plot) -> None:
     if cost_file:
         from nld_trt.executors.cost import CostModel
