@@ -79,23 +79,18 @@ class PassInputs:
         shape.chunk, then padding rows up to shape.batch (slot `scratch`, committed 0, a chunk of T padding
         tokens). `keys` = the positions attention must read: max(committed + chunk length) over all rows."""
         b, t = shape.batch, shape.chunk
-        rows = len(slots)
-        if rows > b or any(len(c.tokens) > t for c in chunks):
-            raise ValueError(f"{rows} rows with chunks of up to {max(len(c.tokens) for c in chunks)} tokens do not fit "
-                             f"a {shape} pass")
-        packed = torch.zeros(cls.size(shape), dtype=torch.long, pin_memory=pin)
-        host = cls(packed, shape)
-        for i, c in enumerate(chunks):
-            host.tokens[i, : len(c.tokens)] = torch.tensor(c.tokens, dtype=torch.long)
-        pad = b - rows
-        host.slots.copy_(torch.tensor(list(slots) + [scratch] * pad, dtype=torch.long))
-        host.committed.copy_(torch.tensor(list(committed) + [0] * pad, dtype=torch.long))
-        lens = [len(c.tokens) for c in chunks] + [t] * pad
-        host.chunk_lens.copy_(torch.tensor(lens, dtype=torch.long))
-        host.block.copy_(torch.tensor([bool(c.block) for c in chunks] + [False] * pad, dtype=torch.long))
-        host.lora.copy_(torch.tensor([bool(c.lora) for c in chunks] + [False] * pad, dtype=torch.long))
-        host.keys = max(MIN_KEYS, *(L + n for L, n in zip(list(committed) + [0] * pad, lens)))
-        return host
+        rows, pad = len(slots), shape.batch - len(slots)
+        lens = [len(c.tokens) for c in chunks]
+        if pad < 0 or max(lens, default=0) > t:
+            raise ValueError(f"{rows} rows with chunks of up to {max(lens, default=0)} tokens do not fit a {shape} pass")
+        values = [tok for c in chunks for tok in (*c.tokens, *[0] * (t - len(c.tokens)))] + [0] * (pad * t)
+        values += [*slots, *[scratch] * pad, *committed, *[0] * pad, *lens, *[t] * pad]
+        values += [bool(c.block) for c in chunks] + [False] * pad + [bool(c.lora) for c in chunks] + [False] * pad
+        packed = torch.tensor(values, dtype=torch.long)
+        if pin:
+            packed = packed.pin_memory()
+        keys = max(MIN_KEYS, t, *(L + n for L, n in zip(committed, lens)))
+        return cls(packed, shape, keys)
 
     def _to(self, device) -> PassInputs:
         return PassInputs(self.packed.to(device), self.shape, self.keys)

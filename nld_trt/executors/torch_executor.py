@@ -17,7 +17,8 @@ from ..attention import chunk_attention_mask
 from ..errors import NLDError
 from ..model import CacheStep, KVCache, NLDModel, fuse_projections
 from .base import Chunk, Executor
-from .static_pass import PASSES, PassInputs, Progress, batch_buckets
+from . import static_pass
+from .static_pass import PASSES, PassInputs, Progress
 
 
 def kernels_available() -> bool:
@@ -83,7 +84,7 @@ class TorchExecutor(Executor):
         fuse_projections(model)
         chunks = sorted({1, model.config.block_size} if chunk_lens is None else set(chunk_lens))
         chunks = [t for t in chunks if 1 <= t <= min(max_chunk, max_seq_len)]
-        buckets = batch_buckets(max_batch) if batch_buckets is None else sorted({b for b in batch_buckets if b >= 1})
+        buckets = static_pass.batch_buckets(max_batch) if batch_buckets is None else sorted({b for b in batch_buckets if b >= 1})
         if not buckets or buckets[-1] > max_batch:
             raise NLDError(f"batch buckets must lie in [1, max_batch={max_batch}], got {list(batch_buckets or [])}")
         with torch.inference_mode():
