@@ -159,7 +159,8 @@ class InductorPasses(StaticPasses):
 
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self.fn = torch.compile(static_forward, fullgraph=True, dynamic=False)
+        # cpp_wrapper: the compiled graph's launcher in C++ instead of Python (measured 5-10% off a 1-token pass)
+        self.fn = torch.compile(static_forward, fullgraph=True, dynamic=False, options={"cpp_wrapper": True})
         start = time.perf_counter()
         # one compiled graph per shape (and per executor): dynamo's default limit of 8 would silently run
         # the rest eagerly
