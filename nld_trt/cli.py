@@ -54,9 +54,12 @@ def cli() -> None:
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, prompt_token_ids, stats")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
+@click.option("--compile/--no-compile", "compile_", default=None,
+              help="compiled decode passes (CUDA graphs on a GPU, torch.compile on CPU) or the eager reference "
+                   "[default: compiled on CUDA, eager on CPU]")
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
              min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy, max_thinking_tokens,
-             end_think_token, think, raw, as_json, device, dtype) -> None:
+             end_think_token, think, raw, as_json, device, dtype, compile_) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -65,7 +68,9 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
 
     path = default_model_path() if model_dir is None else Path(model_dir)
     check_model_dir(path, lora=lora)
-    model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora)
+    console = _console()
+    model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora, compile=compile_,
+                 progress=lambda line: console.print(f"[dim]{line}[/dim]"))
     end_think_id = None
     if max_thinking_tokens is not None:
         end_think_id = model.tokenizer.token_id(end_think_token)
@@ -99,7 +104,6 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         click.echo(json.dumps(result.as_dict()))
         return
     click.echo(result.text)
-    console = _console()
     if result.logprobs is not None:
         _print_logprobs(console, model.tokenizer, result.logprobs)
     s = result.stats

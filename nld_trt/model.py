@@ -7,6 +7,9 @@ initialisation, so the two cannot drift apart. Parameter names are those of the 
 
 Three ways of attending share this code: a causal or block pass over a chunk against the KV cache
 (`KVCache` + `attention.chunk_attention_mask`), and a cache-free pass under any explicit mask (training).
+A pass against the cache is described by a step object: `CacheStep` (the reference: exact shapes, computed
+on the host) or `StaticStep` (shapes fixed by batch bucket and chunk length, every length and mask on the
+device: what nld_trt/executors/static_pass.py compiles and captures in CUDA graphs).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention
+from .attention import attention, chunk_attention_mask
 from .config import NLDConfig
 
 
@@ -106,6 +109,16 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
+def kernel_attend(cache: KVCache, layer: int, q, k, v, slots, committed, chunk_lens, block, scale: float):
+    """Write k, v [B, Hkv, T, D] at committed..committed+n-1 of each row's slot and attend q [B, Hq, T, D] with
+    the fused Triton kernels (the CUDA path). Lengths are read on the device: no host synchronisation."""
+    from nld_trt.plugins.block_attention.ops import block_attention, write_kv
+
+    kc, vc = cache.k[layer], cache.v[layer]
+    write_kv(k, v, kc, vc, slots, committed, chunk_lens)
+    return block_attention(q, kc, vc, slots, committed, chunk_lens, block, scale)
+
+
 @dataclass
 class CacheStep:
     """One forward pass against a KVCache (computed once, used by every layer): where the chunk's K/V go
@@ -141,11 +154,52 @@ class CacheStep:
         if not self.kernels:
             k_all, v_all = self.update(layer, k, v)
             return attention(q, k_all, v_all, self.mask, scale)
-        from nld_trt.plugins.block_attention.ops import block_attention, write_kv
+        return kernel_attend(self.cache, layer, q, k, v, self.slots, self.committed, self.chunk_lens, self.block, scale)
 
+
+@dataclass
+class StaticStep:
+    """One pass whose shapes depend only on (batch B, chunk length T) and which reads no tensor on the host,
+    so it can be compiled once per shape and captured in a CUDA graph.
+
+    Every row writes all T chunk positions: real tokens at committed..committed+n-1 of their slot, padding
+    (chunk positions past n, and whole padding rows) to the scratch slot of the cache, which nothing reads
+    as context. Without kernels, attention reads the first `keys` positions of each row's slot under the
+    reference chunk mask (`keys` is the one size that varies between passes of a shape: the compiled pass
+    takes it as a dynamic dimension); with kernels, the Triton kernels read the lengths on the device.
+    """
+
+    cache: KVCache
+    slots: torch.Tensor  # [B] slot per batch row (padding rows: the scratch slot)
+    committed: torch.Tensor  # [B]
+    chunk_lens: torch.Tensor  # [B] real chunk tokens per row (padding rows: T, in the scratch slot)
+    block: torch.Tensor  # [B] bool
+    dest_slot: torch.Tensor  # [B, T] cache slot of each chunk position's K/V (padding: the scratch slot)
+    dest_pos: torch.Tensor  # [B, T] cache position of each chunk position's K/V
+    mask: torch.Tensor | None  # [B, 1, T, keys] bool (reference attention), None with kernels
+    kernels: bool = False
+
+    @classmethod
+    def build(cls, cache: KVCache, scratch: int, slots, committed, chunk_lens, block, chunk: int, keys,
+              kernels: bool = False) -> StaticStep:
+        """From the pass's device tensors; `keys` (an int, or a symbolic size when compiled) is how many cache
+        positions the reference attention reads: at least max(committed + chunk_lens)."""
+        j = torch.arange(chunk, device=slots.device)
+        real = j[None, :] < chunk_lens[:, None]
+        dest_slot = torch.where(real, slots[:, None], scratch)
+        dest_pos = torch.where(real, committed[:, None] + j, j)
+        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, keys)
+        return cls(cache, slots, committed, chunk_lens, block, dest_slot, dest_pos, mask, kernels)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.kernels:
+            return kernel_attend(self.cache, layer, q, k, v, self.slots, self.committed, self.chunk_lens, self.block,
+                                 scale)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
-        write_kv(k, v, kc, vc, self.slots, self.committed, self.chunk_lens)
-        return block_attention(q, kc, vc, self.slots, self.committed, self.chunk_lens, self.block, scale)
+        kc[self.dest_slot, :, self.dest_pos] = k.transpose(1, 2)
+        vc[self.dest_slot, :, self.dest_pos] = v.transpose(1, 2)
+        keys = self.mask.shape[-1]
+        return attention(q, kc[self.slots, :, :keys], vc[self.slots, :, :keys], self.mask, scale)
 
 
 class Attention(nn.Module):
@@ -159,12 +213,19 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
         self.lora: LoRA | None = None
+        self.qkv_weight: torch.Tensor | None = None  # [q; k; v] rows, set by fuse_projections
 
-    def forward(self, x, cos, sin, qscale, mask, layer: int, step: CacheStep | None, lora_rows):
+    def forward(self, x, cos, sin, qscale, mask, layer: int, step: CacheStep | StaticStep | None, lora_rows,
+                fused: bool = False):
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        if fused and self.qkv_weight is not None:
+            q, k, v = F.linear(x, self.qkv_weight).split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                                                          self.n_kv * self.head_dim], dim=-1)
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin) * qscale[:, None, :, None]
         k = apply_rope(k, cos, sin)
         out = step.attend(layer, q, k, v, self.scale) if step is not None else attention(q, k, v, mask, self.scale)
@@ -182,9 +243,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(h, i, bias=False)
         self.up_proj = nn.Linear(h, i, bias=False)
         self.down_proj = nn.Linear(i, h, bias=False)
+        self.gate_up_weight: torch.Tensor | None = None  # [gate; up] rows, set by fuse_projections
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        if fused and self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -219,16 +285,18 @@ class NLDModel(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        step: CacheStep | None = None,
+        step: CacheStep | StaticStep | None = None,
         lora_rows: torch.Tensor | None = None,
+        fused: bool = False,
     ) -> torch.Tensor:
-        """tokens/positions [B, T]; without a cache, mask [B, 1, T, T] bool (with one, the CacheStep holds
-        it); lora_rows [B] or [B, T] bool: where the draft adapter applies. Returns hidden states [B, T, H]."""
+        """tokens/positions [B, T]; without a cache, mask [B, 1, T, T] bool (with one, the step holds it);
+        lora_rows [B] or [B, T] bool: where the draft adapter applies; fused: one GEMM for q/k/v and one
+        for gate/up where `fuse_projections` prepared them. Returns hidden states [B, T, H]."""
         x = self.encoder.embed_tokens(tokens)
         cos, sin, qscale = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.encoder.layers):
-            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, i, step, lora_rows)
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, i, step, lora_rows, fused)
+            x = x + layer.mlp(layer.post_attention_layernorm(x), fused)
         return self.encoder.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -250,6 +318,36 @@ class NLDModel(nn.Module):
     @property
     def has_lora(self) -> bool:
         return any(layer.self_attn.lora is not None for layer in self.encoder.layers)
+
+
+def fuse_projections(model: NLDModel) -> int:
+    """Concatenate each layer's q/k/v weights and its gate/up weights into one tensor each (once, in place)
+    and make the projections' weights views of it: one GEMM where there were three (two), no memory added,
+    and the parameters keep the checkpoint's names and shapes (state_dict, ONNX export and the draft
+    adapter see the same model). Projections that are not plain nn.Linear (quantized) stay unfused.
+    Call it after the model has its device and dtype. Returns how many groups are fused."""
+
+    def fuse(linears) -> torch.Tensor | None:
+        if not all(type(m) is nn.Linear and m.bias is None for m in linears):
+            return None
+        with torch.no_grad():
+            fused = torch.cat([m.weight.detach() for m in linears])
+        start = 0
+        for m in linears:
+            rows = m.weight.shape[0]
+            m.weight = nn.Parameter(fused[start : start + rows], requires_grad=m.weight.requires_grad)
+            start += rows
+        return fused
+
+    count = 0
+    for layer in model.encoder.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        if attn.qkv_weight is None:
+            attn.qkv_weight = fuse((attn.q_proj, attn.k_proj, attn.v_proj))
+        if mlp.gate_up_weight is None:
+            mlp.gate_up_weight = fuse((mlp.gate_proj, mlp.up_proj))
+        count += (attn.qkv_weight is not None) + (mlp.gate_up_weight is not None)
+    return count
 
 
 def init_weights(model: NLDModel, std: float = 0.02, seed: int = 0) -> NLDModel:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,15 @@ from .decoding.sequence import TokenLogprob
 from .errors import CheckpointError, GenerationError
 from .executors import TorchExecutor
 from .executors.cost import CostModel
+from .executors.torch_executor import compile_blocker, kernels_available
 from .model import NLDModel, Rotary
 from .tokenizer import NLDTokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-nld"
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def default_model_path() -> Path:
@@ -88,7 +95,13 @@ class NLD:
         max_block_length: int = 128,
         lora: bool = True,
         calibration_dir: str | Path | None = None,
+        compile: bool | None = None,
+        progress: Callable[[str], None] | None = None,
     ) -> None:
+        """`compile`: run the decode passes compiled (CPU: torch.compile) or as CUDA graphs (GPU), captured
+        at load; False: the eager reference; None: CUDA graphs on a GPU (when Triton is installed and the
+        checkpoint is not quantized), eager on CPU, where compiling costs more at load than a short run
+        saves (README, "Benchmarks"). `progress` gets the load-time progress lines (default: stderr)."""
         self.path = Path(path) if path is not None else default_model_path()
         if not self.path.is_dir():
             raise CheckpointError(f"model directory {self.path} does not exist")
@@ -121,7 +134,11 @@ class NLD:
         self.lora = load_lora(self.path, self.config) if lora else None
         if self.lora is not None:
             self.model.set_lora(self.lora.layers, self.lora.scale)
-        self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length)
+        if compile is None:
+            compile = self.model.encoder.embed_tokens.weight.device.type == "cuda" and kernels_available() \
+                and compile_blocker(self.model) is None
+        self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length, compile=compile,
+                                      progress=progress or _stderr)
 
     # ----------------------------------------------------------------------------------------------
     @property

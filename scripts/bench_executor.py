@@ -3,9 +3,17 @@
 
 For each batch size: one causal pass of 1 token per sequence (an `ar` step), one block pass of B tokens (a
 `dlm` denoising pass or the `linear_spec` draft), one causal pass of B tokens (the `linear_spec` verify),
-after a prefill of --context tokens per sequence. With the fused Triton kernels (the default on CUDA) and
-with the reference path (SDPA over a boolean mask); the ratio is from the same run. Random weights: the
-times are those of the real model, the tokens are meaningless.
+after a prefill of --context tokens per sequence, in each variant of the executor:
+- graphs: the static passes captured as CUDA graphs with the Triton kernels inside (compile=True on CUDA);
+- compiled: the static passes compiled by torch.compile (compile=True on CPU);
+- static: the same static passes, uncompiled;
+- kernels: eager, the fused Triton kernels (compile=False on CUDA);
+- reference: eager, SDPA over a boolean mask.
+Ratios are from the same run. On CUDA it also prints what the issue's targets need: the 1-token pass at
+batch 1 against the weight-read bound (bytes of the weights a pass reads / measured copy bandwidth), the
+block pass against the 1-token pass, and transformers' own fast path (static cache + torch.compile, CUDA
+graphs) per `ar` token at the same shape. Random weights: the times are those of the real model, the
+tokens are meaningless.
 
     python scripts/bench_executor.py --shape 8B --device cuda              # on a GPU host
     python scripts/bench_executor.py --shape tiny --device cpu --reps 2    # a smoke run anywhere
@@ -17,6 +25,7 @@ import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,13 +40,23 @@ SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, head_dim=16, vocab_size=512),
 }
+# variant -> TorchExecutor keywords
+VARIANTS = {
+    "graphs": dict(kernels=True, compile="cuda-graphs"),
+    "compiled": dict(kernels=False, compile="inductor"),
+    "static": dict(kernels=False, compile="static"),
+    "kernels": dict(kernels=True, compile=False),
+    "reference": dict(kernels=False, compile=False),
+}
+DEFAULT_VARIANTS = {"cuda": "graphs,kernels,reference", "cpu": "static,reference"}
+CUDA_MISSING = "--device cuda needs a CUDA GPU and the CUDA build of torch; use --device cpu for a smoke run"
 
 
 def random_model(shape: str, layers: int | None, device: str, dtype: torch.dtype, max_pos: int):
+    from dataclasses import replace
+
     from nld_trt.model import NLDModel, Rotary
     from nld_trt.tiny import tiny_config
-
-    from dataclasses import replace
 
     rope = replace(tiny_config().rope, original_max_position_embeddings=max_pos // 16)  # YaRN factor 16
     config = tiny_config(**{**SHAPES[shape], "max_position_embeddings": max_pos, "rope": rope,
@@ -49,7 +68,7 @@ def random_model(shape: str, layers: int | None, device: str, dtype: torch.dtype
         for name, p in model.named_parameters():
             p.fill_(1.0) if name.endswith("norm.weight") else p.normal_(0.0, 0.02)
     model.rotary = Rotary(config).to(device)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def sync(device: str) -> None:
@@ -57,17 +76,61 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_pass(executor, slots, chunks, device: str, reps: int) -> float:
-    """Median milliseconds of one uncommitted pass (the cache is unchanged by it, so reps are identical)."""
-    executor.forward(slots, chunks, all_logits=False)
+def median_ms(fn, device: str, reps: int) -> float:
+    fn()
     times = []
     for _ in range(reps):
         sync(device)
         start = time.perf_counter()
-        executor.forward(slots, chunks, all_logits=False)
+        fn()
         sync(device)
         times.append((time.perf_counter() - start) * 1e3)
     return statistics.median(times)
+
+
+def time_pass(executor, slots, chunks, device: str, reps: int) -> float:
+    """Median milliseconds of one uncommitted pass (the cache is unchanged by it, so reps are identical)."""
+    return median_ms(lambda: executor.forward(slots, chunks, all_logits=False), device, reps)
+
+
+def weight_read_bound_ms(model) -> tuple[float, float, float]:
+    """(bytes a 1-token pass reads for its weights, copy bandwidth in B/s, their ratio in ms). Every weight
+    is read once, except the embedding table, of which a pass reads one row per token."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_kernels import copy_bandwidth
+
+    weights = sum(p.numel() * p.element_size() for n, p in model.named_parameters() if "embed_tokens" not in n)
+    bandwidth = copy_bandwidth() * 1e9  # read + write bytes per second of a device-to-device copy
+    return weights, bandwidth, weights / bandwidth * 1e3
+
+
+def transformers_ms_per_token(model, batch: int, context: int, new: int, compiled: bool, device: str,
+                              reps: int) -> float:
+    """transformers' generate() on the same weights (Ministral3ForCausalLM, static KV cache; `compiled`:
+    its own torch.compile of the decode step, CUDA graphs on a GPU): ms per decoded token, i.e. the time
+    of `new` tokens minus that of 1, over new - 1."""
+    from transformers import CompileConfig, Ministral3ForCausalLM, StaticCache
+
+    with torch.device("meta"):
+        hf = Ministral3ForCausalLM(model.config.to_transformers())
+    state = {("model." + k.removeprefix("encoder.")): v for k, v in model.state_dict().items()
+             if k.startswith("encoder.")}
+    state["lm_head.weight"] = model.diffusion_head.weight
+    hf.load_state_dict(state, strict=True, assign=True)  # the same tensors: no second copy of the weights
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(hf.config).to(device)  # its buffers were on meta
+    hf.eval()
+    ids = torch.randint(200, model.config.vocab_size, (batch, context), device=device)
+
+    def generate(n: int):
+        cache = StaticCache(config=hf.config, max_cache_len=context + new + 8)
+        with torch.inference_mode():
+            hf.generate(ids, past_key_values=cache, max_new_tokens=n, min_new_tokens=n, do_sample=False,
+                        pad_token_id=0, disable_compile=not compiled,
+                        compile_config=CompileConfig(fullgraph=True) if compiled else None)
+
+    generate(new)  # compiles and captures
+    full, one = median_ms(lambda: generate(new), device, reps), median_ms(lambda: generate(1), device, reps)
+    return (full - one) / (new - 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,46 +145,83 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence already in the cache")
     ap.add_argument("--block", type=int, default=32)
     ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated, first is the one the ratios are of: {', '.join(VARIANTS)} "
+                         f"(default: {DEFAULT_VARIANTS['cuda']} on CUDA, {DEFAULT_VARIANTS['cpu']} on CPU)")
+    ap.add_argument("--transformers", choices=["none", "eager", "compiled"], default=None,
+                    help="transformers' generate() with a static cache, eager or torch.compiled "
+                         "(default: compiled on CUDA, none on CPU)")
+    ap.add_argument("--new-tokens", type=int, default=64, help="tokens per transformers generate() run")
     args = ap.parse_args(argv)
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        print("--device cuda needs a CUDA GPU and the CUDA build of torch; use --device cpu for a smoke run",
+    cuda = args.device.startswith("cuda")
+    if cuda and not torch.cuda.is_available():
+        print(CUDA_MISSING, file=sys.stderr)
+        return 2
+    variants = (args.variants or DEFAULT_VARIANTS["cuda" if cuda else "cpu"]).split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or ("graphs" in variants and not cuda) or ("kernels" in variants and not cuda):
+        print(f"variants {variants}: choose from {', '.join(VARIANTS)}; graphs and kernels need --device cuda",
               file=sys.stderr)
         return 2
+    hf_mode = args.transformers or ("compiled" if cuda else "none")
     dtype = getattr(torch, args.dtype)
     batches = [int(b) for b in args.batches.split(",")]
     model = random_model(args.shape, args.layers, args.device, dtype, max_pos=65536)  # the cache is sized below
     config = model.config
-    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else "CPU"
+    name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"{args.shape} ({config.num_hidden_layers} layers, {config.num_parameters() / 1e9:.2f}B parameters), "
-          f"{args.dtype}, {name}, context {args.context}, block {args.block}")
-    variants = [("kernels", True), ("reference", False)] if args.device.startswith("cuda") else [("reference", False)]
-    print(f"{'batch':>5} {'pass':<28} " + " ".join(f"{v + ' ms':>14}" for v, _ in variants)
-          + ("   kernels/reference" if len(variants) == 2 else ""))
+          f"{args.dtype}, {name}, torch {torch.__version__}, context {args.context}, block {args.block}")
+    bound = None
+    if cuda:
+        weights, bandwidth, bound = weight_read_bound_ms(model)
+        print(f"weights read per 1-token pass {weights / 1e9:.2f} GB, device copy bandwidth {bandwidth / 1e12:.2f} TB/s "
+              f"(read + write): weight-read bound {bound:.3f} ms")
+    ratio_head = f"   {variants[0]}/{variants[-1]}" if len(variants) > 1 else ""
+    print(f"{'batch':>5} {'pass':<28} " + " ".join(f"{v + ' ms':>14}" for v in variants) + ratio_head)
     rng = torch.Generator().manual_seed(0)
+    ar_label, block_label = "ar step (causal, 1)", f"draft/denoise (block, {args.block})"
+    summary: list[str] = []
     for batch in batches:
         prompts = [torch.randint(200, config.vocab_size, (args.context,), generator=rng).tolist() for _ in range(batch)]
         mask = config.mask_token_id
         passes = {
-            "ar step (causal, 1)": [Chunk([p[-1]]) for p in prompts],
-            f"draft/denoise (block, {args.block})": [Chunk([p[-1]] + [mask] * (args.block - 1), block=True)
-                                                     for p in prompts],
+            ar_label: [Chunk([p[-1]]) for p in prompts],
+            block_label: [Chunk([p[-1]] + [mask] * (args.block - 1), block=True) for p in prompts],
             f"verify (causal, {args.block})": [Chunk(p[-args.block:]) for p in prompts],
         }
         times = {}
-        for label, kernels in variants:
+        for variant in variants:
             executor = TorchExecutor(model, max_batch=batch, max_seq_len=args.context + 2 * args.block + 8,
-                                     max_chunk=max(args.block, args.context), kernels=kernels)
+                                     max_chunk=max(args.block, args.context), chunk_lens=(1, args.block),
+                                     batch_buckets=(batch,), **VARIANTS[variant])
+            if executor.compile_report:
+                summary.append(f"batch {batch} {variant}: {executor.compile_report}")
             slots = [executor.allocate() for _ in prompts]
             executor.forward(slots, [Chunk(p) for p in prompts], all_logits=False)
             for s in slots:
                 executor.commit(s, args.context)
             for kind, chunks in passes.items():
-                times[label, kind] = time_pass(executor, slots, chunks, args.device, args.reps)
+                times[variant, kind] = time_pass(executor, slots, chunks, args.device, args.reps)
             del executor
+            if cuda:
+                torch.cuda.empty_cache()
         for kind in passes:
-            row = " ".join(f"{times[v, kind]:>14.2f}" for v, _ in variants)
-            ratio = f"   {times['kernels', kind] / times['reference', kind]:>8.2f}" if len(variants) == 2 else ""
+            row = " ".join(f"{times[v, kind]:>14.3f}" for v in variants)
+            ratio = f"   {times[variants[0], kind] / times[variants[-1], kind]:>8.2f}" if len(variants) > 1 else ""
             print(f"{batch:>5} {kind:<28} {row}{ratio}")
+        fast = variants[0]
+        ar_ms = times[fast, ar_label]
+        summary.append(f"batch {batch} {fast}: {args.block}-token block pass / 1-token pass = "
+                       f"{times[fast, block_label] / ar_ms:.2f} (target <= 1.3 at batch 1)")
+        if bound is not None and batch == 1:
+            summary.append(f"batch 1 {fast}: 1-token pass / weight-read bound = {ar_ms / bound:.2f} (target <= 1.2)")
+        if hf_mode != "none":
+            hf_ms = transformers_ms_per_token(model, batch, args.context, args.new_tokens, hf_mode == "compiled",
+                                              args.device, max(3, args.reps // 5))
+            summary.append(f"batch {batch}: transformers generate() static cache ({hf_mode}) {hf_ms:.3f} ms per ar "
+                           f"token; nld-trt {fast} ar step {ar_ms:.3f} ms: nld-trt is {hf_ms / ar_ms:.2f}x as fast")
+    for line in summary:
+        print(line)
     return 0
 
 

@@ -1,9 +1,11 @@
 #!/usr/bin/env python3
-"""Tokens, NFE, TPF and tokens/s of each decoding mode on one model and prompt set, the ratios to ar from
-the same run, and the same greedy AR workload through transformers' own generate() on the equivalent
-Ministral3ForCausalLM (tokens compared, time as the ratio nld-trt / transformers). With --engine, every mode
-also runs on an `nld-trt build` output of the same checkpoint (ONNX Runtime on CPU, the TensorRT plan with
---device cuda): tokens compared with the PyTorch executor's, time as a ratio."""
+"""Tokens, NFE, TPF and tokens/s of each decoding mode on one model and prompt set, on the PyTorch executor's
+eager reference and on its compiled passes (torch.compile on CPU, CUDA graphs on a GPU), and the same greedy
+AR workload through transformers' own generate() on the equivalent Ministral3ForCausalLM. Every ratio is from
+this one run: the runs are interleaved batch by batch (eager, compiled, transformers, engine), so a noisy
+machine slows them alike. Tokens are compared with the eager reference. With --engine, every mode also runs
+on an `nld-trt build` output of the same checkpoint (ONNX Runtime on CPU, the TensorRT plan with --device
+cuda)."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ import time
 import click
 import torch
 
-
+MODES = ("ar", "dlm", "linear_spec")
 
 
 def transformers_twin(nld):
@@ -30,6 +32,11 @@ def transformers_twin(nld):
     return hf.to(nld.model.diffusion_head.weight.device)
 
 
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
 @click.command()
 @click.option("--model", "model_dir", default=None, help="checkpoint (default: the embedded model)")
 @click.option("--tasks", default="gsm_synth", show_default=True, help="prompts: a built-in set or a JSONL file")
@@ -39,86 +46,118 @@ def transformers_twin(nld):
 @click.option("--batch-size", type=int, default=1, show_default=True, help="nld-trt batch size")
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--threads", type=int, default=1, show_default=True, help="torch threads on CPU")
+@click.option("--compiled/--no-compiled", default=True, show_default=True,
+              help="also run the compiled passes (compiled at load: tens of seconds on CPU)")
 @click.option("--engine", "engine_dir", default=None, help="an nld-trt build output of the same checkpoint")
 @click.option("--json", "as_json", is_flag=True)
-def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, device, threads, engine_dir, as_json) -> None:
+def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, device, threads, compiled, engine_dir,
+         as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
     import nld_trt
+    from nld_trt.evaluate import load_task
 
     torch.set_num_threads(threads)
     console = Console(stderr=True)
-    nld = nld_trt.load(model_dir, device=device, max_batch=batch_size, max_seq_len=1024)
-    from nld_trt.evaluate import load_task
-
+    say = lambda line: console.print(f"[dim]{line}[/dim]")  # noqa: E731
+    options = dict(device=device, max_batch=batch_size, max_seq_len=1024, progress=say)
+    runtimes = {"eager": nld_trt.load(model_dir, compile=False, **options)}
+    nld = runtimes["eager"]
+    load_report = {}
+    if compiled:
+        start = time.perf_counter()
+        runtimes["compiled"] = nld_trt.load(model_dir, compile=True, **options)
+        load_report = {"compile_load_s": time.perf_counter() - start,
+                       "compile_report": runtimes["compiled"].executor.compile_report}
+    if engine_dir:
+        runtimes["engine"] = nld_trt.load(engine_dir, **{k: v for k, v in options.items() if k != "progress"})
     prompts = [nld.encode(p.question) for p in load_task(tasks)[:n_prompts]]
+    batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     common = dict(max_new_tokens=max_new_tokens, block_length=block_length)
-    def run_modes(runtime, label: str) -> dict:
-        out = {}
-        runtime.generate(prompts[:1], mode="ar", max_new_tokens=4)  # warm-up
-        for mode in ("ar", "dlm", "linear_spec"):
-            console.print(f"[dim]{label} {mode}: {len(prompts)} prompts x {max_new_tokens} tokens...[/dim]")
-            start = time.perf_counter()
-            results = []
-            for i in range(0, len(prompts), batch_size):
-                results += runtime.generate(prompts[i : i + batch_size], mode=mode, **common)
-            wall = time.perf_counter() - start
-            tokens = sum(r.stats.tokens for r in results)
-            nfe = sum(r.stats.nfe for r in results)
-            out[label + mode] = {"tokens": tokens, "nfe": nfe, "tpf": tokens / nfe, "seconds": wall,
-                                 "tokens_per_s": tokens / wall, "ids": [r.token_ids for r in results]}
+
+    console.print("[dim]transformers generate() on Ministral3ForCausalLM, greedy, batch 1[/dim]")
+    hf = transformers_twin(nld)
+
+    def hf_generate(batch):
+        out = []
+        with torch.inference_mode():
+            for p in batch:
+                ids = hf.generate(torch.tensor([p], device=device), max_new_tokens=max_new_tokens, do_sample=False)
+                out.append(ids[0, len(p):].tolist())
         return out
 
-    rows = run_modes(nld, "")
-    console.print("[dim]transformers generate() on Ministral3ForCausalLM, greedy, batch 1...[/dim]")
-    hf = transformers_twin(nld)
-    hf.generate(torch.tensor([prompts[0]], device=device), max_new_tokens=4, do_sample=False)
-    start = time.perf_counter()
-    hf_ids = []
-    with torch.inference_mode():
-        for p in prompts:
-            out = hf.generate(torch.tensor([p], device=device), max_new_tokens=max_new_tokens, do_sample=False)
-            hf_ids.append(out[0, len(p):].tolist())
-    hf_wall = time.perf_counter() - start
-    hf_tokens = sum(len(x) for x in hf_ids)
-    rows["transformers_ar"] = {"tokens": hf_tokens, "nfe": hf_tokens, "tpf": 1.0, "seconds": hf_wall,
-                               "tokens_per_s": hf_tokens / hf_wall}
-    same = sum(a == b for a, b in zip(rows["ar"]["ids"], hf_ids))
-    spec_lossless = rows["linear_spec"]["ids"] == rows["ar"]["ids"]
-    ratios = {
-        "linear_spec/ar tokens_per_s": rows["linear_spec"]["tokens_per_s"] / rows["ar"]["tokens_per_s"],
-        "dlm/ar tokens_per_s": rows["dlm"]["tokens_per_s"] / rows["ar"]["tokens_per_s"],
-        "nld-trt ar/transformers ar tokens_per_s": rows["ar"]["tokens_per_s"] / hf_tokens * hf_wall,
-    }
-    engine_same = {}
-    if engine_dir:
-        engine = nld_trt.load(engine_dir, device=device, max_batch=batch_size, max_seq_len=1024)
-        rows.update(run_modes(engine, "engine "))
-        for mode in ("ar", "dlm", "linear_spec"):
-            ratios[f"engine/pytorch {mode} tokens_per_s"] = rows["engine " + mode]["tokens_per_s"] / rows[mode]["tokens_per_s"]
-            engine_same[mode] = f"{sum(a == b for a, b in zip(rows['engine ' + mode]['ids'], rows[mode]['ids']))}/{len(prompts)}"
+    for runtime in runtimes.values():  # warm-up
+        runtime.generate(prompts[:1], mode="ar", max_new_tokens=4)
+    hf_generate(prompts[:1])
+
+    rows: dict[str, dict] = {}
+    for mode in MODES:
+        console.print(f"[dim]{mode}: {len(prompts)} prompts x {max_new_tokens} tokens, batch {batch_size}, "
+                      f"{' / '.join(runtimes)}{' / transformers' if mode == 'ar' else ''}...[/dim]")
+        acc = {label: {"tokens": 0, "nfe": 0, "seconds": 0.0, "ids": []} for label in runtimes}
+        if mode == "ar":
+            acc["transformers"] = {"tokens": 0, "nfe": 0, "seconds": 0.0, "ids": []}
+        for batch in batches:
+            for label, runtime in runtimes.items():
+                sync(device)
+                start = time.perf_counter()
+                results = runtime.generate(batch, mode=mode, **common)
+                sync(device)
+                a = acc[label]
+                a["seconds"] += time.perf_counter() - start
+                a["tokens"] += sum(r.stats.tokens for r in results)
+                a["nfe"] += sum(r.stats.nfe for r in results)
+                a["ids"] += [r.token_ids for r in results]
+            if mode == "ar":
+                start = time.perf_counter()
+                ids = hf_generate(batch)
+                a = acc["transformers"]
+                a["seconds"] += time.perf_counter() - start
+                a["tokens"] += sum(len(x) for x in ids)
+                a["nfe"] += sum(len(x) for x in ids)
+                a["ids"] += ids
+        for label, a in acc.items():
+            a["tpf"] = a["tokens"] / a["nfe"]
+            a["tokens_per_s"] = a["tokens"] / a["seconds"]
+            rows[f"{mode} {label}"] = a
+
+    speed = {k: r["tokens_per_s"] for k, r in rows.items()}
+    ratios = {}
+    for label in runtimes:
+        ratios[f"ar {label} / transformers ar"] = speed[f"ar {label}"] / speed["ar transformers"]
+        ratios[f"linear_spec {label} / ar {label}"] = speed[f"linear_spec {label}"] / speed[f"ar {label}"]
+        ratios[f"dlm {label} / ar {label}"] = speed[f"dlm {label}"] / speed[f"ar {label}"]
+    for label in runtimes:
+        if label != "eager":
+            for mode in MODES:
+                ratios[f"{mode} {label} / {mode} eager"] = speed[f"{mode} {label}"] / speed[f"{mode} eager"]
+    reference = {mode: rows[f"{mode} eager"]["ids"] for mode in MODES}
+    same = {f"{mode} {label}": f"{sum(a == b for a, b in zip(rows[f'{mode} {label}']['ids'], reference[mode]))}"
+                               f"/{len(prompts)}"
+            for mode in MODES for label in (*runtimes, "transformers") if f"{mode} {label}" in rows and label != "eager"}
+    spec_lossless = reference["linear_spec"] == reference["ar"]
     for r in rows.values():
         r.pop("ids", None)
     summary = {"model": str(nld.path), "device": device, "threads": threads, "batch_size": batch_size,
-               "prompts": len(prompts), "max_new_tokens": max_new_tokens, "rows": rows, "ratios": ratios,
-               "ar_equals_transformers": f"{same}/{len(prompts)}", "linear_spec_equals_ar": spec_lossless,
-               "engine_equals_pytorch": engine_same}
+               "prompts": len(prompts), "max_new_tokens": max_new_tokens, **load_report, "rows": rows,
+               "ratios": ratios, "tokens_equal_to_eager": same, "linear_spec_equals_ar": spec_lossless}
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
     table = Table(title=f"bench_modes: {nld.path.name}, {device}, batch {batch_size}, {threads} thread(s)")
-    for col in ("mode", "tokens", "NFE", "TPF", "seconds", "tokens/s"):
+    for col in ("mode", "runtime", "tokens", "NFE", "TPF", "seconds", "tokens/s", "tokens = eager"):
         table.add_column(col, justify="right")
-    for mode, r in rows.items():
-        table.add_row(mode, str(r["tokens"]), str(r["nfe"]), f"{r['tpf']:.2f}", f"{r['seconds']:.2f}",
-                      f"{r['tokens_per_s']:.1f}")
+    for key, r in rows.items():
+        mode, label = key.split(" ", 1)
+        table.add_row(mode, label, str(r["tokens"]), str(r["nfe"]), f"{r['tpf']:.2f}", f"{r['seconds']:.2f}",
+                      f"{r['tokens_per_s']:.1f}", same.get(key, "-"))
     Console().print(table)
+    if load_report:
+        click.echo(f"load: {load_report['compile_report']} ({load_report['compile_load_s']:.1f} s in all)")
     for k, v in ratios.items():
         click.echo(f"{k}: {v:.2f}")
-    click.echo(f"greedy ar tokens equal to transformers: {same}/{len(prompts)}; linear_spec equals ar: {spec_lossless}")
-    if engine_same:
-        click.echo("engine tokens equal to the PyTorch executor: " + ", ".join(f"{m} {v}" for m, v in engine_same.items()))
+    click.echo(f"greedy linear_spec equals greedy ar (eager): {spec_lossless}")
 
 
 if __name__ == "__main__":

@@ -34,3 +34,29 @@ def test_bench_executor_says_what_a_cuda_run_needs(capsys):
         pytest.skip("a GPU is present")
     assert _script("bench_executor").main(["--device", "cuda"]) == 2
     assert "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_bench_executor_compares_with_transformers_static_cache(capsys):
+    assert _script("bench_executor").main(["--shape", "tiny", "--device", "cpu", "--dtype", "float32", "--reps", "1",
+                                           "--context", "8", "--block", "4", "--batches", "1",
+                                           "--transformers", "eager", "--new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "4-token block pass / 1-token pass" in out
+    assert "transformers generate() static cache (eager)" in out and "as fast" in out
+
+
+def test_bench_executor_refuses_gpu_variants_on_cpu(capsys):
+    assert _script("bench_executor").main(["--shape", "tiny", "--device", "cpu", "--variants", "graphs"]) == 2
+    assert "need --device cuda" in capsys.readouterr().err
+
+
+def test_bench_modes_prints_every_mode_and_the_ratios(capsys):
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_script("bench_modes").main, ["--prompts", "1", "--max-new-tokens", "4",
+                                                              "--no-compiled", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = __import__("json").loads(result.stdout)
+    assert set(summary["rows"]) == {"ar eager", "ar transformers", "dlm eager", "linear_spec eager"}
+    assert summary["tokens_equal_to_eager"] == {"ar transformers": "1/1"}
+    assert summary["ratios"]["ar eager / transformers ar"] > 0

@@ -25,6 +25,10 @@ class Chunk:
     tokens: list[int]
     block: bool = False  # bidirectional within the chunk (else causal)
     lora: bool = False  # add the linear_spec draft adapter to o_proj
+    # Only the last position's logits will be read (e.g. dlm's commit pass). A hint: an executor may then
+    # compute the head for the last position alone, and a call whose chunks all say so may return that row
+    # at every position.
+    last_logits_only: bool = False
 
 
 class Executor(ABC):
@@ -77,17 +81,7 @@ class Executor(ABC):
     def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
         """One pass. Returns float32 logits [B, T, V] (T = longest chunk; rows past a chunk's end are
         padding), or with `all_logits=False` only each chunk's last position, [B, V]."""
-        if len(slots) != len(chunks) or not slots:
-            raise GenerationError("forward needs one chunk per slot")
-        lens = [len(c.tokens) for c in chunks]
-        for slot, n in zip(slots, lens):
-            if n < 1:
-                raise GenerationError("empty chunk")
-            if self.lengths[slot] + n > self.max_seq_len:
-                raise GenerationError(
-                    f"the chunk ({n} tokens after {self.lengths[slot]}) does not fit in the KV cache "
-                    f"({self.max_seq_len} positions)"
-                )
+        lens = self.check_pass(slots, chunks)
         t = max(lens)
         dev = self.device
         tokens = torch.zeros(len(chunks), t, dtype=torch.long)
@@ -102,6 +96,21 @@ class Executor(ABC):
             committed=torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=dev),
             all_logits=all_logits,
         )
+
+    def check_pass(self, slots: list[int], chunks: list[Chunk]) -> list[int]:
+        """Refuse a call that does not fit (clear errors); returns the chunk lengths."""
+        if len(slots) != len(chunks) or not slots:
+            raise GenerationError("forward needs one chunk per slot")
+        lens = [len(c.tokens) for c in chunks]
+        for slot, n in zip(slots, lens):
+            if n < 1:
+                raise GenerationError("empty chunk")
+            if self.lengths[slot] + n > self.max_seq_len:
+                raise GenerationError(
+                    f"the chunk ({n} tokens after {self.lengths[slot]}) does not fit in the KV cache "
+                    f"({self.max_seq_len} positions)"
+                )
+        return lens
 
     @abstractmethod
     def _forward(

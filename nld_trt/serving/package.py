@@ -37,6 +37,9 @@ def template_dir() -> Path:
     raise NLDError(f"the Triton model template is not at {candidates[0]}: set {TEMPLATE_ENV} to nld-trt's triton_model_repo/")
 
 
+COMPILE_CHOICES = {"auto": None, "true": True, "false": False}  # config.pbtxt value -> nld_trt.load(compile=)
+
+
 @dataclass(frozen=True)
 class ServingOptions:
     """What a deployment holds and accepts; written into config.pbtxt parameters."""
@@ -54,12 +57,15 @@ class ServingOptions:
     max_prompt_bytes: int = 0  # text_input / messages size cap, checked before tokenizing (0: 32 x max_seq_len, >= 64 KiB)
     exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
     default_mode: str = "ar"  # the mode of a request that does not say: ar | dlm | linear_spec | auto
+    compile: str = "auto"  # PyTorch executor: "true" compiled/graph-captured passes, "false" eager, "auto" (see nld_trt.load)
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
         for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances"):
             if getattr(self, name) < 1:
                 raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
+        if self.compile not in COMPILE_CHOICES:
+            raise NLDError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         seq = min(self.max_seq_len, config.max_position_embeddings)
         cap = min(self.max_tokens_cap, seq - 1)
         if cap < 1:

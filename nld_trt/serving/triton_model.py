@@ -21,6 +21,7 @@ import triton_python_backend_utils as pb_utils
 from ..errors import NLDError
 from .backend import Scheduler, Update, load_artifacts
 from .manifest import verify_manifest
+from .package import COMPILE_CHOICES
 from .protocol import INPUTS, Limits, Prepared, gather, prepare
 
 log = logging.getLogger("nld_trt.serving")
@@ -155,6 +156,7 @@ class TritonPythonModel:
             max_block_length=int(params["max_block_length"]),
             lora=params.get("lora", "true") == "true",
             calibration_dir=(model_dir / params["calibration_dir"]).resolve() if params.get("calibration_dir") else None,
+            compile=COMPILE_CHOICES.get(params.get("compile") or "auto"),
         )
         self.limits = Limits(
             max_tokens_cap=int(params["max_tokens_cap"]),
