@@ -5,7 +5,12 @@ AR workload through transformers' own generate() on the equivalent Ministral3For
 this one run: the runs are interleaved batch by batch (eager, compiled, transformers, engine), so a noisy
 machine slows them alike. Tokens are compared with the eager reference. With --engine, every mode also runs
 on an `nld-trt build` output of the same checkpoint (ONNX Runtime on CPU, the TensorRT plan with --device
-cuda)."""
+cuda).
+
+With --temperature > 0 every mode samples (with --top-k/--top-p/--min-p, seed --seed + i per prompt), transformers
+samples too (its tokens then differ: compare speed only), and linear_spec also runs with the reference's
+equality acceptance (`linear_spec official`) beside the default speculative one, with the tokens accepted per
+step of each."""
 
 from __future__ import annotations
 
@@ -49,9 +54,14 @@ def sync(device: str) -> None:
 @click.option("--compiled/--no-compiled", default=True, show_default=True,
               help="also run the compiled passes (compiled at load: tens of seconds on CPU)")
 @click.option("--engine", "engine_dir", default=None, help="an nld-trt build output of the same checkpoint")
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 is greedy")
+@click.option("--top-k", type=int, default=0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--min-p", type=float, default=0.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--json", "as_json", is_flag=True)
 def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, device, threads, compiled, engine_dir,
-         as_json) -> None:
+         temperature, top_k, top_p, min_p, seed, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -74,7 +84,11 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
         runtimes["engine"] = nld_trt.load(engine_dir, **{k: v for k, v in options.items() if k != "progress"})
     prompts = [nld.encode(p.question) for p in load_task(tasks)[:n_prompts]]
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
-    common = dict(max_new_tokens=max_new_tokens, block_length=block_length)
+    common = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, top_k=top_k,
+                  top_p=top_p, min_p=min_p)
+    sampling = temperature > 0
+    hf_sampling = dict(do_sample=True, temperature=temperature, top_k=top_k or None, top_p=top_p,
+                       min_p=min_p or None) if sampling else dict(do_sample=False)
 
     console.print("[dim]transformers generate() on Ministral3ForCausalLM, greedy, batch 1[/dim]")
     hf = transformers_twin(nld)
@@ -83,7 +97,7 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
         out = []
         with torch.inference_mode():
             for p in batch:
-                ids = hf.generate(torch.tensor([p], device=device), max_new_tokens=max_new_tokens, do_sample=False)
+                ids = hf.generate(torch.tensor([p], device=device), max_new_tokens=max_new_tokens, **hf_sampling)
                 out.append(ids[0, len(p):].tolist())
         return out
 
@@ -92,35 +106,45 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
     hf_generate(prompts[:1])
 
     rows: dict[str, dict] = {}
-    for mode in MODES:
+    runs = [(mode, mode, {}) for mode in MODES]
+    if sampling:  # the reference's acceptance rule beside ours
+        runs.append(("linear_spec", "linear_spec official", {"acceptance": "official"}))
+    for mode, name, extra in runs:
         console.print(f"[dim]{mode}: {len(prompts)} prompts x {max_new_tokens} tokens, batch {batch_size}, "
                       f"{' / '.join(runtimes)}{' / transformers' if mode == 'ar' else ''}...[/dim]")
-        acc = {label: {"tokens": 0, "nfe": 0, "seconds": 0.0, "ids": []} for label in runtimes}
-        if mode == "ar":
+        acc = {label: {"tokens": 0, "nfe": 0, "nfe_reference": 0, "seconds": 0.0, "ids": [], "steps": []}
+               for label in runtimes}
+        if mode == "ar" and not extra:
             acc["transformers"] = {"tokens": 0, "nfe": 0, "seconds": 0.0, "ids": []}
-        for batch in batches:
+        for n, batch in enumerate(batches):
             for label, runtime in runtimes.items():
                 sync(device)
                 start = time.perf_counter()
-                results = runtime.generate(batch, mode=mode, **common)
+                results = runtime.generate(batch, mode=mode, seed=seed + n * batch_size, **common, **extra)
                 sync(device)
                 a = acc[label]
                 a["seconds"] += time.perf_counter() - start
                 a["tokens"] += sum(r.stats.tokens for r in results)
                 a["nfe"] += sum(r.stats.nfe for r in results)
+                a["nfe_reference"] += sum(r.stats.nfe_reference for r in results)
                 a["ids"] += [r.token_ids for r in results]
-            if mode == "ar":
+                a["steps"] += [k for r in results for k in r.stats.accepted_per_step]
+            if "transformers" in acc:
                 start = time.perf_counter()
                 ids = hf_generate(batch)
                 a = acc["transformers"]
                 a["seconds"] += time.perf_counter() - start
                 a["tokens"] += sum(len(x) for x in ids)
                 a["nfe"] += sum(len(x) for x in ids)
+                a["nfe_reference"] = a["nfe"]
                 a["ids"] += ids
         for label, a in acc.items():
             a["tpf"] = a["tokens"] / a["nfe"]
+            a["tpf_reference"] = a["tokens"] / a["nfe_reference"]
             a["tokens_per_s"] = a["tokens"] / a["seconds"]
-            rows[f"{mode} {label}"] = a
+            steps = a.pop("steps", [])
+            a["accepted_per_step"] = sum(steps) / len(steps) if steps else None
+            rows[f"{name} {label}"] = a
 
     speed = {k: r["tokens_per_s"] for k, r in rows.items()}
     ratios = {}
@@ -132,10 +156,14 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
         if label != "eager":
             for mode in MODES:
                 ratios[f"{mode} {label} / {mode} eager"] = speed[f"{mode} {label}"] / speed[f"{mode} eager"]
-    reference = {mode: rows[f"{mode} eager"]["ids"] for mode in MODES}
-    same = {f"{mode} {label}": f"{sum(a == b for a, b in zip(rows[f'{mode} {label}']['ids'], reference[mode]))}"
+    if sampling:
+        ratios["linear_spec accepted per step, speculative / official (eager)"] = (
+            rows["linear_spec eager"]["accepted_per_step"] / rows["linear_spec official eager"]["accepted_per_step"])
+    reference = {name: rows[f"{name} eager"]["ids"] for _, name, _ in runs}
+    same = {f"{name} {label}": f"{sum(a == b for a, b in zip(rows[f'{name} {label}']['ids'], reference[name]))}"
                                f"/{len(prompts)}"
-            for mode in MODES for label in (*runtimes, "transformers") if f"{mode} {label}" in rows and label != "eager"}
+            for _, name, _ in runs for label in (*runtimes, "transformers")
+            if f"{name} {label}" in rows and label != "eager"}
     spec_lossless = reference["linear_spec"] == reference["ar"]
     for r in rows.values():
         r.pop("ids", None)
@@ -146,18 +174,21 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
         click.echo(json.dumps(summary, indent=2))
         return
     table = Table(title=f"bench_modes: {nld.path.name}, {device}, batch {batch_size}, {threads} thread(s)")
-    for col in ("mode", "runtime", "tokens", "NFE", "TPF", "seconds", "tokens/s", "tokens = eager"):
+    for col in ("mode", "runtime", "tokens", "NFE", "TPF", "TPF as the reference counts", "accepted / step",
+                "seconds", "tokens/s", "tokens = eager"):
         table.add_column(col, justify="right")
     for key, r in rows.items():
-        mode, label = key.split(" ", 1)
-        table.add_row(mode, label, str(r["tokens"]), str(r["nfe"]), f"{r['tpf']:.2f}", f"{r['seconds']:.2f}",
-                      f"{r['tokens_per_s']:.1f}", same.get(key, "-"))
-    Console().print(table)
+        mode, label = key.rsplit(" ", 1)
+        accepted = f"{r['accepted_per_step']:.2f}" if r["accepted_per_step"] else "-"
+        table.add_row(mode, label, str(r["tokens"]), str(r["nfe"]), f"{r['tpf']:.2f}", f"{r['tpf_reference']:.2f}",
+                      accepted, f"{r['seconds']:.2f}", f"{r['tokens_per_s']:.1f}", same.get(key, "-"))
+    Console(width=160).print(table)
     if load_report:
         click.echo(f"load: {load_report['compile_report']} ({load_report['compile_load_s']:.1f} s in all)")
     for k, v in ratios.items():
         click.echo(f"{k}: {v:.2f}")
-    click.echo(f"greedy linear_spec equals greedy ar (eager): {spec_lossless}")
+    if not sampling:
+        click.echo(f"greedy linear_spec equals greedy ar (eager): {spec_lossless}")
 
 
 if __name__ == "__main__":

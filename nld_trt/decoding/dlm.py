@@ -91,7 +91,8 @@ class DLMSequence(Sequence):
         return self.params.threshold
 
     def next_chunk(self) -> Chunk:
-        return Chunk(self.block.tolist(), block=not self.committing)
+        # the commit pass is read at its last position only (the next block's first token)
+        return Chunk(self.block.tolist(), block=not self.committing, last_logits_only=self.committing)
 
     def consume(self, logits: torch.Tensor) -> int:
         if self.committing:

@@ -10,7 +10,7 @@ and inherit everything else (slot bookkeeping, checks, padding).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -80,9 +80,14 @@ class Executor(ABC):
 
     def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
         """One pass. Returns float32 logits [B, T, V] (T = longest chunk; rows past a chunk's end are
-        padding), or with `all_logits=False` only each chunk's last position, [B, V]."""
+        padding), or with `all_logits=False` only each chunk's last position, [B, V]. When every chunk reads
+        its last position only (`Chunk.last_logits_only`), only those rows are computed and shown at every
+        position."""
         lens = self.check_pass(slots, chunks)
         t = max(lens)
+        if all_logits and all(c.last_logits_only for c in chunks):
+            last = self.forward(slots, [replace(c, last_logits_only=False) for c in chunks], all_logits=False)
+            return last[:, None].expand(len(chunks), t, last.shape[-1])
         dev = self.device
         tokens = torch.zeros(len(chunks), t, dtype=torch.long)
         for i, c in enumerate(chunks):

@@ -150,7 +150,8 @@ def identity(executor: Executor) -> dict[str, Any]:
     device_name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine()
     return {
         "executor": type(executor).__name__,
-        "variant": getattr(executor, "variant", ""),
+        "passes": getattr(getattr(executor, "passes", None), "kind", None),  # eager, or compiled / captured
+        "kernels": bool(getattr(executor, "kernels", False)),
         "device": f"{dev.type}:{device_name}",
         "dtype": str(getattr(executor, "dtype", "")),
         "model": [c.vocab_size, c.hidden_size, c.intermediate_size, c.num_hidden_layers, c.num_attention_heads,

@@ -84,10 +84,12 @@ def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
               help="mode of requests that do not name one: ar | dlm | linear_spec | auto")
 @click.option("--max-prompt-bytes", type=int, default=0, help="prompt size cap, checked before tokenizing "
               "(default: 32 bytes per KV position, at least 64 KiB)")
+@click.option("--compile", "compile_", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
+              help="PyTorch executor: compiled (CPU) / graph-captured (CUDA) passes; auto: graphs on CUDA, eager on CPU")
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
 def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
                     default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, default_mode,
-                    max_prompt_bytes, overwrite) -> None:
+                    max_prompt_bytes, compile_, overwrite) -> None:
     """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
     from .package import ServingOptions, package_repository
 
@@ -97,7 +99,7 @@ def package_command(model_dir, output, max_batch, max_seq_len, max_block_length,
     options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
                              max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                              instances=instances, device=device, dtype=dtype, torch_threads=threads,
-                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes)
+                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes, compile=compile_)
     repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
                               engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
