@@ -6,7 +6,9 @@
 2. Per mode and concurrency (default 1, 4, 16), streaming: requests/s, generated tokens/s, p50/p99 latency,
    served and in-process through the same continuous-batching scheduler without Triton (so the ratio shows
    what Triton and its IPC cost, and the in-process figure what the decoding itself can do at that load).
-One run each, on whatever machine this is: compare numbers from the same run only.
+The client keeps one gRPC stream per connection, as benchmark clients do (--fresh-streams: one per request,
+as `nld-trt client` does; that costs the client a few milliseconds per request). One run each, on whatever
+machine this is: compare numbers from the same run only.
 """
 
 from __future__ import annotations
@@ -106,9 +108,11 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--max-batch", type=int, default=16, show_default=True, help="KV slots, in-process and served")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
+@click.option("--fresh-streams", is_flag=True,
+              help="open a gRPC stream per request (as `nld-trt client` does) instead of keeping one per connection")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
 def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurrency, n_requests, max_batch, threads,
-         json_out) -> None:
+         fresh_streams, json_out) -> None:
     import torch
 
     import nld_trt
@@ -132,7 +136,7 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
         results: dict = {"model": what, "prompts": n_prompts, "max_tokens": max_tokens, "block_length": block,
                          "threads": threads, "modes": {}}
         with TritonServer(repo) as server:
-            client = GrpcClient(server.grpc_url)
+            client = GrpcClient(server.grpc_url, keep_streams=not fresh_streams)
 
             def one(text: str, mode: str, unary: bool = False) -> tuple[float, int, list[int]]:
                 start = time.perf_counter()
@@ -175,6 +179,7 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
                     }
                 results["modes"][mode] = row
                 print(f"{mode} done", file=sys.stderr)
+            client.close()  # its open streams would hold the server until its exit timeout
             server.stop()
 
     print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, {max_batch} KV slots, "

@@ -174,3 +174,18 @@ def test_logprobs_json_names_tokens_and_bytes(tiny, server):
     assert all(len(e["top_logprobs"]) == 2 and bytes(e["bytes"]) == tiny.tokenizer.token_bytes(e["token_id"])
                for e in entries)
     assert grpc.infer(text_input=PROMPT, max_tokens=2).stats["tokens"] == 2
+
+
+def test_a_client_that_keeps_its_streams_reuses_them_and_cancels_one_request_alone(tiny, server):
+    want = tiny.generate(PROMPT, mode="linear_spec", max_new_tokens=30, block_length=4)
+    with GrpcClient(server.grpc_url, timeout=120, keep_streams=True) as grpc:
+        first = grpc.generate(text_input=PROMPT, mode="linear_spec", max_tokens=30, block_length=4)
+        conn = grpc._idle.get_nowait()
+        assert conn.streaming  # kept open for the next request
+        grpc._idle.put(conn)
+        stream = grpc.stream(text_input=PROMPT, mode="linear_spec", max_tokens=150, block_length=4)
+        next(stream)
+        stream.close()  # stops early: its stream is cancelled
+        again = grpc.generate(text_input=PROMPT, mode="linear_spec", max_tokens=30, block_length=4)
+    assert first.token_ids == again.token_ids == want.token_ids
+    # the module's server fixture then checks that the server stops cleanly

@@ -116,28 +116,75 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
     return inputs
 
 
-class GrpcClient:
-    """Calls from any number of threads. Connections are kept for reuse (opening one per request costs a
-    few milliseconds); a request holds one for its duration, and a stream lasts one request, so closing it
-    early cancels just that one."""
+CHUNK_OUTPUTS = ("text_output", "output_ids", "num_tokens", "nfe", "tpf", "finish_reason", "stats", "sequence_index")
 
-    def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 300.0) -> None:
+
+def requested(fields: dict[str, Any]) -> list[Any]:
+    """The outputs a Chunk reads (the server builds only what is asked for)."""
+    import tritonclient.grpc as grpcclient
+
+    names = list(CHUNK_OUTPUTS) + (["logprobs"] if fields.get("return_log_probs") else [])
+    return [grpcclient.InferRequestedOutput(n) for n in names]
+
+
+class _Connection:
+    """One gRPC connection and its bidirectional stream, kept open between requests (opening them costs a
+    few milliseconds per request). It carries one request at a time, so stopping its stream cancels just
+    that request."""
+
+    def __init__(self, url: str) -> None:
+        import tritonclient.grpc as grpcclient
+
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.streaming = False
+
+    def start(self) -> None:
+        if not self.streaming:
+            self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+            self.streaming = True
+
+    def stop(self, cancel: bool) -> None:
+        if self.streaming:
+            self.client.stop_stream(cancel_requests=cancel)
+            self.streaming = False
+            self.responses = queue.Queue()
+
+    def close(self) -> None:
+        self.stop(cancel=False)
+        self.client.close()
+
+
+class GrpcClient:
+    """Calls from any number of threads. Connections are pooled: a request takes one for its duration; one
+    that stops early cancels its stream, which cancels that request alone.
+
+    `keep_streams`: also keep each connection's stream open between requests, as benchmark clients do (it
+    saves a few milliseconds per request); an open stream keeps tritonserver from stopping until its exit
+    timeout, so such a client must be closed (`close()`, or use it as a context manager)."""
+
+    def __init__(self, url: str = "127.0.0.1:8001", timeout: float = 300.0, keep_streams: bool = False) -> None:
         self.url = url
         self.timeout = timeout
+        self.keep_streams = keep_streams
         self._idle: queue.SimpleQueue = queue.SimpleQueue()
 
-    @contextlib.contextmanager
-    def _client(self) -> Iterator[Any]:
-        try:
-            client = self._idle.get_nowait()
-        except queue.Empty:
-            import tritonclient.grpc as grpcclient
+    def __enter__(self) -> GrpcClient:
+        return self
 
-            client = grpcclient.InferenceServerClient(self.url)
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _connection(self) -> Iterator[_Connection]:
         try:
-            yield client
+            conn = self._idle.get_nowait()
+        except queue.Empty:
+            conn = _Connection(self.url)
+        try:
+            yield conn
         finally:
-            self._idle.put(client)
+            self._idle.put(conn)
 
     def close(self) -> None:
         """Close the idle connections."""
@@ -149,23 +196,22 @@ class GrpcClient:
 
     def stream(self, model: str = STREAM_MODEL, parameters: dict | None = None, **fields: Any) -> Iterator[Chunk]:
         """Yield one Chunk per response until the final one. Stopping early cancels the request."""
-        with self._client() as client:
-            yield from self._stream(client, model, parameters, fields)
+        with self._connection() as conn:
+            yield from self._stream(conn, model, parameters, fields)
 
-    def _stream(self, client: Any, model: str, parameters: dict | None, fields: dict[str, Any]) -> Iterator[Chunk]:
+    def _stream(self, conn: _Connection, model: str, parameters: dict | None, fields: dict[str, Any]) -> Iterator[Chunk]:
         from tritonclient.utils import InferenceServerException
 
-        responses: queue.Queue = queue.Queue()
-        client.start_stream(callback=lambda result, error: responses.put((result, error)))
+        conn.start()
         # Cancel on the server only a request still running there: tritonserver 2.51 sometimes never
         # releases a finished request that its client then cancels, and the model cannot unload.
         complete = False
         try:
-            client.async_stream_infer(model, grpc_inputs({"stream": True, **fields}),
-                                      enable_empty_final_response=True, parameters=parameters)
+            conn.client.async_stream_infer(model, grpc_inputs({"stream": True, **fields}), outputs=requested(fields),
+                                           enable_empty_final_response=True, parameters=parameters)
             while True:
                 try:
-                    result, error = responses.get(timeout=self.timeout)
+                    result, error = conn.responses.get(timeout=self.timeout)
                 except queue.Empty:
                     raise ClientError(f"no response from {self.url} in {self.timeout:.0f} s") from None
                 if error is not None:
@@ -178,7 +224,10 @@ class GrpcClient:
                 if complete:
                     return
         finally:
-            client.stop_stream(cancel_requests=not complete)
+            if not complete:  # the caller stopped early (or an error): this request alone is cancelled
+                conn.stop(cancel=True)
+            elif not self.keep_streams:
+                conn.stop(cancel=False)
 
     def generate(self, model: str = STREAM_MODEL, **fields: Any) -> Result:
         """A streamed request collected into one Result."""
@@ -188,9 +237,10 @@ class GrpcClient:
         """Unary infer (the non-decoupled model)."""
         from tritonclient.utils import InferenceServerException
 
-        with self._client() as client:
+        with self._connection() as conn:
             try:
-                result = client.infer(model, grpc_inputs(fields), parameters=parameters, client_timeout=self.timeout)
+                result = conn.client.infer(model, grpc_inputs(fields), outputs=requested(fields), parameters=parameters,
+                                           client_timeout=self.timeout)
             except InferenceServerException as e:
                 raise ClientError(e.message()) from None
         return Result.join([chunk_from(result.as_numpy)])

@@ -13,6 +13,7 @@ import logging
 import time
 import traceback
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -69,37 +70,45 @@ def _text(value: str) -> np.ndarray:
 
 
 class TritonSink:
-    """One request's response sender, as the scheduler's Sink."""
+    """One request's response sender, as the scheduler's Sink.
 
-    def __init__(self, sender: Any, prepared: Prepared | None = None) -> None:
+    Builds only the outputs the client asked for (all when it named none): each tensor is built while
+    holding the GIL, which the decoding thread then waits for, so a client that reads text_output alone
+    costs a streamed response one tensor."""
+
+    def __init__(self, sender: Any, prepared: Prepared | None = None, requested: Any = None) -> None:
         self.sender = sender
         self.prepared = prepared
+        self.requested = set(requested or ()) or None
 
     def tensors(self, u: Update) -> list[Any]:
         p = self.prepared
-        t = [
-            pb_utils.Tensor("text_output", _text(u.text)),
-            pb_utils.Tensor("output_ids", np.array([u.token_ids], dtype=np.int32).reshape(1, -1)),
-            pb_utils.Tensor("num_tokens", np.array([[u.num_tokens]], dtype=np.int32)),
-            pb_utils.Tensor("nfe", np.array([[u.nfe]], dtype=np.int32)),
-            pb_utils.Tensor("tpf", np.array([[u.tpf]], dtype=np.float32)),
-            pb_utils.Tensor("sequence_index", np.array([[u.sequence_index]], dtype=np.int32)),
-            pb_utils.Tensor("batch_index", np.array([[0]], dtype=np.int32)),
-        ]
+        out: list[Any] = []
+
+        def add(name: str, make: Callable[[], np.ndarray]) -> None:
+            if self.requested is None or name in self.requested:
+                out.append(pb_utils.Tensor(name, make()))
+
+        add("text_output", lambda: _text(u.text))
+        add("output_ids", lambda: np.array([u.token_ids], dtype=np.int32).reshape(1, -1))
+        add("num_tokens", lambda: np.array([[u.num_tokens]], dtype=np.int32))
+        add("nfe", lambda: np.array([[u.nfe]], dtype=np.int32))
+        add("tpf", lambda: np.array([[u.tpf]], dtype=np.float32))
+        add("sequence_index", lambda: np.array([[u.sequence_index]], dtype=np.int32))
+        add("batch_index", lambda: np.zeros((1, 1), dtype=np.int32))
         if u.finished:
-            t += [pb_utils.Tensor("finish_reason", _strings(u.finish_reason)),
-                  pb_utils.Tensor("stats", _strings(json.dumps(u.stats)))]
+            add("finish_reason", lambda: _strings(u.finish_reason))
+            add("stats", lambda: _strings(json.dumps(u.stats)))
         if u.logprobs is not None:
-            t += [pb_utils.Tensor("output_log_probs",
-                                  np.array([e["logprob"] for e in u.logprobs], dtype=np.float32).reshape(1, 1, -1)),
-                  pb_utils.Tensor("cum_log_probs", np.array([[u.cum_logprob]], dtype=np.float32)),
-                  pb_utils.Tensor("logprobs", _strings(json.dumps(u.logprobs)))]
+            add("output_log_probs", lambda: np.array([e["logprob"] for e in u.logprobs], dtype=np.float32).reshape(1, 1, -1))
+            add("cum_log_probs", lambda: np.array([[u.cum_logprob]], dtype=np.float32))
+            add("logprobs", lambda: _strings(json.dumps(u.logprobs)))
         if p is not None and p.separate_reasoning:
-            t.append(pb_utils.Tensor("reasoning_output", _text(u.reasoning)))
+            add("reasoning_output", lambda: _text(u.reasoning))
         if p is not None and p.send_counts:
-            t += [pb_utils.Tensor("num_input_tokens", np.array([[u.num_input_tokens]], dtype=np.int32)),
-                  pb_utils.Tensor("num_output_tokens", np.array([[u.num_tokens]], dtype=np.int32))]
-        return t
+            add("num_input_tokens", lambda: np.array([[u.num_input_tokens]], dtype=np.int32))
+            add("num_output_tokens", lambda: np.array([[u.num_tokens]], dtype=np.int32))
+        return out
 
     def send(self, u: Update) -> bool:
         self.sender.send(pb_utils.InferenceResponse(output_tensors=self.tensors(u)), flags=FINAL if u.final else 0)
@@ -222,7 +231,7 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""
         for request in requests:
-            sink = TritonSink(request.get_response_sender())
+            sink = TritonSink(request.get_response_sender(), requested=request.requested_output_names())
             try:
                 inputs = {}
                 for spec in INPUTS:
