@@ -4,6 +4,7 @@ Triton: a list stands in for the client."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 
 import numpy as np
@@ -202,3 +203,26 @@ def test_input_ids_are_a_prompt(tiny):
     ids = tiny.encode(PROMPT)
     sink, = run(tiny, prepare(tiny, fields(input_ids=ids, max_tokens=6), LIMITS))
     assert sink.ids() == tiny.generate(ids, max_new_tokens=6).token_ids
+
+
+def test_a_sender_that_falls_behind_merges_a_sequences_waiting_deltas(tiny):
+    """Each send waits 30 ms (a slow IPC): deltas queue up and go out merged, and the streamed text and ids
+    are still exactly the unary ones."""
+
+    class SlowSink(ListSink):
+        def send(self, u):
+            time.sleep(0.03)
+            return super().send(u)
+
+    kw = dict(text_input=PROMPT, max_tokens=40, mode="ar")
+    scheduler = Scheduler(tiny)
+    try:
+        slow = SlowSink()
+        scheduler.submit(prepare(tiny, fields(stream=True, **kw), LIMITS), slow)
+        assert slow.done.wait(60)
+    finally:
+        scheduler.stop()
+    want = tiny.generate(PROMPT, max_new_tokens=40)
+    assert slow.ids() == want.token_ids and "".join(u.text for u in slow.updates) == want.text
+    assert len(slow.updates) < len(want.token_ids) / 2  # merged: far fewer responses than ar steps
+    assert [u.num_tokens for u in slow.updates] == sorted(u.num_tokens for u in slow.updates)

@@ -103,6 +103,49 @@ class Job:
         return all(st.finished for st in self.streams)
 
 
+class Delta:
+    """A streamed, not final, response of one sequence: queued as itself so that the sender can merge it
+    with the next ones of the same sequence (`coalesce`)."""
+
+    def __init__(self, scheduler: Scheduler, job: Job, update: Update) -> None:
+        self.scheduler, self.job, self.update = scheduler, job, update
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return id(self.job), self.update.sequence_index
+
+    def merge(self, later: Update) -> None:
+        u = self.update
+        u.text += later.text
+        u.reasoning += later.reasoning
+        u.token_ids = u.token_ids + later.token_ids
+        if u.logprobs is not None:
+            u.logprobs = u.logprobs + (later.logprobs or [])
+        u.num_tokens, u.nfe, u.tpf, u.cum_logprob = later.num_tokens, later.nfe, later.tpf, later.cum_logprob
+
+    def __call__(self) -> None:
+        if self.scheduler._safe(lambda: self.job.sink.send(self.update), False) is False:
+            for st in self.job.streams:
+                self.scheduler.batcher.cancel(st.seq)
+
+
+def coalesce(batch: list[Callable[[], Any]]) -> list[Callable[[], Any]]:
+    """Queued deliveries in order, each sequence's waiting deltas merged into its first one (a sequence's
+    last response, an error or a gauge update is never merged; nothing of a sequence is sent after its last
+    response, so merging forward keeps every sequence's order)."""
+    out: list[Callable[[], Any]] = []
+    open_deltas: dict[tuple[int, int], Delta] = {}
+    for item in batch:
+        if isinstance(item, Delta):
+            first = open_deltas.get(item.key)
+            if first is not None:
+                first.merge(item.update)
+                continue
+            open_deltas[item.key] = item
+        out.append(item)
+    return out
+
+
 LOGPROB_FLOOR = -9999.0  # what a zero probability is sent as (JSON has no -inf; the OpenAI API's value)
 
 
@@ -158,9 +201,23 @@ class Scheduler:
     # Each call into a Triton response sender (send, is_cancelled, a gauge update) is an IPC round trip to
     # the server process: none runs on the scheduler thread, so they overlap decoding instead of delaying it.
     def _send_loop(self) -> None:
-        """Responses (and gauge updates) go out in order."""
-        while (deliver := self._outbox.get()) is not None:
-            self._safe(deliver, None)
+        """Responses (and gauge updates) go out in order. When the sender falls behind (each send is an IPC
+        round trip), the streamed deltas of one sequence waiting in the queue go out as one response."""
+        while (first := self._outbox.get()) is not None:
+            batch, done = [first], False
+            while True:
+                try:
+                    item = self._outbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    done = True
+                    break
+                batch.append(item)
+            for deliver in coalesce(batch):
+                self._safe(deliver, None)
+            if done:
+                return
 
     def _watch_loop(self) -> None:
         """Poll the clients of the requests in flight for cancellation; a cancelled one leaves the batch at
@@ -240,8 +297,7 @@ class Scheduler:
         k, text = seq.output.releasable(seq.out)
         if k <= st.tokens:
             return
-        update = self._update(job, st, k, text, final=False)
-        self._post(job, lambda sink: sink.send(update))
+        self._outbox.put(Delta(self, job, self._update(job, st, k, text, final=False)))
 
     def _finish(self, job: Job, seq: Sequence) -> None:
         """A sequence left the batch: its last response, or the request's error (once: an error response is
