@@ -82,7 +82,8 @@ def test_every_entry_point_gives_the_in_process_tokens(tiny, server, grpc, mode)
         assert r.stats["tpf"] == pytest.approx(want.stats.tpf, abs=1e-3)
     stream = results["grpc stream"]
     assert len(stream.chunks) > 1 and all(c.token_ids for c in stream.chunks)  # tokens as they are committed
-    assert [t for c in sse for t in c.token_ids] == want.token_ids and len(sse) == len(stream.chunks)
+    # as many responses as steps, unless the sender fell behind and merged some (backend.coalesce)
+    assert [t for c in sse for t in c.token_ids] == want.token_ids and 1 < len(sse) <= len(want.token_ids)
     if mode != "ar":  # several tokens per step somewhere (linear_spec may accept one per verify on a random model)
         assert mode == "linear_spec" or max(len(c.token_ids) for c in stream.chunks) > 1
 
