@@ -184,3 +184,18 @@ def test_a_deployment_defaulting_to_auto_serves_the_ar_tokens_at_every_concurren
         assert "nld_auto_steps_total{" in metrics and 'option="' in metrics
         assert (repo / "nld" / "1" / "calibration").is_dir()  # saved beside the artifacts
         assert server.stop() == 0
+
+
+def test_what_a_step_costs_beyond_its_passes_is_learnt_and_favours_fewer_steps(tiny):
+    """On a CPU the decoding loop's own work per sequence can dominate an ar step: the planner learns it
+    from measured step times, and then speculates where the passes alone would not pay."""
+    cost = Linear(base=0.001, per_token=0.0002)
+    planner = AutoPlanner(cost)
+    seqs = requests(8, 0.8, tiny)
+    assert chosen(planner, seqs) == [AR] * 8  # passes alone: 8 x 32 tokens cost too much
+    for s in seqs:
+        s.option = None
+    for _ in range(200):  # every step took 8 ms more than its forward passes: 1 ms per sequence
+        planner.observe(seqs, cost.pass_time(8) + 0.008)
+    assert planner.row_overhead == pytest.approx(0.001, rel=0.01)
+    assert all(o[0] == "linear_spec" for o in chosen(planner, seqs))

@@ -10,7 +10,8 @@ allow it (`allow_lossy`).
 
 How it chooses (`AutoPlanner.plan`, before each step): every sequence at a step boundary is free, the others
 have their next chunk fixed. A step runs one forward per distinct chunk length, whose time the measured cost
-model gives (nld_trt/executors/cost.py). Each option has a yield per pass: ar 1 token; linear_spec with block
+model gives (nld_trt/executors/cost.py), plus what each sequence costs the decoding loop itself per step,
+learnt from the steps' measured times (`observe`). Each option has a yield per pass: ar 1 token; linear_spec with block
 b the expected tokens of one draft + verify, E(b) = (1 - a^b) / (1 - a) for the request's per-draft acceptance
 a, over its passes; dlm the request's tokens per denoising pass. The planner maximises the batch's expected
 tokens per second over assignments where the requests most likely to profit take one option and the rest
@@ -248,6 +249,20 @@ class AutoPlanner:
     prior: Acceptance = field(default_factory=lambda: Acceptance.prior(0.7))  # deployment-wide, learnt
     decisions: int = 0
     mix: dict[str, int] = field(default_factory=dict)  # steps planned per option, for the metrics
+    row_overhead: float = 0.0  # seconds each sequence adds to a step beyond its forward passes, learnt
+
+    def observe(self, active: list, seconds: float) -> None:
+        """A decode step of `active` took `seconds`: learn what a step costs beyond the forwards the cost
+        model predicts (the decoding loop's own work per sequence: selection, bookkeeping, Python), as a
+        running estimate per sequence. On a GPU it is small; on a CPU it can dominate an ar step."""
+        if not active or not hasattr(self.cost, "pass_time"):
+            return
+        groups: dict[int, list[float]] = {}
+        for s in active:
+            _add(groups, s.chunk_length, _cache(s))
+        predicted = sum(self.cost.pass_time(*g) for g in groups.values())
+        per_row = max(0.0, (seconds - predicted) / len(active))
+        self.row_overhead += 0.05 * (per_row - self.row_overhead)
 
     @property
     def model(self) -> Cost:
@@ -287,8 +302,10 @@ class AutoPlanner:
         for s in free:
             _add(base, 1, _cache(s))
 
+        rows = len(fixed) + len(free)
+
         def seconds_of(groups: dict[int, list[float]]) -> float:
-            return sum(cost.pass_time(*g) for g in groups.values() if g[0] > 0)
+            return sum(cost.pass_time(*g) for g in groups.values() if g[0] > 0) + self.row_overhead * rows
 
         ar_seconds = seconds_of(base)
         ar_rate = (base_yield + len(free)) / ar_seconds

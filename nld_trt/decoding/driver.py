@@ -145,7 +145,10 @@ class Batcher:
         elif self.active:
             if self.planner is not None:
                 self.planner.plan(self.active)
+            started = time.perf_counter()
             step(self.executor, self.active)
+            if self.planner is not None:
+                self.planner.observe(self.active, time.perf_counter() - started)
         still = []
         for s in self.active:
             if self.on_step is not None:
