@@ -15,7 +15,7 @@ import zlib
 import torch
 
 from nld_trt.config import NLDConfig
-from nld_trt.executors.base import Executor
+from toy_executor import ScriptedExecutor
 
 V, MASK = 6, 5
 PROMPT_LAW = (1, 3, 4)
@@ -42,31 +42,18 @@ def draft_logits(context: tuple[int, ...], chunk: tuple[int, ...], j: int) -> to
     return 0.6 * causal_logits(context + chunk[1:j]) + 0.8 * _vector("draft", context[-2:], chunk, j, len(seen))
 
 
-class LawExecutor(Executor):
+class LawExecutor(ScriptedExecutor):
+    vocab = V
+
     def __init__(self, max_batch: int = 512, max_seq_len: int = 32) -> None:
         super().__init__(CONFIG, max_batch, max_seq_len, max_chunk=8)
-        self.history = [[0] * max_seq_len for _ in range(max_batch)]
 
-    @property
-    def has_lora(self) -> bool:
-        return True
-
-    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
-        b, t = tokens.shape
-        logits = torch.zeros(b, t, V)
-        for r in range(b):
-            s, L, n = int(slots[r]), int(committed[r]), int(chunk_lens[r])
-            chunk = tuple(tokens[r, :n].tolist())
-            self.history[s][L : L + n] = chunk
-            context = tuple(self.history[s][:L])
-            for j in range(n):
-                if block[r]:
-                    logits[r, j] = draft_logits(context + chunk[:1], chunk, j) if j else causal_logits(context)
-                else:
-                    logits[r, j] = causal_logits(context + chunk[: j + 1])
-        if not all_logits:
-            return logits[torch.arange(b), chunk_lens - 1]
-        return logits
+    def rows(self, context, chunk, block, lora):
+        context, chunk = tuple(context), tuple(chunk)
+        if block:
+            return torch.stack([draft_logits(context + chunk[:1], chunk, j) if j else causal_logits(context)
+                                for j in range(len(chunk))])
+        return torch.stack([causal_logits(context + chunk[: j + 1]) for j in range(len(chunk))])
 
 
 def filtered(probs: list[float], top_k: int = 0, top_p: float = 1.0, min_p: float = 0.0) -> list[float]:

@@ -23,46 +23,67 @@ def next_token(prefix: list[int]) -> int:
     return (5 * a + 3 * b + len(prefix)) % 60 + 3  # never 0..2 (EOS is 2) nor MASK
 
 
-class ToyExecutor(Executor):
-    def __init__(self, config, max_batch=4, max_seq_len=512, miss_rate=0.15, dream=False):
-        super().__init__(config, max_batch, max_seq_len, max_chunk=64)
-        self.history = torch.zeros(max_batch, max_seq_len, dtype=torch.long)
-        self.miss_rate = miss_rate
-        self.dream = dream
+class ScriptedExecutor(Executor):
+    """Logits from a rule over each slot's tokens, kept the way a KV cache keeps keys (written at L..L+n-1,
+    committed by length): `rows(context, chunk, block, lora)` gives the chunk's [n, vocab] logits, context
+    being the slot's committed tokens."""
+
+    vocab = V
+
+    def __init__(self, config, max_batch: int, max_seq_len: int, max_chunk: int) -> None:
+        super().__init__(config, max_batch, max_seq_len, max_chunk=max_chunk)
+        self.history = [[0] * max_seq_len for _ in range(max_batch)]
 
     @property
     def has_lora(self) -> bool:
         return True
 
+    def rows(self, context: list[int], chunk: list[int], block: bool, lora: bool) -> torch.Tensor:
+        raise NotImplementedError
+
     def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
         b, t = tokens.shape
-        logits = torch.zeros(b, t, V)
+        logits = torch.zeros(b, t, self.vocab)
         for r in range(b):
             s, L, n = int(slots[r]), int(committed[r]), int(chunk_lens[r])
-            self.history[s, L : L + n] = tokens[r, :n]
-            ctx = self.history[s, : L + n].tolist()
-            for j in range(n):
-                if not block[r]:
-                    target = next_token(ctx[: L + j + 1])
-                    logits[r, j] = self._peaked(target, 4.0 + (L + j) % 3)
-                    continue
-                # block pass: position j's own token (llada) or j+1's (dream), guessed by unrolling the true
-                # rule from the chunk's first token; wrong at a scripted subset of positions
-                pos = j + 1 if self.dream else j
-                if pos == 0:
-                    continue
-                guess = ctx[: L + 1]
-                for _ in range(pos):
-                    guess.append(next_token(guess))
-                target = guess[-1]
-                draw = random.Random((L + pos) * 7919 + pos).random()
-                miss = draw < self.miss_rate / (3.0 if lora[r] else 1.0)  # the LoRA drafter misses less
-                if miss:
-                    target = (target + 7) % 60 + 3
-                logits[r, j] = self._peaked(target, 1.0 + (L * 7 + pos * 5) % 6)
+            chunk = tokens[r, :n].tolist()
+            self.history[s][L : L + n] = chunk
+            logits[r, :n] = self.rows(self.history[s][:L], chunk, bool(block[r]), bool(lora[r]))
         if not all_logits:
             return logits[torch.arange(b), chunk_lens - 1]
         return logits
+
+
+class ToyExecutor(ScriptedExecutor):
+    def __init__(self, config, max_batch=4, max_seq_len=512, miss_rate=0.15, dream=False):
+        super().__init__(config, max_batch, max_seq_len, max_chunk=64)
+        self.miss_rate = miss_rate
+        self.dream = dream
+
+    def rows(self, context, chunk, block, lora):
+        L, n = len(context), len(chunk)
+        ctx = context + chunk
+        out = torch.zeros(n, V)
+        for j in range(n):
+            if not block:
+                target = next_token(ctx[: L + j + 1])
+                out[j] = self._peaked(target, 4.0 + (L + j) % 3)
+                continue
+            # block pass: position j's own token (llada) or j+1's (dream), guessed by unrolling the true
+            # rule from the chunk's first token; wrong at a scripted subset of positions
+            pos = j + 1 if self.dream else j
+            if pos == 0:
+                continue
+            guess = ctx[: L + 1]
+            for _ in range(pos):
+                guess.append(next_token(guess))
+            target = guess[-1]
+            draw = random.Random((L + pos) * 7919 + pos).random()
+            miss = draw < self.miss_rate / (3.0 if lora else 1.0)  # the LoRA drafter misses less
+            if miss:
+                target = (target + 7) % 60 + 3
+            out[j] = self._peaked(target, 1.0 + (L * 7 + pos * 5) % 6)
+        return out
 
     @staticmethod
     def _peaked(target: int, height: float) -> torch.Tensor:
