@@ -178,7 +178,7 @@ class TritonPythonModel:
         )
         self._metrics(args.get("model_instance_name", self.name))
         start = time.perf_counter()
-        self.nld.calibrate(progress=log.info)
+        self.nld.planner.cost = self.nld.calibrate(progress=log.info)  # the scheduler reuses it
         log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
         self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix)
