@@ -13,11 +13,7 @@ class ARSequence(Sequence):
     chunk_length = 1
 
     def _next_token(self, logits: torch.Tensor) -> None:
-        index = len(self.out)
-        forced = self.forced(index)
-        token = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
-        self.pending = token
-        self.append([token], self.law_if_logged(logits[None], index, forced))
+        self.pending = self.emit_next(logits)
 
     def start(self, last_logits: torch.Tensor) -> None:
         self._next_token(last_logits)

@@ -157,13 +157,7 @@ class AutoSequence(DLMSequence, LinearSpecSequence):
 
     # the mode's state machine -------------------------------------------------------------------
     def start(self, last_logits: torch.Tensor) -> None:
-        self._ar_token(last_logits)
-
-    def _ar_token(self, logits: torch.Tensor) -> None:
-        index = len(self.out)
-        forced = self.forced(index)
-        token = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
-        self.append([token], self.law_if_logged(logits[None], index, forced))
+        self.emit_next(last_logits)
 
     @property
     def chunk_length(self) -> int:
@@ -187,7 +181,7 @@ class AutoSequence(DLMSequence, LinearSpecSequence):
     def consume(self, logits: torch.Tensor) -> int:
         kind, b = self.option
         if kind == "ar":
-            self._ar_token(logits[0])
+            self.emit_next(logits[0])
             self.option = None
             return 1
         if kind == "linear_spec":
@@ -210,7 +204,7 @@ class AutoSequence(DLMSequence, LinearSpecSequence):
 
     def _begin_block(self, logits: torch.Tensor) -> None:
         """After a dlm commit the step is over: draw the token it predicts, then back to a boundary."""
-        self._ar_token(logits)
+        self.emit_next(logits)
 
     def auto_stats(self) -> dict[str, Any]:
         """Steps per option, and for each chosen option the expected batch tokens/s it promised and the best

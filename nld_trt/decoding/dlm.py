@@ -32,10 +32,7 @@ class DLMSequence(Sequence):
 
     def _begin_block(self, logits: torch.Tensor) -> None:
         """Draw the next block's first token from the last causal logits, then open the block."""
-        index = len(self.out)
-        forced = self.forced(index)
-        t0 = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
-        self.append([t0], self.law_if_logged(logits[None], index, forced))
+        self.emit_next(logits)
         if not self.done:
             self._open_block()
 

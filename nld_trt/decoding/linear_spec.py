@@ -34,9 +34,7 @@ class LinearSpecSequence(Sequence):
     mode = "linear_spec"
 
     def start(self, last_logits: torch.Tensor) -> None:
-        forced = self.forced(0)
-        self.t = forced if forced is not None else int(self.draw(last_logits[None], 0)[0][0])
-        self.append([self.t], self.law_if_logged(last_logits[None], 0, forced))
+        self.t = self.emit_next(last_logits)
         self._new_draft()
 
     @property

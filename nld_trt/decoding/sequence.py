@@ -155,6 +155,15 @@ class Sequence:
         p[token] = 1.0
         return p
 
+    def emit_next(self, logits: torch.Tensor) -> int:
+        """Draw (or force, by the thinking budget) the next output token from one row of logits and emit it,
+        with its law when logprobs are asked for. Returns the token."""
+        index = len(self.out)
+        forced = self.forced(index)
+        token = forced if forced is not None else int(self.draw(logits[None], index)[0][0])
+        self.append([token], self.law_if_logged(logits[None], index, forced))
+        return token
+
     def forced(self, index: int, before: list[int] | None = None) -> int | None:
         """The thinking budget: output index `max_thinking_tokens` is forced to end_think_token_id unless
         that token already appeared among the tokens before it (`before`, default the output so far)."""
