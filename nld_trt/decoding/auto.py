@@ -148,7 +148,6 @@ class AutoSequence(DLMSequence, LinearSpecSequence):
                 r = d["rejected"].setdefault(why["rejected"], {"times": 0, "expected_tokens_per_s": 0.0})
                 r["times"] += 1
                 r["expected_tokens_per_s"] += (why["rejected_value"] - r["expected_tokens_per_s"]) / r["times"]
-        self.stats.auto = self.auto_stats()
         if kind == "linear_spec":
             self.t = self.out[-1]
             LinearSpecSequence._new_draft(self, b)
@@ -205,6 +204,12 @@ class AutoSequence(DLMSequence, LinearSpecSequence):
     def _begin_block(self, logits: torch.Tensor) -> None:
         """After a dlm commit the step is over: draw the token it predicts, then back to a boundary."""
         self.emit_next(logits)
+
+    def finish(self, reason: str, stop_reason: str | int | None = None) -> None:
+        """The request's auto stats are written once, when it ends (not rebuilt at every step)."""
+        super().finish(reason, stop_reason)
+        if self.steps:
+            self.stats.auto = self.auto_stats()
 
     def auto_stats(self) -> dict[str, Any]:
         """Steps per option, and for each chosen option the expected batch tokens/s it promised and the best
@@ -305,9 +310,10 @@ class AutoPlanner:
         ar_rate = (base_yield + len(free)) / ar_seconds
         best_rate, best = ar_rate, [AR] * len(free)
         per_option: dict[tuple[str, int], float] = {AR: ar_rate}
-        for option in sorted({o for s in free for o in s.options(self.blocks)} - {AR}):
+        allowed = [set(s.options(self.blocks)) for s in free]
+        for option in sorted(set().union(*allowed) - {AR}):
             b = option[1]
-            gains = {i: s.yield_per_pass(option) for i, s in enumerate(free) if option in s.options(self.blocks)}
+            gains = {i: s.yield_per_pass(option) for i, s in enumerate(free) if option in allowed[i]}
             groups = {k: list(v) for k, v in base.items()}
             total, moved = base_yield + len(free), []
             for i in sorted(gains, key=lambda i: -gains[i]):
