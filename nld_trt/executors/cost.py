@@ -202,7 +202,6 @@ def _load_or_calibrate(executor: Executor, path: Path, progress) -> tuple[CostMo
             pass  # unreadable or stale: measure again
     model = calibrate(executor, progress)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         tmp.write_text(json.dumps(model.to_json(), indent=1) + "\n")
         tmp.replace(path)

@@ -135,9 +135,6 @@ class StaticPasses:
         bucket = pick_bucket(self.buckets, batch)
         return PassShape(bucket, chunk) if bucket is not None and chunk in self.chunk_lens else None
 
-    def forward_fn(self) -> Callable[..., torch.Tensor]:
-        return static_forward
-
     def _call(self, fn, inputs: PassInputs) -> torch.Tensor:
         keys = None if self.kernels else self.positions[: inputs.keys]
         return fn(self.model, self.cache, self.scratch, self.kernels, inputs.tokens, inputs.slots, inputs.committed,
