@@ -169,10 +169,13 @@ def test_a_padded_static_pass_writes_the_cache_as_the_reference_does(tiny_dir):
             ex.commit(s, 4)
     chunks = [Chunk([200, 201, 202, 203], block=True), Chunk([210, 211])]
     a, b = ref.forward([1, 0], chunks), fast.forward([1, 0], chunks)
-    assert torch.equal(a[0], b[0]) and torch.equal(a[1, :2], b[1, :2])  # bit-equal: no GEMM row-count change
+    # float noise only: a padded bucket changes the GEMM row count (3 x 4 rows here against 2 x 4), which on
+    # CPUs with AVX-512/AMX changes how oneDNN blocks the sums (bit-equal on AVX2 machines)
+    assert (a[0] - b[0]).abs().max() <= 1e-5 and (a[1, :2] - b[1, :2]).abs().max() <= 1e-5
     for layer in range(model.config.num_hidden_layers):
         for kc_ref, kc_fast in ((ref.cache.k[layer], fast.cache.k[layer]), (ref.cache.v[layer], fast.cache.v[layer])):
-            assert torch.equal(kc_ref[:3, :, :32], kc_fast[:3, :, :32])  # real slots, incl. untouched positions
+            assert (kc_ref[:3, :, :32] - kc_fast[:3, :, :32]).abs().max() <= 1e-5  # real slots: the same K/V
+            assert torch.equal(kc_ref[:3, :, :32] == 0, kc_fast[:3, :, :32] == 0)  # ... at the same positions
             assert kc_fast[3].abs().sum() > 0  # the scratch slot took the padding
             assert kc_fast[:3, :, 32].abs().sum() == 0  # the spare position is never written
 
