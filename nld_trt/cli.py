@@ -152,14 +152,29 @@ def info(model_dir, as_json) -> None:
     config = check_model_dir(path)
     tokenizer = NLDTokenizer(path)
     lora = load_lora(path, config)
+    vlm = None
+    if config.is_vlm:
+        from .vision.config import VLMConfig
+
+        vlm = VLMConfig.from_file(path)
     data = {
         "path": str(path),
-        **config.to_dict(),
-        "parameters": config.num_parameters(),
+        **(config.to_dict() if vlm is None else vlm.to_dict()),
+        "parameters": config.num_parameters() + (0 if vlm is None else vlm.vision_parameters()),
         "tokenizer_vocab": tokenizer.vocab_size,
         "chat_template": bool(tokenizer.chat_template),
         "linear_spec_lora": None if lora is None else {"r": lora.rank, "alpha": lora.alpha, "layers": len(lora.layers)},
     }
+    if vlm is not None:
+        v = vlm.vision
+        data["vision_tower"] = {
+            "layers": v.num_hidden_layers, "hidden": v.hidden_size, "heads": v.num_attention_heads,
+            "head_dim": v.head_dim, "intermediate": v.intermediate_size, "patch": v.patch_size, "act": v.hidden_act,
+            "merge": vlm.spatial_merge_size, "pixels_per_image_token": vlm.cell,
+            "projector": f"{v.hidden_size} x {vlm.spatial_merge_size ** 2} -> {v.hidden_size} -> {vlm.text.hidden_size} "
+                         f"({vlm.projector_hidden_act}) -> {vlm.text.hidden_size}",
+            "parameters": vlm.vision_parameters(),
+        }
     if as_json:
         click.echo(json.dumps(data))
         return
