@@ -162,8 +162,20 @@ def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Te
 
 
 def load_vision_weights(directory: str | Path, config: VLMConfig) -> dict[str, torch.Tensor]:
-    """A VLM checkpoint's vision tower and projector tensors (release names), validated against config.json."""
-    return _load_checked(Path(directory), config.text, config.vision_shapes())
+    """A VLM checkpoint's vision tower and projector tensors (release names), validated against config.json.
+    Only these are checked here: the text tensors are load_weights' or, quantized, nld_trt.quant.loader's."""
+    directory = Path(directory)
+    files, stored = canonical_files(directory)
+    expected = config.vision_shapes()
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:5])}{more} (a vision-language "
+                              "checkpoint needs its vision tower and projector; does vision_config match them?)")
+    tensors = read_tensors(files, list(expected), stored)
+    for name, shape in expected.items():
+        check_tensor(name, tensors[name], shape, str(directory))
+    return tensors
 
 
 # The PEFT adapter ---------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The vision encoder: the Pixtral tower and the Mistral 3 projector, as plain PyTorch.
 
 Numerically transformers' `PixtralVisionModel` + `Mistral3MultiModalProjector` (tests/test_vision_tower.py
-pins it to 1e-4 in float32). Module names follow the release checkpoint with its `encoder.` prefix removed
+pins it to 1e-4 in float32); the patch convolution runs as the matrix product it is. Module names follow the release checkpoint with its `encoder.` prefix removed
 (`vision_tower.*`, `multi_modal_projector.*`), so its tensors load with `load_state_dict`.
 
 One image is a grid of 14-pixel patches; the tower attends over all of them (no causal order). Several images
@@ -67,7 +67,9 @@ class VisionAttention(nn.Module):
         q, k, v = (p(x).view(n, self.heads, self.head_dim).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, scale=self.head_dim**-0.5)
+        # SDPA's default scale is head_dim ** -0.5, Pixtral's (left implicit: torch's ONNX exporter fails on an
+        # explicit scale in bfloat16)
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)
         return self.o_proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
@@ -114,14 +116,22 @@ class VisionTower(nn.Module):
         self.ln_pre = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.transformer = VisionTransformer(config)
 
+    def patches(self, image: torch.Tensor) -> torch.Tensor:
+        """[3, H, W] -> [patches, hidden] in raster order: the patch convolution (stride = kernel = patch) as one
+        matrix product over the flattened patches (the same sums; and ONNX's Conv has no bfloat16 before
+        opset 22, its MatMul has)."""
+        c, p = self.config.num_channels, self.config.patch_size
+        w = self.patch_conv.weight
+        rows, cols = image.shape[-2] // p, image.shape[-1] // p
+        flat = image.to(w.dtype).reshape(c, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, c * p * p)
+        return flat @ w.reshape(w.shape[0], -1).t()
+
     def forward(self, images: list[torch.Tensor], layer: int = -1) -> torch.Tensor:
         """images: [3, H, W] each (H, W multiples of the patch size). Returns [N, hidden]: for every patch of every
         image in raster order, the hidden state after `layer` (0: after ln_pre, k: after layer k, -1: the last)."""
         p = self.config.patch_size
-        w = self.patch_conv.weight
         grids = [(img.shape[-2] // p, img.shape[-1] // p) for img in images]
-        patches = torch.cat([self.patch_conv(img[None].to(w.dtype))[0].flatten(1).t() for img in images])
-        x = self.ln_pre(patches)
+        x = self.ln_pre(torch.cat([self.patches(img) for img in images]))
         cos, sin = axial_rotary(self.config, grids, x.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         mask = block_diagonal_mask([r * c for r, c in grids], x.device)
