@@ -179,13 +179,9 @@ class NLDConfig:
                 f"{path} not found: an NLD checkpoint directory needs its config.json "
                 "(download the whole Hugging Face repository, not only the weights)"
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
-        return _parse(raw, str(path))
+        from .fileutil import read_json_object
+
+        return _parse(read_json_object(path, CheckpointError, "; re-download it"), str(path))
 
 
 def _parse(raw: dict[str, Any], source: str) -> NLDConfig:

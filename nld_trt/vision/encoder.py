@@ -48,6 +48,11 @@ class ImageEncoder:
     def cached(self) -> int:
         return len(self._cache)
 
+    def clear(self) -> None:
+        """Forget every cached image (benchmarks: each request then pays its encode)."""
+        self._cache.clear()
+        self._bytes = 0
+
     def rows(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         """[cells, hidden] per image, in order; images not cached are encoded (batched) and cached."""
         found: dict[str, torch.Tensor] = {}

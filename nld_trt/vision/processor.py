@@ -26,7 +26,6 @@ import base64
 import binascii
 import hashlib
 import io
-import json
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 
 from ..errors import CheckpointError, GenerationError
+from ..fileutil import read_json_object
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -71,12 +71,7 @@ class ProcessorConfig:
         path = Path(directory) / PREPROCESSOR_FILE
         if not path.is_file():
             return cls(patch_size=patch_size, merge=merge)
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e})") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
+        raw = read_json_object(path, CheckpointError)
 
         def fail(msg: str) -> CheckpointError:
             return CheckpointError(f"{path}: {msg}")

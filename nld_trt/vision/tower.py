@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..model import RMSNorm, rotate_half
+from ..model import MLP, RMSNorm, rotate_half
 from .config import VLMConfig, VisionConfig
 
 ACT = {"silu": F.silu, "gelu": F.gelu}  # gelu: the exact (erf) form, transformers' "gelu"
@@ -73,13 +73,11 @@ class VisionAttention(nn.Module):
         return self.o_proj(out[0].transpose(0, 1).reshape(n, -1))
 
 
-class VisionMLP(nn.Module):
+class VisionMLP(MLP):
+    """Pixtral's feed-forward: the backbone's gated MLP (same projections) with the tower's activation."""
+
     def __init__(self, config: VisionConfig) -> None:
-        super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        self.gate_proj = nn.Linear(h, i, bias=False)
-        self.up_proj = nn.Linear(h, i, bias=False)
-        self.down_proj = nn.Linear(i, h, bias=False)
+        super().__init__(config)
         self.act = ACT[config.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
