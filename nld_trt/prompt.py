@@ -228,6 +228,7 @@ class PromptEncoder:
         """Replace each `<|image_start|>` the template wrote by its image's full expansion."""
         if self.image_tokens is None:
             return self._checked(ids, field)
+        self._no_pads(ids, field)  # pads come only from the expansion below
         marks = [i for i, t in enumerate(ids) if t == self.image_tokens.start]
         if len(marks) != len(images):
             raise GenerationError(f"{field}: the chat template wrote {len(marks)} image markers for {len(images)} "
@@ -249,11 +250,16 @@ class PromptEncoder:
     def _checked(self, ids: list[int], field: str, images_allowed: bool = False) -> Prompt:
         if not ids:
             raise GenerationError(f"{field} is empty: give at least one token (it encodes to no tokens)")
-        if self.image_tokens is not None and not images_allowed and self.image_tokens.pad in ids:
+        if not images_allowed:
+            self._no_pads(ids, field)
+        return Prompt(ids, thinking=self._opens_thinking(ids))
+
+    def _no_pads(self, ids: list[int], field: str) -> None:
+        """A pad position stands for an image's row: only an image part may put one in a prompt."""
+        if self.image_tokens is not None and self.image_tokens.pad in ids:
             at = ids.index(self.image_tokens.pad)
             raise GenerationError(f"{field}: token {self.image_tokens.pad} (<|image_pad|>) at position {at} stands for "
                                   "an image's rows: send the image as an image content part of a chat message")
-        return Prompt(ids, thinking=self._opens_thinking(ids))
 
     def _opens_thinking(self, ids: list[int]) -> bool:
         """Whether the prompt ends by opening a thought (the open-think token, then at most whitespace)."""

@@ -210,6 +210,10 @@ def test_bad_images_fail_only_their_request_naming_the_part(tiny_vlm):
         tiny_vlm.generate([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
     with pytest.raises(GenerationError, match=r"<\|image_pad\|>\) at position 2 stands for an image"):
         tiny_vlm.generate([1, 5, IMAGE_PAD_ID, 7])
+    typed = "Look: <|image_pad|>"  # typed into a chat turn, with or without an image part
+    for prompt in (typed, chat(A, typed)):
+        with pytest.raises(GenerationError, match="stands for an image's rows"):
+            tiny_vlm.generate(prompt)
     with pytest.raises(GenerationError, match="content part must be"):
         tiny_vlm.generate([{"role": "user", "content": [{"type": "video", "video": "x"}]}])
     assert tiny_vlm.generate(PROMPTS[0], max_new_tokens=2).token_ids  # the model is fine afterwards
