@@ -48,9 +48,12 @@ def cli() -> None:
               help="linear_spec with --threshold > 0: repeat (passes until no MASK is left) | once")
 @click.option("--allow-lossy", is_flag=True, help="mode auto may also choose dlm")
 @click.option("--max-thinking-tokens", type=int, default=None, help="thinking budget (needs an end-think token)")
-@click.option("--end-think-token", default="[/THINK]", show_default=True, help="token that closes thinking")
+@click.option("--end-think-token", default=None,
+              help="token that closes thinking [default: the tokenizer's, [/THINK] or </think>]")
 @click.option("--think/--no-think", default=False, show_default=True, help="enable_thinking in the chat template")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="an image file for a vision-language model (repeatable): the user turn holds the images, then PROMPT")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, prompt_token_ids, stats")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
@@ -59,7 +62,7 @@ def cli() -> None:
                    "[default: compiled on CUDA, eager on CPU]")
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
              min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy, max_thinking_tokens,
-             end_think_token, think, raw, as_json, device, dtype, compile_) -> None:
+             end_think_token, think, raw, images, as_json, device, dtype, compile_) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -73,9 +76,18 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
                  progress=lambda line: console.print(f"[dim]{line}[/dim]"))
     end_think_id = None
     if max_thinking_tokens is not None:
-        end_think_id = model.tokenizer.token_id(end_think_token)
+        if end_think_token is None and model.prompts.thinking is None:
+            raise NLDError("the tokenizer has no thinking tokens ([THINK]/[/THINK] or <think>/</think>): pass "
+                           "--end-think-token")
+        end_think_id = (model.prompts.thinking[1] if end_think_token is None
+                        else model.tokenizer.token_id(end_think_token))
         if end_think_id is None:
             raise NLDError(f"the tokenizer has no token {end_think_token!r}: pass --end-think-token")
+    if images and raw:
+        raise NLDError("--image needs the chat template (it places the images in the user turn): drop --raw")
+    if images:
+        prompt = [{"role": "user", "content": [*({"type": "image", "image": Path(f)} for f in images),
+                                                {"type": "text", "text": prompt}]}]
     result = model.generate(
         prompt,
         chat=not raw,
@@ -152,14 +164,29 @@ def info(model_dir, as_json) -> None:
     config = check_model_dir(path)
     tokenizer = NLDTokenizer(path)
     lora = load_lora(path, config)
+    vlm = None
+    if config.is_vlm:
+        from .vision.config import VLMConfig
+
+        vlm = VLMConfig.from_file(path)
     data = {
         "path": str(path),
-        **config.to_dict(),
-        "parameters": config.num_parameters(),
+        **(config.to_dict() if vlm is None else vlm.to_dict()),
+        "parameters": config.num_parameters() + (0 if vlm is None else vlm.vision_parameters()),
         "tokenizer_vocab": tokenizer.vocab_size,
         "chat_template": bool(tokenizer.chat_template),
         "linear_spec_lora": None if lora is None else {"r": lora.rank, "alpha": lora.alpha, "layers": len(lora.layers)},
     }
+    if vlm is not None:
+        v = vlm.vision
+        data["vision_tower"] = {
+            "layers": v.num_hidden_layers, "hidden": v.hidden_size, "heads": v.num_attention_heads,
+            "head_dim": v.head_dim, "intermediate": v.intermediate_size, "patch": v.patch_size, "act": v.hidden_act,
+            "merge": vlm.spatial_merge_size, "pixels_per_image_token": vlm.cell,
+            "projector": f"{v.hidden_size} x {vlm.spatial_merge_size ** 2} -> {v.hidden_size} -> {vlm.text.hidden_size} "
+                         f"({vlm.projector_hidden_act}) -> {vlm.text.hidden_size}",
+            "parameters": vlm.vision_parameters(),
+        }
     if as_json:
         click.echo(json.dumps(data))
         return

@@ -143,3 +143,14 @@ def read_jsonl_rows(path: str | Path, what: str, error: type[Exception]) -> list
             except json.JSONDecodeError as e:
                 raise error(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     return rows
+
+
+def read_json_object(path: Path, error: type[Exception], hint: str = "") -> dict:
+    """A JSON file holding one object; `error` (naming the file, plus `hint`) when it is not."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} must hold a JSON object")
+    return raw

@@ -280,6 +280,10 @@ class NLDModel(nn.Module):
         self.diffusion_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.rotary = Rotary(config)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [B, T, H]: the backbone's input, unless a caller replaces some rows (image positions)."""
+        return self.encoder.embed_tokens(tokens)
+
     def forward(
         self,
         tokens: torch.Tensor,
@@ -288,11 +292,19 @@ class NLDModel(nn.Module):
         step: CacheStep | StaticStep | None = None,
         lora_rows: torch.Tensor | None = None,
         fused: bool = False,
+        inputs_embeds: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens/positions [B, T]; without a cache, mask [B, 1, T, T] bool (with one, the step holds it);
         lora_rows [B] or [B, T] bool: where the draft adapter applies; fused: one GEMM for q/k/v and one
-        for gate/up where `fuse_projections` prepared them. Returns hidden states [B, T, H]."""
-        x = self.encoder.embed_tokens(tokens)
+        for gate/up where `fuse_projections` prepared them; inputs_embeds [B, T, H]: the backbone's input
+        instead of `embed(tokens)` (a prefill chunk with image rows). Returns hidden states [B, T, H]."""
+        return self.backbone(self.embed(tokens) if inputs_embeds is None else inputs_embeds, positions, mask, step,
+                             lora_rows, fused)
+
+    def backbone(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                 step: CacheStep | StaticStep | None = None, lora_rows: torch.Tensor | None = None,
+                 fused: bool = False) -> torch.Tensor:
+        """The decoder layers and final norm over input embeddings x [B, T, H]."""
         cos, sin, qscale = self.rotary(positions, x.dtype)
         for i, layer in enumerate(self.encoder.layers):
             x = x + layer.self_attn(layer.input_layernorm(x), cos, sin, qscale, mask, i, step, lora_rows, fused)

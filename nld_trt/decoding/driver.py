@@ -52,10 +52,16 @@ def prefill(executor: Executor, seqs: list[Sequence]) -> None:
     done = [0] * len(seqs)
     piece = executor.max_prefill_chunk
     while True:
-        rows = [i for i, s in enumerate(seqs) if done[i] < len(s.prompt) and not s.done]
+        rows, chunks = [], []
+        for i, s in enumerate(seqs):
+            if done[i] < len(s.prompt) and not s.done:
+                try:  # a prompt with images encodes them here (admission), at its first chunk
+                    chunks.append(s.prompt_chunk(done[i], done[i] + piece))
+                    rows.append(i)
+                except Exception as e:  # noqa: BLE001 - this sequence's images failed, not the batch
+                    _failed(s, e)
         if not rows:
             break
-        chunks = [Chunk(seqs[i].prompt[done[i] : done[i] + piece]) for i in rows]
         logits = _guarded(executor, [seqs[i] for i in rows], [seqs[i].slot for i in rows], chunks, False)
         if logits is None:
             continue

@@ -14,12 +14,13 @@ every mode; `append` emits tokens with the law each was drawn from and applies e
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
 from ..config import NLDConfig
 from ..errors import GenerationError
-from ..executors.base import Chunk
+from ..executors.base import Chunk, ChunkEmbeds
 from .params import GenerationParams
 from .select import candidates, law, top_logprobs
 from .text import Decode, OutputText
@@ -84,14 +85,23 @@ class TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
 
 
+class PromptEmbeds(Protocol):
+    """A prompt's image rows (nld_trt/vision/encoder.PromptImages): the rows replacing the image positions
+    among prompt positions [start, end), or None where there are none."""
+
+    def chunk(self, start: int, end: int) -> ChunkEmbeds | None: ...
+
+
 class Sequence:
     """Shared state of one request. Subclasses: ARSequence, DLMSequence, LinearSpecSequence.
 
-    `decode` (token ids -> text) is needed for stop strings and `text()`."""
+    `decode` (token ids -> text) is needed for stop strings and `text()`; `images`, for a prompt with images,
+    gives the embedding rows its prefill chunks carry (the images are then seen only through the KV cache)."""
 
     def __init__(self, prompt: list[int], params: GenerationParams, config: NLDConfig, seed: int,
-                 decode: Decode | None = None) -> None:
+                 decode: Decode | None = None, images: PromptEmbeds | None = None) -> None:
         self.prompt = list(prompt)
+        self.images = images
         self.params = params
         self.config = config
         self.mask_id = config.mask_token_id
@@ -113,6 +123,11 @@ class Sequence:
         self.slot: int | None = None
         self.generator = (torch.Generator().manual_seed(seed % SEED_MOD)
                           if params.temperature > 0 else None)
+
+    def prompt_chunk(self, start: int, end: int) -> Chunk:
+        """The causal prefill chunk of prompt positions [start, end), with image rows where the prompt has them."""
+        embeds = None if self.images is None else self.images.chunk(start, min(end, len(self.prompt)))
+        return Chunk(self.prompt[start:end], embeds=embeds)
 
     # the mode's state machine -------------------------------------------------------------------
     def start(self, last_logits: torch.Tensor) -> None:

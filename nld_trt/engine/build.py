@@ -3,7 +3,10 @@
 
 Output layout: engine.json (what was built, limits, verification results), config.json and the tokenizer
 files of the checkpoint, model.onnx (+ model.onnx.data, the weights as external data) in the requested
-dtype, and nld.plan when TensorRT built it.
+dtype, and nld.plan when TensorRT built it. A vision-language checkpoint adds its vision encoder (tower +
+projector) as its own graph, vision.onnx (dynamic image size, nld_trt/vision/onnx_export.py), verified under
+ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan. (The text graph has no input for
+the image rows yet: engine builds serve text prompts until it does.)
 """
 
 from __future__ import annotations
@@ -24,8 +27,9 @@ from ..fileutil import atomic_directory
 
 GRAPH_FILE = "model.onnx"
 PLAN_FILE = "nld.plan"
+VISION_PLAN_FILE = "vision.plan"
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "hf_quant_config.json")
+                "chat_template.jinja", "hf_quant_config.json", "preprocessor_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
 VERIFY_PROMPTS = [[1, 5, 17, 33, 40, 41, 60], [1, 90, 91], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 
@@ -62,6 +66,7 @@ class BuildReport:
     limits: dict
     verification: dict = field(default_factory=dict)
     plan: str | None = None
+    vision: dict | None = None  # a VLM's vision encoder graph: file, dtype, verification, plan
     seconds: float = 0.0
 
 
@@ -102,6 +107,32 @@ def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None])
     return results
 
 
+def build_vision_graph(nld, directory: Path, dtype: torch.dtype, options: BuildOptions,
+                       progress: Callable[[str], None]) -> dict:
+    """Step 1-2 for a VLM's vision encoder: its own graph in `dtype`, verified (through its float32 twin where
+    `dtype` is not float32) under ONNX Runtime against the PyTorch encoder."""
+    from ..vision.onnx_export import VISION_GRAPH, export_vision_graph, verify_vision_graph
+
+    encoder = nld.image_encoder.encoder
+    progress(f"step 1/3: export the vision encoder's {options.dtype} graph (dynamic image size)")
+    graph = export_vision_graph(encoder, directory, dtype)
+    proto = onnx.load(str(graph), load_external_data=False)
+    vision = {"graph": VISION_GRAPH, "dtype": options.dtype, "nodes": len(proto.graph.node),
+              "inputs": ["pixel_values [1, 3, H, W]"], "outputs": ["image_rows [H/28 * W/28, hidden]"]}
+    if options.verify:
+        progress("step 2/3: verify the vision graph with ONNX Runtime against the PyTorch encoder")
+        if dtype == torch.float32:
+            vision["verification"] = verify_vision_graph(graph, encoder, progress)
+        else:
+            scratch = directory / ".verify-vision"
+            scratch.mkdir()
+            vision["verification"] = verify_vision_graph(export_vision_graph(encoder, scratch, torch.float32),
+                                                         encoder, progress)
+            vision["verification"]["graph"] = f"float32 twin of the {options.dtype} graph"
+            shutil.rmtree(scratch)
+    return vision
+
+
 def build(options: BuildOptions, progress: Callable[[str], None] = print) -> BuildReport:
     from ..runtime import load
 
@@ -137,6 +168,8 @@ def build(options: BuildOptions, progress: Callable[[str], None] = print) -> Bui
                                                    options.verify_tokens, progress)
                 report.verification["graph"] = f"float32 twin of the {options.dtype} graph"
                 shutil.rmtree(scratch)
+        if nld.vlm is not None:
+            report.vision = build_vision_graph(nld, tmp, dtype, options, progress)
         for name in COPIED_FILES:
             if (options.checkpoint / name).is_file():
                 shutil.copy2(options.checkpoint / name, tmp / name)
@@ -146,10 +179,16 @@ def build(options: BuildOptions, progress: Callable[[str], None] = print) -> Bui
 
             if tensorrt_available():
                 progress("step 3/3: build the TensorRT plan")
-                from .trt_build import build_plan
+                from .trt_build import build_plan, build_vision_plan
 
                 build_plan(tmp / GRAPH_FILE, tmp / PLAN_FILE, options, progress)
                 report.plan = PLAN_FILE
+                if report.vision is not None:
+                    progress("step 3/3: build the vision encoder's TensorRT plan")
+                    processor = nld.prompts.processor.config
+                    build_vision_plan(tmp / report.vision["graph"], tmp / VISION_PLAN_FILE, processor.longest_edge,
+                                      processor.cell, progress)
+                    report.vision["plan"] = VISION_PLAN_FILE
             else:
                 tensorrt_message = TENSORRT_MISSING.format(graph=options.output / GRAPH_FILE, output=options.output)
         report.seconds = round(time.perf_counter() - start, 2)

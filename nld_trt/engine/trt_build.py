@@ -120,13 +120,8 @@ def write_atomically(path: Path, data) -> None:
         raise
 
 
-def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]) -> None:
-    from ..config import NLDConfig
-
-    graph, plan = Path(graph), Path(plan)
-    trt = import_tensorrt()
-    register_plugins()
-    config = NLDConfig.from_file(graph.parent)
+def parse_graph(trt, graph: Path):
+    """A builder, the network parsed from the graph and its parser (which owns the weights: keep it alive)."""
     logger = trt.Logger(trt.Logger.WARNING)
     try:
         builder = trt.Builder(logger)
@@ -138,7 +133,11 @@ def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]
     if not parser.parse_from_file(str(graph)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)) or "see TensorRT's log"
         raise NLDError(f"TensorRT could not parse {graph}: {errors}")
-    profiles = profile_shapes(options, config)
+    return builder, network, parser
+
+
+def build_profiles(builder, network, profiles: list[dict], plan: Path, progress: Callable[[str], None]) -> None:
+    """Check and add the optimization profiles, build, and write the plan atomically."""
     for shapes in profiles:
         check_inputs(network, shapes)
     build_config = builder.create_builder_config()
@@ -147,9 +146,36 @@ def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]
         for name, (lo, opt, hi) in shapes.items():
             profile.set_shape(name, lo, opt, hi)
         if build_config.add_optimization_profile(profile) < 0:
-            raise NLDError(f"TensorRT rejected optimization profile {index} ({shapes['input_ids']} for input_ids)")
+            first = next(iter(shapes))
+            raise NLDError(f"TensorRT rejected optimization profile {index} ({shapes[first]} for {first})")
     progress("TensorRT: building (this takes minutes for real models)")
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise NLDError("TensorRT failed to build the engine (see its log above)")
     write_atomically(plan, serialized)
+
+
+def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]) -> None:
+    from ..config import NLDConfig
+
+    graph, plan = Path(graph), Path(plan)
+    trt = import_tensorrt()
+    register_plugins()
+    config = NLDConfig.from_file(graph.parent)
+    builder, network, _parser = parse_graph(trt, graph)
+    build_profiles(builder, network, profile_shapes(options, config), plan, progress)
+
+
+def vision_profile(max_edge: int, cell: int, channels: int = 3) -> dict[str, tuple[tuple, tuple, tuple]]:
+    """(min, opt, max) pixel_values shapes of the vision encoder's plan: one cell up to the processor's longest
+    edge rounded up to whole cells, a side each; 672 pixels (a typical image) as the optimum."""
+    top = -(-max_edge // cell) * cell
+    opt = min(top, 24 * cell)
+    return {"pixel_values": ((1, channels, cell, cell), (1, channels, opt, opt), (1, channels, top, top))}
+
+
+def build_vision_plan(graph: Path, plan: Path, max_edge: int, cell: int, progress: Callable[[str], None]) -> None:
+    """The vision encoder's own plan (a VLM's tower + projector graph, no plugins), beside the text engine."""
+    trt = import_tensorrt()
+    builder, network, _parser = parse_graph(trt, Path(graph))
+    build_profiles(builder, network, [vision_profile(max_edge, cell)], Path(plan), progress)

@@ -10,7 +10,7 @@ and inherit everything else (slot bookkeeping, checks, padding).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -19,8 +19,18 @@ from ..errors import GenerationError
 
 
 @dataclass(frozen=True)
+class ChunkEmbeds:
+    """Embedding rows that replace some chunk positions' token embeddings: an image's projector rows at its
+    `<|image_pad|>` positions, in a prefill chunk (nld_trt/vision/encoder.py makes them)."""
+
+    positions: tuple[int, ...]  # indices into the chunk's tokens
+    rows: torch.Tensor  # [len(positions), hidden]
+
+
+@dataclass(frozen=True)
 class Chunk:
-    """What a sequence feeds in one pass: tokens at positions L.., the pattern, the draft adapter switch."""
+    """What a sequence feeds in one pass: tokens at positions L.., the pattern, the draft adapter switch, and
+    (prefill chunks of image prompts only) embedding rows for some positions."""
 
     tokens: list[int]
     block: bool = False  # bidirectional within the chunk (else causal)
@@ -29,6 +39,7 @@ class Chunk:
     # compute the head for the last position alone, and a call whose chunks all say so may return that row
     # at every position.
     last_logits_only: bool = False
+    embeds: ChunkEmbeds | None = field(default=None, compare=False)
 
 
 class Executor(ABC):
@@ -75,6 +86,11 @@ class Executor(ABC):
         return False
 
     @property
+    def takes_embeds(self) -> bool:
+        """Whether `_forward` takes embedding rows for image positions (`Chunk.embeds`)."""
+        return False
+
+    @property
     def device(self) -> torch.device:
         return torch.device("cpu")
 
@@ -92,6 +108,8 @@ class Executor(ABC):
         tokens = torch.zeros(len(chunks), t, dtype=torch.long)
         for i, c in enumerate(chunks):
             tokens[i, : lens[i]] = torch.tensor(c.tokens, dtype=torch.long)
+        embeds = [(i, c.embeds) for i, c in enumerate(chunks) if c.embeds is not None]
+        extra = {"embeds": embeds} if embeds else {}  # executors without an embeddings input never see the key
         return self._forward(
             slots=torch.tensor(slots, dtype=torch.long, device=dev),
             tokens=tokens.to(dev),
@@ -100,6 +118,7 @@ class Executor(ABC):
             lora=torch.tensor([c.lora for c in chunks], dtype=torch.bool, device=dev),
             committed=torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=dev),
             all_logits=all_logits,
+            **extra,
         )
 
     def check_pass(self, slots: list[int], chunks: list[Chunk]) -> list[int]:
@@ -107,6 +126,17 @@ class Executor(ABC):
         if len(slots) != len(chunks) or not slots:
             raise GenerationError("forward needs one chunk per slot")
         lens = [len(c.tokens) for c in chunks]
+        for c, n in zip(chunks, lens):
+            if c.embeds is None:
+                continue
+            if not self.takes_embeds:
+                raise GenerationError(f"{type(self).__name__} has no input for image embeddings yet: prompts with "
+                                      "images run on the PyTorch executor (a checkpoint, not an engine build)")
+            if c.embeds.rows.shape != (len(c.embeds.positions), self.config.hidden_size) or not all(
+                    0 <= p < n for p in c.embeds.positions):
+                raise GenerationError(f"embedding rows {list(c.embeds.rows.shape)} at chunk positions "
+                                      f"{list(c.embeds.positions)[:4]}... do not fit a chunk of {n} tokens and width "
+                                      f"{self.config.hidden_size}")
         for slot, n in zip(slots, lens):
             if n < 1:
                 raise GenerationError("empty chunk")

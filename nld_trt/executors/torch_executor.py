@@ -95,6 +95,10 @@ class TorchExecutor(Executor):
         return self.model.has_lora
 
     @property
+    def takes_embeds(self) -> bool:
+        return True
+
+    @property
     def device(self) -> torch.device:
         return next(self.model.parameters()).device
 
@@ -105,7 +109,8 @@ class TorchExecutor(Executor):
 
     def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
         lens = self.check_pass(slots, chunks)
-        shape = None if self.passes is None else self.passes.shape_for(len(chunks), max(lens))
+        images = any(c.embeds is not None for c in chunks)  # image prefill chunks take the eager path
+        shape = None if self.passes is None or images else self.passes.shape_for(len(chunks), max(lens))
         if shape is None:
             return super().forward(slots, chunks, all_logits)
         last_only = not all_logits or all(c.last_logits_only for c in chunks)
@@ -123,7 +128,7 @@ class TorchExecutor(Executor):
         return logits
 
     @torch.inference_mode()
-    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
+    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits, embeds=()):
         b, t = tokens.shape
         positions = committed[:, None] + torch.arange(t, device=tokens.device)
         keys = int((committed + chunk_lens).max())
@@ -134,7 +139,12 @@ class TorchExecutor(Executor):
         step = CacheStep(self.cache, slots, committed, chunk_lens, block, mask, rows, cols, positions[rows, cols],
                          keys, first if contiguous else None, self.kernels)
         lora_rows = lora if (self.model.has_lora and bool(lora.any())) else None
-        hidden = self.model(tokens, positions, mask, step, lora_rows)
+        x = None
+        if embeds:  # image rows replace their positions' token embeddings
+            x = self.model.embed(tokens)
+            for row, e in embeds:
+                x[row, torch.tensor(e.positions, device=x.device)] = e.rows.to(x.device, x.dtype)
+        hidden = self.model(tokens, positions, mask, step, lora_rows, inputs_embeds=x)
         if not all_logits:
             hidden = hidden[torch.arange(b, device=hidden.device), chunk_lens - 1]
         return self.model.logits(hidden).float()

@@ -274,7 +274,9 @@ class Scheduler:
             p = job.prepared
             try:
                 seq_type = SEQUENCE_TYPES[p.params.mode]
-                job.streams = [Stream(seq_type(p.prompt_ids, p.params, self.nld.config, seed, self.nld.tokenizer.decode), i)
+                images = None if p.prompt is None else self.nld.bind_images(p.prompt)
+                job.streams = [Stream(seq_type(p.prompt_ids, p.params, self.nld.config, seed, self.nld.tokenizer.decode,
+                                               images=images), i)
                                for i, seed in enumerate(p.seeds or [p.params.seed])]
             except Exception as e:  # noqa: BLE001 - one bad request must not reach the batch
                 log.error("could not start a request:\n%s", traceback.format_exc())
@@ -377,8 +379,8 @@ class Scheduler:
         the prompt opened thinking, none otherwise."""
         if not (p.separate_reasoning and p.thinking):
             return 0
-        end = self.nld.tokenizer.token_id("[/THINK]")
-        if end in seq.out[:k]:
+        end = self.nld.prompts.thinking[1] if self.nld.prompts.thinking else None
+        if end is not None and end in seq.out[:k]:
             return min(len(self.nld.tokenizer.decode(seq.out[: seq.out.index(end)])), len(text))
         return len(text)
 

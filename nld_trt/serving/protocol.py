@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..decoding import GenerationParams
 from ..errors import GenerationError
+from ..prompt import Prompt
 
 if TYPE_CHECKING:
     from ..runtime import NLD
@@ -165,6 +166,7 @@ class Prepared:
     thinking: bool = False  # the prompt opens thinking: the output starts as reasoning
     send_counts: bool = False  # num_input_tokens / num_output_tokens asked for
     seeds: list[int] = field(default_factory=list)
+    prompt: Prompt | None = None  # the encoded prompt (its image spans and pixels, for a vision-language model)
 
 
 def scalar(name: str, value: Any) -> Any:
@@ -273,9 +275,10 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
                               "(leave it out)")
 
 
-def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> tuple[list[int], bool]:
-    """The prompt's token ids (`messages` through the chat template, `text_input` templated unless
-    chat=false, or `input_ids`), and whether the prompt opens thinking. Sizes are checked before tokenizing."""
+def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prompt:
+    """The prompt (`messages` through the chat template, `text_input` templated unless chat=false, or
+    `input_ids`), encoded by the model's one prompt encoder (nld_trt/prompt.py) with no access to local files:
+    a served request's images come inline. Sizes are checked before tokenizing."""
     chat = _flag("chat", fields.get("chat"), True)
     kwargs = {}
     if fields.get("chat_template_kwargs") is not None:
@@ -294,33 +297,13 @@ def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> tuple[list[i
             raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {limits.max_prompt_bytes}: "
                                   "send a shorter prompt")
     if fields.get("messages") is not None:
-        messages = _json("messages", fields["messages"])
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if not ok:
-            raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
-        ids = nld.tokenizer.encode_chat(messages, **kwargs)
-    elif fields.get("text_input") is not None:
-        prompt = text("text_input", fields["text_input"])
-        if not prompt:
-            raise GenerationError("text_input is empty: send some text")
-        ids = nld.encode(prompt, chat=chat, **kwargs)
-    elif fields.get("input_ids") is not None:
-        ids = [_integer("input_ids", t) for t in fields["input_ids"]]
-        if len(ids) > nld.executor.max_seq_len:
-            raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {nld.executor.max_seq_len} "
-                                  "KV-cache positions")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < nld.config.vocab_size:
-                raise GenerationError(f"input_ids must be token ids in [0, {nld.config.vocab_size}), got {t!r}")
-    else:
-        raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or input_ids)")
-    if not ids:
-        raise GenerationError("the prompt encodes to no tokens")
-    think = nld.tokenizer.token_id("[THINK]")
-    return ids, think is not None and ids[-1] == think
+        return nld.prompts.messages(_json("messages", fields["messages"]), template_kwargs=kwargs, local_files=False)
+    if fields.get("text_input") is not None:
+        return nld.prompts.text(text("text_input", fields["text_input"]), chat=chat, template_kwargs=kwargs,
+                                field="text_input")
+    if fields.get("input_ids") is not None:
+        return nld.prompts.token_ids([_integer("input_ids", t) for t in fields["input_ids"]], field="input_ids")
+    raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or input_ids)")
 
 
 def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
@@ -338,9 +321,10 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     end_id = _integer("end_id", fields.get("end_id"))
     top_p = fields.get("top_p")
     thinking_budget = fields.get("max_thinking_tokens")
-    end_think = nld.tokenizer.token_id("[/THINK]") if thinking_budget is not None else None
+    end_think = nld.prompts.thinking[1] if thinking_budget is not None and nld.prompts.thinking else None
     if thinking_budget is not None and end_think is None:
-        raise GenerationError("max_thinking_tokens needs an end-think token ([/THINK]) and this tokenizer has none")
+        raise GenerationError("max_thinking_tokens needs an end-think token ([/THINK] or </think>) and this tokenizer "
+                              "has none")
     logprobs = _flag("return_log_probs", fields.get("return_log_probs"), False)
     strings = {k: text(k, fields[k]) for k in ("acceptance", "draft") if fields.get(k) is not None}
     try:
@@ -387,10 +371,11 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     if n > 1 and not limits.streaming:
         raise GenerationError("num_return_sequences > 1 needs the decoupled model `nld`, whose responses carry "
                               "sequence_index")
-    ids, thinking = prompt_ids(nld, fields, limits)
-    nld.check_fits(len(ids), params, "this deployment's limit; shorten the prompt or lower max_tokens", "max_tokens")
+    prompt = prompt_ids(nld, fields, limits)
+    nld.check_fits(len(prompt.ids), params, "this deployment's limit; shorten the prompt or lower max_tokens",
+                   "max_tokens", prompt.describe())
     echo = not _flag("exclude_input_in_output", fields.get("exclude_input_in_output"), limits.exclude_input_default)
     counts = any(_flag(k, fields.get(k), False) for k in ("return_num_input_tokens", "return_num_output_tokens"))
-    return Prepared(ids, params, stream, n, echo and not stream, _flag("separate_reasoning",
-                    fields.get("separate_reasoning"), False), thinking, counts,
-                    [(params.seed + i) % 2**64 for i in range(n)])
+    return Prepared(prompt.ids, params, stream, n, echo and not stream, _flag("separate_reasoning",
+                    fields.get("separate_reasoning"), False), prompt.thinking, counts,
+                    [(params.seed + i) % 2**64 for i in range(n)], prompt)
