@@ -75,6 +75,7 @@ class Update:
     logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token in token_ids
     cum_logprob: float = 0.0
     num_input_tokens: int = 0
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # each sequence's first response, with prompt_logprobs
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Stream:
     content: str = ""
     cum_logprob: float = 0.0
     finished: bool = False
+    prompt_sent: bool = False
 
 
 @dataclass
@@ -350,6 +352,9 @@ class Scheduler:
             update.logprobs = [self._logprob_entry(lp) for lp in lps]
             st.cum_logprob += sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps) if stream else 0.0
             update.cum_logprob = st.cum_logprob if stream else sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps)
+        if seq.prompt_logprobs is not None and not st.prompt_sent:
+            update.prompt_logprobs = self._prompt_entries(seq)
+            st.prompt_sent = True
         if p.echo:  # unary only: TensorRT-LLM's output starts with the prompt unless exclude_input_in_output
             update.text = self.nld.tokenizer.decode(seq.prompt) + update.text
             update.token_ids = seq.prompt + update.token_ids
@@ -382,14 +387,22 @@ class Scheduler:
             return min(len(self.nld.tokenizer.decode(seq.out[: seq.out.index(end)])), len(text))
         return len(text)
 
-    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
+    def _token(self, token_id: int, logprob: float | None) -> dict[str, Any]:
         tok = self.nld.tokenizer
+        return {"token_id": token_id, "token": tok.token_text(token_id), "bytes": list(tok.token_bytes(token_id)),
+                "logprob": None if logprob is None else max(logprob, LOGPROB_FLOOR)}
 
-        def one(token_id: int, logprob: float) -> dict[str, Any]:
-            return {"token_id": token_id, "token": tok.token_text(token_id), "bytes": list(tok.token_bytes(token_id)),
-                    "logprob": max(logprob, LOGPROB_FLOOR)}
+    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        entry = {**self._token(lp.token_id, lp.logprob), "top_logprobs": [self._token(t, v) for t, v in lp.top]}
+        if lp.rank is not None:
+            entry["rank"] = lp.rank
+        return entry
 
-        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
+    def _prompt_entries(self, seq: Sequence) -> list[dict[str, Any]]:
+        """Every prompt token: its text and bytes; from the second on its log-probability, rank and alternatives
+        (the first has logprob null: nothing precedes it)."""
+        first = {**self._token(seq.prompt[0], None), "rank": None, "top_logprobs": []}
+        return [first] + [self._logprob_entry(lp) for lp in seq.prompt_logprobs[1:]]
 
     def _fail_all(self, message: str) -> None:
         """Answer every request in flight or waiting with an error and start over with an empty batch."""
