@@ -154,3 +154,17 @@ def test_the_banned_law_test_can_fail():
     seqs = [SEQUENCE_TYPES["ar"](list(LAW_PROMPT), params, CONFIG, seed) for seed in range(1000)]
     run(LawExecutor(max_batch=512), seqs)
     assert chi_square_p([tuple(s.out) for s in seqs], banned_law(LAW_PROMPT, 2, LAW_WORDS)) < 1e-6
+
+
+def test_the_cli_bans_words_as_the_python_api(tiny, tiny_dir, capsys):
+    import json
+
+    from nld_trt.cli import main
+
+    free = tiny.generate("Tom has 12 apples.", chat=False, max_new_tokens=12)
+    word = tiny.tokenizer.decode(free.token_ids[3:4])
+    main(["generate", "--model", str(tiny_dir), "--raw", "--json", "--max-new-tokens", "12", "--bad-word", word,
+          "Tom has 12 apples."])
+    got = json.loads(capsys.readouterr().out)
+    want = tiny.generate("Tom has 12 apples.", chat=False, max_new_tokens=12, bad_words=[word])
+    assert got["token_ids"] == want.token_ids and got["token_ids"] != free.token_ids

@@ -51,15 +51,16 @@ def generation_options(f):
         click.option("--top-p", type=float, default=None, help="sampling: nucleus mass"),
         click.option("--min-p", type=float, default=None, help="sampling: drop tokens under min-p x the top one"),
         click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--bad-word", "bad_words", multiple=True, help="banned word (repeatable), encoded as it is"),
         click.option("--seed", type=int, default=0, show_default=True),
     ]):
         f = option(f)
     return f
 
 
-def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
+def sampling_fields(top_k, top_p, min_p, stop, bad_words) -> dict[str, Any]:
     """The model inputs of the sampling options (None: not sent)."""
-    return dict(top_k=top_k, top_p=top_p, min_p=min_p, stop_words=list(stop) or None)
+    return dict(top_k=top_k, top_p=top_p, min_p=min_p, stop_words=list(stop) or None, bad_words=list(bad_words) or None)
 
 
 # package --------------------------------------------------------------------------------------------
@@ -258,7 +259,7 @@ def _interrupt(signum, frame) -> None:
 @click.option("--top-logprobs", type=int, default=None, help="with --logprobs: the N likeliest others")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
 def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
-                   top_k, top_p, min_p, stop, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
+                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
     """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
     from . import client as c
 
@@ -267,7 +268,7 @@ def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_le
     fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
                   threshold=threshold, temperature=temperature, seed=seed, chat=not raw,
                   return_log_probs=logprobs or None, top_logprobs=top_logprobs,
-                  **sampling_fields(top_k, top_p, min_p, stop))
+                  **sampling_fields(top_k, top_p, min_p, stop, bad_words))
     if stream:
         chunks = (c.GrpcClient(url).stream(model_name, **fields) if protocol == "grpc"
                   else c.http_generate_stream(url, model_name, **fields))
@@ -302,7 +303,7 @@ CHAT_HELP = "/mode ar|dlm|linear_spec switches the decoding mode, /reset forgets
 @generation_options
 @click.option("--system", default=None, help="a system prompt")
 def chat_command(url, model_name, mode, max_tokens, block_length, threshold, temperature, top_k, top_p, min_p, stop,
-                 seed, system) -> None:
+                 bad_words, seed, system) -> None:
     """Multi-turn chat over gRPC streaming, reading user turns from stdin (one per line).
 
     /mode ar|dlm|linear_spec switches the decoding mode mid-conversation; /reset; /quit."""
@@ -344,7 +345,7 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
         try:
             for chunk in client.stream(model_name, messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
                                        block_length=block_length, threshold=threshold, temperature=temperature,
-                                       seed=seed, **sampling_fields(top_k, top_p, min_p, stop)):
+                                       seed=seed, **sampling_fields(top_k, top_p, min_p, stop, bad_words)):
                 chunks.append(chunk)
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
