@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+from ..fileutil import user_cache_dir
 from .manifest import files_under, sha256
 from .package import (STREAM_MODEL, TEMPLATE_FILES, ServingOptions, check_checkpoint, check_engine,
                       package_repository, template_dir)
@@ -30,8 +31,7 @@ DIGESTS = "file-digests.json"
 
 
 def default_cache() -> Path:
-    root = os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nld-trt"
-    return Path(root) / "repositories"
+    return user_cache_dir() / "repositories"
 
 
 def is_repository(path: Path) -> bool:
@@ -47,7 +47,8 @@ def model_digest(model_dir: Path, cache: Path, progress: Callable[[str], None] |
         memo = json.loads(memo_file.read_text())
     except (OSError, ValueError):
         memo = {}
-    files = [p for p in files_under(model_dir) if not any(part.startswith(".") for part in p.relative_to(model_dir).parts)]
+    files = [p for p in files_under(model_dir)
+             if not any(part.startswith(".") for part in p.relative_to(model_dir).parts)]  # as package copies them
     total = sum(p.stat().st_size for p in files)
     h, done, fresh = hashlib.sha256(), 0, 0
     for p in files:

@@ -328,48 +328,69 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
                               "(leave it out)")
 
 
-def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> tuple[list[int], bool]:
-    """The prompt's token ids (`messages` through the chat template, `text_input` templated unless
-    chat=false, or `input_ids`), and whether the prompt opens thinking. Sizes are checked before tokenizing."""
-    chat = _flag("chat", fields.get("chat"), True)
-    kwargs = {}
-    if fields.get("chat_template_kwargs") is not None:
-        raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
-        if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
-            raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
-        kwargs = _json("chat_template_kwargs", raw)
-        if not isinstance(kwargs, dict):
-            raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
+def prompt_fields(fields: dict[str, Any], max_bytes: int) -> None:
+    """At most one prompt field, and text prompts under the byte cap (checked before anything is tokenized)."""
     given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
     if len(given) > 1:
         raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
     for name in ("text_input", "messages"):
         v = fields.get(name)
-        if isinstance(v, (bytes, str)) and len(v) > limits.max_prompt_bytes:  # a str is at least as many bytes
-            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {limits.max_prompt_bytes}: "
+        if isinstance(v, (bytes, str)) and len(v) > max_bytes:  # a str is at least as many bytes
+            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {max_bytes}: "
                                   "send a shorter prompt")
+
+
+def template_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
+    """`chat_template_kwargs`: a JSON object of extra chat-template variables (size-capped), or {}."""
+    if fields.get("chat_template_kwargs") is None:
+        return {}
+    raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
+    if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
+        raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
+    kwargs = _json("chat_template_kwargs", raw)
+    if not isinstance(kwargs, dict):
+        raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
+    return kwargs
+
+
+def conversation(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """`messages`: a non-empty JSON list of {role, content} strings."""
+    messages = _json("messages", fields["messages"])
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok:
+        raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
+    return messages
+
+
+def token_ids(values: list[Any], vocab_size: int, most: int) -> list[int]:
+    """`input_ids`: at most `most` token ids in [0, vocab_size)."""
+    ids = [_integer("input_ids", t) for t in values]
+    if len(ids) > most:
+        raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {most} KV-cache positions")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise GenerationError(f"input_ids must be token ids in [0, {vocab_size}), got {t!r}")
+    return ids
+
+
+def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> tuple[list[int], bool]:
+    """The prompt's token ids (`messages` through the chat template, `text_input` templated unless
+    chat=false, or `input_ids`), and whether the prompt opens thinking. Sizes are checked before tokenizing."""
+    chat = _flag("chat", fields.get("chat"), True)
+    kwargs = template_kwargs(fields)
+    prompt_fields(fields, limits.max_prompt_bytes)
     if fields.get("messages") is not None:
-        messages = _json("messages", fields["messages"])
-        ok = isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages
-        )
-        if not ok:
-            raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
-        ids = nld.tokenizer.encode_chat(messages, **kwargs)
+        ids = nld.tokenizer.encode_chat(conversation(fields), **kwargs)
     elif fields.get("text_input") is not None:
         prompt = text("text_input", fields["text_input"])
         if not prompt:
             raise GenerationError("text_input is empty: send some text")
         ids = nld.encode(prompt, chat=chat, **kwargs)
     elif fields.get("input_ids") is not None:
-        ids = [_integer("input_ids", t) for t in fields["input_ids"]]
-        if len(ids) > nld.executor.max_seq_len:
-            raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {nld.executor.max_seq_len} "
-                                  "KV-cache positions")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < nld.config.vocab_size:
-                raise GenerationError(f"input_ids must be token ids in [0, {nld.config.vocab_size}), got {t!r}")
+        ids = token_ids(fields["input_ids"], nld.config.vocab_size, nld.executor.max_seq_len)
     else:
         raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or input_ids)")
     if not ids:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..errors import GenerationError
 from ..tokenizer import NLDTokenizer
-from .protocol import MAX_TEMPLATE_KWARGS_BYTES, TensorSpec, _flag, _integer, _json, gather_specs, text
+from .protocol import TensorSpec, _flag, conversation, gather_specs, prompt_fields, template_kwargs, text, token_ids
 
 MODEL = "nld_tokenizer"
 # the artifacts it reads (and checks against the repository's manifest)
@@ -65,48 +65,26 @@ def _jsonable(v: Any) -> bool:
 
 
 def handle(tokenizer: NLDTokenizer, inputs: dict[str, Any], parameters: Any, max_prompt_bytes: int,
-           max_ids: int) -> dict[str, Any]:
-    """One request's outputs (name -> Python value); GenerationError names a bad field."""
+           max_ids: int, wanted: set[str] | None = None) -> dict[str, Any]:
+    """One request's outputs (name -> Python value; `wanted`: only these, None: all); GenerationError names a
+    bad field."""
     fields = gather_specs(INPUTS, inputs, parameters)
-    given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
-    if len(given) > 1:
-        raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
-    out: dict[str, Any] = {"tokenizer_info": json.dumps(info(tokenizer), ensure_ascii=False)}
-    for name in ("text_input", "messages"):
-        v = fields.get(name)
-        if isinstance(v, (bytes, str)) and len(v) > max_prompt_bytes:
-            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {max_prompt_bytes}")
+    prompt_fields(fields, max_prompt_bytes)
+    out: dict[str, Any] = {}
+    if wanted is None or "tokenizer_info" in wanted:
+        out["tokenizer_info"] = json.dumps(info(tokenizer), ensure_ascii=False)
     if fields.get("input_ids") is not None:
-        ids = [_integer("input_ids", t) for t in fields["input_ids"]]
-        if len(ids) > max_ids:
-            raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {max_ids} allowed")
-        for t in ids:
-            if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < tokenizer.vocab_size:
-                raise GenerationError(f"input_ids must be token ids in [0, {tokenizer.vocab_size}), got {t!r}")
-        out["text_output"] = tokenizer.decode(ids, skip_special_tokens=False)
+        out["text_output"] = tokenizer.decode(token_ids(fields["input_ids"], tokenizer.vocab_size, max_ids),
+                                              skip_special_tokens=False)
         return out
     if fields.get("messages") is not None:
-        messages = _json("messages", fields["messages"])
-        if not (isinstance(messages, list) and messages and all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages)):
-            raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
-        kwargs = {}
-        if fields.get("chat_template_kwargs") is not None:
-            raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
-            if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
-                raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
-            kwargs = _json("chat_template_kwargs", raw)
-            if not isinstance(kwargs, dict):
-                raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
-        rendered = tokenizer.apply_chat_template(
-            messages, add_generation_prompt=_flag("add_generation_prompt", fields.get("add_generation_prompt"), True),
-            **kwargs)
-        ids = tokenizer.encode(rendered, add_special_tokens=_flag("add_special_tokens",
-                                                                  fields.get("add_special_tokens"), False))
+        messages, kwargs = conversation(fields), template_kwargs(fields)
+        generation = _flag("add_generation_prompt", fields.get("add_generation_prompt"), True)
+        rendered = tokenizer.apply_chat_template(messages, add_generation_prompt=generation, **kwargs)
+        ids = tokenizer.encode(rendered, _flag("add_special_tokens", fields.get("add_special_tokens"), False))
     elif fields.get("text_input") is not None:
         ids = tokenizer.encode(text("text_input", fields["text_input"]),
-                               add_special_tokens=_flag("add_special_tokens", fields.get("add_special_tokens"), True))
+                               _flag("add_special_tokens", fields.get("add_special_tokens"), True))
     else:
         return out
     out["token_ids"] = ids

@@ -52,10 +52,11 @@ class TritonPythonModel:
                 for spec in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     inputs[spec.name] = None if tensor is None else tensor.as_numpy()
-                out = handle(self.tokenizer, inputs, request.parameters(), self.max_prompt_bytes, self.max_ids)
-                wanted = set(request.requested_output_names() or ()) or set(out)
+                wanted = set(request.requested_output_names() or ()) or None  # none named: every output
+                out = handle(self.tokenizer, inputs, request.parameters(), self.max_prompt_bytes, self.max_ids, wanted)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[
-                    pb_utils.Tensor(name, SHAPES[name](value)) for name, value in out.items() if name in wanted]))
+                    pb_utils.Tensor(name, SHAPES[name](value)) for name, value in out.items()
+                    if wanted is None or name in wanted]))
             except NLDError as e:
                 responses.append(pb_utils.InferenceResponse(error=_error(str(e))))
             except Exception as e:  # noqa: BLE001 - a malformed request must not take the model down
