@@ -65,5 +65,5 @@ def test_a_directory_that_is_no_model_leaves_nothing_in_the_cache(tmp_path):
 
 def test_serve_refuses_package_options_for_a_packaged_repository(model, tmp_path):
     repo, _ = cached_repository(model, OPTIONS, engine=False, cache=tmp_path / "cache")
-    result = CliRunner().invoke(serve_command, [str(repo), "--max-batch", "4"])
+    result = CliRunner().invoke(serve_command, [str(repo), "--max-batch", "4", "--openai-port", "0"])
     assert result.exit_code == 2 and "--max-batch: " in result.output and "is a packaged repository" in result.output

@@ -163,21 +163,26 @@ def serve_command(ctx, path, host, http_port, grpc_port, metrics_port, openai_po
     SIGTERM. PATH is a model repository (`nld-trt package` output), or a model directory (a checkpoint, a
     quantized checkpoint or an `nld-trt build` output; the embedded model when omitted), which is packaged with
     the package options into a cached repository first (reused while the model and the options are unchanged)."""
-    from .server import ServerError, TritonServer
-
-    repo = _repository(ctx, path, cache_dir, options)
+    from .server import ServerError, TritonServer, client_host, free_port
 
     if openai_port < 0:
         raise click.BadParameter("must be a port number, or 0 for no OpenAI front end", param_hint="--openai-port")
+    grpc_port = grpc_port or free_port()
+    front = None
+    if openai_port:  # its port first: a port in use fails before packaging or tritonserver starts
+        from .openai.frontend import FrontEnd
+
+        front = FrontEnd(f"{client_host(host)}:{grpc_port}", host=host, port=openai_port,
+                         served_model=served_model_name, max_body_bytes=max_body_bytes).bind()
+    try:
+        repo = _repository(ctx, path, cache_dir, options)
+    except BaseException:
+        if front is not None:
+            front.stop()
+        raise
     extra = ["--model-control-mode=explicit"] if model_control_mode == "explicit" else []
     server = TritonServer(Path(repo), host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, binary=binary, extra_args=extra, log=_err)
-    front = None
-    if openai_port:  # its port first: a port in use fails before tritonserver starts
-        from .openai.frontend import FrontEnd
-
-        front = FrontEnd(server.grpc_url, host=host, port=openai_port, served_model=served_model_name,
-                         max_body_bytes=max_body_bytes).bind()
     # both stop the server; SIGINT too, as a shell starts background jobs with SIGINT ignored
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
