@@ -274,3 +274,20 @@ def test_a_tensor_of_another_integer_type_is_refused_by_triton_itself(server):
         client.infer("nld_sync", [text, block])
     ok = client.infer("nld_sync", [text], parameters={"block_length": 4, "mode": "dlm", "max_tokens": 4})
     assert ok.as_numpy("text_output") is not None
+
+
+def test_the_tokenizer_model_answers_http_generate(tiny, server):
+    """The README's curl: `nld_tokenizer` over Triton's HTTP generate (tokenize, detokenize)."""
+    import urllib.request
+
+    def generate(body):
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/nld_tokenizer/generate",
+                                         data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+
+    out = generate({"text_input": PROMPT})
+    assert out["token_ids"] == tiny.tokenizer.encode(PROMPT)
+    assert json.loads(out["tokenizer_info"])["eos_token"] == tiny.tokenizer.special_token("eos_token")
+    assert generate({"input_ids": out["token_ids"]})["text_output"] == tiny.tokenizer.decode(out["token_ids"],
+                                                                                          skip_special_tokens=False)
