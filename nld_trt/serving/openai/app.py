@@ -2,8 +2,9 @@
 
 `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health` (and `/v1/health`),
 vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (answered by the repository's tokenizer
-model, so lm-eval's `local-completions` needs no tokenizer files), and the chat page at `/`. Each request is validated (schema.py), becomes one gRPC stream per prompt to the
-decoupled model (triton.py), and its responses are reshaped into OpenAI's objects: one JSON answer, or
+model, so lm-eval's `local-completions` needs no tokenizer files), and the chat page at `/`. Each request is
+validated (schema.py), becomes one gRPC stream per prompt to the decoupled model (triton.py), and its
+responses are reshaped into OpenAI's objects: one JSON answer, or
 Server-Sent Events `chat.completion.chunk` / `text_completion` chunks ending with `data: [DONE]`.
 
 A streaming request waits for the model's first response before it answers, so a request the model
