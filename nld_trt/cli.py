@@ -37,6 +37,10 @@ def cli() -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="sampling: nucleus mass (1: off)")
 @click.option("--min-p", type=float, default=0.0, show_default=True, help="sampling: drop tokens under min-p x the top one")
 @click.option("--stop", multiple=True, help="stop string (repeatable): the text ends just before the first one")
+@click.option("--bad-word", "bad_words", multiple=True,
+              help="banned word (repeatable): no output completes it (encoded as it is: ' apples' differs from 'apples')")
+@click.option("--prompt-logprobs", type=int, default=None, help="print each prompt token's log-probability and the "
+              "N likeliest others (0-20)")
 @click.option("--min-tokens", type=int, default=0, show_default=True, help="no EOS before this many tokens")
 @click.option("--logprobs", is_flag=True, help="print each token's log-probability")
 @click.option("--top-logprobs", type=int, default=0, show_default=True, help="with --logprobs: the N likeliest others")
@@ -61,8 +65,8 @@ def cli() -> None:
               help="compiled decode passes (CUDA graphs on a GPU, torch.compile on CPU) or the eager reference "
                    "[default: compiled on CUDA, eager on CPU]")
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
-             min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy, max_thinking_tokens,
-             end_think_token, think, raw, images, as_json, device, dtype, compile_) -> None:
+             bad_words, prompt_logprobs, min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy,
+             max_thinking_tokens, end_think_token, think, raw, images, as_json, device, dtype, compile_) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -101,6 +105,8 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         top_p=top_p,
         min_p=min_p,
         stop=list(stop),
+        bad_words=list(bad_words),
+        prompt_logprobs=prompt_logprobs,
         min_tokens=min_tokens,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -116,6 +122,9 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         click.echo(json.dumps(result.as_dict()))
         return
     click.echo(result.text)
+    if result.prompt_logprobs is not None:
+        console.print("[dim]prompt[/dim]")
+        _print_logprobs(console, model.tokenizer, [lp for lp in result.prompt_logprobs if lp is not None])
     if result.logprobs is not None:
         _print_logprobs(console, model.tokenizer, result.logprobs)
     s = result.stats

@@ -125,6 +125,12 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+def user_cache_dir() -> Path:
+    """nld-trt's cache: $NLD_TRT_CACHE, else $XDG_CACHE_HOME/nld-trt, else ~/.cache/nld-trt."""
+    return Path(os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "nld-trt")
+
+
 def read_jsonl_rows(path: str | Path, what: str, error: type[Exception]) -> list[tuple[str, object]]:
     """(`file:line`, parsed value) for every non-blank line of a JSONL file; a missing or unreadable file or
     a line that is not JSON raises `error` naming the file (and line)."""

@@ -45,6 +45,8 @@ class GenerationResult:
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     logprobs: list[TokenLogprob] | None = None  # with logprobs=True: one per token id
     images: list[dict] | None = None  # image prompts: per image its span of prompt positions, grid, digest, note
+    # with prompt_logprobs=N: one per prompt token, None for the first (nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         d = {
@@ -61,6 +63,10 @@ class GenerationResult:
         if self.logprobs is not None:
             d["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
                               "top_logprobs": [list(t) for t in lp.top]} for lp in self.logprobs]
+        if self.prompt_logprobs is not None:
+            d["prompt_logprobs"] = [None if lp is None else {
+                "token_id": lp.token_id, "logprob": lp.logprob, "rank": lp.rank,
+                "top_logprobs": [list(t) for t in lp.top]} for lp in self.prompt_logprobs]
         return d
 
 
@@ -218,7 +224,8 @@ class NLD:
         {"type": "image_url", "image_url": {"url": "data:image/...;base64,..."}}) for a vision-language model.
 
         Returns a GenerationResult, or a list of them for a list of prompts. Sequence i of a batch samples
-        with seed + i, so a batch gives the same results as the same prompts one by one.
+        with seed + i, so a batch gives the same results as the same prompts one by one. `bad_words` may mix
+        strings (tokenized as they are, without special tokens, as TensorRT-LLM does) and token-id lists.
         """
         single = isinstance(prompts, str) or (
             isinstance(prompts, (list, tuple)) and bool(prompts)
@@ -227,6 +234,8 @@ class NLD:
         batch = [prompts] if single else list(prompts)
         if not batch:
             raise GenerationError("no prompts given")
+        if params.get("bad_words"):
+            params["bad_words"] = self.tokenizer.word_ids(params["bad_words"])
         try:
             p = GenerationParams(**params).resolved(self.config)
         except TypeError as e:
@@ -258,6 +267,7 @@ class NLD:
                 logprobs=s.logprobs if p.logprobs else None,
                 images=[{"start": span.start, "end": span.end, **img.describe()}
                         for span, img in zip(x.images, x.pixels)] if x.images else None,
+                prompt_logprobs=s.prompt_logprobs,
             )
             for s, x in zip(seqs, encoded)
         ]

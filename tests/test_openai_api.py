@@ -311,7 +311,9 @@ BAD = [
     ("completions", dict(prompt=""), 400, "prompt", "empty"),
     ("completions", dict(prompt=[1, "a"]), 400, "prompt", "must be a string, a list of strings"),
     ("completions", dict(prompt="hi", best_of=3), 400, "best_of", "best_of can only equal n"),
-    ("completions", dict(prompt="hi", echo=True), 400, "echo", "echo is not supported"),
+    ("completions", dict(prompt="hi", max_tokens=0), 400, "max_tokens", "max_tokens 0 generates nothing"),
+    ("completions", dict(prompt="hi", extra_body={"prompt_logprobs": 21}), 400, "prompt_logprobs", "less than or equal to 20"),
+    ("chat", dict(extra_body={"bad_words": "apples"}), 400, "bad_words", "valid list"),
     ("completions", dict(prompt="hi", extra_body={"chat_template_kwargs": {"enable_thinking": True}}), 400,
      "chat_template_kwargs", "applies to /v1/chat/completions only"),
     ("completions", dict(prompt="hi", stream=True, max_tokens=CAP + 1), 400, "max_tokens", f"cap of {CAP}"),
@@ -477,3 +479,78 @@ def test_serve_refuses_an_openai_port_in_use_before_starting_tritonserver(tmp_pa
                               "--openai-port", str(port)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "tritonserver" not in out.stderr.split("Error:")[0]
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--openai-port" in out.stderr
+
+
+# prompt log-probabilities, echo, bad words, the tokenizer endpoints --------------------------------------
+def test_echo_with_logprobs_scores_the_prompt_as_the_python_api(nld, client):
+    """What lm-eval's loglikelihood requests send: token ids, echo, logprobs 1, max_tokens 1."""
+    ids = nld.tokenizer.encode(RAW[0], add_special_tokens=False)
+    want = nld.generate(ids, chat=False, max_new_tokens=1, prompt_logprobs=1, logprobs=True, top_logprobs=1)
+    r = client.completions.create(model="nld", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                  seed=1234)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == nld.tokenizer.decode(ids, skip_special_tokens=False) + want.text
+    assert lp.tokens == [nld.tokenizer.token_text(t) for t in ids + want.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]] +
+                                                 [want.logprobs[0].logprob], abs=1e-6)
+    assert [v for t in lp.top_logprobs[1:-1] for v in t.values()] == pytest.approx(
+        [v for e in want.prompt_logprobs[1:] for _, v in e.top], abs=1e-6)
+    assert lp.text_offset[0] == 0 and r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 1
+
+
+def test_max_tokens_zero_with_echo_scores_only_the_prompt_and_streams_the_same(nld, client):
+    want = nld.generate(RAW[1], chat=False, max_new_tokens=0, prompt_logprobs=2)
+    r = client.completions.create(model="nld", prompt=RAW[1], max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == RAW[1] and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]], abs=1e-6)
+    chunks = list(client.completions.create(model="nld", prompt=RAW[1], max_tokens=0, echo=True, logprobs=2,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == RAW[1]
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == choice.logprobs.token_logprobs
+
+
+def test_vllms_prompt_logprobs_field(nld, client):
+    want = nld.generate(RAW[0], chat=False, max_new_tokens=3, prompt_logprobs=2)
+    r = client.completions.create(model="nld", prompt=RAW[0], max_tokens=3, extra_body={"prompt_logprobs": 2})
+    got = r.model_dump()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(want.prompt_token_ids)
+    for entry, lp in zip(got[1:], want.prompt_logprobs[1:]):
+        assert entry[str(lp.token_id)]["logprob"] == pytest.approx(lp.logprob, abs=1e-6)
+        assert entry[str(lp.token_id)]["rank"] == lp.rank
+        assert all(str(t) in entry and entry[str(t)]["rank"] <= 2 for t, _ in lp.top)
+    assert r.choices[0].text == want.text
+    chat = client.chat.completions.create(model="nld", messages=user(QUESTIONS[0]), max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_dump()["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
+def test_bad_words_never_appear_and_follow_vllms_rule(nld, client):
+    free = nld.generate(QUESTIONS[2], max_new_tokens=40)
+    word = free.text.split()[1]  # a word of the free answer, banned alone and after a space (vLLM's rule)
+    r = client.chat.completions.create(model="nld", messages=user(QUESTIONS[2]), max_tokens=40,
+                                       extra_body={"bad_words": [word]})
+    want = nld.generate(QUESTIONS[2], max_new_tokens=40, bad_words=[word.lstrip(), " " + word.lstrip()])
+    assert r.choices[0].message.content == want.text and want.text != free.text
+    for variant in (word.lstrip(), " " + word.lstrip()):
+        w = nld.tokenizer.encode(variant, add_special_tokens=False)
+        assert not any(want.token_ids[i : i + len(w)] == w for i in range(len(want.token_ids)))
+
+
+def test_the_tokenizer_endpoints_answer_with_vllms_shapes(nld, stack):
+    tok = nld.tokenizer
+    r = httpx.post(f"{stack.base_url}/tokenize", json={"model": "nld", "prompt": RAW[0], "add_special_tokens": False,
+                                                        "return_token_strs": True}).json()
+    ids = tok.encode(RAW[0], add_special_tokens=False)
+    assert r == {"count": len(ids), "max_model_len": 1024, "tokens": ids, "token_strs": [tok.token_text(t) for t in ids]}
+    chat = httpx.post(f"{stack.base_url}/tokenize", json={"messages": user(QUESTIONS[0])}).json()
+    assert chat["tokens"] == nld.encode(QUESTIONS[0]) and chat["token_strs"] is None
+    back = httpx.post(f"{stack.base_url}/detokenize", json={"model": "nld", "tokens": ids}).json()
+    assert back == {"prompt": tok.decode(ids, skip_special_tokens=False)}
+    info = httpx.get(f"{stack.base_url}/tokenizer_info").json()
+    assert info["eos_token"] == tok.special_token("eos_token") and info["chat_template"] == tok.chat_template
+    bad = httpx.post(f"{stack.base_url}/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and "input_ids must be token ids" in bad.json()["error"]["message"]
+    assert httpx.post(f"{stack.base_url}/tokenize", json={"prompt": 3}).status_code == 400

@@ -47,37 +47,48 @@ def _guarded(executor: Executor, seqs: list[Sequence], slots: list[int], chunks:
 
 
 def prefill(executor: Executor, seqs: list[Sequence]) -> None:
-    """Causal passes over the prompts, committed; each sequence then takes its first token."""
+    """Causal passes over the prompts, committed; each sequence then takes its first token. Sequences that
+    asked for prompt_logprobs get every position's logits (their own pass: the others' are unchanged)."""
     start = time.perf_counter()
     done = [0] * len(seqs)
     piece = executor.max_prefill_chunk
     while True:
-        rows, chunks = [], []
+        chunks: dict[int, Chunk] = {}
         for i, s in enumerate(seqs):
             if done[i] < len(s.prompt) and not s.done:
                 try:  # a prompt with images encodes them here (admission), at its first chunk
-                    chunks.append(s.prompt_chunk(done[i], done[i] + piece))
-                    rows.append(i)
+                    chunks[i] = s.prompt_chunk(done[i], done[i] + piece)
                 except Exception as e:  # noqa: BLE001 - this sequence's images failed, not the batch
                     _failed(s, e)
-        if not rows:
+        if not chunks:
             break
-        logits = _guarded(executor, [seqs[i] for i in rows], [seqs[i].slot for i in rows], chunks, False)
-        if logits is None:
-            continue
-        for r, i in enumerate(rows):
-            s = seqs[i]
-            executor.commit(s.slot, len(chunks[r].tokens))
-            done[i] += len(chunks[r].tokens)
-            if done[i] == len(s.prompt):
-                s.stats.nfe += 1
-                try:
-                    s.start(logits[r])
-                except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
-                    _failed(s, e)
+        scored = [i for i in chunks if seqs[i].params.prompt_logprobs is not None]
+        for group, all_logits in ((scored, True), ([i for i in chunks if i not in scored], False)):
+            if group:
+                _prefill_pass(executor, seqs, group, [chunks[i] for i in group], done, all_logits)
     elapsed = time.perf_counter() - start
     for s in seqs:
         s.stats.prefill_s = elapsed
+
+
+def _prefill_pass(executor: Executor, seqs: list[Sequence], rows: list[int], chunks: list[Chunk], done: list[int],
+                  all_logits: bool) -> None:
+    logits = _guarded(executor, [seqs[i] for i in rows], [seqs[i].slot for i in rows], chunks, all_logits)
+    if logits is None:
+        return
+    for r, i in enumerate(rows):
+        s, n = seqs[i], len(chunks[r].tokens)
+        executor.commit(s.slot, n)
+        try:
+            if all_logits:
+                s.score_prompt(done[i], logits[r, :n])
+            done[i] += n
+            if done[i] == len(s.prompt):
+                s.stats.nfe += 1
+                if not s.done:  # max_new_tokens 0: the prompt was all it asked for
+                    s.start(logits[r, n - 1] if all_logits else logits[r])
+        except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
+            _failed(s, e)
 
 
 def step(executor: Executor, seqs: list[Sequence]) -> None:

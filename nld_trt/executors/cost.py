@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from ..errors import NLDError
+from ..fileutil import user_cache_dir
 from .base import Chunk, Executor
 
 FORMAT = 1
@@ -164,8 +165,7 @@ def identity(executor: Executor) -> dict[str, Any]:
 
 def default_directory() -> Path:
     """$NLD_TRT_CACHE, else $XDG_CACHE_HOME/nld-trt, else ~/.cache/nld-trt; calibrations go in calibration/."""
-    root = os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nld-trt"
-    return Path(root) / "calibration"
+    return user_cache_dir() / "calibration"
 
 
 def calibration_file(executor: Executor, directory: Path) -> Path:

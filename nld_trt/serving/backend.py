@@ -75,6 +75,7 @@ class Update:
     logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token in token_ids
     cum_logprob: float = 0.0
     num_input_tokens: int = 0
+    prompt_logprobs: list[dict[str, Any] | None] | None = None  # each sequence's first response, with prompt_logprobs
 
 
 @dataclass
@@ -88,6 +89,7 @@ class Stream:
     content: str = ""
     cum_logprob: float = 0.0
     finished: bool = False
+    prompt_sent: bool = False
 
 
 @dataclass
@@ -97,6 +99,10 @@ class Job:
     streams: list[Stream] = field(default_factory=list)
     submitted: float = field(default_factory=time.perf_counter)
     failed: bool = False  # answered with an error: nothing more is sent
+    # Its final response went out: its Triton response factory is gone, so nothing may call its sender again
+    # (tritonserver 2.51 crashes on is_cancelled after the final response). Sends and polls hold the lock.
+    closed: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def done(self) -> bool:
@@ -124,7 +130,11 @@ class Delta:
         u.num_tokens, u.nfe, u.tpf, u.cum_logprob = later.num_tokens, later.nfe, later.tpf, later.cum_logprob
 
     def __call__(self) -> None:
-        if self.scheduler._safe(lambda: self.job.sink.send(self.update), False) is False:
+        with self.job.lock:
+            if self.job.closed:
+                return
+            sent = self.scheduler._safe(lambda: self.job.sink.send(self.update), False)
+        if sent is False:
             for st in self.job.streams:
                 self.scheduler.batcher.cancel(st.seq)
 
@@ -225,15 +235,23 @@ class Scheduler:
         while not self._stop:
             time.sleep(CANCEL_CHECK_S)
             for job in {id(j): j for j in list(self._jobs.values())}.values():
-                if not job.done and self._safe(job.sink.cancelled, True):
+                with job.lock:  # never after the final response (see Job.closed)
+                    cancelled = not job.closed and not job.done and self._safe(job.sink.cancelled, True)
+                if cancelled:
                     for st in job.streams:
                         self.batcher.cancel(st.seq)
 
-    def _post(self, job: Job, action: Callable[[Sink], Any]) -> None:
-        """Queue one response; a stream whose client is gone (send False or raising) gets cancelled."""
+    def _post(self, job: Job, action: Callable[[Sink], Any], final: bool = False) -> None:
+        """Queue one response (`final`: the request's last); a stream whose client is gone (send False or
+        raising) gets cancelled."""
 
         def deliver() -> None:
-            if self._safe(lambda: action(job.sink), False) is False:
+            with job.lock:
+                if job.closed:
+                    return
+                sent = self._safe(lambda: action(job.sink), False)
+                job.closed = final
+            if sent is False:
                 for st in job.streams:
                     self.batcher.cancel(st.seq)
 
@@ -281,7 +299,7 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - one bad request must not reach the batch
                 log.error("could not start a request:\n%s", traceback.format_exc())
                 message = f"could not start the request ({type(e).__name__}: {e})"
-                self._post(job, lambda sink: sink.error(message))
+                self._post(job, lambda sink: sink.error(message), final=True)
                 continue
             for st in job.streams:
                 self._jobs[id(st.seq)] = job
@@ -313,16 +331,16 @@ class Scheduler:
             for other in job.streams:
                 self.batcher.cancel(other.seq)
             message = f"the request failed while decoding ({seq.error}): retry it"
-            self._post(job, lambda sink: sink.error(message))
+            self._post(job, lambda sink: sink.error(message), final=True)
             return
         if seq.finish_reason == "cancelled":
             self.cancelled_total += 1
             log.info("request cancelled by its client after %d tokens; KV slot freed", len(seq.out))
             if job.done:
-                self._post(job, lambda sink: sink.close_cancelled())
+                self._post(job, lambda sink: sink.close_cancelled(), final=True)
             return
         update = self._update(job, st, len(seq.out), seq.text(), final=job.done)
-        self._post(job, lambda sink: sink.send(update))
+        self._post(job, lambda sink: sink.send(update), final=update.final)
 
     def _update(self, job: Job, st: Stream, k: int, text: str, final: bool) -> Update:
         """The next response of one sequence: its tokens st.tokens..k and the text they release (`text`
@@ -352,6 +370,9 @@ class Scheduler:
             update.logprobs = [self._logprob_entry(lp) for lp in lps]
             st.cum_logprob += sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps) if stream else 0.0
             update.cum_logprob = st.cum_logprob if stream else sum(max(lp.logprob, LOGPROB_FLOOR) for lp in lps)
+        if seq.prompt_logprobs is not None and not st.prompt_sent:
+            update.prompt_logprobs = self._prompt_entries(seq)
+            st.prompt_sent = True
         if p.echo:  # unary only: TensorRT-LLM's output starts with the prompt unless exclude_input_in_output
             update.text = self.nld.tokenizer.decode(seq.prompt) + update.text
             update.token_ids = seq.prompt + update.token_ids
@@ -384,19 +405,27 @@ class Scheduler:
             return min(len(self.nld.tokenizer.decode(seq.out[: seq.out.index(end)])), len(text))
         return len(text)
 
-    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
+    def _token(self, token_id: int, logprob: float | None) -> dict[str, Any]:
         tok = self.nld.tokenizer
+        return {"token_id": token_id, "token": tok.token_text(token_id), "bytes": list(tok.token_bytes(token_id)),
+                "logprob": None if logprob is None else max(logprob, LOGPROB_FLOOR)}
 
-        def one(token_id: int, logprob: float) -> dict[str, Any]:
-            return {"token_id": token_id, "token": tok.token_text(token_id), "bytes": list(tok.token_bytes(token_id)),
-                    "logprob": max(logprob, LOGPROB_FLOOR)}
+    def _logprob_entry(self, lp: TokenLogprob) -> dict[str, Any]:
+        entry = {**self._token(lp.token_id, lp.logprob), "top_logprobs": [self._token(t, v) for t, v in lp.top]}
+        if lp.rank is not None:
+            entry["rank"] = lp.rank
+        return entry
 
-        return {**one(lp.token_id, lp.logprob), "top_logprobs": [one(t, v) for t, v in lp.top]}
+    def _prompt_entries(self, seq: Sequence) -> list[dict[str, Any]]:
+        """Every prompt token: its text and bytes; from the second on its log-probability, rank and alternatives
+        (the first has logprob null: nothing precedes it)."""
+        first = {**self._token(seq.prompt[0], None), "rank": None, "top_logprobs": []}
+        return [first] + [self._logprob_entry(lp) for lp in seq.prompt_logprobs[1:]]
 
     def _fail_all(self, message: str) -> None:
         """Answer every request in flight or waiting with an error and start over with an empty batch."""
         for job in {id(j): j for j in self._jobs.values()}.values():
-            self._post(job, lambda sink: sink.error(message))
+            self._post(job, lambda sink: sink.error(message), final=True)
         for slot in range(self.nld.executor.max_batch):  # every slot belongs to a request failed here
             self.nld.executor.release(slot)
         while True:
@@ -404,7 +433,7 @@ class Scheduler:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._post(job, lambda sink: sink.error(message))
+            self._post(job, lambda sink: sink.error(message), final=True)
         self._jobs.clear()
         self.batcher = Batcher(self.nld.executor, planner=self.planner)
         self._report()

@@ -43,6 +43,7 @@ class Chunk:
     stats: dict[str, Any] | None = None
     logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token id
     sequence_index: int = 0
+    prompt_logprobs: list[dict[str, Any]] | None = None  # with prompt_logprobs: one entry per prompt token
 
     @property
     def final(self) -> bool:
@@ -57,14 +58,16 @@ class Result:
     stats: dict[str, Any]
     chunks: list[Chunk] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
     def join(cls, chunks: list[Chunk]) -> Result:
         if not chunks or not chunks[-1].final:
             raise ClientError("the stream ended without a final response")
         logprobs = None if chunks[-1].logprobs is None else [e for c in chunks for e in c.logprobs or []]
+        prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
         return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
-                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks, logprobs)
+                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks, logprobs, prompt)
 
 
 def _value(name: str, array: Any) -> Any:
@@ -83,6 +86,7 @@ def chunk_from(get: Any) -> Chunk:
     """A Chunk from an accessor name -> array (tritonclient's as_numpy) or JSON value."""
     stats = _value("stats", get("stats"))
     logprobs = _value("logprobs", get("logprobs"))
+    prompt = _value("prompt_logprobs", get("prompt_logprobs"))
     return Chunk(
         text=_value("text_output", get("text_output")) or "",
         token_ids=_value("output_ids", get("output_ids")) or [],
@@ -93,6 +97,7 @@ def chunk_from(get: Any) -> Chunk:
         stats=json.loads(stats) if stats else None,
         logprobs=json.loads(logprobs) if logprobs else None,
         sequence_index=int(_value("sequence_index", get("sequence_index")) or 0),
+        prompt_logprobs=json.loads(prompt) if prompt else None,
     )
 
 
@@ -107,9 +112,9 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
             raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
         spec = INPUT_TYPES[name]
         wire = spec.wire_type
-        items = list(value) if spec.kind == "list" else [value]
+        items = list(value) if spec.kind in ("list", "words") else [value]
         items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
-        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input
+        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
         tensor = grpcclient.InferInput(name, list(array.shape), wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -123,7 +128,8 @@ def requested(fields: dict[str, Any]) -> list[Any]:
     """The outputs a Chunk reads (the server builds only what is asked for)."""
     import tritonclient.grpc as grpcclient
 
-    names = list(CHUNK_OUTPUTS) + (["logprobs"] if fields.get("return_log_probs") else [])
+    names = list(CHUNK_OUTPUTS) + (["logprobs"] if fields.get("return_log_probs") else []) + (
+        ["prompt_logprobs"] if fields.get("prompt_logprobs") is not None else [])
     return [grpcclient.InferRequestedOutput(n) for n in names]
 
 

@@ -3,7 +3,8 @@ triton_model_repo/).
 
 The repository is written whole or not at all (`atomic_directory`); the checkpoint (weights, LoRA drafter,
 tokenizer, chat template) or the `nld-trt build` output (graph, plan, config, tokenizer) is copied into
-`nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which both models reference by relative path.
+`nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which every model references by relative path:
+`nld` (streaming), `nld_sync` (one response per request) and `nld_tokenizer` (the tokenizer alone: tokenize.py).
 """
 
 from __future__ import annotations
@@ -20,10 +21,12 @@ from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
 from .manifest import write_manifest
+from . import tokenize
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
 TEMPLATE_ENV = "NLD_TRT_TEMPLATE"
-STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
+STREAM_MODEL, SYNC_MODEL, TOKENIZER_MODEL = "nld", "nld_sync", tokenize.MODEL
+TEMPLATE_FILES = ("config.pbtxt.template", "model.py", "tokenizer_model.py")
 
 
 def template_dir() -> Path:
@@ -32,7 +35,7 @@ def template_dir() -> Path:
     candidates = [Path(os.environ[TEMPLATE_ENV])] if os.environ.get(TEMPLATE_ENV) else [
         here.parents[2] / "triton_model_repo", here.parents[1] / "triton_model_repo"]
     for path in candidates:
-        if (path / "config.pbtxt.template").is_file() and (path / "model.py").is_file():
+        if all((path / name).is_file() for name in TEMPLATE_FILES):
             return path
     raise NLDError(f"the Triton model template is not at {candidates[0]}: set {TEMPLATE_ENV} to nld-trt's triton_model_repo/")
 
@@ -99,24 +102,33 @@ def parameters_block(params: dict[str, object]) -> str:
 
 
 def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions) -> str:
-    from .. import __version__
-
+    """config.pbtxt of `nld` or `nld_sync`."""
     calibration = str(Path(manifest).parent / "calibration")  # beside the artifacts, shared by both models
-    params = {"manifest": manifest, "calibration_dir": calibration,
+    params = {"manifest": manifest, "calibration_dir": calibration, "tokenizer_model": TOKENIZER_MODEL,
               **{k: v for k, v in asdict(options).items() if k != "instances"}}
     purpose = ("decoupled: one response per decoding step when stream=true (gRPC stream, HTTP generate_stream)"
                if decoupled else "one response per request: unary gRPC/HTTP infer and HTTP generate")
+    return _render(name, purpose, decoupled, INPUTS, OUTPUTS, options.max_batch, options.instances,
+                   "KIND_GPU" if options.device.startswith("cuda") else "KIND_CPU", params)
+
+
+def render_tokenizer_config(manifest: str, options: ServingOptions) -> str:
+    """config.pbtxt of `nld_tokenizer`: one CPU instance, whatever the device of the model."""
+    params = {"manifest": manifest, "max_prompt_bytes": options.max_prompt_bytes, "max_seq_len": options.max_seq_len}
+    return _render(TOKENIZER_MODEL, "the checkpoint's tokenizer: tokenize, detokenize, tokenizer_info "
+                   "(nld_trt/serving/tokenize.py)", False, tokenize.INPUTS, tokenize.OUTPUTS, options.max_batch, 1,
+                   "KIND_CPU", params)
+
+
+def _render(name: str, purpose: str, decoupled: bool, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+            max_batch: int, instances: int, instance_kind: str, params: dict[str, object]) -> str:
+    from .. import __version__
+
     text = (template_dir() / "config.pbtxt.template").read_text()
     return string.Template(text).substitute(
-        version=__version__,
-        purpose=purpose,
-        name=name,
-        max_batch=options.max_batch,
-        decoupled="true" if decoupled else "false",
-        inputs=tensors_block("input", INPUTS),
-        outputs=tensors_block("output", OUTPUTS),
-        instances=options.instances,
-        instance_kind="KIND_GPU" if options.device.startswith("cuda") else "KIND_CPU",
+        version=__version__, purpose=purpose, name=name, max_batch=max_batch,
+        decoupled="true" if decoupled else "false", inputs=tensors_block("input", inputs),
+        outputs=tensors_block("output", outputs), instances=instances, instance_kind=instance_kind,
         parameters=parameters_block(params),
     )
 
@@ -184,4 +196,8 @@ def package_repository(
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
             (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options))
+        (tmp / TOKENIZER_MODEL / "1").mkdir(parents=True)
+        shutil.copy(template / "tokenizer_model.py", tmp / TOKENIZER_MODEL / "1" / "model.py")
+        (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(
+            render_tokenizer_config(f"../{STREAM_MODEL}/1/manifest.json", options))
     return output

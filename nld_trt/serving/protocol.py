@@ -3,14 +3,16 @@
 Inputs carry TensorRT-LLM's names and types where its Triton ensemble has them (`text_input`, `max_tokens`,
 `stream`, `temperature`, `top_k`, `top_p`, `seed`, `end_id`, `stop_words`, `return_log_probs`, ...: its
 clients send them as [1, 1] batched tensors, lists as [1, N]), so its clients and benchmarks work unchanged;
-NLD adds `mode`, `block_length`, `threshold`, `min_p`, `chat`, `messages`, `input_ids` and the rest of
-`INPUTS`. TensorRT-LLM inputs that nld-trt does not implement (beam search, penalties, bad words, prompt
+`bad_words` (strings) and its tensorrt_llm model form `bad_words_list` ([2, N] ids) are TensorRT-LLM's too.
+NLD adds `mode`, `block_length`, `threshold`, `min_p`, `chat`, `messages`, `input_ids`, `prompt_logprobs` and
+the rest of `INPUTS`. TensorRT-LLM inputs that nld-trt does not implement (beam search, penalties, prompt
 tables, ...) are accepted at their default value and refused with a clear error otherwise, never ignored.
 
 Any input may also come as a request parameter (inputs win); an unknown parameter is refused with the list of
-known ones. The types nld-trt chooses are 64-bit so that an out-of-range value reaches the model and is
-refused; TensorRT-LLM's INT32 inputs keep their type (its gRPC clients send INT32), and Triton's own JSON
-parser converts HTTP `generate` values to it without a range check (triton_model_repo/README.md).
+known ones. One integer convention: every integer input is INT32, as TensorRT-LLM types its own, except where
+TensorRT-LLM chose otherwise (`seed` and the other ids it declares UINT64). Triton refuses a tensor of another
+type itself; a request parameter (JSON) carries any integer and is range-checked here
+(triton_model_repo/README.md, "Types").
 
 Parsing is pure Python over already-extracted values, so it is tested without a server; the values are
 checked by `GenerationParams.validate`, plus the deployment's limits.
@@ -23,7 +25,6 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from ..decoding import GenerationParams
 from ..errors import GenerationError
 from ..prompt import Prompt
 
@@ -37,7 +38,7 @@ class TensorSpec:
     dtype: str  # the Triton config type
     dims: str = "[ 1 ]"
     doc: str = ""
-    kind: str = "scalar"  # scalar | list | json (a JSON text)
+    kind: str = "scalar"  # scalar | list | json (a JSON text) | words (TensorRT-LLM's [2, N] word-list form)
     refused: bool = False  # not implemented: accepted only absent, empty or at one of `defaults`
     defaults: tuple = ()
 
@@ -56,7 +57,7 @@ INPUTS: tuple[TensorSpec, ...] = (
     # the prompt: one of
     TensorSpec("text_input", "TYPE_STRING", doc="the prompt, UTF-8; with chat=true (default) one user turn"),
     TensorSpec("messages", "TYPE_STRING", doc="instead of text_input: a JSON list of {role, content}", kind="json"),
-    TensorSpec("input_ids", "TYPE_INT64", "[ -1 ]", "instead of text_input: the prompt as token ids", "list"),
+    TensorSpec("input_ids", "TYPE_INT32", "[ -1 ]", "instead of text_input: the prompt as token ids", "list"),
     # TensorRT-LLM's ensemble inputs that nld-trt implements
     TensorSpec("max_tokens", "TYPE_INT32", doc="tokens to generate at most"),
     TensorSpec("stream", "TYPE_BOOL", doc="nld only: one response per decoding step (default false)"),
@@ -68,6 +69,9 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("end_id", "TYPE_INT32", doc="stop token (default: the checkpoint's EOS)"),
     TensorSpec("pad_id", "TYPE_INT32", doc="accepted and unused: responses are never padded"),
     TensorSpec("stop_words", "TYPE_STRING", "[ -1 ]", "stop strings: the text ends just before the first one", "list"),
+    TensorSpec("bad_words", "TYPE_STRING", "[ -1 ]", "words no output may complete (each encoded as it is)", "list"),
+    TensorSpec("bad_words_list", "TYPE_INT32", "[ 2, -1 ]", "bad words as token ids, TensorRT-LLM's [2, N] form: "
+               "the words' ids one after another, then each word's end offset (padded with 0 and -1)", "words"),
     TensorSpec("min_tokens", "TYPE_INT32", doc="no EOS or stop token before this many tokens"),
     TensorSpec("min_length", "TYPE_INT32", doc="TensorRT-LLM's older name for min_tokens"),
     TensorSpec("return_log_probs", "TYPE_BOOL", doc="return each token's log-probability"),
@@ -77,7 +81,6 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("return_num_output_tokens", "TYPE_BOOL", doc="also send num_output_tokens"),
     # TensorRT-LLM's ensemble inputs that nld-trt does not implement
     _refused("beam_width", "TYPE_INT32", (1,)),
-    _refused("bad_words", "TYPE_STRING", ("",), "[ -1 ]"),
     _refused("length_penalty", "TYPE_FP32", (1.0,)),
     _refused("repetition_penalty", "TYPE_FP32", (1.0,)),
     _refused("presence_penalty", "TYPE_FP32", (0.0,)),
@@ -101,19 +104,21 @@ INPUTS: tuple[TensorSpec, ...] = (
     # NLD's own
     TensorSpec("mode", "TYPE_STRING", doc="ar | dlm | linear_spec | auto (default: the deployment's)"),
     TensorSpec("allow_lossy", "TYPE_BOOL", doc="auto may also choose dlm"),
-    TensorSpec("block_length", "TYPE_INT64", doc="dlm / linear_spec block length"),
+    TensorSpec("block_length", "TYPE_INT32", doc="dlm / linear_spec block length"),
     TensorSpec("threshold", "TYPE_FP32", doc="confidence threshold in [0, 1]"),
-    TensorSpec("steps_per_block", "TYPE_INT64", doc="dlm: denoising passes per block at most"),
+    TensorSpec("steps_per_block", "TYPE_INT32", doc="dlm: denoising passes per block at most"),
     TensorSpec("acceptance", "TYPE_STRING", doc="linear_spec sampling: speculative | official"),
     TensorSpec("draft", "TYPE_STRING", doc="linear_spec with threshold > 0: repeat | once"),
     TensorSpec("lora", "TYPE_BOOL", doc="linear_spec: draft with the LoRA adapter (default true)"),
     TensorSpec("min_p", "TYPE_FP32", doc="sampling: drop tokens below min_p x the top probability"),
-    TensorSpec("top_logprobs", "TYPE_INT64", doc="with return_log_probs: the N most likely alternatives"),
-    TensorSpec("stop_token_ids", "TYPE_INT64", "[ -1 ]", "tokens that end generation", "list"),
+    TensorSpec("top_logprobs", "TYPE_INT32", doc="with return_log_probs: the N most likely alternatives"),
+    TensorSpec("stop_token_ids", "TYPE_INT32", "[ -1 ]", "tokens that end generation", "list"),
+    TensorSpec("prompt_logprobs", "TYPE_INT32", doc="each prompt token's log-probability and the N most likely "
+               "alternatives (0-20); with it max_tokens may be 0 (score the prompt only)"),
     TensorSpec("chat", "TYPE_BOOL", doc="apply the chat template to text_input (default true)"),
     TensorSpec("chat_template_kwargs", "TYPE_STRING", doc='a JSON object for the chat template, e.g. {"enable_thinking": true}',
                kind="json"),
-    TensorSpec("max_thinking_tokens", "TYPE_INT64", doc="thinking budget: end-think is forced at this output index"),
+    TensorSpec("max_thinking_tokens", "TYPE_INT32", doc="thinking budget: end-think is forced at this output index"),
     TensorSpec("separate_reasoning", "TYPE_BOOL", doc="text_output carries the answer, reasoning_output the thinking"),
 )
 
@@ -133,6 +138,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("logprobs", "TYPE_STRING", doc="with return_log_probs: JSON, per new token: token_id, token, bytes, "
                "logprob, top_logprobs"),
     TensorSpec("reasoning_output", "TYPE_STRING", "[ -1 ]", "with separate_reasoning: the new thinking text"),
+    TensorSpec("prompt_logprobs", "TYPE_STRING", doc="with prompt_logprobs, in each sequence's first response: JSON, per "
+               "prompt token: token_id, token, bytes, logprob (null for the first), rank, top_logprobs"),
     TensorSpec("num_input_tokens", "TYPE_INT32", doc="the prompt's tokens"),
     TensorSpec("num_output_tokens", "TYPE_INT32", doc="tokens generated so far"),
 )
@@ -206,8 +213,16 @@ def text(name: str, value: Any) -> str:
 
 
 def gather(inputs: dict[str, Any], parameters: dict[str, Any] | str | None) -> dict[str, Any]:
-    """One dict of request fields: the request parameters, overridden by the input tensors present.
-    An unknown parameter is refused, naming the known ones."""
+    """One dict of request fields of the `nld` models: the request parameters, overridden by the input tensors
+    present. An unknown parameter is refused, naming the known ones."""
+    return gather_specs(INPUTS, inputs, parameters, ALIASES)
+
+
+def gather_specs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any], parameters: dict[str, Any] | str | None,
+                 aliases: dict[str, str] | None = None) -> dict[str, Any]:
+    """`gather` for any model's inputs (`specs`)."""
+    types = {t.name: t for t in specs}
+    aliases = aliases or {}
     if isinstance(parameters, str):
         try:
             parameters = json.loads(parameters) if parameters else {}
@@ -215,15 +230,55 @@ def gather(inputs: dict[str, Any], parameters: dict[str, Any] | str | None) -> d
             raise GenerationError(f"the request parameters are not valid JSON ({e})") from None
     fields: dict[str, Any] = {}
     for k, v in (parameters or {}).items():
-        if k not in INPUT_TYPES:
-            raise GenerationError(f"unknown request parameter {k!r}: the known ones are {', '.join(sorted(INPUT_TYPES))}")
-        fields[ALIASES.get(k, k)] = v
+        if k not in types:
+            raise GenerationError(f"unknown request parameter {k!r}: the known ones are {', '.join(sorted(types))}")
+        fields[aliases.get(k, k)] = v
     for name, value in inputs.items():
         if value is None:
             continue
-        spec = INPUT_TYPES[name]
-        fields[ALIASES.get(name, name)] = values(name, value) if spec.kind == "list" else scalar(name, value)
+        spec = types[name]
+        if spec.kind == "words":
+            fields[name] = value  # parsed by trtllm_words
+        else:
+            fields[aliases.get(name, name)] = values(name, value) if spec.kind == "list" else scalar(name, value)
     return fields
+
+
+def trtllm_words(name: str, value: Any) -> list[tuple[int, ...]]:
+    """Words from TensorRT-LLM's [2, N] form (one request: a [1, 2, N] tensor, or [[ids], [offsets]] as a request
+    parameter): row 0 the words' token ids one after another (padded with 0), row 1 each word's end offset
+    into row 0 (cumulative, padded with -1)."""
+    if hasattr(value, "shape"):
+        shape = list(value.shape)
+        if len(shape) == 3 and shape[0] != 1:
+            raise GenerationError(f"{name} must hold one [2, N] list per request, got shape {shape}: send one prompt "
+                                  "per request")
+        if len(shape) not in (2, 3) or shape[-2] != 2:
+            raise GenerationError(f"{name} must be TensorRT-LLM's [2, N] form ([1, 2, N] batched), got shape {shape}")
+        rows = value.reshape(2, -1).tolist()
+    else:
+        rows = value
+        if not (isinstance(rows, list) and len(rows) == 2 and all(isinstance(r, list) for r in rows)):
+            raise GenerationError(f"{name} must be [[token ids...], [end offsets...]], got {str(value)[:80]}")
+    ids = [_integer(name, t) for t in rows[0]]
+    ends = [_integer(name, t) for t in rows[1]]
+    ends = ends[: ends.index(-1)] if -1 in ends else ends
+    words, begin = [], 0
+    for end in ends:
+        if isinstance(end, bool) or not isinstance(end, int) or not begin < end <= len(ids):
+            raise GenerationError(f"{name}: the offsets (row 1) must rise within the {len(ids)} ids of row 0, then -1 "
+                                  f"padding; got {rows[1]}")
+        words.append(tuple(ids[begin:end]))
+        begin = end
+    return words
+
+
+def bad_words(nld: NLD, fields: dict[str, Any]) -> tuple[tuple[int, ...], ...]:
+    """`bad_words` strings (each encoded as it is, empty ones skipped, as TensorRT-LLM does) and the words of
+    `bad_words_list`, as token ids."""
+    texts = [text("bad_words", x) for x in fields.get("bad_words") or ()]
+    listed = trtllm_words("bad_words_list", fields["bad_words_list"]) if fields.get("bad_words_list") is not None else []
+    return nld.tokenizer.word_ids([t for t in texts if t]) + tuple(listed)
 
 
 def _integer(name: str, v: Any) -> Any:
@@ -275,27 +330,61 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
                               "(leave it out)")
 
 
-def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prompt:
-    """The prompt (`messages` through the chat template, `text_input` templated unless chat=false, or
-    `input_ids`), encoded by the model's one prompt encoder (nld_trt/prompt.py) with no access to local files:
-    a served request's images come inline. Sizes are checked before tokenizing."""
-    chat = _flag("chat", fields.get("chat"), True)
-    kwargs = {}
-    if fields.get("chat_template_kwargs") is not None:
-        raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
-        if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
-            raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
-        kwargs = _json("chat_template_kwargs", raw)
-        if not isinstance(kwargs, dict):
-            raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
+def prompt_fields(fields: dict[str, Any], max_bytes: int) -> None:
+    """At most one prompt field, and text prompts under the byte cap (checked before anything is tokenized)."""
     given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
     if len(given) > 1:
         raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
     for name in ("text_input", "messages"):
         v = fields.get(name)
-        if isinstance(v, (bytes, str)) and len(v) > limits.max_prompt_bytes:  # a str is at least as many bytes
-            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {limits.max_prompt_bytes}: "
+        if isinstance(v, (bytes, str)) and len(v) > max_bytes:  # a str is at least as many bytes
+            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {max_bytes}: "
                                   "send a shorter prompt")
+
+
+def template_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
+    """`chat_template_kwargs`: a JSON object of extra chat-template variables (size-capped), or {}."""
+    if fields.get("chat_template_kwargs") is None:
+        return {}
+    raw = text("chat_template_kwargs", fields["chat_template_kwargs"])
+    if len(raw.encode()) > MAX_TEMPLATE_KWARGS_BYTES:
+        raise GenerationError(f"chat_template_kwargs is over {MAX_TEMPLATE_KWARGS_BYTES} bytes")
+    kwargs = _json("chat_template_kwargs", raw)
+    if not isinstance(kwargs, dict):
+        raise GenerationError(f"chat_template_kwargs must be a JSON object, got {raw[:80]!r}")
+    return kwargs
+
+
+def conversation(fields: dict[str, Any]) -> list[dict[str, Any]]:
+    """`messages`: a non-empty JSON list of {role, content} strings."""
+    messages = _json("messages", fields["messages"])
+    ok = isinstance(messages, list) and messages and all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    )
+    if not ok:
+        raise GenerationError('messages must be a non-empty JSON list of {"role": ..., "content": ...}')
+    return messages
+
+
+def token_ids(values: list[Any], vocab_size: int, most: int) -> list[int]:
+    """`input_ids`: at most `most` token ids in [0, vocab_size)."""
+    ids = [_integer("input_ids", t) for t in values]
+    if len(ids) > most:
+        raise GenerationError(f"input_ids holds {len(ids)} tokens, more than the {most} KV-cache positions")
+    for t in ids:
+        if isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < vocab_size:
+            raise GenerationError(f"input_ids must be token ids in [0, {vocab_size}), got {t!r}")
+    return ids
+
+
+def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prompt:
+    """The prompt (`messages` through the chat template, `text_input` templated unless chat=false, or
+    `input_ids`), encoded by the model's one prompt encoder (nld_trt/prompt.py) with no access to local files:
+    a served request's images come inline. Sizes are checked before tokenizing."""
+    chat = _flag("chat", fields.get("chat"), True)
+    kwargs = template_kwargs(fields)
+    prompt_fields(fields, limits.max_prompt_bytes)
     if fields.get("messages") is not None:
         return nld.prompts.messages(_json("messages", fields["messages"]), template_kwargs=kwargs, local_files=False)
     if fields.get("text_input") is not None:
@@ -315,6 +404,8 @@ def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
 
 def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     """Validate one request against the model and the deployment; GenerationError names what to fix."""
+    from ..decoding import GenerationParams  # here: the tokenizer model imports this module without PyTorch
+
     _refuse_unsupported(fields)
     mode = fields.get("mode", limits.default_mode)
     mode = text("mode", mode) if isinstance(mode, (bytes, str)) else mode
@@ -349,6 +440,8 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
             end_think_token_id=end_think,
             lora=_flag("lora", fields.get("lora"), True),
             allow_lossy=_flag("allow_lossy", fields.get("allow_lossy"), False),
+            prompt_logprobs=_integer("prompt_logprobs", fields.get("prompt_logprobs")),
+            bad_words=bad_words(nld, fields),
             **strings,
         ).resolved(nld.config)
     except TypeError as e:

@@ -107,6 +107,11 @@ def stub_shm_regions(server_pid: int) -> list[str]:
     return [n for n in names if n.startswith("triton_python_backend_shm_region")]
 
 
+def client_host(host: str) -> str:
+    """The address a local client reaches a server bound to `host` at (every interface: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -148,7 +153,7 @@ class TritonServer:
         return f"http://{self._client_host()}:{self.metrics_port}/metrics"
 
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return client_host(self.host)
 
     def command(self, backend_dir: Path | None) -> list[str]:
         cmd = [

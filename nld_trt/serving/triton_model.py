@@ -103,6 +103,8 @@ class TritonSink:
             add("output_log_probs", lambda: np.array([e["logprob"] for e in u.logprobs], dtype=np.float32).reshape(1, 1, -1))
             add("cum_log_probs", lambda: np.array([[u.cum_logprob]], dtype=np.float32))
             add("logprobs", lambda: _strings(json.dumps(u.logprobs)))
+        if u.prompt_logprobs is not None:
+            add("prompt_logprobs", lambda: _strings(json.dumps(u.prompt_logprobs)))
         if p is not None and p.separate_reasoning:
             add("reasoning_output", lambda: _text(u.reasoning))
         if p is not None and p.send_counts:

@@ -7,10 +7,12 @@ logit_bias, echo, ...) are refused unless they carry their default value; unknow
 nothing is silently ignored except `user` and its successors. NLD's own fields (`mode`, `block_length`,
 `threshold`, `top_k`, `min_p`, `max_thinking_tokens`, `chat_template_kwargs`, `stop_token_ids`) come as
 extra body keys, which is what the OpenAI SDK's `extra_body` sends; so do `min_tokens`, `steps_per_block`,
-`acceptance`, `draft`, `lora` and `allow_lossy`, the model's own names.
+`acceptance`, `draft`, `lora` and `allow_lossy`, the model's own names, and vLLM's `bad_words` and
+`prompt_logprobs`.
 
-`to_triton` then maps a valid request onto the served model's inputs, refusing what that model's config
-cannot take (an older repository without `stop_words`, say) and what is over the deployment's limits.
+`common_fields`, `chat_request` and `completion_requests` are the one place an OpenAI request becomes the
+served model's inputs (the Dynamo worker shares them), refusing what that model's config cannot take (an
+older repository without `stop_words`, say) and what is over the deployment's limits.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from __future__ import annotations
 import json
 import secrets
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -29,6 +31,8 @@ MAX_PROMPTS = 64  # prompts per /v1/completions request
 MAX_STOP = 16
 MAX_SEED = 2**62  # seeds seed+i of n sequences stay inside UINT64 and INT64 alike
 MAX_TOP_LOGPROBS = 20
+MAX_INT32 = 2**31 - 1  # the model's integer inputs are INT32
+MAX_BAD_WORDS = 256
 PROMPT_FORMS = "must be a string, a list of strings, a list of token ids or a list of token-id lists"
 
 
@@ -56,7 +60,6 @@ NOT_IMPLEMENTED: dict[str, tuple[tuple[Any, ...], str]] = {
     "frequency_penalty": ((None, 0), "penalties are not supported"),
     "presence_penalty": ((None, 0), "penalties are not supported"),
     "repetition_penalty": ((None, 1), "penalties are not supported"),
-    "echo": ((None, False), "echo is not supported"),
     "suffix": ((None, ""), "suffix (insertion) is not supported"),
     "store": ((None, False), "stored completions are not supported"),
     "metadata": ((None, {}), "metadata is only used with store, which is not supported"),
@@ -115,7 +118,7 @@ class _Request(_Strict):
     """The fields both endpoints share, NLD's own included."""
 
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=MAX_INT32)
     temperature: float | None = Field(None, ge=0, le=2)
     top_p: float | None = Field(None, gt=0, le=1)
     n: int = Field(1, ge=1, le=MAX_N)
@@ -125,18 +128,21 @@ class _Request(_Strict):
     seed: int | None = Field(None, ge=0, lt=MAX_SEED)
     # NLD's own (extra_body)
     mode: Literal["ar", "dlm", "linear_spec", "auto"] | None = None
-    block_length: int | None = Field(None, ge=1)
+    block_length: int | None = Field(None, ge=1, le=MAX_INT32)
     threshold: float | None = Field(None, ge=0, le=1)
-    top_k: int | None = Field(None, ge=-1)
+    top_k: int | None = Field(None, ge=-1, le=MAX_INT32)
     min_p: float | None = Field(None, ge=0, le=1)
-    max_thinking_tokens: int | None = Field(None, ge=0)
-    stop_token_ids: list[int] | None = Field(None, max_length=MAX_STOP)
-    min_tokens: int | None = Field(None, ge=0)  # vLLM's name too: no EOS or stop before this many tokens
-    steps_per_block: int | None = Field(None, ge=1)
+    max_thinking_tokens: int | None = Field(None, ge=0, le=MAX_INT32)
+    stop_token_ids: list[Annotated[int, Field(ge=0, le=MAX_INT32)]] | None = Field(None, max_length=MAX_STOP)
+    min_tokens: int | None = Field(None, ge=0, le=MAX_INT32)  # vLLM's name too: no EOS or stop before this many tokens
+    steps_per_block: int | None = Field(None, ge=1, le=MAX_INT32)
     acceptance: Literal["speculative", "official"] | None = None
     draft: Literal["repeat", "once"] | None = None
     lora: bool | None = None
     allow_lossy: bool | None = None  # mode auto may also choose dlm
+    # vLLM's: words no output may complete (each as it is and with a leading space), and prompt log-probabilities
+    bad_words: list[str] | None = Field(None, max_length=MAX_BAD_WORDS)
+    prompt_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -182,8 +188,10 @@ class ChatRequest(_Request):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int] | list[list[int]]
+    max_tokens: int | None = Field(None, ge=0, le=MAX_INT32)  # 0: score the prompt only (echo or prompt_logprobs)
     logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     best_of: int | None = Field(None, ge=1)
+    echo: bool = False  # the answer starts with the prompt (and its log-probabilities with logprobs)
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -204,6 +212,9 @@ class CompletionRequest(_Request):
                 raise ValueError(f"prompt {[bool(x) for x in v].index(False)} is empty: send some text")
             return v
         if ids(v) or all(ids(x) for x in v):
+            flat = v if ids(v) else [t for x in v for t in x]
+            if any(not 0 <= t <= MAX_INT32 for t in flat):
+                raise ValueError("token ids must be in [0, 2^31)")
             return v
         raise ValueError(PROMPT_FORMS + " (token-id lists must be non-empty lists of integers)")
 
@@ -222,7 +233,19 @@ class CompletionRequest(_Request):
         if self.best_of is not None and self.best_of != self.n:
             raise RequestError(f"best_of {self.best_of} differs from n {self.n}: nld-trt returns every sequence it "
                                "generates, so best_of can only equal n", param="best_of")
+        if self.max_tokens == 0 and not (self.echo or self.prompt_logprobs is not None):
+            raise RequestError("max_tokens 0 generates nothing: it scores the prompt, with echo=true (and logprobs) "
+                               "or prompt_logprobs", param="max_tokens")
         return self
+
+    @property
+    def prompt_scores(self) -> int | None:
+        """The prompt log-probabilities to ask the model for (top N): echo with logprobs, prompt_logprobs, or
+        max_tokens 0 (the model needs them to accept a request that generates nothing)."""
+        wanted = [n for n in (self.logprobs if self.echo else None, self.prompt_logprobs) if n is not None]
+        if wanted:
+            return max(wanted)
+        return 0 if self.max_tokens == 0 else None
 
     @property
     def limit(self) -> int | None:
@@ -351,9 +374,27 @@ def common_fields(req: _Request, info: ModelInfo) -> dict[str, Any]:
     for name in ("min_tokens", "steps_per_block", "acceptance", "draft", "lora", "allow_lossy"):  # NLD's own, as they are
         if _need(info, name, name, getattr(req, name) is not None):
             fields[name] = getattr(req, name)
+    if _need(info, "bad_words", "bad_words", bool(req.bad_words)):
+        fields["bad_words"] = vllm_bad_words(req.bad_words)
     if info.has("return_num_input_tokens"):  # prompt_tokens on every response (usage while streaming)
         fields["return_num_input_tokens"] = True
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def vllm_bad_words(words: list[str]) -> list[str]:
+    """vLLM's rule: each word is banned as it is (left-stripped) and with a leading space, so that it is banned at
+    the start of the text and after a space alike (the model encodes each string as it is, TensorRT-LLM's rule)."""
+    out: list[str] = []
+    for w in words:
+        for variant in (w.lstrip(), " " + w.lstrip()):
+            if variant.strip() and variant not in out:
+                out.append(variant)
+    return out
+
+
+def _prompt_scores(info: ModelInfo, fields: dict[str, Any], param: str, top: int | None) -> None:
+    if _need(info, "prompt_logprobs", param, top is not None):
+        fields["prompt_logprobs"] = top
 
 
 def _logprobs(info: ModelInfo, fields: dict[str, Any], param: str, wanted: bool, top: int) -> None:
@@ -373,6 +414,7 @@ def chat_request(req: ChatRequest, info: ModelInfo) -> TritonRequest:
     if info.has("separate_reasoning"):
         fields["separate_reasoning"] = True
     _logprobs(info, fields, "logprobs", req.logprobs, req.top_logprobs or 0)
+    _prompt_scores(info, fields, "prompt_logprobs", req.prompt_logprobs)
     return TritonRequest(fields, req.n)
 
 
@@ -380,6 +422,7 @@ def completion_requests(req: CompletionRequest, info: ModelInfo) -> list[TritonR
     """One model request per prompt (each with n sequences); raw text, no chat template."""
     fields = common_fields(req, info)
     _logprobs(info, fields, "logprobs", req.logprobs is not None, req.logprobs or 0)
+    _prompt_scores(info, fields, "echo" if req.echo else "prompt_logprobs", req.prompt_scores)
     out = []
     for prompt in req.prompts():
         if isinstance(prompt, str):
@@ -388,3 +431,50 @@ def completion_requests(req: CompletionRequest, info: ModelInfo) -> list[TritonR
             _need(info, "input_ids", "prompt", True)
             out.append(TritonRequest({**fields, "input_ids": list(prompt)}, req.n))
     return out
+
+
+# the tokenizer endpoints (vLLM's shapes) ------------------------------------------------------------------
+class TokenizeCompletionRequest(_Strict):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+    return_token_strs: bool = False
+
+
+class TokenizeChatRequest(_Strict):
+    model: str | None = None
+    messages: list[Message] = Field(min_length=1)
+    add_generation_prompt: bool = True
+    continue_final_message: Literal[False] = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+    return_token_strs: bool = False
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[Annotated[int, Field(ge=0, le=MAX_INT32)]]
+
+
+def parse_tokenize(body: bytes) -> TokenizeCompletionRequest | TokenizeChatRequest:
+    """vLLM's /tokenize body: `prompt` (text, as it is) or `messages` (through the chat template)."""
+    try:
+        data = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        data = None
+    chat = isinstance(data, dict) and "messages" in data
+    return parse(TokenizeChatRequest if chat else TokenizeCompletionRequest, body)
+
+
+def tokenize_fields(req: TokenizeCompletionRequest | TokenizeChatRequest) -> dict[str, Any]:
+    """The tokenizer model's inputs for one /tokenize request."""
+    fields: dict[str, Any] = {"add_special_tokens": req.add_special_tokens, "return_token_strs": req.return_token_strs}
+    if isinstance(req, TokenizeChatRequest):
+        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+        fields["messages"] = json.dumps(messages, ensure_ascii=False)
+        fields["add_generation_prompt"] = req.add_generation_prompt
+        if req.chat_template_kwargs:
+            fields["chat_template_kwargs"] = json.dumps(req.chat_template_kwargs, ensure_ascii=False)
+    else:
+        fields["text_input"] = req.prompt
+    return fields
