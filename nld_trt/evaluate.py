@@ -120,9 +120,10 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
     for where, row in read_jsonl_rows(path, "task", NLDError):
         if not isinstance(row, dict):
             raise NLDError(f"{where}: expected a JSON object, found {type(row).__name__}")
-        if "messages" in row and question_field not in row:  # a conversation: the question is its last turn
-            last = row["messages"][-1] if isinstance(row["messages"], list) and row["messages"] else None
-            row = {**row, question_field: last.get("content") if isinstance(last, dict) else None}
+        messages = None
+        if "messages" in row:  # a conversation: the question is its last turn
+            messages = _conversation(where, row["messages"])
+            row = {question_field: messages[-1]["content"], **row}
         for f in (question_field, answer_field):
             if f not in row:
                 raise NLDError(
@@ -136,9 +137,6 @@ def read_jsonl(path: str | Path, question_field: str = "question", answer_field:
             a = str(a)
         if not isinstance(a, str) or not a.strip():
             raise NLDError(f"{where}: field {answer_field!r} must be a non-empty string or a number")
-        messages = row.get("messages")
-        if messages is not None:
-            messages = _conversation(where, messages)
         group = row.get("group")
         if group is not None and not isinstance(group, str):
             raise NLDError(f"{where}: field 'group' must be a string")

@@ -56,7 +56,7 @@ from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_
 
 TOKENIZER_SAMPLES = 50_000
 # The full recipe's schedule (see the README's training section for how they were chosen).
-STEPS, LORA_STEPS, BATCH_TOKENS = 3900, 520, 3264
+STEPS, LORA_STEPS, BATCH_TOKENS = 3900, 520, 3648
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
