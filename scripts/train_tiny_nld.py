@@ -56,7 +56,8 @@ from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_
 
 TOKENIZER_SAMPLES = 50_000
 # The full recipe's schedule (see the README's training section for how they were chosen).
-STEPS, LORA_STEPS, BATCH_TOKENS = 3900, 520, 3648
+STEPS, LORA_STEPS, BATCH_TOKENS = 3900, 520, 3840
+PAD_TO = 32  # batch shapes in multiples of 32 slots (see objective.make_batch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -64,7 +65,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
     ap.add_argument("--steps", type=int, default=STEPS, help="phase-1 steps (joint objective)")
     ap.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="phase-2 steps (draft adapter)")
-    ap.add_argument("--time-budget", type=float, default=150.0,
+    ap.add_argument("--time-budget", type=float, default=240.0,
                     help="safety cap in minutes for the whole run: a phase that would run over anneals early")
     ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time cap kept for phase 2")
     ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
@@ -141,11 +142,12 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> NLDConfig:
 class Batches:
     """The seeded training conversations (evaluation questions excluded), rendered through the checkpoint's
     chat template, in batches of about `tokens` clean slots: a pool of `pool` conversations is sorted by
-    length and cut, so little of each pass is padding and every step costs about the same."""
+    length and cut, so little of each pass is padding and every step costs about the same. Lengths count
+    in multiples of `pad_to` (`make_batch` pads to them), so batches come in few shapes."""
 
     def __init__(self, tokenizer: NLDTokenizer, seed: int, exclude: set[str], tokens: int,
-                 mix: data.ConversationMix, loss_on: str, pool: int = 256) -> None:
-        self.tok, self.loss_on = tokenizer, loss_on
+                 mix: data.ConversationMix, loss_on: str, pad_to: int = PAD_TO, pool: int = 256) -> None:
+        self.tok, self.loss_on, self.pad_to = tokenizer, loss_on, pad_to
         self.stream = data.conversations(seed, exclude, mix)
         self.rng = random.Random(seed)
         self.tokens, self.pool = tokens, pool
@@ -157,7 +159,7 @@ class Batches:
             examples = sorted((Example(r.ids, r.spans) for r in rendered), key=lambda e: len(e.tokens))
             batch: list[Example] = []
             for e in examples:  # ascending, so the newest example is the longest row
-                if batch and (len(batch) + 1) * len(e.tokens) > self.tokens:
+                if batch and (len(batch) + 1) * (-(-len(e.tokens) // self.pad_to) * self.pad_to) > self.tokens:
                     self.ready.append(batch)
                     batch = []
                 batch.append(e)
@@ -348,7 +350,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
 
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule)
+        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule, PAD_TO)
         losses = joint_loss(model, batch, args.dlm_weight)
         return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
 
@@ -372,7 +374,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
 
     def lora_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, draft_schedule)
+        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, draft_schedule, PAD_TO)
         loss = draft_loss(model, batch, layers, alpha / r)
         return loss, {"draft": loss.item()}
 

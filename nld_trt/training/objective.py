@@ -94,11 +94,14 @@ def make_batch(
     eos_id: int,
     generator: torch.Generator,
     schedule: MaskSchedule = MaskSchedule(),
+    pad_to: int = 1,
 ) -> JointBatch:
-    """Tokens, targets and weights of the joint pass for one batch (one block size for the batch)."""
+    """Tokens, targets and weights of the joint pass for one batch (one block size for the batch). Each copy
+    is padded up to a multiple of `pad_to` slots: with few distinct shapes the allocator reuses its memory
+    (a new shape every step fragments glibc's heap: a training worker grew by about 0.5 GB per 100 steps)."""
     rows = [_row(e, block_size, mask_id, eos_id, generator, schedule) for e in examples]
-    tc = max(len(r["clean"]) for r in rows)
-    tn = max(len(r["noisy"]) for r in rows)
+    tc = -(-max(len(r["clean"]) for r in rows) // pad_to) * pad_to
+    tn = -(-max(len(r["noisy"]) for r in rows) // pad_to) * pad_to
     n, s = len(rows), tc + tn
     out = {
         "tokens": torch.full((n, s), eos_id, dtype=torch.long),
