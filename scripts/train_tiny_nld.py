@@ -56,7 +56,7 @@ from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_
 
 TOKENIZER_SAMPLES = 50_000
 # The full recipe's schedule (see the README's training section for how they were chosen).
-STEPS, LORA_STEPS, BATCH_TOKENS = 3900, 520, 3840
+STEPS, LORA_STEPS, BATCH_TOKENS = 4900, 650, 3840
 PAD_TO = 32  # batch shapes in multiples of 32 slots (see objective.make_batch)
 
 
