@@ -98,3 +98,20 @@ def test_the_model_holds_a_conversation(conversation_runs):
         assert spec.groups[group].tpf >= 3.0, spec.as_dict()
         assert dlm.groups[group].tpf >= 3.0, dlm.as_dict()
         assert ar.groups[group].accuracy >= 0.7, ar.as_dict()
+
+
+def test_the_demo_conversation_is_answered_right_in_every_mode(model):
+    """What `nld-trt demo` checks through the server, in process: both questions of its conversation (the
+    second a follow-up about the first answer, neither in the evaluation set) get the right number."""
+    from nld_trt.evaluate import extract_answer
+    from nld_trt.serving.cli import DEMO_CONVERSATION
+
+    held_out = {p.question for p in load_task("gsm_synth")}
+    assert not any(q in held_out for q, _ in DEMO_CONVERSATION)
+    for mode in ("ar", "dlm", "linear_spec"):
+        messages = []
+        for question, gold in DEMO_CONVERSATION:
+            messages.append({"role": "user", "content": question})
+            r = model.generate(model.tokenizer.encode_chat(messages), mode=mode, max_new_tokens=64)
+            assert extract_answer(r.text) == gold, (mode, messages, r.text)
+            messages.append({"role": "assistant", "content": r.text})
