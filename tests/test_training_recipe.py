@@ -11,12 +11,10 @@ import re
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 from nld_trt.model import NLDModel, init_weights
-from nld_trt.runtime import default_model_path
 from nld_trt.tiny import EOS_ID, MASK_ID, tiny_config
 from nld_trt.training import data
 from nld_trt.training.objective import (
@@ -111,10 +109,10 @@ def test_a_rendered_conversation_is_what_serving_sends_token_for_token():
     from nld_trt.serving.openai.schema import ChatRequest, chat_request, parse
     from nld_trt.serving.openai.triton import ModelInfo
     from nld_trt.serving.protocol import Limits, prompt_ids
-    from nld_trt.tokenizer import NLDTokenizer
+    import nld_trt
 
-    tok = NLDTokenizer(default_model_path())
-    served = SimpleNamespace(tokenizer=tok)
+    served = nld_trt.load(max_batch=1, max_seq_len=1024)  # the embedded model, as the Triton model loads it
+    tok = served.tokenizer
     info = ModelInfo("nld", {"messages": "BYTES", "text_input": "BYTES"}, {}, batched=True)
     limits = Limits(max_tokens_cap=512, default_max_tokens=128, streaming=True)
     convs = [c for c in itertools.islice(data.conversations(4), 60)]
@@ -126,7 +124,8 @@ def test_a_rendered_conversation_is_what_serving_sends_token_for_token():
         assert len(r.spans) == len(answers)
         for i, (s0, s1) in zip(answers, r.spans):
             request = parse(ChatRequest, json.dumps({"model": "nld", "messages": c[:i]}).encode())
-            ids, _ = prompt_ids(served, chat_request(request, info).fields, limits)
+            prompt = prompt_ids(served, chat_request(request, info).fields, limits)
+            ids = prompt.ids if hasattr(prompt, "ids") else prompt[0]  # a Prompt since the VLM's prompt encoder
             assert r.ids[:s0] == ids
             assert r.ids[s0:s1] == tok.encode(c[i]["content"], add_special_tokens=False) + [EOS_ID]
         assert data.render(tok, c, loss_on="last").spans == r.spans[-1:]
