@@ -163,10 +163,11 @@ class PromptEncoder:
         return self._checked(ids, field)
 
     def messages(self, messages: Any, *, template_kwargs: dict | None = None, local_files: bool,
-                 field: str = "messages") -> Prompt:
-        """A conversation through the chat template (with a generation prompt). Image parts ({"type": "image",
-        "image": PIL image | bytes | data URL | path} or {"type": "image_url", "image_url": {"url": ...}}) are
-        prepared and expanded; a path is read only with `local_files` (never for a served request)."""
+                 field: str = "messages", add_generation_prompt: bool = True) -> Prompt:
+        """A conversation through the chat template (with a generation prompt unless `add_generation_prompt` is
+        false: a finished conversation, as training renders one). Image parts ({"type": "image", "image": PIL
+        image | bytes | data URL | path} or {"type": "image_url", "image_url": {"url": ...}}) are prepared and
+        expanded; a path is read only with `local_files` (never for a served request)."""
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
                 for m in messages):
@@ -195,8 +196,9 @@ class PromptEncoder:
                 rendered.append({**m, "content": "\n".join(p["text"] for p in parts)})
             else:
                 rendered.append({**m, "content": parts})
-        ids = self.tokenizer.encode_chat(rendered, **(template_kwargs or {}))
-        return self._expanded(ids, images, field)
+        text = self.tokenizer.apply_chat_template(rendered, **{"add_generation_prompt": add_generation_prompt,
+                                                               **(template_kwargs or {})})
+        return self._expanded(self.tokenizer.encode(text, add_special_tokens=False), images, field)
 
     # the pieces ------------------------------------------------------------------------------------
     def _image(self, part: dict, where: str, local_files: bool) -> PreparedImage:

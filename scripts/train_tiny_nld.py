@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Train the embedded default model (`nld_trt/assets/tiny-nld`) on a CPU, reproducibly.
+"""Train the embedded default models (`nld_trt/assets/tiny-nld`, and with `--vlm` `nld_trt/assets/tiny-nld-vlm`)
+on a CPU, reproducibly.
 
 The data are conversations (`nld_trt.training.data.conversations`): seeded synthetic GSM-style problems, a
 share of them alone and the rest as 2 to 5 question / answer turns, some opening with a system prompt, some
@@ -13,6 +14,17 @@ length works at inference. Phase 2 freezes the model and trains the `linear_spec
 
     python scripts/train_tiny_nld.py --out nld_trt/assets/tiny-nld           # the full recipe (about an hour)
     python scripts/train_tiny_nld.py --tiny --out /tmp/t                     # seconds, for CI
+    python scripts/train_tiny_nld.py --vlm --out nld_trt/assets/tiny-nld-vlm  # the tiny VLM (about an hour)
+    python scripts/train_tiny_nld.py --vlm --tiny --out /tmp/v               # seconds, for CI
+
+`--vlm` trains the vision-language model with the same recipe: the same objective, schedule, drafter and
+rendering, on conversations about seeded synthetic pictures (`nld_trt.training.pictures`: shapes, colours,
+counts, positions, seven-segment digits, bar charts; follow-ups about the same picture; a share of text-only
+arithmetic conversations). A user turn's image parts are expanded by the checkpoint's own prompt encoder as
+serving expands them, and the rows of a small Pixtral tower + Mistral 3 projector (trained from scratch with
+the backbone) replace the image's pad embeddings. The tokenizer has the VLM layout (ChatML, `<|im_end|>` as EOS,
+the image tokens 18-21) and `preprocessor_config.json` caps the longest edge at `--longest-edge` pixels, so a
+picture is a few dozen positions. The drafter phase freezes the tower too.
 
 The schedule is fixed in steps (`--steps`, `--lora-steps`), so the weights do not depend on how busy the
 machine is; `--time-budget` is only a safety cap (each phase then anneals early rather than run over, and
@@ -47,24 +59,34 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from nld_trt.checkpoint import LoRAAdapter, save_checkpoint
-from nld_trt.config import NLDConfig, RopeConfig
+from nld_trt.config import VLM_MODEL_TYPE, NLDConfig, RopeConfig
 from nld_trt.model import NLDModel, init_weights
-from nld_trt.tiny import BOS_ID, EOS_ID, MASK_ID, PAD_ID, tokenizer_files, train_tokenizer
+from nld_trt.prompt import PromptEncoder
+from nld_trt.tiny import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VLM_EOS_ID, VLM_SPECIAL_TOKENS, tokenizer_files,
+                          train_tokenizer)
 from nld_trt.tokenizer import NLDTokenizer
-from nld_trt.training import data
+from nld_trt.training import data, pictures
 from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_loss, make_batch
+from nld_trt.vision.config import VisionConfig, VLMConfig
+from nld_trt.vision.processor import PREPROCESSOR_FILE, ImageProcessor, ProcessorConfig
+from nld_trt.vision.tower import VisionEncoder
 
 TOKENIZER_SAMPLES = 50_000
 # The full recipe's schedule (see the README's training section for how they were chosen).
 STEPS, LORA_STEPS, BATCH_TOKENS = 4900, 650, 3840
+VLM_STEPS, VLM_LORA_STEPS = 4000, 500  # --vlm (see the README's tiny VLM section)
 PAD_TO = 32  # batch shapes in multiples of 32 slots (see objective.make_batch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
-    ap.add_argument("--steps", type=int, default=STEPS, help="phase-1 steps (joint objective)")
-    ap.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="phase-2 steps (draft adapter)")
+    ap.add_argument("--vlm", action="store_true",
+                    help="train the tiny vision-language model on synthetic pictures (see above)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help=f"phase-1 steps (joint objective) [default: {STEPS}, with --vlm {VLM_STEPS}]")
+    ap.add_argument("--lora-steps", type=int, default=None,
+                    help=f"phase-2 steps (draft adapter) [default: {LORA_STEPS}, with --vlm {VLM_LORA_STEPS}]")
     ap.add_argument("--time-budget", type=float, default=240.0,
                     help="safety cap in minutes for the whole run: a phase that would run over anneals early")
     ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time cap kept for phase 2")
@@ -80,6 +102,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="share of conversations opening with a system prompt")
     ap.add_argument("--loss-on", choices=("all", "last"), default="all",
                     help="which assistant turns carry the loss")
+    ap.add_argument("--p-text", type=float, default=pictures.PictureMix.p_text,
+                    help="--vlm: share of text-only (arithmetic) conversations")
+    ap.add_argument("--vision-hidden", type=int, default=128, help="--vlm: the tower's width")
+    ap.add_argument("--vision-layers", type=int, default=3, help="--vlm: the tower's layers")
+    ap.add_argument("--vision-heads", type=int, default=4, help="--vlm: the tower's attention heads")
+    ap.add_argument("--vision-intermediate", type=int, default=384, help="--vlm: the tower's FFN width")
+    ap.add_argument("--longest-edge", type=int, default=224,
+                    help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
     ap.add_argument("--workers", type=int, default=2, help="data-parallel processes, one thread each")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -106,10 +136,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
+    if args.steps is None:
+        args.steps = VLM_STEPS if args.vlm else STEPS
+    if args.lora_steps is None:
+        args.lora_steps = VLM_LORA_STEPS if args.vlm else LORA_STEPS
     if args.tiny:
         args.steps, args.lora_steps, args.batch_tokens = 6, 3, 600 * args.workers
         args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
         args.vocab, args.lora_rank, args.log_every = 512, 4, 2
+        args.vision_hidden, args.vision_layers, args.vision_heads, args.vision_intermediate = 32, 1, 2, 64
     return args
 
 
@@ -139,24 +174,53 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> NLDConfig:
     )
 
 
+def vlm_config(args: argparse.Namespace, vocab_size: int) -> VLMConfig:
+    """The text model of `model_config` with the VLM layout's EOS (<|im_end|>) and no pad token, a small Pixtral
+    tower (the release's patch 14, silu) and the Mistral 3 projector (2 x 2 merge, gelu, no bias)."""
+    from dataclasses import replace
+
+    text = replace(model_config(args, vocab_size), model_type=VLM_MODEL_TYPE, eos_token_ids=(VLM_EOS_ID,),
+                   pad_token_id=None)
+    vision = VisionConfig(hidden_size=args.vision_hidden, intermediate_size=args.vision_intermediate,
+                          num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads, patch_size=14,
+                          hidden_act="silu", image_size=args.longest_edge)
+    return VLMConfig(text=text, vision=vision)
+
+
+def init_vision(vision: VisionEncoder, std: float = 0.02, seed: int = 0) -> VisionEncoder:
+    """Random tower and projector weights as `init_weights` does the backbone's (normal linears, unit norms)."""
+    g = torch.Generator().manual_seed(seed + 1000)
+    with torch.no_grad():
+        for name, p in vision.named_parameters():
+            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
+    return vision
+
+
+def example(r: data.Rendered) -> Example:
+    """A rendered conversation as a training example: with its images' pad positions and pixels."""
+    return Example(r.ids, r.spans, [(span.pad_positions(), image.pixels) for span, image in zip(r.images, r.pixels)])
+
+
 class Batches:
     """The seeded training conversations (evaluation questions excluded), rendered through the checkpoint's
     chat template, in batches of about `tokens` clean slots: a pool of `pool` conversations is sorted by
     length and cut, so little of each pass is padding and every step costs about the same. Lengths count
-    in multiples of `pad_to` (`make_batch` pads to them), so batches come in few shapes."""
+    in multiples of `pad_to` (`make_batch` pads to them), so batches come in few shapes. `prompts` (the
+    checkpoint's prompt encoder) expands the images of picture conversations as serving does."""
 
-    def __init__(self, tokenizer: NLDTokenizer, seed: int, exclude: set[str], tokens: int,
-                 mix: data.ConversationMix, loss_on: str, pad_to: int = PAD_TO, pool: int = 256) -> None:
-        self.tok, self.loss_on, self.pad_to = tokenizer, loss_on, pad_to
-        self.stream = data.conversations(seed, exclude, mix)
+    def __init__(self, tokenizer: NLDTokenizer, stream, tokens: int, loss_on: str, seed: int,
+                 prompts: PromptEncoder | None = None, pad_to: int = PAD_TO, pool: int = 256) -> None:
+        self.tok, self.loss_on, self.pad_to, self.prompts = tokenizer, loss_on, pad_to, prompts
+        self.stream = stream
         self.rng = random.Random(seed)
         self.tokens, self.pool = tokens, pool
         self.ready: list[list[Example]] = []
 
     def next(self) -> list[Example]:
         if not self.ready:
-            rendered = [data.render(self.tok, m, self.loss_on) for m in itertools.islice(self.stream, self.pool)]
-            examples = sorted((Example(r.ids, r.spans) for r in rendered), key=lambda e: len(e.tokens))
+            rendered = [data.render(self.tok, m, self.loss_on, self.prompts)
+                        for m in itertools.islice(self.stream, self.pool)]
+            examples = sorted((example(r) for r in rendered), key=lambda e: len(e.tokens))
             batch: list[Example] = []
             for e in examples:  # ascending, so the newest example is the longest row
                 if batch and (len(batch) + 1) * (-(-len(e.tokens) // self.pad_to) * self.pad_to) > self.tokens:
@@ -168,9 +232,40 @@ class Batches:
         return self.ready.pop()
 
 
-def check_rendering(tokenizer: NLDTokenizer, directory: Path, sample: list[dict]) -> None:
+class RecentImages(ImageProcessor):
+    """The image processor, remembering the last few images it prepared: rendering a conversation prepares its
+    picture once per turn prefix (`data.render`), the same PIL image each time."""
+
+    def __init__(self, config: ProcessorConfig, keep: int = 64) -> None:
+        super().__init__(config)
+        self.keep = keep
+        self.recent: dict[int, tuple[object, object]] = {}  # id(image) -> (image, prepared): the image held alive
+
+    def prepare(self, image, where: str):
+        hit = self.recent.get(id(image))
+        if hit is not None and hit[0] is image:
+            return hit[1]
+        prepared = super().prepare(image, where)
+        if len(self.recent) >= self.keep:
+            self.recent.pop(next(iter(self.recent)))
+        self.recent[id(image)] = (image, prepared)
+        return prepared
+
+
+def prompt_encoder(tokenizer: NLDTokenizer, config: VLMConfig, directory: Path) -> PromptEncoder:
+    """The prompt encoder serving builds for the checkpoint in `directory` (its preprocessor_config.json)."""
+    processor = RecentImages(ProcessorConfig.from_checkpoint(directory, config.vision.patch_size,
+                                                             config.spatial_merge_size))
+    return PromptEncoder(tokenizer, config.text, config.text.max_position_embeddings, "the model in training",
+                         processor)
+
+
+def check_rendering(tokenizer: NLDTokenizer, directory: Path, sample: list[dict],
+                    prompts: PromptEncoder | None = None) -> None:
     """The written checkpoint renders a training conversation to the very ids the model was trained on."""
-    want, got = data.render(tokenizer, sample), data.render(NLDTokenizer(directory), sample)
+    written = NLDTokenizer(directory)
+    served = None if prompts is None else prompt_encoder(written, VLMConfig.from_file(directory), directory)
+    want, got = data.render(tokenizer, sample, prompts=prompts), data.render(written, sample, prompts=served)
     if want != got:
         raise SystemExit(f"the written checkpoint renders conversations differently from training: {got} != {want}")
 
@@ -298,7 +393,14 @@ def main(argv: list[str] | None = None) -> int:
     eval_questions = {p.question for p in data.evaluation_set()}
     corpus = itertools.islice(data.generate(args.seed + 1, eval_questions), TOKENIZER_SAMPLES)
     # questions and solutions as separate texts: both start right after a special token, without a space
-    tokenizer = train_tokenizer([text for p in corpus for text in (p.question, p.answer)], args.vocab)
+    texts = [text for p in corpus for text in (p.question, p.answer)]
+    if args.vlm:  # the picture questions and answers too, and the layout's special tokens (no BOS)
+        said = itertools.islice(pictures.items(args.seed + 1), TOKENIZER_SAMPLES // 2)
+        texts += [text for it in said for text in (it.question.question, it.question.answer)]
+        texts += pictures.SYSTEM_PROMPTS
+        tokenizer = train_tokenizer(texts, args.vocab, specials=VLM_SPECIAL_TOKENS, bos=False)
+    else:
+        tokenizer = train_tokenizer(texts, args.vocab)
     job = (args, recipe, tokenizer.to_str(), eval_questions, t0)
     if args.workers == 1:
         train_worker(0, *job)
@@ -322,21 +424,39 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     budget = args.time_budget * 60
     per_worker = args.batch_tokens // args.workers
     tokenizer = Tokenizer.from_str(tokenizer_json)
-    config = model_config(args, tokenizer.get_vocab_size())
-    files = tokenizer_files(tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's own tokenizer files and chat template
+    vlm = vlm_config(args, tokenizer.get_vocab_size()) if args.vlm else None
+    config = model_config(args, tokenizer.get_vocab_size()) if vlm is None else vlm.text
+    files = tokenizer_files(tokenizer, vlm=args.vlm)
+    if vlm is not None:
+        processing = ProcessorConfig(longest_edge=args.longest_edge, patch_size=vlm.vision.patch_size,
+                                     merge=vlm.spatial_merge_size)
+        files[PREPROCESSOR_FILE] = json.dumps(processing.to_dict(), indent=2) + "\n"
+    prompts = None
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's own tokenizer files, chat template, processor
         for name, text in files.items():
             (Path(tmp) / name).write_text(text)
         chat = NLDTokenizer(tmp)
+        if vlm is not None:
+            prompts = prompt_encoder(chat, vlm, Path(tmp))
+    parameters = config.num_parameters() + (0 if vlm is None else vlm.vision_parameters())
     if is_main():
         print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; config vocab {config.vocab_size}; "
-              f"{config.num_parameters() / 1e6:.2f}M parameters; {args.workers} worker(s) x {per_worker} token "
-              "slots per step", flush=True)
+              f"{parameters / 1e6:.2f}M parameters"
+              + ("" if vlm is None else f" ({vlm.vision_parameters() / 1e6:.2f}M in the tower and projector)")
+              + f"; {args.workers} worker(s) x {per_worker} token slots per step", flush=True)
 
     model = init_weights(NLDModel(config), std=0.02, seed=args.seed).train()
-    mix = data.ConversationMix(p_single=args.p_single, max_history=args.max_history, p_followup=args.p_followup,
-                               p_system=args.p_system)
-    stream = Batches(chat, args.seed + 2 + 1000 * rank, eval_questions, per_worker, mix, args.loss_on)
+    vision = None if vlm is None else init_vision(VisionEncoder(vlm), std=0.02, seed=args.seed).train()
+    trained = list(model.parameters()) + ([] if vision is None else list(vision.parameters()))
+    seed = args.seed + 2 + 1000 * rank
+    if vlm is None:
+        mix = data.ConversationMix(p_single=args.p_single, max_history=args.max_history, p_followup=args.p_followup,
+                                   p_system=args.p_system)
+        conversations = data.conversations(seed, eval_questions, mix)
+    else:
+        scenes = {it.scene.key for it in pictures.evaluation_items()}
+        conversations = pictures.conversations(seed, scenes, eval_questions, pictures.PictureMix(p_text=args.p_text))
+    stream = Batches(chat, conversations, per_worker, args.loss_on, seed, prompts)
     seen = torch.zeros(3, dtype=torch.float64)  # conversations, trained answers, answer tokens (this worker)
 
     def take() -> list[Example]:
@@ -351,16 +471,16 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
         batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule, PAD_TO)
-        losses = joint_loss(model, batch, args.dlm_weight)
+        losses = joint_loss(model, batch, args.dlm_weight, vision)
         return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
 
     phase1_s = budget * (1 - args.lora_share) - (time.monotonic() - t0)
-    log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, list(model.parameters()), args.lr,
+    log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, trained, args.lr,
                                  args.log_every, wd=0.1, bf16=args.precision == "bf16")
     joint_seen = seen.clone()
 
-    # Phase 2: the draft adapter, base frozen, on fully masked blocks (the draft linear_spec feeds).
-    for p in model.parameters():
+    # Phase 2: the draft adapter, base (and tower) frozen, on fully masked blocks (the draft linear_spec feeds).
+    for p in trained:
         p.requires_grad_(False)
     r, q = args.lora_rank, config.num_attention_heads * config.head_dim
     lg = torch.Generator().manual_seed(args.seed + 4)
@@ -375,7 +495,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     def lora_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
         batch = make_batch(take(), b, MASK_ID, EOS_ID, g, draft_schedule, PAD_TO)
-        loss = draft_loss(model, batch, layers, alpha / r)
+        loss = draft_loss(model, batch, layers, alpha / r, vision)
         return loss, {"draft": loss.item()}
 
     phase2_s = budget - (time.monotonic() - t0) - 20
@@ -389,11 +509,17 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         dist.all_reduce(lora_seen)
 
     if is_main():
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        state = dict(model.state_dict())
+        if vision is not None:
+            state.update({"encoder." + k: v for k, v in vision.state_dict().items()})
+        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in state.items()}
         lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
                             for i, (a, b_) in layers.items()}, r, alpha)
-        out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
+        out = save_checkpoint(args.out, config if vlm is None else vlm, tensors, files, lora=lora, overwrite=True)
         check_rendering(chat, out, data.qa_messages(data.evaluation_set(3), data.SYSTEM_PROMPTS[0]))
+        if vlm is not None:
+            picture_chat = next(pictures.conversations(args.seed, mix=pictures.PictureMix(p_text=0.0)))
+            check_rendering(chat, out, picture_chat, prompts)
 
         def counts(t: torch.Tensor) -> dict:
             return dict(zip(("conversations", "answers", "answer_tokens"), (int(x) for x in t.tolist())))
@@ -407,8 +533,8 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
                 "joint": {**joint_run, **counts(joint_seen)},
                 "lora": {**lora_run, **counts(lora_seen)},
             },
-            "config": config.to_dict(),
-            "parameters": config.num_parameters(),
+            "config": (config if vlm is None else vlm).to_dict(),
+            "parameters": parameters,
             "tokenizer_vocab": tokenizer.get_vocab_size(),
             "wall_s": round(time.monotonic() - t0, 1),
             "final": {k: v for k, v in (log[-1] if log else {}).items()},

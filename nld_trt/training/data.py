@@ -442,40 +442,55 @@ def conversations(seed: int, exclude: Iterable[str] = (), mix: ConversationMix =
 @dataclass(frozen=True)
 class Rendered:
     """A conversation as the model sees it: token ids, and the [start, end) ranges of the assistant turns
-    that carry the loss (each the answer's tokens and the EOS the template closes it with)."""
+    that carry the loss (each the answer's tokens and the EOS the template closes it with). With images:
+    each image's span of positions (`nld_trt.prompt.ImageSpan`) and its prepared pixels, in prompt order."""
 
     ids: list[int]
     spans: list[tuple[int, int]]
+    images: tuple = ()
+    pixels: tuple = field(default=(), compare=False, repr=False)
 
 
-def render(tokenizer, messages: list[dict], loss_on: str = "all") -> Rendered:
+def render(tokenizer, messages: list[dict], loss_on: str = "all", prompts=None) -> Rendered:
     """Token ids of `messages` (ending with an assistant turn) through the checkpoint's chat template, exactly
-    as serving renders a conversation: every loss span starts where `tokenizer.encode_chat(messages[:i])`,
-    the call the OpenAI front end, the Triton model and `generate` make for the turn's prompt, ends.
+    as serving renders a conversation: every loss span starts where the prompt serving builds for the turn
+    (`tokenizer.encode_chat(messages[:i])`, or with images `prompts.messages(messages[:i])`, the calls the
+    OpenAI front end, the Triton model and `generate` make) ends.
 
-    `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `loss_on` is "all" (every assistant turn) or "last".
-    A template that does not render a conversation as a prefix of its continuation (one that rewrites
-    earlier turns) is refused: its training text would differ from what serving sends."""
+    `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `prompts` the checkpoint's `nld_trt.prompt.PromptEncoder`,
+    needed for user turns with image parts (it expands each image into its positions as serving does);
+    `loss_on` is "all" (every assistant turn) or "last". A template that does not render a conversation as a
+    prefix of its continuation (one that rewrites earlier turns) is refused: its training text would differ
+    from what serving sends."""
     if loss_on not in ("all", "last"):
         raise ValueError(f"loss_on must be 'all' or 'last', got {loss_on!r}")
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a training conversation ends with an assistant turn")
 
-    def ids_of(upto: int) -> list[int]:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=False),
-                                add_special_tokens=False)
+    def rendered(upto: int, generation: bool):
+        if prompts is not None:
+            return prompts.messages(messages[:upto], local_files=False, add_generation_prompt=generation)
+        text = tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=generation)
+        return tokenizer.encode(text, add_special_tokens=False)
 
-    ids = ids_of(len(messages))
+    def ids_of(upto: int, generation: bool = False) -> list[int]:
+        r = rendered(upto, generation)
+        return r if prompts is None else r.ids
+
+    whole = rendered(len(messages), False)
+    ids = whole if prompts is None else whole.ids
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = []
     for i in turns if loss_on == "all" else turns[-1:]:
-        prompt = tokenizer.encode_chat(messages[:i])
+        prompt = ids_of(i, generation=True)
         end = len(ids) if i == len(messages) - 1 else len(ids_of(i + 1))
         if ids[: len(prompt)] != prompt or (end < len(ids) and ids[:end] != ids_of(i + 1)):
             raise ValueError(f"the chat template does not render turn {i} as a prefix of the whole conversation: "
                              "its training text would differ from what serving sends")
         spans.append((len(prompt), end))
-    return Rendered(ids, spans)
+    if prompts is None:
+        return Rendered(ids, spans)
+    return Rendered(ids, spans, whole.images, whole.pixels)
 
 
 # The conversation evaluation set ----------------------------------------------------------------------

@@ -3,7 +3,9 @@
 
 A sequence is a rendered conversation (`nld_trt.training.data.render`): its token ids and the spans that
 carry the loss, one per trained assistant turn (the answer and its EOS). A single question is the case of
-one span at the end.
+one span at the end. A vision-language conversation also carries its images: each image's pixels and the
+positions of its `<|image_pad|>` tokens, whose embeddings the vision encoder's rows replace (in both copies,
+wherever such a position appears), as serving's prefill does; the encoder trains with the model.
 
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
 whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with
@@ -25,7 +27,7 @@ span's last block started.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -50,6 +52,8 @@ class MaskSchedule:
 class Example:
     tokens: list[int]  # the rendered conversation
     spans: list[tuple[int, int]]  # [start, end) of each trained answer (ending with its EOS), in order
+    # per image: the positions of its pads (in the order of the encoder's rows) and its pixels [3, H, W]
+    images: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
 
     @classmethod
     def single(cls, prompt: list[int], answer: list[int]) -> Example:
@@ -68,6 +72,8 @@ class JointBatch:
     dlm_weights: torch.Tensor  # [N, S] float: 1 / mask ratio on masked noisy slots
     dlm_count: int  # maskable noisy slots in the batch (the dlm loss's normalizer)
     teacher: torch.Tensor  # [N, S] slot of the clean logits that predict a masked slot's token (-1: none)
+    image_index: torch.Tensor | None = None  # [N, S] row of the batch's image rows replacing the slot's embedding
+    images: list[torch.Tensor] = field(default_factory=list)  # the batch's images' pixels, in row order
 
     @property
     def mask(self) -> torch.Tensor:
@@ -114,7 +120,20 @@ def make_batch(
         "teacher": torch.full((n, s), -1, dtype=torch.long),
     }
     count = 0
-    for i, r in enumerate(rows):
+    images: list[torch.Tensor] = []
+    image_index = torch.full((n, s), -1, dtype=torch.long) if any(e.images for e in examples) else None
+    row_base = 0  # the first image row of the next image
+    for i, (e, r) in enumerate(zip(examples, rows)):
+        if e.images:
+            at: dict[int, int] = {}
+            for pads, pixels in e.images:
+                at.update({p: row_base + k for k, p in enumerate(pads)})
+                row_base += len(pads)
+                images.append(pixels)
+            slots = torch.cat([torch.arange(len(r["clean"])), tc + torch.arange(len(r["noisy"]))])
+            where = torch.cat([torch.arange(len(r["clean"])), torch.tensor(r["positions"], dtype=torch.long)])
+            index = torch.tensor([at.get(int(p), -1) for p in where], dtype=torch.long)
+            image_index[i, slots] = index
         lc, ln = len(r["clean"]), len(r["noisy"])
         c, z = slice(0, lc), slice(tc, tc + ln)
         out["tokens"][i, c] = torch.tensor(r["clean"])
@@ -129,7 +148,7 @@ def make_batch(
         out["dlm_weights"][i, z] = torch.tensor(r["dlm_weights"])
         out["teacher"][i, z] = torch.tensor(r["teacher"])
         count += r["maskable"]
-    return JointBatch(dlm_count=count, **out)
+    return JointBatch(dlm_count=count, **out, image_index=image_index, images=images)
 
 
 def _row(e: Example, b: int, mask_id: int, eos_id: int, g: torch.Generator, sch: MaskSchedule) -> dict:
@@ -190,10 +209,25 @@ class Losses:
     dlm: float
 
 
-def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0) -> Losses:
+def input_embeddings(model: NLDModel, batch: JointBatch, vision=None) -> torch.Tensor | None:
+    """The backbone's input for a batch with images: token embeddings with every image slot's replaced by its
+    row from `vision` (an `nld_trt.vision.tower.VisionEncoder`, one image per call: a block-diagonal mask over a
+    whole batch's patches would cost far more); None for a text-only batch."""
+    if batch.image_index is None:
+        return None
+    if vision is None:
+        raise ValueError("a batch with images needs the vision encoder")
+    rows = torch.cat([vision([pixels])[0] for pixels in batch.images])
+    x = model.embed(batch.tokens)
+    image = batch.image_index >= 0
+    return torch.where(image[..., None], rows[batch.image_index.clamp(min=0)].to(x.dtype), x)
+
+
+def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None) -> Losses:
     """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
-    ratio) on the noisy copy, from one forward pass."""
-    logits = model.logits(model(batch.tokens, batch.positions, batch.mask)).float()
+    ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images)."""
+    embeds = input_embeddings(model, batch, vision)
+    logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
     ar = F.cross_entropy(logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
@@ -223,13 +257,17 @@ def install_lora(model: NLDModel, layers: dict[int, tuple[torch.Tensor, torch.Te
     return None if where is None else torch.ones(where.shape[0], dtype=torch.bool, device=where.device)
 
 
-def draft_loss(model: NLDModel, batch: JointBatch, layers, scale: float) -> torch.Tensor:
+def draft_loss(model: NLDModel, batch: JointBatch, layers, scale: float, vision=None) -> torch.Tensor:
     """The drafter's objective, base frozen: the noisy copy, adapter on, matches the verifier's (clean
     copy's, adapter off) next-token distribution at every masked slot. Matching the verifier rather than
-    the data is what acceptance rewards: a draft is accepted when it equals the verifier's argmax."""
+    the data is what acceptance rewards: a draft is accepted when it equals the verifier's argmax.
+    `vision`: the (frozen) vision encoder of a batch with images."""
+    with torch.no_grad():
+        embeds = input_embeddings(model, batch, vision)
     rows = install_lora(model, layers, scale, batch.kind == NOISY)
     try:
-        logits = model.logits(model(batch.tokens, batch.positions, batch.mask, lora_rows=rows)).float()
+        logits = model.logits(model(batch.tokens, batch.positions, batch.mask, lora_rows=rows,
+                                    inputs_embeds=embeds)).float()
     finally:
         install_lora(model, layers, scale, None)
     sel = batch.teacher >= 0
