@@ -33,7 +33,7 @@ def test_pictures_are_seeded_and_drawn_the_same_every_time():
     a = list(itertools.islice(pictures.items(5), 40))
     assert a == list(itertools.islice(pictures.items(5), 40))
     assert a != list(itertools.islice(pictures.items(6), 40))
-    assert {it.question.kind for it in a} == set(pictures.KINDS)
+    assert {it.question.kind for it in a} == set(pictures.TRAIN_KINDS)
     for it in a[:10]:
         assert np.array_equal(pixels(it.scene), pixels(it.scene))
         assert it.scene.draw().size == it.scene.size and max(it.scene.size) <= 224
@@ -80,6 +80,21 @@ def test_every_answer_is_what_the_picture_shows():
                 heights = {b.colour: b.height for b in scene.items}
                 pick = max if "tallest" in q.question else min
                 assert q.value == pick(heights, key=heights.get) and len(set(heights.values())) == len(heights)
+
+
+def test_a_description_names_every_object_left_to_right():
+    rng = random.Random(4)
+    for _ in range(30):
+        it = pictures.item("describe", rng)
+        scene, answer = it.scene, it.question.answer
+        if scene.kind == "shapes":
+            named = re.findall(r"an? (\w+) (circle|square|triangle)", answer)
+            assert named == [(s.colour, s.shape) for s in sorted(scene.items, key=lambda s: (s.x, s.y))]
+        elif scene.kind == "bars":
+            assert all(b.colour in answer for b in scene.items) and f"{len(scene.items)} bars" in answer
+        else:
+            assert answer == f"I see the digit {scene.items[0].value} in {scene.items[0].colour}."
+    assert "describe" not in {r["group"] for r in pictures.evaluation_set(per_kind=5)}
 
 
 def test_digits_are_seven_segment_drawings_that_differ():
@@ -135,7 +150,10 @@ def test_training_conversations_mix_pictures_followups_and_arithmetic():
     assert orders == {("image", "text"), ("text", "image")}
     for c in convs:
         assert c[-1]["role"] == "assistant" and all(m["content"] not in exclude for m in c if isinstance(m["content"], str))
-        assert all(m["content"].endswith("}.") for m in c if m["role"] == "assistant")
+        # exact answers end boxed; a description (training only) names what is drawn
+        assert all(m["content"].endswith("}.") or m["content"].startswith("I see ") for m in c if m["role"] == "assistant")
+    said = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
+    assert 0.05 < sum(a.startswith("I see ") for a in said) / len(said) < 0.3
 
 
 def test_a_rendered_picture_conversation_is_what_a_served_request_sends(tiny_vlm):

@@ -335,3 +335,41 @@ def test_tiny_recipe_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.mask_token_id == MASK_ID and model.config.dlm_type == "llada"
     ar, spec = (model.generate(["Tom has 3 apples."], mode=m, max_new_tokens=12)[0] for m in ("ar", "linear_spec"))
     assert ar.token_ids == spec.token_ids  # greedy linear_spec is lossless even for an untrained model
+
+
+def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
+    """`--vlm --tiny`: the same recipe on picture conversations writes the release VLM layout (tower and
+    projector under `encoder.`, the image tokens, a capped preprocessor), which loads and answers an image
+    question with greedy linear_spec equal to ar."""
+    from safetensors import safe_open
+
+    from nld_trt.training import pictures
+
+    out = tmp_path / "tiny-vlm"
+    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--vlm", "--tiny", "--workers",
+                           "1", "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "in the tower and projector" in proc.stdout and "[lora] step" in proc.stdout
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron_labs_diffusion_vlm" and config["vision_config"]["model_type"] == "pixtral"
+    assert config["vision_config"]["patch_size"] == 14 and config["spatial_merge_size"] == 2
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["config"] == config and summary["args"]["vlm"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+    assert any(n.startswith("encoder.vision_tower.transformer.layers.0.") for n in names)
+    assert any(n.startswith("encoder.multi_modal_projector.patch_merger.") for n in names)
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"longest_edge": 224}
+
+    import nld_trt
+
+    model = nld_trt.load(out, max_batch=2, max_seq_len=256)
+    assert model.lora is not None and model.vlm is not None
+    tok = model.tokenizer
+    assert [tok.token_id(t) for t in ("<|image_start|>", "<|image_pad|>", "<|image_break|>", "<|image_end|>")] == \
+           [18, 19, 20, 21]
+    it = pictures.sample("digit")
+    messages = [pictures.image_turn(it.scene, it.question.question)]
+    ar, spec = (model.generate(messages, mode=m, max_new_tokens=10) for m in ("ar", "linear_spec"))
+    assert ar.token_ids == spec.token_ids
+    assert ar.images[0]["positions"] == 1 + 8 * 9  # a 224 x 224 picture: 8 x 8 cells

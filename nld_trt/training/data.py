@@ -386,8 +386,8 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:
 
 # Conversations --------------------------------------------------------------------------------------
 # A training example is a conversation: a list of OpenAI-style messages {"role", "content"} ending with an
-# assistant turn. `content` is text today; a VLM's image parts will be more content parts of a user message,
-# rendered by its own chat template into image placeholder tokens: nothing here looks inside a content.
+# assistant turn. `content` is text here; the VLM's picture conversations (`pictures.py`) put image parts in a
+# user message's content, which `render` hands to the checkpoint's prompt encoder: nothing here looks inside.
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",

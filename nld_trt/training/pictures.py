@@ -16,6 +16,9 @@ Every question is of one `KINDS` type and its answer is a short templated senten
 - `digit`: "What digit is shown?" (chance 1/10);
 - `bars`: "Which bar is tallest?" / "... shortest?" (the bar's colour; chance 1/3 to 1/5).
 A follow-up is another question about the same picture, asked in a later turn without sending it again.
+Training also asks `describe` ("Describe the picture."): every object named with its colour, left to right
+(for a chart, its bars; for a digit, the digit and its colour), the dense supervision a tower trained from
+scratch learns to see from fastest; the evaluation set asks only the exact-answer kinds.
 
 Conversations (`conversations`) are lists of OpenAI-style messages whose user turns hold image content parts
 (`{"type": "image", "image": PIL image}`), rendered by the checkpoint's chat template as serving renders them
@@ -41,9 +44,11 @@ COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), 
 BACKGROUNDS = ((255, 255, 255), (240, 240, 240), (250, 245, 230), (230, 240, 250))
 SHAPES = ("circle", "square", "triangle")
 SIZES = ((224, 224), (224, 224), (224, 168), (168, 224), (196, 196))  # the tiny VLM caps the longest edge at 224
-KINDS = ("count", "colour", "shape", "position", "digit", "bars")
+KINDS = ("count", "colour", "shape", "position", "digit", "bars")  # evaluated (exact answers)
+TRAIN_KINDS = KINDS + ("describe",)
 SCENE_OF_KIND = {"count": "shapes", "colour": "shapes", "shape": "shapes", "position": "shapes", "digit": "digit",
                  "bars": "bars"}
+DESCRIBE_SCENES = ("shapes", "shapes", "digit", "bars")
 # seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
 # f (top left), g (middle)
 SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg",
@@ -302,9 +307,29 @@ def ask_bars(scene: Scene, rng: random.Random) -> Question | None:
     return Question("bars", q, f"The {bar.colour} bar is the {word}. {boxed(bar.colour)}", bar.colour)
 
 
+def _listed(words: list[str]) -> str:
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " and " + words[-1]
+
+
+def ask_describe(scene: Scene, rng: random.Random) -> Question | None:
+    q = rng.choice(("Describe the picture.", "What is in the picture?", "What do you see?"))
+    if scene.kind == "digit":
+        g = scene.items[0]
+        return Question("describe", q, f"I see the digit {g.value} in {g.colour}.", str(g.value))
+    if scene.kind == "bars":
+        colours = _listed([b.colour for b in scene.items])
+        return Question("describe", q, f"I see a bar chart with {len(scene.items)} bars: {colours}.", str(len(scene.items)))
+    if not scene.items:
+        return None
+    objects = [f"{'an' if s.colour == 'orange' else 'a'} {s.colour} {s.shape}"
+               for s in sorted(scene.items, key=lambda s: (s.x, s.y))]
+    n = len(objects)
+    return Question("describe", q, f"I see {n} {_plural(n, 'shape')}: {_listed(objects)}.", str(n))
+
+
 ASK: dict[str, Callable[[Scene, random.Random], Question | None]] = {
     "count": ask_count, "colour": ask_colour, "shape": ask_shape, "position": ask_position, "digit": ask_digit,
-    "bars": ask_bars,
+    "bars": ask_bars, "describe": ask_describe,
 }
 
 
@@ -319,7 +344,7 @@ class Item:
 def item(kind: str, rng: random.Random, exclude: set[str] = frozenset()) -> Item:
     """A new scene that a `kind` question applies to (and not in `exclude`), and that question."""
     while True:
-        scene = SCENES[SCENE_OF_KIND[kind]](rng)
+        scene = SCENES[SCENE_OF_KIND[kind] if kind != "describe" else rng.choice(DESCRIBE_SCENES)](rng)
         if scene.key in exclude:
             continue
         q = ASK[kind](scene, rng)
@@ -327,10 +352,12 @@ def item(kind: str, rng: random.Random, exclude: set[str] = frozenset()) -> Item
             return Item(scene, q)
 
 
-def followups(scene: Scene, asked: Question, rng: random.Random) -> list[Question]:
-    """Other questions about the same picture (each kind once, the first question's kind and text excluded)."""
+def followups(scene: Scene, asked: Question, rng: random.Random, train: bool = False) -> list[Question]:
+    """Other questions about the same picture (each kind once, the first question's kind and text excluded;
+    `describe` only in training: the evaluation's follow-ups have exact answers)."""
     out = []
-    for kind in rng.sample(KINDS, len(KINDS)):
+    kinds = TRAIN_KINDS if train else KINDS
+    for kind in rng.sample(kinds, len(kinds)):
         q = ASK[kind](scene, rng)
         if q is not None and q.question != asked.question and q.kind != asked.kind:
             out.append(q)
@@ -338,11 +365,11 @@ def followups(scene: Scene, asked: Question, rng: random.Random) -> list[Questio
 
 
 def items(seed: int, exclude: Iterable[str] = ()) -> Iterator[Item]:
-    """An endless seeded stream of pictures with a first question, the kinds in turn at random."""
+    """An endless seeded stream of pictures with a first question of any training kind, drawn at random."""
     rng = random.Random(f"pictures-{seed}")
     skip = set(exclude)
     while True:
-        yield item(rng.choice(KINDS), rng, skip)
+        yield item(rng.choice(TRAIN_KINDS), rng, skip)
 
 
 # Conversations ----------------------------------------------------------------------------------------
@@ -399,7 +426,7 @@ def conversations(seed: int, exclude_scenes: Iterable[str] = (), exclude_questio
             it = next(pictures)
             messages.append(image_turn(it.scene, it.question.question, rng.random() < mix.p_text_first))
             messages.append({"role": "assistant", "content": it.question.answer})
-            for q in followups(it.scene, it.question, rng)[: mix.max_followups]:
+            for q in followups(it.scene, it.question, rng, train=True)[: mix.max_followups]:
                 if rng.random() >= mix.p_followup:
                     break
                 messages += [{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer}]
