@@ -234,28 +234,31 @@ def ask_count(scene: Scene, rng: random.Random) -> Question | None:
     return Question("count", q, f"There {verb} {n} {_plural(n, thing)}. {boxed(n)}", str(n))
 
 
+def _one_with_a_unique(scene: Scene, attribute: str, rng: random.Random) -> Shape | None:
+    """A shape of a shapes scene whose `attribute` (shape or colour) no other shape has, or None."""
+    if scene.kind != "shapes":
+        return None
+    values = [getattr(s, attribute) for s in scene.items]
+    unique = [s for s, v in zip(scene.items, values) if values.count(v) == 1]
+    return rng.choice(unique) if unique else None
+
+
 def ask_colour(scene: Scene, rng: random.Random) -> Question | None:
     if scene.kind == "digit":
         g = scene.items[0]
         q = rng.choice(("What colour is the digit?", "What color is the digit?"))
         return Question("colour", q, f"The digit is {g.colour}. {boxed(g.colour)}", g.colour)
-    if scene.kind != "shapes":
+    s = _one_with_a_unique(scene, "shape", rng)
+    if s is None:
         return None
-    unique = [s for s in scene.items if sum(o.shape == s.shape for o in scene.items) == 1]
-    if not unique:
-        return None
-    s = rng.choice(unique)
     q = rng.choice(("What colour is the {}?", "What color is the {}?", "Which colour is the {}?")).format(s.shape)
     return Question("colour", q, f"The {s.shape} is {s.colour}. {boxed(s.colour)}", s.colour)
 
 
 def ask_shape(scene: Scene, rng: random.Random) -> Question | None:
-    if scene.kind != "shapes":
+    s = _one_with_a_unique(scene, "colour", rng)
+    if s is None:
         return None
-    unique = [s for s in scene.items if sum(o.colour == s.colour for o in scene.items) == 1]
-    if not unique:
-        return None
-    s = rng.choice(unique)
     q = rng.choice(("What shape is the {} one?", "Which shape is {}?", "What is the shape of the {} one?")).format(s.colour)
     return Question("shape", q, f"The {s.colour} one is a {s.shape}. {boxed(s.shape)}", s.shape)
 
