@@ -211,13 +211,20 @@ class Losses:
 
 def input_embeddings(model: NLDModel, batch: JointBatch, vision=None) -> torch.Tensor | None:
     """The backbone's input for a batch with images: token embeddings with every image slot's replaced by its
-    row from `vision` (an `nld_trt.vision.tower.VisionEncoder`, one image per call: a block-diagonal mask over a
-    whole batch's patches would cost far more); None for a text-only batch."""
+    row from `vision` (an `nld_trt.vision.tower.VisionEncoder`; the images of each size as one batch, rather
+    than all under a block-diagonal mask, which would cost far more); None for a text-only batch."""
     if batch.image_index is None:
         return None
     if vision is None:
         raise ValueError("a batch with images needs the vision encoder")
-    rows = torch.cat([vision([pixels])[0] for pixels in batch.images])
+    sizes: dict[tuple[int, ...], list[int]] = {}
+    for i, pixels in enumerate(batch.images):
+        sizes.setdefault(tuple(pixels.shape), []).append(i)
+    encoded: list[torch.Tensor] = [torch.empty(0)] * len(batch.images)
+    for same in sizes.values():
+        for i, r in zip(same, vision.forward_batch(torch.stack([batch.images[i] for i in same]))):
+            encoded[i] = r
+    rows = torch.cat(encoded)
     x = model.embed(batch.tokens)
     image = batch.image_index >= 0
     return torch.where(image[..., None], rows[batch.image_index.clamp(min=0)].to(x.dtype), x)
