@@ -113,6 +113,25 @@ def train_tokenizer(texts: list[str], vocab_size: int, specials: list[str] | Non
     return tok
 
 
+def with_vlm_specials(tokenizer):
+    """A tokenizer of the text layout (`train_tokenizer`'s, special tokens SPECIAL_TOKENS at ids 0..127) with the
+    vision-language layout's special tokens at the same ids and no BOS added: its BPE, and so every ordinary
+    token's id, unchanged (what lets a VLM start from a text model's weights)."""
+    from tokenizers import Tokenizer
+
+    raw = json.loads(tokenizer.to_str())
+    vocab = raw["model"]["vocab"]
+    for t in raw["added_tokens"]:
+        i = t["id"]
+        if i >= N_SPECIAL or t["content"] != SPECIAL_TOKENS[i] or vocab.get(t["content"]) != i:
+            raise ValueError(f"not the text layout's tokenizer: special token {i} is {t['content']!r}")
+        del vocab[t["content"]]
+        t["content"] = vocab_name = VLM_SPECIAL_TOKENS[i]
+        vocab[vocab_name] = i
+    raw["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(raw))
+
+
 def tokenizer_files(tokenizer, vlm: bool = False) -> dict[str, str]:
     """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja (`vlm`: the
     vision-language layout's ChatML template and end-of-turn EOS)."""

@@ -26,6 +26,12 @@ the backbone) replace the image's pad embeddings. The tokenizer has the VLM layo
 the image tokens 18-21) and `preprocessor_config.json` caps the longest edge at `--longest-edge` pixels, so a
 picture is a few dozen positions. The drafter phase freezes the tower too.
 
+`--init-from TEXT_MODEL` (with `--vlm`) starts the backbone from a trained text checkpoint of this recipe (the
+embedded `nld_trt/assets/tiny-nld`): its weights, shape and tokenizer (the same BPE, the VLM layout's special
+tokens at the same ids: `nld_trt.tiny.with_vlm_specials`), so what it knows (the answer format, copying from
+the question, arithmetic) carries over and the budget goes to seeing; the tower and projector start from
+scratch at `--lr`, the backbone at `--lr` x `--backbone-lr-scale`. The summary records the text model's digest.
+
 The schedule is fixed in steps (`--steps`, `--lora-steps`), so the weights do not depend on how busy the
 machine is; `--time-budget` is only a safety cap (each phase then anneals early rather than run over, and
 the summary says so). Batches are sized in tokens (`--batch-tokens`: clean-copy slots per step, padding
@@ -58,12 +64,12 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from nld_trt.checkpoint import LoRAAdapter, save_checkpoint
+from nld_trt.checkpoint import LoRAAdapter, load_weights, save_checkpoint
 from nld_trt.config import VLM_MODEL_TYPE, NLDConfig, RopeConfig
 from nld_trt.model import NLDModel, init_weights
 from nld_trt.prompt import PromptEncoder
 from nld_trt.tiny import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VLM_EOS_ID, VLM_SPECIAL_TOKENS, tokenizer_files,
-                          train_tokenizer)
+                          train_tokenizer, with_vlm_specials)
 from nld_trt.tokenizer import NLDTokenizer
 from nld_trt.training import data, pictures
 from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_loss, make_batch
@@ -110,6 +116,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vision-intermediate", type=int, default=384, help="--vlm: the tower's FFN width")
     ap.add_argument("--longest-edge", type=int, default=224,
                     help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
+    ap.add_argument("--init-from", default=None,
+                    help="--vlm: a text checkpoint of this recipe to start the backbone from (its shape and tokenizer)")
+    ap.add_argument("--backbone-lr-scale", type=float, default=1 / 3,
+                    help="with --init-from: the backbone's peak learning rate as a share of --lr")
     ap.add_argument("--workers", type=int, default=2, help="data-parallel processes, one thread each")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -137,6 +147,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.precision == "auto":
         args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
+    if args.init_from is not None:
+        if not args.vlm:
+            ap.error("--init-from starts a VLM from a text model: it needs --vlm")
+        base = NLDConfig.from_file(args.init_from)
+        if base.is_vlm:
+            ap.error(f"--init-from {args.init_from} is a vision-language checkpoint; give a text model")
+        # the text model's shape is the backbone's
+        args.hidden, args.layers, args.heads, args.kv_heads = (base.hidden_size, base.num_hidden_layers,
+                                                               base.num_attention_heads, base.num_key_value_heads)
+        args.head_dim, args.intermediate = base.head_dim, base.intermediate_size
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
     if args.steps is None:
@@ -145,7 +165,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.lora_steps = VLM_LORA_STEPS if args.vlm else LORA_STEPS
     if args.tiny:
         args.steps, args.lora_steps, args.batch_tokens = 6, 3, 600 * args.workers
-        args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
+        if args.init_from is None:
+            args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
         args.vocab, args.lora_rank, args.log_every = 512, 4, 2
         args.vision_hidden, args.vision_layers, args.vision_heads, args.vision_intermediate = 32, 1, 2, 64
     return args
@@ -178,12 +199,13 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> NLDConfig:
 
 
 def vlm_config(args: argparse.Namespace, vocab_size: int) -> VLMConfig:
-    """The text model of `model_config` with the VLM layout's EOS (<|im_end|>) and no pad token, a small Pixtral
-    tower (the release's patch 14, silu) and the Mistral 3 projector (2 x 2 merge, gelu, no bias)."""
+    """The text model of `model_config` (or --init-from's) with the VLM layout's EOS (<|im_end|>) and no pad token,
+    a small Pixtral tower (the release's patch 14, silu) and the Mistral 3 projector (2 x 2 merge, gelu, no bias)."""
     from dataclasses import replace
 
-    text = replace(model_config(args, vocab_size), model_type=VLM_MODEL_TYPE, eos_token_ids=(VLM_EOS_ID,),
-                   pad_token_id=None)
+    base = model_config(args, vocab_size) if args.init_from is None else NLDConfig.from_file(args.init_from)
+    text = replace(base, model_type=VLM_MODEL_TYPE, eos_token_ids=(VLM_EOS_ID,), pad_token_id=None,
+                   torch_dtype="bfloat16")
     vision = VisionConfig(hidden_size=args.vision_hidden, intermediate_size=args.vision_intermediate,
                           num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads, patch_size=14,
                           hidden_act="silu", image_size=args.longest_edge)
@@ -273,6 +295,14 @@ def check_rendering(tokenizer: NLDTokenizer, directory: Path, sample: list[dict]
         raise SystemExit(f"the written checkpoint renders conversations differently from training: {got} != {want}")
 
 
+def checkpoint_digest(directory: Path) -> dict:
+    """What identifies the text model a VLM started from: the SHA-256 of its weights and tokenizer."""
+    import hashlib
+
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in ("model.safetensors", "tokenizer.json")}
+
+
 def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -324,8 +354,12 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
     `seconds` come first, the schedule follows it instead, so a slow machine still anneals rather than stop
     mid-way. With several workers, gradients are averaged and the slowest clock sets everyone's progress.
     `snapshot(step)`, if given, is called after every step (on every worker: it decides itself whether to write).
-    Returns the log and what ran: steps, seconds, and whether the time cap cut the schedule short."""
-    opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=wd)
+    `params`: tensors, or (tensors, learning-rate scale) groups. Returns the log and what ran: steps, seconds, and
+    whether the time cap cut the schedule short."""
+    groups = params if params and isinstance(params[0], tuple) else [(params, 1.0)]
+    params = [t for ts, _ in groups for t in ts]
+    opt = torch.optim.AdamW([{"params": ts, "scale": scale} for ts, scale in groups], lr=peak_lr, betas=(0.9, 0.95),
+                            weight_decay=wd)
     start = time.perf_counter()
     log: list[dict] = []
     running: dict[str, float] = {}
@@ -342,7 +376,7 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
             break
         lr = lr_at(progress, peak_lr)
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group["scale"]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
             loss, logged = step_fn(step)
         opt.zero_grad(set_to_none=True)
@@ -400,7 +434,11 @@ def main(argv: list[str] | None = None) -> int:
     corpus = itertools.islice(data.generate(args.seed + 1, eval_questions), TOKENIZER_SAMPLES)
     # questions and solutions as separate texts: both start right after a special token, without a space
     texts = [text for p in corpus for text in (p.question, p.answer)]
-    if args.vlm:  # the picture questions and answers too, and the layout's special tokens (no BOS)
+    if args.init_from is not None:  # the text model's own tokenizer, in the VLM layout
+        from tokenizers import Tokenizer
+
+        tokenizer = with_vlm_specials(Tokenizer.from_file(str(Path(args.init_from) / "tokenizer.json")))
+    elif args.vlm:  # the picture questions and answers too, and the layout's special tokens (no BOS)
         said = itertools.islice(pictures.items(args.seed + 1), TOKENIZER_SAMPLES // 2)
         texts += [text for it in said for text in (it.question.question, it.question.answer)]
         texts += pictures.SYSTEM_PROMPTS
@@ -452,8 +490,15 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
               + f"; {args.workers} worker(s) x {per_worker} token slots per step", flush=True)
 
     model = init_weights(NLDModel(config), std=0.02, seed=args.seed).train()
+    groups = [(list(model.parameters()), 1.0)]
+    if args.init_from is not None:
+        base = NLDConfig.from_file(args.init_from)
+        model.load_state_dict({k: v.float() for k, v in load_weights(args.init_from, base).items()}, strict=True)
+        groups = [(list(model.parameters()), args.backbone_lr_scale)]
     vision = None if vlm is None else init_vision(VisionEncoder(vlm), std=0.02, seed=args.seed).train()
-    trained = list(model.parameters()) + ([] if vision is None else list(vision.parameters()))
+    if vision is not None:
+        groups.append((list(vision.parameters()), 1.0))
+    trained = [t for ts, _ in groups for t in ts]
     seed = args.seed + 2 + 1000 * rank
     if vlm is None:
         mix = data.ConversationMix(p_single=args.p_single, max_history=args.max_history, p_followup=args.p_followup,
@@ -493,7 +538,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
             print(f"[joint] snapshot {where}", flush=True)
 
     phase1_s = budget * (1 - args.lora_share) - (time.monotonic() - t0)
-    log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, trained, args.lr,
+    log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, groups, args.lr,
                                  args.log_every, wd=0.1, bf16=args.precision == "bf16", snapshot=snapshot)
     joint_seen = seen.clone()
 
@@ -543,6 +588,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
             "recipe": recipe,
             "args": {k: v for k, v in vars(args).items() if k != "out"},  # where it was written is not the recipe
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16()},
+            "init_from": None if args.init_from is None else checkpoint_digest(Path(args.init_from)),
             "schedule": {
                 "rule": "fixed steps (--steps, --lora-steps); --time-budget is a safety cap only",
                 "joint": {**joint_run, **counts(joint_seen)},
