@@ -72,7 +72,7 @@ from nld_trt.tiny import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VLM_EOS_ID, VLM_SPECI
                           train_tokenizer, with_vlm_specials)
 from nld_trt.tokenizer import NLDTokenizer
 from nld_trt.training import data, pictures
-from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_loss, make_batch
+from nld_trt.training.objective import Example, ExampleImage, MaskSchedule, draft_loss, joint_loss, make_batch
 from nld_trt.vision.config import VisionConfig, VLMConfig
 from nld_trt.vision.processor import PREPROCESSOR_FILE, ImageProcessor, ProcessorConfig
 from nld_trt.vision.tower import VisionEncoder
@@ -81,6 +81,11 @@ TOKENIZER_SAMPLES = 50_000
 # The full recipe's schedule (see the README's training section for how they were chosen).
 STEPS, LORA_STEPS, BATCH_TOKENS = 4900, 650, 3840
 VLM_STEPS, VLM_LORA_STEPS = 4000, 500  # --vlm (see the README's tiny VLM section)
+# --init-from: rows of the VLM layout's tokens seeded from the text model's: <|im_start|> (every conversation's
+# first token) from <s>, <|im_end|> (EOS) from </s>. Without a BOS the text model loses the attention sink it
+# built on <s>, and a VLM started from it made one of the picture instead: text after an image put 40-48% of its
+# attention on the image positions, whose rows had all become one large constant vector (the picture unread).
+SEEDED_ROWS = {10: BOS_ID, VLM_EOS_ID: EOS_ID}
 PAD_TO = 32  # batch shapes in multiples of 32 slots (see objective.make_batch)
 
 
@@ -116,6 +121,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vision-intermediate", type=int, default=384, help="--vlm: the tower's FFN width")
     ap.add_argument("--longest-edge", type=int, default=224,
                     help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
+    ap.add_argument("--probe-weight", type=float, default=1.0,
+                    help="--vlm: weight of the auxiliary per-cell probe's loss (0: no probe)")
     ap.add_argument("--init-from", default=None,
                     help="--vlm: a text checkpoint of this recipe to start the backbone from (its shape and tokenizer)")
     ap.add_argument("--backbone-lr-scale", type=float, default=1 / 3,
@@ -221,9 +228,20 @@ def init_vision(vision: VisionEncoder, std: float = 0.02, seed: int = 0) -> Visi
     return vision
 
 
-def example(r: data.Rendered) -> Example:
-    """A rendered conversation as a training example: with its images' pad positions and pixels."""
-    return Example(r.ids, r.spans, [(span.pad_positions(), image.pixels) for span, image in zip(r.images, r.pixels)])
+def example(r: data.Rendered, messages: list[dict]) -> Example:
+    """A rendered conversation as a training example: with its images' pad positions, pixels and (where the
+    image part carries them, as training pictures do) per-cell labels for the auxiliary probe."""
+    parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]
+             if part.get("type") in ("image", "image_url")]
+    images = []
+    for span, image, part in zip(r.images, r.pixels, parts, strict=True):
+        cells = part.get("cells")
+        if cells is not None:
+            if tuple(cells.shape[:2]) != span.grid:
+                raise ValueError(f"cell labels of shape {cells.shape} for an image of {span.grid} cells")
+            cells = torch.from_numpy(cells.reshape(-1, 2))
+        images.append(ExampleImage(span.pad_positions(), image.pixels, cells))
+    return Example(r.ids, r.spans, images)
 
 
 class Batches:
@@ -243,9 +261,9 @@ class Batches:
 
     def next(self) -> list[Example]:
         if not self.ready:
-            rendered = [data.render(self.tok, m, self.loss_on, self.prompts)
-                        for m in itertools.islice(self.stream, self.pool)]
-            examples = sorted((example(r) for r in rendered), key=lambda e: len(e.tokens))
+            conversations = list(itertools.islice(self.stream, self.pool))
+            examples = sorted((example(data.render(self.tok, m, self.loss_on, self.prompts), m) for m in conversations),
+                              key=lambda e: len(e.tokens))
             batch: list[Example] = []
             for e in examples:  # ascending, so the newest example is the longest row
                 if batch and (len(batch) + 1) * (-(-len(e.tokens) // self.pad_to) * self.pad_to) > self.tokens:
@@ -493,11 +511,27 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     groups = [(list(model.parameters()), 1.0)]
     if args.init_from is not None:
         base = NLDConfig.from_file(args.init_from)
-        model.load_state_dict({k: v.float() for k, v in load_weights(args.init_from, base).items()}, strict=True)
+        weights = {k: v.float() for k, v in load_weights(args.init_from, base).items()}
+        for name in ("encoder.embed_tokens.weight", "diffusion_head.weight"):
+            for new_id, old_id in SEEDED_ROWS.items():
+                weights[name][new_id] = weights[name][old_id]
+        model.load_state_dict(weights, strict=True)
         groups = [(list(model.parameters()), args.backbone_lr_scale)]
     vision = None if vlm is None else init_vision(VisionEncoder(vlm), std=0.02, seed=args.seed).train()
     if vision is not None:
-        groups.append((list(vision.parameters()), 1.0))
+        # The tower's and projector's RMSNorm weights stay at 1: trained, ln_pre's fell from 1 to 0.02 within 200
+        # steps (from scratch and from the text model alike), every patch then normalised to the same vector and
+        # every image row became one large constant, a picture the model had learned to ignore.
+        for name, p in vision.named_parameters():
+            p.requires_grad_(not name.endswith("norm.weight"))
+        groups.append(([p for p in vision.parameters() if p.requires_grad], 1.0))
+    # the auxiliary probe (training only, not saved): each image row's cell colour and object kind
+    colours = len(pictures.COLOURS) + 1
+    probe = None
+    if vision is not None and args.probe_weight > 0:
+        torch.manual_seed(args.seed + 5)
+        probe = torch.nn.Linear(config.hidden_size, colours + len(pictures.CELL_KINDS))
+        groups.append((list(probe.parameters()), 1.0))
     trained = [t for ts, _ in groups for t in ts]
     seed = args.seed + 2 + 1000 * rank
     if vlm is None:
@@ -522,8 +556,11 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
         batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule, PAD_TO)
-        losses = joint_loss(model, batch, args.dlm_weight, vision)
-        return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
+        losses = joint_loss(model, batch, args.dlm_weight, vision, probe, colours, args.probe_weight)
+        logged = {"ar": losses.ar, "dlm": losses.dlm}
+        if probe is not None:  # every worker logs the same keys (a batch without pictures counts 0)
+            logged["cells"] = losses.cells or 0.0
+        return losses.total, logged
 
     def weights() -> dict[str, torch.Tensor]:
         state = dict(model.state_dict())

@@ -20,7 +20,7 @@ from nld_trt.evaluate import extract_answer, gold_answer
 from nld_trt.serving.protocol import Limits, prepare
 from nld_trt.tiny import IMAGE_PAD_ID, VLM_EOS_ID
 from nld_trt.training import data, pictures
-from nld_trt.training.objective import CLEAN, NOISY, Example, input_embeddings, joint_loss, make_batch
+from nld_trt.training.objective import CLEAN, IGNORE, NOISY, Example, ExampleImage, input_embeddings, joint_loss, make_batch
 
 LIMITS = Limits(max_tokens_cap=64, default_max_tokens=8, streaming=True, max_prompt_bytes=1 << 22)
 
@@ -95,6 +95,29 @@ def test_a_description_names_every_object_left_to_right():
         else:
             assert answer == f"I see the digit {scene.items[0].value} in {scene.items[0].colour}."
     assert "describe" not in {r["group"] for r in pictures.evaluation_set(per_kind=5)}
+
+
+def test_cell_labels_say_what_covers_each_28_pixel_cell():
+    square = pictures.Shape("square", "blue", 84, 84, 28)  # exactly cells (2, 2) .. (3, 3)
+    scene = pictures.Scene("shapes", (224, 168), (255, 255, 255), (square,))
+    labels = scene.cell_labels()
+    assert labels.shape == (6, 8, 2)
+    blue, kind = list(pictures.COLOURS).index("blue") + 1, pictures.CELL_KINDS.index("square")
+    inside = np.zeros((6, 8), dtype=bool)
+    inside[2:4, 2:4] = True
+    assert (labels[inside] == (blue, kind)).all() and (labels[~inside] == 0).all()
+    digit = pictures.Scene("digit", (224, 224), (255, 255, 255), (pictures.Digit(1, "red", 100, 20, 60, 180, 20),))
+    kinds = digit.cell_labels()[..., 1]
+    assert set(np.unique(kinds)) == {0, pictures.CELL_KINDS.index("digit")}
+    assert (kinds[:, :4] == 0).all() and (kinds[1:6, 5] == pictures.CELL_KINDS.index("digit")).all()  # the right stroke
+    with pytest.raises(ValueError, match="not whole 28-pixel cells"):
+        pictures.Scene("shapes", (200, 200), (255, 255, 255), (square,)).cell_labels()
+    # training pictures carry them; the evaluation's do not need them
+    conv = next(c for c in pictures.conversations(0) if isinstance(c[-2]["content"], list) or isinstance(c[0]["content"], list))
+    part = next(p for m in conv if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+    assert part["cells"].shape[:2] == (part["image"].size[1] // 28, part["image"].size[0] // 28)
+    assert all("cells" not in p for r in pictures.evaluation_set(per_kind=2) for m in r["messages"]
+               if isinstance(m["content"], list) for p in m["content"])
 
 
 def test_digits_are_seven_segment_drawings_that_differ():
@@ -207,7 +230,8 @@ def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm
     r = data.render(tok, conv, prompts=prompts)
     (span,) = r.images
     pads = span.pad_positions()
-    ex = Example(r.ids, r.spans, [(pads, r.pixels[0].pixels)])
+    cells = torch.from_numpy(it.scene.cell_labels().reshape(-1, 2))
+    ex = Example(r.ids, r.spans, [ExampleImage(pads, r.pixels[0].pixels, cells)])
     rt = data.render(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "2"}])
     text = Example(rt.ids, rt.spans)
     g = torch.Generator().manual_seed(0)
@@ -226,6 +250,9 @@ def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm
             found_noisy_pad |= p in pads
         assert int(batch.positions[1, noisy[0]]) > s0 - 32
     assert found_noisy_pad
+    assert torch.equal(batch.cells, cells)  # the probe's labels line up with the batch's image rows
+    unlabelled = make_batch([Example(r.ids, r.spans, [ExampleImage(pads, r.pixels[0].pixels)])], 8, 100, VLM_EOS_ID, g)
+    assert (unlabelled.cells == IGNORE).all()
 
     torch.manual_seed(0)
     config = tiny_vlm_config()
@@ -237,9 +264,12 @@ def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm
     image = batch.image_index >= 0
     assert torch.equal(embeds[~image], plain[~image])
     assert torch.allclose(embeds[image], rows[batch.image_index[image]])
-    loss = joint_loss(model, batch, 1.0, vision)
+    probe = torch.nn.Linear(config.text.hidden_size, len(pictures.COLOURS) + 1 + len(pictures.CELL_KINDS))
+    loss = joint_loss(model, batch, 1.0, vision, probe, len(pictures.COLOURS) + 1)
+    assert loss.cells is not None and loss.cells > 0
     loss.total.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*vision.parameters(), *probe.parameters()])
+    assert joint_loss(model, unlabelled, 1.0, vision, probe, len(pictures.COLOURS) + 1).cells is None
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="needs the vision encoder"):
         input_embeddings(model, batch, None)

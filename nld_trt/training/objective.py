@@ -5,7 +5,11 @@ A sequence is a rendered conversation (`nld_trt.training.data.render`): its toke
 carry the loss, one per trained assistant turn (the answer and its EOS). A single question is the case of
 one span at the end. A vision-language conversation also carries its images: each image's pixels and the
 positions of its `<|image_pad|>` tokens, whose embeddings the vision encoder's rows replace (in both copies,
-wherever such a position appears), as serving's prefill does; the encoder trains with the model.
+wherever such a position appears), as serving's prefill does; the encoder trains with the model. Where an
+image has per-cell labels (what covers each cell: colour and kind of object), an auxiliary linear probe
+(training only, never saved) must read them from its rows: a dense signal that keeps the rows of a tower
+trained from scratch informative (without it they collapsed to one constant vector before the model learned
+to read them).
 
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
 whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with
@@ -49,11 +53,17 @@ class MaskSchedule:
 
 
 @dataclass
+class ExampleImage:
+    pads: list[int]  # positions of its pads, in the order of the encoder's rows (raster order of its cells)
+    pixels: torch.Tensor  # [3, H, W], normalised
+    cells: torch.Tensor | None = None  # [cells, 2] (colour class, kind class) per cell, for the auxiliary probe
+
+
+@dataclass
 class Example:
     tokens: list[int]  # the rendered conversation
     spans: list[tuple[int, int]]  # [start, end) of each trained answer (ending with its EOS), in order
-    # per image: the positions of its pads (in the order of the encoder's rows) and its pixels [3, H, W]
-    images: list[tuple[list[int], torch.Tensor]] = field(default_factory=list)
+    images: list[ExampleImage] = field(default_factory=list)  # in prompt order
 
     @classmethod
     def single(cls, prompt: list[int], answer: list[int]) -> Example:
@@ -74,6 +84,7 @@ class JointBatch:
     teacher: torch.Tensor  # [N, S] slot of the clean logits that predict a masked slot's token (-1: none)
     image_index: torch.Tensor | None = None  # [N, S] row of the batch's image rows replacing the slot's embedding
     images: list[torch.Tensor] = field(default_factory=list)  # the batch's images' pixels, in row order
+    cells: torch.Tensor | None = None  # [rows, 2] labels of the batch's image rows (IGNORE: unlabelled)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -121,15 +132,19 @@ def make_batch(
     }
     count = 0
     images: list[torch.Tensor] = []
+    cells: list[torch.Tensor] = []
     image_index = torch.full((n, s), -1, dtype=torch.long) if any(e.images for e in examples) else None
     row_base = 0  # the first image row of the next image
     for i, (e, r) in enumerate(zip(examples, rows)):
         if e.images:
             at: dict[int, int] = {}
-            for pads, pixels in e.images:
-                at.update({p: row_base + k for k, p in enumerate(pads)})
-                row_base += len(pads)
-                images.append(pixels)
+            for image in e.images:
+                at.update({p: row_base + k for k, p in enumerate(image.pads)})
+                row_base += len(image.pads)
+                images.append(image.pixels)
+                if image.cells is not None and image.cells.shape != (len(image.pads), 2):
+                    raise ValueError(f"an image of {len(image.pads)} cells has labels of shape {tuple(image.cells.shape)}")
+                cells.append(image.cells if image.cells is not None else torch.full((len(image.pads), 2), IGNORE))
             slots = torch.cat([torch.arange(len(r["clean"])), tc + torch.arange(len(r["noisy"]))])
             where = torch.cat([torch.arange(len(r["clean"])), torch.tensor(r["positions"], dtype=torch.long)])
             index = torch.tensor([at.get(int(p), -1) for p in where], dtype=torch.long)
@@ -148,7 +163,8 @@ def make_batch(
         out["dlm_weights"][i, z] = torch.tensor(r["dlm_weights"])
         out["teacher"][i, z] = torch.tensor(r["teacher"])
         count += r["maskable"]
-    return JointBatch(dlm_count=count, **out, image_index=image_index, images=images)
+    return JointBatch(dlm_count=count, **out, image_index=image_index, images=images,
+                      cells=torch.cat(cells).long() if cells else None)
 
 
 def _row(e: Example, b: int, mask_id: int, eos_id: int, g: torch.Generator, sch: MaskSchedule) -> dict:
@@ -207,14 +223,22 @@ class Losses:
     total: torch.Tensor
     ar: float
     dlm: float
+    cells: float | None = None  # the auxiliary probe's loss (batches with labelled images)
 
 
-def input_embeddings(model: NLDModel, batch: JointBatch, vision=None) -> torch.Tensor | None:
-    """The backbone's input for a batch with images: token embeddings with every image slot's replaced by its
-    row from `vision` (an `nld_trt.vision.tower.VisionEncoder`; the images of each size as one batch, rather
-    than all under a block-diagonal mask, which would cost far more); None for a text-only batch."""
-    if batch.image_index is None:
+def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, colours: int) -> torch.Tensor | None:
+    """Cross-entropy of the probe's colour (first `colours` logits) and kind (the rest) for every labelled row."""
+    labelled = cells[:, 0] != IGNORE
+    if not labelled.any():
         return None
+    logits = probe(rows[labelled]).float()
+    return (F.cross_entropy(logits[:, :colours], cells[labelled, 0])
+            + F.cross_entropy(logits[:, colours:], cells[labelled, 1]))
+
+
+def image_rows(batch: JointBatch, vision) -> torch.Tensor:
+    """[rows, hidden]: every image of the batch through `vision` (an `nld_trt.vision.tower.VisionEncoder`; the
+    images of each size as one batch, rather than all under a block-diagonal mask, which would cost far more)."""
     if vision is None:
         raise ValueError("a batch with images needs the vision encoder")
     sizes: dict[tuple[int, ...], list[int]] = {}
@@ -224,21 +248,38 @@ def input_embeddings(model: NLDModel, batch: JointBatch, vision=None) -> torch.T
     for same in sizes.values():
         for i, r in zip(same, vision.forward_batch(torch.stack([batch.images[i] for i in same]))):
             encoded[i] = r
-    rows = torch.cat(encoded)
+    return torch.cat(encoded)
+
+
+def input_embeddings(model: NLDModel, batch: JointBatch, vision=None, rows: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
+    """The backbone's input for a batch with images: token embeddings with every image slot's replaced by its
+    row (`rows`, else `image_rows(batch, vision)`); None for a text-only batch."""
+    if batch.image_index is None:
+        return None
+    rows = image_rows(batch, vision) if rows is None else rows
     x = model.embed(batch.tokens)
     image = batch.image_index >= 0
     return torch.where(image[..., None], rows[batch.image_index.clamp(min=0)].to(x.dtype), x)
 
 
-def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None) -> Losses:
+def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None, probe=None,
+               probe_colours: int = 0, probe_weight: float = 1.0) -> Losses:
     """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
-    ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images)."""
-    embeds = input_embeddings(model, batch, vision)
+    ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images),
+    + `probe_weight` x the auxiliary probe's loss on labelled image rows (`probe`: rows -> `probe_colours`
+    colour logits then kind logits)."""
+    rows = image_rows(batch, vision) if batch.image_index is not None else None
+    embeds = input_embeddings(model, batch, vision, rows)
     logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
     ar = F.cross_entropy(logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
-    return Losses(ar + dlm_weight * dlm, ar.item(), dlm.item())
+    total = ar + dlm_weight * dlm
+    aux = None if probe is None or rows is None else cell_loss(probe, rows, batch.cells, probe_colours)
+    if aux is not None:
+        total = total + probe_weight * aux
+    return Losses(total, ar.item(), dlm.item(), None if aux is None else aux.item())
 
 
 class PositionalLoRA(LoRA):

@@ -20,6 +20,11 @@ Training also asks `describe` ("Describe the picture."): every object named with
 (for a chart, its bars; for a digit, the digit and its colour), the dense supervision a tower trained from
 scratch learns to see from fastest; the evaluation set asks only the exact-answer kinds.
 
+Each training picture also carries per-cell labels (`Scene.cell_labels`: for every 28-pixel cell, the colour
+and the kind of object covering most of it), which the recipe's auxiliary probe reads from the encoder's rows:
+without that dense signal the rows of a tower trained from scratch collapsed to one constant vector, every
+cell the same, before the model learned to read them.
+
 Conversations (`conversations`) are lists of OpenAI-style messages whose user turns hold image content parts
 (`{"type": "image", "image": PIL image}`), rendered by the checkpoint's chat template as serving renders them
 (`nld_trt.training.data.render` with a prompt encoder). A share are text-only arithmetic conversations from
@@ -45,6 +50,8 @@ BACKGROUNDS = ((255, 255, 255), (240, 240, 240), (250, 245, 230), (230, 240, 250
 SHAPES = ("circle", "square", "triangle")
 SIZES = ((224, 224), (224, 224), (224, 168), (168, 224), (196, 196))  # the tiny VLM caps the longest edge at 224
 KINDS = ("count", "colour", "shape", "position", "digit", "bars")  # evaluated (exact answers)
+CELL = 28  # pixels per image token (patch 14 x merge 2): every training canvas is whole cells, under the 224 cap
+CELL_KINDS = ("background", "circle", "square", "triangle", "bar", "digit")  # cell label classes (colour: 0 + 1..6)
 TRAIN_KINDS = KINDS + ("describe",)
 SCENE_OF_KIND = {"count": "shapes", "colour": "shapes", "shape": "shapes", "position": "shapes", "digit": "digit",
                  "bars": "bars"}
@@ -108,26 +115,58 @@ class Scene:
         from PIL import Image, ImageDraw
 
         image = Image.new("RGB", self.size, self.background)
+        self._paint(image, lambda colour, kind: COLOURS[colour])
+        if self.kind == "bars":
+            w, h = self.size
+            ImageDraw.Draw(image).line((8, h - 16, w - 8, h - 16), fill=(60, 60, 60), width=2)
+        return image
+
+    def _paint(self, image, fill) -> None:
+        """Draw every object onto `image` with `fill(colour, kind)` (a colour, or a label for a label map)."""
+        from PIL import ImageDraw
+
         d = ImageDraw.Draw(image)
         if self.kind == "shapes":
             for s in self.items:
                 box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
                 if s.shape == "circle":
-                    d.ellipse(box, fill=COLOURS[s.colour])
+                    d.ellipse(box, fill=fill(s.colour, s.shape))
                 elif s.shape == "square":
-                    d.rectangle(box, fill=COLOURS[s.colour])
+                    d.rectangle(box, fill=fill(s.colour, s.shape))
                 else:
-                    d.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=COLOURS[s.colour])
+                    d.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)],
+                              fill=fill(s.colour, s.shape))
         elif self.kind == "digit":
             for g in self.items:
                 for box in _segments(g):
-                    d.rectangle(box, fill=COLOURS[g.colour])
+                    d.rectangle(box, fill=fill(g.colour, "digit"))
         else:
             for box, bar in zip(self.bar_boxes(), self.items):
-                d.rectangle(box, fill=COLOURS[bar.colour])
-            w, h = self.size
-            d.line((8, h - 16, w - 8, h - 16), fill=(60, 60, 60), width=2)
-        return image
+                d.rectangle(box, fill=fill(bar.colour, "bar"))
+
+    def cell_labels(self, cell: int = CELL, cover: float = 0.15):
+        """[rows, cols, 2] int64 per `cell`-pixel cell: its colour class (0 background, 1.. the COLOURS in order)
+        and its CELL_KINDS class, those of the object covering most of the cell, or background where objects
+        cover less than `cover` of it. The canvas must be whole cells (every training size is)."""
+        import numpy as np
+        from PIL import Image
+
+        w, h = self.size
+        if w % cell or h % cell:
+            raise ValueError(f"a {w} x {h} canvas is not whole {cell}-pixel cells")
+        colours, kinds = list(COLOURS), list(CELL_KINDS)
+        label = Image.new("L", self.size, 0)  # an object's pixels: 1 + colour index x len(kinds) + kind index
+        self._paint(label, lambda colour, kind: 1 + colours.index(colour) * len(kinds) + kinds.index(kind))
+        rows, cols = h // cell, w // cell
+        grid = np.asarray(label).reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+        out = np.zeros((rows, cols, 2), dtype=np.int64)
+        for r in range(rows):
+            for c in range(cols):
+                values, counts = np.unique(grid[r, c][grid[r, c] > 0], return_counts=True)
+                if counts.sum() >= cover * cell * cell:
+                    v = int(values[counts.argmax()]) - 1
+                    out[r, c] = (1 + v // len(kinds), v % len(kinds))
+        return out
 
     def bar_boxes(self) -> list[tuple[int, int, int, int]]:
         w, h = self.size
@@ -368,11 +407,12 @@ def followups(scene: Scene, asked: Question, rng: random.Random, train: bool = F
 
 
 def items(seed: int, exclude: Iterable[str] = ()) -> Iterator[Item]:
-    """An endless seeded stream of pictures with a first question of any training kind, drawn at random."""
+    """An endless seeded stream of pictures with a first question of any training kind, drawn at random (a
+    description twice as often as each other kind: it says the most about the picture)."""
     rng = random.Random(f"pictures-{seed}")
     skip = set(exclude)
     while True:
-        yield item(rng.choice(TRAIN_KINDS), rng, skip)
+        yield item(rng.choice(TRAIN_KINDS + ("describe",)), rng, skip)
 
 
 # Conversations ----------------------------------------------------------------------------------------
@@ -403,8 +443,12 @@ class PictureMix:
     p_system: float = 0.2
 
 
-def image_turn(scene: Scene, question: str, text_first: bool = False) -> dict:
-    parts = [{"type": "image", "image": scene.draw()}, {"type": "text", "text": question}]
+def image_turn(scene: Scene, question: str, text_first: bool = False, labels: bool = False) -> dict:
+    """A user turn: the picture (with its `cell_labels` under "cells" when `labels`, for training) and the question."""
+    image = {"type": "image", "image": scene.draw()}
+    if labels:
+        image["cells"] = scene.cell_labels()
+    parts = [image, {"type": "text", "text": question}]
     return {"role": "user", "content": parts[::-1] if text_first else parts}
 
 
@@ -427,7 +471,7 @@ def conversations(seed: int, exclude_scenes: Iterable[str] = (), exclude_questio
             messages += data.qa_messages([next(problems)])
         for k in range(2 if rng.random() < mix.p_new_picture else 1):
             it = next(pictures)
-            messages.append(image_turn(it.scene, it.question.question, rng.random() < mix.p_text_first))
+            messages.append(image_turn(it.scene, it.question.question, rng.random() < mix.p_text_first, labels=True))
             messages.append({"role": "assistant", "content": it.question.answer})
             for q in followups(it.scene, it.question, rng, train=True)[: mix.max_followups]:
                 if rng.random() >= mix.p_followup:
