@@ -288,7 +288,7 @@ def sample_image(output, kind, seed) -> None:
         raise NLDError(f"OUTPUT {output!r}: name the image format by its suffix ({', '.join(IMAGE_FORMATS)})")
     if not out.resolve().parent.is_dir():
         raise NLDError(f"OUTPUT {output!r}: the directory {str(out.parent)!r} does not exist")
-    item = pictures.sample(kind, pictures.SAMPLE_SEED if seed is None else seed)
+    item = pictures.sample(kind, seed)
     fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".partial")
     try:
         with os.fdopen(fd, "wb") as f:

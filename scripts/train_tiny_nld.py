@@ -336,8 +336,13 @@ def is_main() -> bool:
 
 
 def average_gradients(params: list[torch.Tensor]) -> None:
-    """One all-reduce of every gradient, flattened, divided by the number of workers."""
-    grads = [p.grad for p in params if p.grad is not None]
+    """One all-reduce of every gradient, flattened, divided by the number of workers. A parameter this worker's
+    batch did not reach (the tower or the probe on a batch without pictures) counts as a zero gradient, so every
+    worker reduces the same tensors."""
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grads = [p.grad for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
     flat /= dist.get_world_size()

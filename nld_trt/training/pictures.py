@@ -42,7 +42,8 @@ from . import data
 
 EVAL_SEED = 20261203
 EVAL_PER_KIND = 50  # questions per kind in the evaluation set (and as many follow-ups and arithmetic rows)
-SAMPLE_SEED = 7  # `nld-trt sample-image`'s default picture
+SAMPLE_SEEDS = {"count": 25}  # `nld-trt sample-image`'s default picture of a kind (the README's: count)
+SAMPLE_SEED = 7  # of the other kinds
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20),
            "purple": (140, 60, 170), "orange": (245, 130, 30)}
@@ -525,8 +526,9 @@ def evaluation_set(per_kind: int = EVAL_PER_KIND, seed: int = EVAL_SEED) -> list
     return rows
 
 
-def sample(kind: str = "count", seed: int = SAMPLE_SEED) -> Item:
-    """One picture and question of `kind` (for `nld-trt sample-image` and the README)."""
+def sample(kind: str = "count", seed: int | None = None) -> Item:
+    """One picture and question of `kind` (for `nld-trt sample-image` and the README; seed None: the default)."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+    seed = SAMPLE_SEEDS.get(kind, SAMPLE_SEED) if seed is None else seed
     return item(kind, random.Random(f"sample-{kind}-{seed}"))
