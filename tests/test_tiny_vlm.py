@@ -139,3 +139,18 @@ def test_sample_image_writes_a_whole_picture_or_nothing(tmp_path, capsys):
         main(["sample-image", str(tmp_path / "c.txt")])
     assert "name the image format by its suffix" in capsys.readouterr().err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "b.jpg"]  # no partial file left
+
+
+def test_eval_of_the_picture_set_defaults_to_the_embedded_vlm():
+    """Without --model, shapes_synth is asked of the tiny VLM (the text model would refuse its images) and
+    gsm_synth of the text model, in one command."""
+    from click.testing import CliRunner
+
+    from nld_trt.evaluate import eval_command
+
+    result = CliRunner().invoke(eval_command, ["--tasks", "shapes_synth,gsm_synth", "--limit", "1", "--max-new-tokens",
+                                               "4", "--json"])
+    assert result.exit_code == 0, result.output
+    summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert [(s["task"], s["problems"]) for s in summaries] == [("shapes_synth", 8), ("gsm_synth", 1)]
+    assert set(summaries[0]["groups"]) == {*pictures.KINDS, "followup", "arithmetic"}
