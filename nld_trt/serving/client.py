@@ -23,7 +23,7 @@ from .protocol import INPUT_TYPES
 
 STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
 NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
-               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16}
+               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
 
 
 class ClientError(NLDError):
@@ -112,9 +112,12 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
             raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
         spec = INPUT_TYPES[name]
         wire = spec.wire_type
-        items = list(value) if spec.kind in ("list", "words") else [value]
-        items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
-        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
+        if spec.kind == "array":  # image pixels [images, H, W, 3], image sizes [images, 2]: one request's, as they are
+            array = np.asarray(value, dtype=NUMPY_TYPES[wire])[None]
+        else:
+            items = list(value) if spec.kind in ("list", "words") else [value]
+            items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
+            array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
         tensor = grpcclient.InferInput(name, list(array.shape), wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
