@@ -323,3 +323,78 @@ def test_a_front_end_without_an_allow_list_fetches_nothing(stack, pictures):
         assert e.value.body["param"] == "messages[0].content[0]"
         assert "started without --allowed-media-domains" in e.value.body["message"]
         assert c.chat.completions.create(model="nld", messages=turn(image_part(URL_C)), max_tokens=2).choices
+
+
+# the chat page ----------------------------------------------------------------------------------------
+def drawing(kind: str) -> Image.Image:
+    """Pictures a person might attach (the tiny model's weights are random: what it answers is not the point)."""
+    from PIL import ImageDraw
+
+    image = Image.new("RGB", (168, 112), "white")
+    draw = ImageDraw.Draw(image)
+    if kind == "circles":
+        for x, colour in ((40, "#d62828"), (110, "#f77f00")):
+            draw.ellipse((x - 28, 28, x + 28, 84), fill=colour)
+    elif kind == "squares":
+        for x in (20, 70, 120):
+            draw.rectangle((x, 36, x + 34, 70), fill="#1d70b8")
+    else:
+        draw.polygon(((84, 14), (20, 98), (148, 98)), fill="#2a9d2a")
+    return image
+
+
+DROP = """
+const [b64, name, kind] = arguments;
+const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+const transfer = new DataTransfer();
+transfer.items.add(new File([bytes], name, { type: "image/png" }));
+const event = kind === "paste"
+  ? new ClipboardEvent("paste", { clipboardData: transfer, bubbles: true, cancelable: true })
+  : new DragEvent("drop", { dataTransfer: transfer, bubbles: true, cancelable: true });
+document.getElementById(kind === "paste" ? "prompt" : "log").dispatchEvent(event);
+"""
+
+
+def test_a_person_attaches_pastes_and_drops_images_on_the_chat_page(tiny_vlm, stack, tmp_path):
+    from page_driver import By, ask, chromium, content, ready, set_field, wait
+    from selenium.webdriver.support.ui import Select
+
+    pngs = {kind: encoded(drawing(kind)) for kind in ("circles", "squares", "triangle")}
+    (tmp_path / "circles.png").write_bytes(pngs["circles"])
+    browser = chromium(1100, 820)
+    try:
+        ready(browser, stack.base_url)
+        Select(browser.find_element(By.ID, "mode")).select_by_value("linear_spec")
+        set_field(browser, "block-length", "8")
+        set_field(browser, "max-tokens", str(TOKENS))
+        attached = lambda: browser.find_elements(By.CSS_SELECTOR, "#attachments img")  # noqa: E731
+        browser.find_element(By.ID, "file").send_keys(str(tmp_path / "circles.png"))  # the file picker
+        wait(lambda: len(attached()) == 1, what="the picked image's thumbnail")
+        browser.execute_script(DROP, base64.b64encode(pngs["squares"]).decode(), "squares.png", "paste")
+        wait(lambda: len(attached()) == 2, what="the pasted image's thumbnail")
+        first = ask(browser, "How many shapes are there?", 0)
+        assert attached() == []  # sent with the message
+        question = turn(image_part(data_url(pngs["circles"])), image_part(data_url(pngs["squares"])),
+                        "How many shapes are there?")
+        want = reference(tiny_vlm, question, "linear_spec")
+        assert content(first) == want.text
+        user_turn = browser.find_elements(By.CSS_SELECTOR, ".turn.user")[0]
+        assert len(user_turn.find_elements(By.CSS_SELECTOR, ".thumbs img")) == 2
+        stats = first.find_element(By.CSS_SELECTOR, ".stats").text
+        for part in (f"{len(want.token_ids)} tokens", f"{want.stats.nfe} forward passes",
+                     f"prompt {len(want.prompt_token_ids)}", "tok/s"):
+            assert part in stats, stats
+
+        browser.execute_script(DROP, base64.b64encode(pngs["triangle"]).decode(), "triangle.png", "drop")
+        wait(lambda: len(attached()) == 1, what="the dropped image's thumbnail")
+        second = ask(browser, "And now?", 1)
+        conversation = question + [{"role": "assistant", "content": want.text}] + turn(
+            image_part(data_url(pngs["triangle"])), "And now?")
+        want2 = reference(tiny_vlm, conversation, "linear_spec")
+        assert content(second) == want2.text  # the earlier turn's images went along
+        assert f"prompt {len(want2.prompt_token_ids)}" in second.find_element(By.CSS_SELECTOR, ".stats").text
+        shot = tmp_path / "openai-chat-page-images.png"
+        assert browser.save_screenshot(str(shot)) and shot.stat().st_size > 10_000
+        print(f"\nscreenshot of the chat page with images: {shot}")
+    finally:
+        browser.quit()

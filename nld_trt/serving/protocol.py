@@ -374,8 +374,13 @@ def template_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def conversation(fields: dict[str, Any]) -> list[dict[str, Any]]:
-    """`messages`: a non-empty JSON list of {role, content} strings."""
+    """`messages`: a non-empty JSON list of {role, content} strings (the tokenizer model's: it counts text only,
+    so an image part is refused, named)."""
     messages = _json("messages", fields["messages"])
+    parts = image_parts(messages)
+    if parts:
+        raise GenerationError(f"{parts[0][0]}: the tokenizer model counts text only: it decodes no images, so it "
+                              "cannot count an image's positions (the nld model's num_input_tokens counts them)")
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages
