@@ -125,15 +125,16 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--random", "random_kind", default="tiny", show_default=True,
               help="--images without --model: a random VLM, tiny or 8b-tower")
 @click.option("--image-size", default="448x336", show_default=True, help="--images: each image request's picture")
-@click.option("--stall-size", default="1400x1400", show_default=True, help="--images: the large image of the stall run")
+@click.option("--stall-size", default="840x840", show_default=True, help="--images: the large image of the stall run")
+@click.option("--sections", default="stall,load,ttft", show_default=True, help="--images: which measurements to run")
 def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurrency, n_requests, max_batch, threads,
-         fresh_streams, json_out, images, random_kind, image_size, stall_size) -> None:
+         fresh_streams, json_out, images, random_kind, image_size, stall_size, sections) -> None:
     import torch
 
     if images:
         return images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_length,
                            [int(c) for c in concurrency.split(",")], n_requests, max_batch, threads, image_size,
-                           stall_size, json_out)
+                           stall_size, sections.split(","), json_out)
 
     import nld_trt
     from nld_trt.serving.client import GrpcClient
@@ -291,8 +292,8 @@ def submit(scheduler, nld, limits, fields: dict) -> Collect:
 
 def stall(nld, limits, workers: int, big: tuple[int, int], block: int, seed: int) -> dict:
     """A 400-token `ar` text stream; after 40 of its tokens a request with a `big` image arrives. Its response gaps
-    while that image is prepared and encoded (the window: from submitting it until its first response) against
-    the gaps before it."""
+    while that image is prepared, encoded and prefilled (the window: from submitting it until its first response)
+    against the gaps before it."""
     from nld_trt.serving.backend import Scheduler
 
     nld.image_encoder.clear()
@@ -309,12 +310,15 @@ def stall(nld, limits, workers: int, big: tuple[int, int], block: int, seed: int
         text.event.wait()
     finally:
         scheduler.stop()
+    if image.failure or text.failure:
+        raise RuntimeError(f"the stall run failed: {image.failure or text.failure}")
     first = image.times[0]
     gaps = list(zip(text.times[1:], [b - a for a, b in zip(text.times, text.times[1:])]))
     per_token = lambda window: [g / max(1, n) for (t, g), n in window]  # noqa: E731
     steps = [b - a for a, b in zip(text.tokens, text.tokens[1:])]
     before = [((t, g), n) for (t, g), n in zip(gaps, steps) if t < sent]
-    during = [((t, g), n) for (t, g), n in zip(gaps, steps) if sent <= t <= first]
+    # a gap overlapping the window counts (the text's response after the image's prefill ends the longest one)
+    during = [((t, g), n) for (t, g), n in zip(gaps, steps) if t > sent and t - g < first]
     return {"workers": workers, "image_ttft_s": first - sent, "encode_s": nld.image_encoder.encode_s - encoded_before,
             "before_p50_ms": 1e3 * statistics.median(per_token(before)),
             "during_p50_ms": 1e3 * statistics.median(per_token(during)) if during else float("nan"),
@@ -334,7 +338,7 @@ def load_run(run_one, jobs: list[dict], concurrency: int) -> dict:
 
 
 def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_length, levels, n_requests, max_batch,
-                threads, image_size, stall_size, json_out) -> None:
+                threads, image_size, stall_size, sections, json_out) -> None:
     import torch
 
     import nld_trt
@@ -361,10 +365,12 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
         results: dict = {"model": what, "threads": threads, "image_size": list(size), "stall_size": list(big),
                          "max_tokens": max_tokens, "block_length": block, "stall": [], "load": {}, "ttft": {}}
 
-        print(f"1. the stall: {big[0]}x{big[1]} image while a text request streams", file=sys.stderr)
-        for rep in range(2):  # interleaved: the scheduler thread, then the worker, twice
+        for rep in range(2 if "stall" in sections else 0):  # interleaved: the scheduler thread, then the worker, twice
+            print(f"1. the stall: a {big[0]}x{big[1]} image while a text request streams", file=sys.stderr)
             for workers in (0, 1):
                 results["stall"].append(stall(nld, limits, workers, big, block, seed=100 + 2 * rep + workers))
+        if "load" not in sections and "ttft" not in sections:
+            return report(results, what, size, big, threads, max_tokens, block, max_batch, json_out)
 
         print("2. load: image and text requests, in-process and served", file=sys.stderr)
         seeds = iter(range(1000, 100000))
@@ -400,7 +406,7 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
             served(jobs("image", 1)[0])  # warm-up
             scheduler = Scheduler(nld)
             try:
-                for c in levels:
+                for c in levels if "load" in sections else ():
                     for kind in ("text", "image"):
                         n = max(n_requests, c)
                         nld.image_encoder.clear()
@@ -409,7 +415,7 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
                         print(f"  {kind} at concurrency {c} done", file=sys.stderr)
 
                 print("3. time to first token: a fresh image, then the same image again", file=sys.stderr)
-                for where, run in (("in-process", in_process(scheduler)), ("served", served)):
+                for where, run in (("in-process", in_process(scheduler)), ("served", served)) if "ttft" in sections else ():
                     fresh, cached = [], []
                     for i in range(5):
                         fields = request_fields(texts[i % len(texts)], image_url(*size, next(seeds)), "linear_spec", 8,
@@ -422,7 +428,11 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
                 scheduler.stop()
             client.close()
             server.stop()
+    report(results, what, size, big, threads, max_tokens, block, max_batch, json_out)
 
+
+def report(results: dict, what: str, size, big, threads: int, max_tokens: int, block: int, max_batch: int,
+           json_out: str | None) -> None:
     print(f"\n{what}; image {size[0]}x{size[1]} per request, stall image {big[0]}x{big[1]}; {threads} torch thread(s) "
           f"per thread that computes; linear_spec, max_tokens {max_tokens}, block {block}, {max_batch} KV slots")
     print("\n1. a text request's inter-token latency (ms per token, p50) while a large image is prepared and encoded")
