@@ -122,7 +122,10 @@ def check_parts(messages: Any) -> None:
         content = m.get("content") if isinstance(m, dict) else None
         for j, part in enumerate(content if isinstance(content, list) else []):
             param = f"messages[{i}].content[{j}]"
-            kind = part.get("type") if isinstance(part, dict) else None
+            if not isinstance(part, dict):
+                raise RequestError(f'{param}: a content part must be an object, {{"type": "text", ...}} or '
+                                   f'{{"type": "image_url", ...}}, got {json.dumps(part)[:40]}', param=param)
+            kind = part.get("type")
             if kind == "text":
                 continue
             if kind != "image_url":
