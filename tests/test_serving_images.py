@@ -398,3 +398,19 @@ def test_a_person_attaches_pastes_and_drops_images_on_the_chat_page(tiny_vlm, st
         print(f"\nscreenshot of the chat page with images: {shot}")
     finally:
         browser.quit()
+
+
+def test_nld_trt_client_sends_image_files(tiny_vlm, stack, tmp_path):
+    from click.testing import CliRunner
+
+    from nld_trt.serving.cli import client_command
+
+    (tmp_path / "b.png").write_bytes(encoded(B))
+    (tmp_path / "c.jpg").write_bytes(encoded(C, "JPEG"))
+    want = reference(tiny_vlm, turn(image_part(URL_B), image_part(data_url(encoded(C, "JPEG"), "image/jpeg")),
+                                    "Compare them."), "ar")
+    result = CliRunner().invoke(client_command, ["--url", stack.grpc_url, "--image", str(tmp_path / "b.png"),
+                                                 "--image", str(tmp_path / "c.jpg"), "--max-tokens", str(TOKENS),
+                                                 "--block-length", "8", "--json", "Compare them."])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["token_ids"] == want.token_ids

@@ -291,14 +291,19 @@ def _interrupt(signum, frame) -> None:
 @click.option("--logprobs", is_flag=True, help="return each token's log-probability (in --json output)")
 @click.option("--top-logprobs", type=int, default=None, help="with --logprobs: the N likeliest others")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="an image file for a vision-language model (repeatable), sent inline as a data URL "
+              "(image_url_input); PROMPT may hold <|image_start|> where each goes, else they come first")
 def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
-                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
+                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json,
+                   images) -> None:
     """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
     from . import client as c
 
     url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     model_name = model_name or (c.STREAM_MODEL if stream else c.SYNC_MODEL)
-    fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
+    fields = dict(text_input=prompt, image_url_input=[c.data_url(Path(i)) for i in images] or None, mode=mode,
+                  max_tokens=max_tokens, block_length=block_length,
                   threshold=threshold, temperature=temperature, seed=seed, chat=not raw,
                   return_log_probs=logprobs or None, top_logprobs=top_logprobs,
                   **sampling_fields(top_k, top_p, min_p, stop, bad_words))

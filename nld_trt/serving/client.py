@@ -101,6 +101,20 @@ def chunk_from(get: Any) -> Chunk:
     )
 
 
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp"}
+
+
+def data_url(path: Any) -> str:
+    """An image file as a data URL (what `image_url_input` carries; the server decodes and checks it)."""
+    import base64
+    from pathlib import Path
+
+    path = Path(path)
+    media = IMAGE_TYPES.get(path.suffix.lower(), "image/png")
+    return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
 def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
     import tritonclient.grpc as grpcclient
 
