@@ -118,8 +118,7 @@ class PromptEncoder:
     """Text, token ids or chat messages -> a checked `Prompt`, the same for every entry point.
 
     `processor` is the image processor of a vision-language model (None: images are refused, saying
-    `no_images`, by default that `model_name` is text-only); `max_len` the KV-cache positions a sequence has;
-    `max_images` the images one prompt may hold (None: any number; a deployment sets it, `limit_images`)."""
+    `no_images`, by default that `model_name` is text-only); `max_len` the KV-cache positions a sequence has."""
 
     def __init__(self, tokenizer: NLDTokenizer, config: NLDConfig, max_len: int, model_name: str,
                  processor: ImageProcessor | None = None, no_images: str | None = None) -> None:
@@ -130,17 +129,15 @@ class PromptEncoder:
         self.no_images = no_images or text_only(model_name)
         self.image_tokens = ImageTokens.lookup(tokenizer, model_name) if config.is_vlm else None
         self.thinking = thinking_tokens(tokenizer)
-        self.max_images: int | None = None
 
-    def limit_images(self, max_bytes: int, max_pixels: int, max_images: int) -> None:
-        """A deployment's image limits: encoded bytes and pixels per image, images per prompt."""
+    def limit_images(self, max_bytes: int, max_pixels: int) -> None:
+        """A deployment's caps on one image: encoded bytes, decoded pixels (the serving protocol counts images)."""
         from dataclasses import replace
 
         from .vision.processor import ImageProcessor
 
         if self.processor is not None:
             self.processor = ImageProcessor(replace(self.processor.config, max_bytes=max_bytes, max_pixels=max_pixels))
-        self.max_images = max_images
 
     # the entry points ------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], *, chat: bool = True, template_kwargs: dict | None = None,
@@ -201,7 +198,6 @@ class PromptEncoder:
                 if kind == "text" and isinstance(part.get("text"), str):
                     parts.append({"type": "text", "text": part["text"]})
                 elif kind in IMAGE_PART_TYPES:
-                    self.check_image_count(len(images) + 1, where)
                     images.append(self._image(part, where, local_files))
                     parts.append({"type": "image"})
                 else:
@@ -222,7 +218,6 @@ class PromptEncoder:
         images then come first (TensorRT-LLM's convention for Pixtral's `[IMG]`)."""
         if self.processor is None:
             raise GenerationError(f"{images[0][0]}: {self.no_images}")
-        self.check_image_count(len(images), images[-1][0])
         prepared = [self._fits(self.processor.load(value, where, local_files=False), where) for where, value in images]
         if not isinstance(prompt, str):  # token ids: their <|image_start|> tokens mark the places
             ids = list(prompt)
@@ -249,12 +244,6 @@ class PromptEncoder:
             if i < len(images):
                 content.append({"type": "image"})
         return self._templated([{"role": "user", "content": content}], prepared, template_kwargs, field)
-
-    def check_image_count(self, count: int, where: str) -> None:
-        """Refuse the image that takes a prompt over the deployment's images-per-request limit."""
-        if self.max_images is not None and count > self.max_images:
-            raise GenerationError(f"{where}: more than {self.max_images} images in one request, this deployment's "
-                                  "limit: send fewer images")
 
     # the pieces ------------------------------------------------------------------------------------
     def _templated(self, rendered: list[dict], images: list[PreparedImage], template_kwargs: dict | None,

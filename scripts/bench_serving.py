@@ -360,7 +360,7 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
         block = block_length or nld.config.block_size
         limits = Limits(400, max_tokens, streaming=True, max_image_bytes=64 * 1024 * 1024,
                         max_image_pixels=64 * 1024 * 1024)
-        nld.prompts.limit_images(limits.max_image_bytes, limits.max_image_pixels, limits.max_images)
+        nld.prompts.limit_images(limits.max_image_bytes, limits.max_image_pixels)
         texts = prompts(n_prompts, tasks)
         results: dict = {"model": what, "threads": threads, "image_size": list(size), "stall_size": list(big),
                          "max_tokens": max_tokens, "block_length": block, "stall": [], "load": {}, "ttft": {}}

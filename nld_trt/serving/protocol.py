@@ -7,8 +7,10 @@ clients send them as [1, 1] batched tensors, lists as [1, N]), so its clients an
 NLD adds `mode`, `block_length`, `threshold`, `min_p`, `chat`, `messages`, `input_ids`, `prompt_logprobs` and
 the rest of `INPUTS`. Images (a vision-language model): TensorRT-LLM's multimodal ensemble inputs
 `image_url_input` (data URLs) and `image_bytes_input` (RGB pixels, with `image_sizes_input`) beside a text
-prompt, or image parts inside `messages` (nld_trt/prompt.py says where the images go). TensorRT-LLM inputs that nld-trt does not implement (beam search, penalties, prompt
-tables, ...) are accepted at their default value and refused with a clear error otherwise, never ignored.
+prompt, or image parts inside `messages` (nld_trt/prompt.py says where the images go); their count and sizes
+are checked here, before any is decoded. TensorRT-LLM inputs that nld-trt does not implement (beam search,
+penalties, prompt tables, ...) are accepted at their default value and refused with a clear error otherwise,
+never ignored.
 
 Any input may also come as a request parameter (inputs win); an unknown parameter is refused with the list of
 known ones. One integer convention: every integer input is INT32, as TensorRT-LLM types its own, except where
@@ -348,7 +350,7 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
 
 def prompt_fields(fields: dict[str, Any], max_bytes: int, image_bytes: int = 0) -> None:
     """At most one prompt field, and text prompts under the byte cap (checked before anything is tokenized);
-    `messages` may hold `image_bytes` more for its images' data URLs (`message_text_bytes` checks the rest)."""
+    `messages` may hold `image_bytes` more for its images' data URLs (prompt_ids checks its text alone)."""
     given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
     if len(given) > 1:
         raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
@@ -443,9 +445,6 @@ def image_sources(fields: dict[str, Any], limits: Limits) -> list[tuple[str, Any
                 raise GenerationError(f"{where}: the model fetches no URL: send the image inline as a data URL "
                                       "(data:image/png;base64,...); the OpenAI front end fetches http(s) images from the "
                                       "hosts its --allowed-media-domains lists")
-            if len(url) > image_url_bytes(limits):
-                raise GenerationError(f"{where}: the image is over this deployment's limit of {limits.max_image_bytes} "
-                                      "bytes")
             sources.append((where, url))
     if pixels is not None:
         if not hasattr(pixels, "shape"):
@@ -466,10 +465,18 @@ def image_sources(fields: dict[str, Any], limits: Limits) -> list[tuple[str, Any
                 raise GenerationError(f"{where}: image_sizes_input [{h}, {w}] is outside the padded image "
                                       f"[{array.shape[1]}, {array.shape[2]}]")
             sources.append((where, array[i, :h, :w]))
-    if len(sources) > limits.max_images:
-        raise GenerationError(f"{sources[limits.max_images][0]}: more than {limits.max_images} images in one request, "
-                              "this deployment's limit: send fewer images")
+    check_images([(where, len(v) if isinstance(v, str) else 0) for where, v in sources], limits)
     return sources
+
+
+def check_images(images: list[tuple[str, int]], limits: Limits) -> None:
+    """A request's images, (where, data-URL length; 0 for pixels): their count and each data URL's size."""
+    if len(images) > limits.max_images:
+        raise GenerationError(f"{images[limits.max_images][0]}: more than {limits.max_images} images in one request, "
+                              "this deployment's limit: send fewer images")
+    for where, n in images:
+        if n > image_url_bytes(limits):
+            raise GenerationError(f"{where}: the image is over this deployment's limit of {limits.max_image_bytes} bytes")
 
 
 def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits, defer_images: bool = False
@@ -497,13 +504,7 @@ def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits, defer_images: b
         if text_bytes > limits.max_prompt_bytes:
             raise GenerationError(f"messages holds {text_bytes} bytes of text, over this deployment's cap of "
                                   f"{limits.max_prompt_bytes}: send a shorter prompt")
-        if len(parts) > limits.max_images:
-            raise GenerationError(f"{parts[limits.max_images][0]}: more than {limits.max_images} images in one "
-                                  "request, this deployment's limit: send fewer images")
-        for where, n in parts:
-            if n > image_url_bytes(limits):
-                raise GenerationError(f"{where}: the image is over this deployment's limit of {limits.max_image_bytes} "
-                                      "bytes")
+        check_images(parts, limits)
         encode = lambda: nld.prompts.messages(messages, template_kwargs=kwargs, local_files=False)  # noqa: E731
         return encode if parts and defer_images else encode()
     if fields.get("text_input") is not None:

@@ -181,7 +181,7 @@ class TritonPythonModel:
             **{k: int(params[p]) for k, p in (("max_image_bytes", "max_image_bytes"), ("max_image_pixels",
                "max_image_pixels"), ("max_images", "max_images_per_request")) if params.get(p)},
         )
-        self.nld.prompts.limit_images(self.limits.max_image_bytes, self.limits.max_image_pixels, self.limits.max_images)
+        self.nld.prompts.limit_images(self.limits.max_image_bytes, self.limits.max_image_pixels)
         self._metrics(args.get("model_instance_name", self.name))
         start = time.perf_counter()
         self.nld.planner.cost = self.nld.calibrate(progress=log.info)  # the scheduler reuses it
