@@ -209,9 +209,12 @@ class Scheduler:
         elif self._images is None:  # single-thread mode: prepared here, its tower runs at admission
             self._prepare_images(job, encode=False)
         else:
-            with self._entry:
-                self._preparing_jobs[id(job)] = job
-            self._images.submit(self._prepare_images, job)
+            with self._entry:  # a request arriving while the model unloads is answered, never lost
+                if not self._closing:
+                    self._preparing_jobs[id(job)] = job
+                    self._images.submit(self._prepare_images, job)
+                    return
+            self._post(job, lambda sink: sink.error("the model is being unloaded"), final=True)
 
     @property
     def preparing(self) -> int:
