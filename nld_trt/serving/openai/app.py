@@ -11,8 +11,9 @@ A streaming request waits for the model's first response before it answers, so a
 refuses still gets an HTTP error status. A client that goes away (mid-stream or while waiting for a unary
 answer) cancels its gRPC streams, which frees its KV slots. Request bodies are capped.
 
-A chat request with images (OpenAI's `image_url` parts) is checked against what the served model's config says
-(schema.check_images), its allowed http(s) images are fetched (media.py), and they go to the model inline.
+A chat request with images (OpenAI's `image_url` parts) is checked against what the served model's config says,
+its allowed http(s) images are fetched (media.py), and they go to the model inline
+(schema.chat_request_with_images).
 """
 
 from __future__ import annotations
@@ -33,15 +34,13 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import media
-from .media import MAX_BODY_BYTES, MediaError, MediaOptions
-from .schema import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestError, TritonRequest, chat_request,
-                     check_images, completion_requests, image_parts, parse, parse_tokenize, tokenize_fields)
+from .media import MAX_BODY_BYTES, MediaOptions
+from .schema import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestError, TritonRequest,
+                     chat_request_with_images, completion_requests, parse, parse_tokenize, tokenize_fields)
 from .triton import ModelError, ModelInfo, NoTokenizer, Piece, TritonBridge, TritonUnavailable, first_string
 
 log = logging.getLogger("nld_trt.serving.openai")
 
-DEFAULT_IMAGE_BYTES = 10 * 1024 * 1024  # fetch cap for a repository that does not say (packaged before images)
 PART = re.compile(r"^(messages\[\d+\]\.content\[\d+\])")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # a model error's first word -> the OpenAI field it is about
@@ -380,13 +379,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
     async def chat(request: Request) -> Response:
         req = parse(ChatRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        served_info = await info()
-        check_images(req, served_info)  # before fetching anything
-        try:
-            await media.inline(image_parts(req), media_options, served_info.limit("max_image_bytes", DEFAULT_IMAGE_BYTES))
-        except MediaError as e:
-            raise RequestError(e.message, param=e.param) from None
-        triton = [chat_request(req, served_info)]
+        triton = [await chat_request_with_images(req, await info(), media_options)]
         shape = Shape(True, served, req.n, req.top_logprobs or 0, req.logprobs, prompt_top=req.prompt_logprobs)
         return await respond(request, req, triton, shape)
 

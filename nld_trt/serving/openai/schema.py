@@ -17,8 +17,9 @@ older repository without `stop_words`, say) and what is over the deployment's li
 Images: `messages[].content` may hold OpenAI's `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`
 parts in user messages. `image_parts` lists them, `check_images` refuses what the served model cannot take (a
 text model, more images than the deployment allows, a data URL over its byte cap) naming the part
-(`messages[0].content[1]`, as the model names it too); http(s) URLs are fetched by the caller (media.py) before
+(`messages[0].content[1]`, as the model names it too); allowed http(s) URLs are fetched (media.py) before
 `chat_request`, which sends only data URLs, inline, in the content parts of the `messages` input.
+`chat_request_with_images` does the three in order: what a front end (the FastAPI app, the Dynamo worker) calls.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .media import MediaError, MediaOptions, inline
 from .triton import ModelInfo
 
 MAX_N = 64  # sequences per request (also bounded by the deployment's KV slots)
@@ -526,6 +528,20 @@ def chat_request(req: ChatRequest, info: ModelInfo) -> TritonRequest:
     _logprobs(info, fields, "logprobs", req.logprobs, req.top_logprobs or 0)
     _prompt_scores(info, fields, "prompt_logprobs", req.prompt_logprobs)
     return TritonRequest(fields, req.n)
+
+
+DEFAULT_IMAGE_BYTES = 10 * 1024 * 1024  # the fetch cap for a repository that does not say (packaged before images)
+
+
+async def chat_request_with_images(req: ChatRequest, info: ModelInfo, media: MediaOptions) -> TritonRequest:
+    """`chat_request` after checking the images against the served model (before fetching anything) and fetching
+    the allowed http(s) ones with the deployment's byte cap."""
+    check_images(req, info)
+    try:
+        await inline(image_parts(req), media, info.limit("max_image_bytes", DEFAULT_IMAGE_BYTES))
+    except MediaError as e:
+        raise RequestError(e.message, param=e.param) from None
+    return chat_request(req, info)
 
 
 def completion_requests(req: CompletionRequest, info: ModelInfo) -> list[TritonRequest]:
