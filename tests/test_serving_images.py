@@ -216,6 +216,15 @@ def test_bad_triton_image_requests_are_named_and_the_model_serves_on(tiny_vlm, g
     assert grpc.generate(text_input="hi", max_tokens=2).stats["tokens"] >= 1
 
 
+def test_the_unary_models_answer_a_bad_image_with_its_error_too(stack, grpc):
+    bad = dict(text_input="What is it?", image_url_input=[data_url(b"not a picture")], max_tokens=4)
+    with pytest.raises(ClientError, match=r"image_url_input\[0\]: not an image"):
+        http_generate(f"127.0.0.1:{stack.http_port}", **bad)  # nld_sync: the worker's error is its one response
+    with pytest.raises(ClientError, match=r"image_url_input\[0\]: not an image"):
+        grpc.infer(**bad)
+    assert grpc.infer(text_input="hi", image_url_input=[URL_C], max_tokens=2).stats["tokens"] >= 1
+
+
 # OpenAI -----------------------------------------------------------------------------------------------
 FORMATS = [("PNG", "image/png", {}), ("JPEG", "image/jpeg", {"quality": 90}), ("WEBP", "image/webp", {}),
            ("GIF", "image/gif", {})]
