@@ -3,7 +3,8 @@
 Runs inside the backend stub only (it imports `triton_python_backend_utils`). It is glue: config.pbtxt
 parameters -> `load_artifacts` after the manifest check; each request -> `protocol.prepare` -> the
 `Scheduler`, whose updates become Triton responses sent from the scheduler thread. `execute` never blocks on
-generation, so requests arrive while others decode and join the running batch.
+generation, so requests arrive while others decode and join the running batch; nor on images, which the
+scheduler's image worker decodes and encodes (a request with images is only checked here).
 """
 
 from __future__ import annotations
@@ -177,13 +178,17 @@ class TritonPythonModel:
             max_sequences=self.nld.executor.max_batch,
             exclude_input_default=params.get("exclude_input_in_output", "true") == "true",
             default_mode=params.get("default_mode") or "ar",
+            **{k: int(params[p]) for k, p in (("max_image_bytes", "max_image_bytes"), ("max_image_pixels",
+               "max_image_pixels"), ("max_images", "max_images_per_request")) if params.get(p)},
         )
+        self.nld.prompts.limit_images(self.limits.max_image_bytes, self.limits.max_image_pixels)
         self._metrics(args.get("model_instance_name", self.name))
         start = time.perf_counter()
         self.nld.planner.cost = self.nld.calibrate(progress=log.info)  # the scheduler reuses it
         log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
-        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix)
+        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix,
+                                   image_workers=int(params.get("image_workers") or 1))
         self._occupancy(0, self.nld.executor.max_batch, 0)
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
@@ -239,7 +244,7 @@ class TritonPythonModel:
                 for spec in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     inputs[spec.name] = None if tensor is None else tensor.as_numpy()
-                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits)
+                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits, defer_images=True)
                 sink.prepared = prepared
             except NLDError as e:
                 _forget_frames(e)

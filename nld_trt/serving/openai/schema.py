@@ -13,6 +13,13 @@ extra body keys, which is what the OpenAI SDK's `extra_body` sends; so do `min_t
 `common_fields`, `chat_request` and `completion_requests` are the one place an OpenAI request becomes the
 served model's inputs (the Dynamo worker shares them), refusing what that model's config cannot take (an
 older repository without `stop_words`, say) and what is over the deployment's limits.
+
+Images: `messages[].content` may hold OpenAI's `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}`
+parts in user messages. `image_parts` lists them, `check_images` refuses what the served model cannot take (a
+text model, more images than the deployment allows, a data URL over its byte cap) naming the part
+(`messages[0].content[1]`, as the model names it too); allowed http(s) URLs are fetched (media.py) before
+`chat_request`, which sends only data URLs, inline, in the content parts of the `messages` input.
+`chat_request_with_images` does the three in order: what a front end (the FastAPI app, the Dynamo worker) calls.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from .media import MediaError, MediaOptions, inline
 from .triton import ModelInfo
 
 MAX_N = 64  # sequences per request (also bounded by the deployment's KV slots)
@@ -90,9 +98,62 @@ class TextPart(_Strict):
     text: str
 
 
+DETAILS = ("auto", "low", "high")
+
+
+class ImageURL(_Strict):
+    url: str
+    detail: Literal["auto", "low", "high"] | None = None  # accepted; the model sees every image at its own resolution
+
+
+class ImagePart(_Strict):
+    type: Literal["image_url"]
+    image_url: ImageURL
+
+    @field_validator("image_url", mode="before")
+    @classmethod
+    def _plain_url(cls, v: Any) -> Any:
+        return {"url": v} if isinstance(v, str) else v  # {"image_url": "data:..."}: some clients send the URL alone
+
+
+def check_parts(messages: Any) -> None:
+    """Content parts checked before the model validation, so that a bad one is named as the model names it
+    (`messages[0].content[1]`): text or image_url only, images in user messages only (OpenAI's rule), an image part
+    as OpenAI shapes it."""
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            param = f"messages[{i}].content[{j}]"
+            if not isinstance(part, dict):
+                raise RequestError(f'{param}: a content part must be an object, {{"type": "text", ...}} or '
+                                   f'{{"type": "image_url", ...}}, got {json.dumps(part)[:40]}', param=param)
+            kind = part.get("type")
+            if kind == "text":
+                continue
+            if kind != "image_url":
+                raise RequestError(f"{param}: content parts of type {kind!r} are not supported: send text and "
+                                   "image_url parts", param=param)
+            if m.get("role") != "user":
+                raise RequestError(f"{param}: an image part in a {m.get('role')} message: images go in user messages "
+                                   "only", param=param)
+            url = part.get("image_url")
+            extra = set(part) - {"type", "image_url"}
+            if isinstance(url, dict):
+                extra |= {f"image_url.{k}" for k in set(url) - {"url", "detail"}}
+                detail, url = url.get("detail"), url.get("url")
+                if detail is not None and detail not in DETAILS:
+                    raise RequestError(f"{param}: image_url.detail must be auto, low or high, got {json.dumps(detail)[:40]}",
+                                       param=param)
+            if extra:
+                raise RequestError(f"{param}: unknown field {sorted(extra)[0]!r} in an image_url part", param=param)
+            if not isinstance(url, str) or not url:
+                raise RequestError(f'{param}: an image_url part needs {{"image_url": {{"url": "data:image/png;base64,..."}}}}',
+                                   param=param)
+
+
 class Message(_Strict):
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[Annotated[TextPart | ImagePart, Field(discriminator="type")]]
 
     @field_validator("role", mode="before")
     @classmethod
@@ -101,17 +162,21 @@ class Message(_Strict):
             raise ValueError(f"role {v!r} (tool results) is not supported: nld-trt does no function calling")
         return v
 
-    @field_validator("content", mode="before")
-    @classmethod
-    def _content(cls, v: Any) -> Any:
-        if isinstance(v, list):
-            for i, part in enumerate(v):
-                if isinstance(part, dict) and part.get("type") != "text":
-                    raise ValueError(f"content part {i} has type {part.get('type')!r}: only text parts are supported")
-        return v
-
     def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        return self.content if isinstance(self.content, str) else "".join(
+            p.text for p in self.content if isinstance(p, TextPart))
+
+    @property
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
+
+    def model_content(self) -> str | list[dict[str, Any]]:
+        """What the model's `messages` input carries: the text, or with images every part in order (so the
+        model's part indices are the request's)."""
+        if not self.images:
+            return self.text()
+        return [{"type": "text", "text": p.text} if isinstance(p, TextPart) else
+                {"type": "image_url", "image_url": {"url": p.image_url.url}} for p in self.content]
 
 
 class _Request(_Strict):
@@ -171,6 +236,13 @@ class ChatRequest(_Request):
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=MAX_TOP_LOGPROBS)
     chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _parts(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            check_parts(data.get("messages"))
+        return data
 
     @model_validator(mode="after")
     def _checks(self) -> ChatRequest:
@@ -405,9 +477,49 @@ def _logprobs(info: ModelInfo, fields: dict[str, Any], param: str, wanted: bool,
             fields["top_logprobs"] = top
 
 
+def image_parts(req: ChatRequest) -> list[tuple[str, ImagePart]]:
+    """(param, part) of every image part of a chat request, in order."""
+    return [(f"messages[{i}].content[{j}]", p) for i, m in enumerate(req.messages)
+            for j, p in enumerate(m.content if isinstance(m.content, list) else []) if isinstance(p, ImagePart)]
+
+
+def data_url_bytes(max_image_bytes: int) -> int:
+    """The longest data URL of an image of max_image_bytes (base64 is 4/3 of the bytes, plus its header)."""
+    return max_image_bytes * 4 // 3 + 256
+
+
+def check_images(req: ChatRequest, info: ModelInfo) -> None:
+    """What the served model's config says about images (a repository packaged before images, which says
+    nothing, is left to the model): refused naming the part."""
+    parts = image_parts(req)
+    if not parts:
+        return
+    support = info.parameters.get("images")
+    if support is not None and support != "true":
+        raise RequestError(f"{parts[0][0]}: {support}", param=parts[0][0])
+    most = info.limit("max_images_per_request", 0)
+    if most and len(parts) > most:
+        raise RequestError(f"{parts[most][0]}: more than {most} images in one request, this deployment's limit: send "
+                           "fewer images", param=parts[most][0])
+    cap = info.limit("max_image_bytes", 0)
+    for param, part in parts:
+        url = part.image_url.url
+        if cap and url.startswith("data:") and len(url) > data_url_bytes(cap):
+            raise RequestError(f"{param}: the image is over this deployment's limit of {cap} bytes "
+                               f"({len(url)} characters of base64)", param=param)
+
+
 def chat_request(req: ChatRequest, info: ModelInfo) -> TritonRequest:
+    """The model's inputs for a chat request; its image URLs must be data URLs by now (media.inline fetches the
+    allowed http(s) ones)."""
+    check_images(req, info)
+    for param, part in image_parts(req):
+        if not part.image_url.url.startswith("data:"):
+            raise RequestError(f"{param}: only data URLs reach the model; this one was not fetched "
+                               f"({part.image_url.url[:40]!r})", param=param)
     fields = common_fields(req, info)
-    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
+    messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.model_content()}
+                for m in req.messages]
     fields["messages"] = json.dumps(messages, ensure_ascii=False)
     if _need(info, "chat_template_kwargs", "chat_template_kwargs", bool(req.chat_template_kwargs)):
         fields["chat_template_kwargs"] = json.dumps(req.chat_template_kwargs, ensure_ascii=False)
@@ -416,6 +528,20 @@ def chat_request(req: ChatRequest, info: ModelInfo) -> TritonRequest:
     _logprobs(info, fields, "logprobs", req.logprobs, req.top_logprobs or 0)
     _prompt_scores(info, fields, "prompt_logprobs", req.prompt_logprobs)
     return TritonRequest(fields, req.n)
+
+
+DEFAULT_IMAGE_BYTES = 10 * 1024 * 1024  # the fetch cap for a repository that does not say (packaged before images)
+
+
+async def chat_request_with_images(req: ChatRequest, info: ModelInfo, media: MediaOptions) -> TritonRequest:
+    """`chat_request` after checking the images against the served model (before fetching anything) and fetching
+    the allowed http(s) ones with the deployment's byte cap."""
+    check_images(req, info)
+    try:
+        await inline(image_parts(req), media, info.limit("max_image_bytes", DEFAULT_IMAGE_BYTES))
+    except MediaError as e:
+        raise RequestError(e.message, param=e.param) from None
+    return chat_request(req, info)
 
 
 def completion_requests(req: CompletionRequest, info: ModelInfo) -> list[TritonRequest]:
@@ -470,6 +596,13 @@ def tokenize_fields(req: TokenizeCompletionRequest | TokenizeChatRequest) -> dic
     """The tokenizer model's inputs for one /tokenize request."""
     fields: dict[str, Any] = {"add_special_tokens": req.add_special_tokens, "return_token_strs": req.return_token_strs}
     if isinstance(req, TokenizeChatRequest):
+        for i, m in enumerate(req.messages):
+            if m.images:
+                j = next(j for j, p in enumerate(m.content) if isinstance(p, ImagePart))
+                param = f"messages[{i}].content[{j}]"
+                raise RequestError(f"{param}: /tokenize counts text only: the tokenizer model decodes no images, so it "
+                                   "cannot count an image's positions (a chat completion's usage.prompt_tokens counts "
+                                   "them)", param=param)
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in req.messages]
         fields["messages"] = json.dumps(messages, ensure_ascii=False)
         fields["add_generation_prompt"] = req.add_generation_prompt
