@@ -226,6 +226,19 @@ class Cluster:
                                         "--model-dir", str(self.model_dir), "--served-model-name",
                                         self.served_model_name, *self.worker_args])
         self.wait_workers(self.workers, max(1.0, deadline - time.monotonic()))
+        (self.workdir / "cluster.json").write_text(json.dumps(self.describe(), indent=1))
+
+    def describe(self) -> dict[str, Any]:
+        """What runs where (written to WORKDIR/cluster.json): the OpenAI URL, every process's pid and ports, and the
+        Dynamo environment another process needs to join this cluster (a second frontend, say)."""
+        return {
+            "url": self.url, "model": self.served_model_name, "router_mode": self.router_mode,
+            "frontend_pid": self.child("frontend").process.pid,
+            "dynamo_env": {k: v for k, v in self.env.items() if k.startswith("DYN_") or k in ("HOME", "HF_HUB_OFFLINE")},
+            "workers": [{"pid": self.child(f"worker-{i}").process.pid, "tritonserver_pid": s.process.pid,
+                         "grpc": s.grpc_url, "http": s.http_url, "metrics": s.metrics_url}
+                        for i, s in enumerate(self.servers)],
+        }
 
     def _spawn(self, name: str, argv: list[str]) -> Child:
         log = self.workdir / f"{name}.log"

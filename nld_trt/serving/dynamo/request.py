@@ -88,15 +88,20 @@ def describe(request: dict[str, Any], bos: list[int] | tuple[int, ...] = ()) -> 
     sampling = request.get("sampling_options") or {}
     output = request.get("output_options") or {}
     _unsupported(sampling, stop, output)
+    annotated = annotations(request.get("annotations"))
     data = {
         "max_tokens": stop.get("max_tokens"), "stop": stop.get("stop") or None,
         "stop_token_ids": stop.get("stop_token_ids") or None, "min_tokens": stop.get("min_tokens"),
         "max_thinking_tokens": stop.get("max_thinking_tokens"),
         "temperature": sampling.get("temperature"), "top_p": sampling.get("top_p"), "top_k": sampling.get("top_k"),
-        "min_p": sampling.get("min_p"), "seed": sampling.get("seed"), "n": sampling.get("n") or 1,
-        **annotations(request.get("annotations")),
+        "min_p": sampling.get("min_p"), "seed": sampling.get("seed"), "n": sampling.get("n") or 1, **annotated,
     }
-    generation = validate(Generation, {k: v for k, v in data.items() if v is not None})
+    try:
+        generation = validate(Generation, {k: v for k, v in data.items() if v is not None})
+    except RequestError as e:  # name an annotated field as the client wrote it
+        if e.param in annotated:
+            raise RequestError(f"{ANNOTATION_PREFIX}{e.message}", param="nvext.annotations") from None
+        raise
     ids = [int(t) for t in request.get("token_ids") or ()]
     if not ids:
         raise RequestError("the prompt is empty: send some text", param="prompt")
