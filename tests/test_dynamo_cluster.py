@@ -240,6 +240,20 @@ def test_n_sequences_and_stop_strings_match_the_direct_path(nld, client):
     assert r.choices[0].message.content == want.text and r.choices[0].finish_reason == "stop"
 
 
+def test_the_thinking_budget_and_template_kwargs_reach_the_model(nld, client):
+    """chat_template_kwargs render Dynamo's template; nvext.max_thinking_tokens becomes the model's thinking budget
+    (end-think forced at that index). The thinking stays in content: Dynamo's reasoning parsers expect the model to
+    open [THINK] itself, NLD's template opens it in the prompt."""
+    end_think = nld.tokenizer.token_id("[/THINK]")
+    want = nld.generate(MESSAGES, mode="ar", max_new_tokens=24, template_kwargs={"enable_thinking": True},
+                        max_thinking_tokens=6, end_think_token_id=end_think)
+    assert want.token_ids[6] == end_think
+    r = client.chat.completions.create(model="nld", messages=MESSAGES, max_tokens=24, extra_body={
+        "chat_template_kwargs": {"enable_thinking": True},
+        "nvext": {"max_thinking_tokens": 6, "annotations": ["nld.mode=ar"], "extra_fields": ["completion_token_ids"]}})
+    assert served_ids(r) == want.token_ids and r.choices[0].message.content == want.text
+
+
 # refusals ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, words", [
     (dict(extra_body={"nvext": {"annotations": ["nld.mode=fast"]}}), "nld.mode: Input should be 'ar'"),

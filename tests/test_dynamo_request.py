@@ -122,7 +122,6 @@ def test_bad_annotations_are_refused_naming_them(items, words):
     (dict(sampling_options={"n": 2, "best_of": 3}), "best_of 3 differs from n 2"),
     (dict(stop_conditions={"ignore_eos": True}), "ignore_eos is not supported"),
     (dict(output_options={"prompt_logprobs": 1}), "ask nld-trt's own OpenAI front end"),
-    (dict(output_options={"skip_special_tokens": False}), "special tokens are always skipped"),
     (dict(sampling_options={"temperature": 2.5}), "temperature: Input should be less than or equal to 2"),
     (dict(token_ids=[]), "the prompt is empty"),
 ])

@@ -48,8 +48,11 @@ def _err(message: str) -> None:
               help="seconds to wait for the tritonserver to be ready")
 @click.option("--grace-period", type=float, default=None,
               help="seconds between unregistering and stopping on SIGTERM (default: Dynamo's, 5)")
+@click.option("--reasoning-parser", default=None,
+              help="Dynamo's reasoning parser, which sends the thinking as reasoning_content (e.g. mistral for "
+                   "[THINK] ... [/THINK]); default: none, the thinking stays in content")
 def worker_command(triton_url, triton_model, model_dir, served_model_name, endpoint, discovery_backend, request_plane,
-                   kv_events, ready_timeout, grace_period) -> None:
+                   kv_events, ready_timeout, grace_period, reasoning_parser) -> None:
     """Serve one nld-trt tritonserver as a worker of an NVIDIA Dynamo deployment (its frontend and KV router),
     until SIGTERM or Ctrl-C. With file discovery (one machine) every Dynamo socket binds 127.0.0.1."""
     require_dynamo()
@@ -61,7 +64,7 @@ def worker_command(triton_url, triton_model, model_dir, served_model_name, endpo
     options = WorkerOptions(triton_url=triton_url, model_dir=Path(model_dir), served_model_name=served_model_name,
                             triton_model=triton_model, endpoint=endpoint, discovery_backend=discovery_backend,
                             request_plane=request_plane, kv_events=kv_events, ready_timeout=ready_timeout,
-                            grace_period=grace_period)
+                            grace_period=grace_period, reasoning_parser=reasoning_parser)
     import uvloop
 
     uvloop.run(serve(options, announce=lambda line: _err(f"nld-trt: {line}")))
@@ -83,6 +86,7 @@ def worker_command(triton_url, triton_model, model_dir, served_model_name, endpo
               "GPU when the repository is packaged for cuda)")
 @click.option("--tritonserver", "binary", type=click.Path(dir_okay=False), default=None,
               help="tritonserver binary (default: the one nvidia-pytriton ships, else tritonserver on PATH)")
+@click.option("--reasoning-parser", default=None, help="the workers' --reasoning-parser (Dynamo's; default none)")
 @click.option("--log-dir", type=click.Path(file_okay=False), default=None,
               help="keep every process's log and Dynamo's discovery folder here (default: a temporary folder)")
 @click.option("--ready-timeout", type=float, default=600.0, show_default=True, help="seconds to wait for ready")
@@ -91,7 +95,7 @@ def worker_command(triton_url, triton_model, model_dir, served_model_name, endpo
               help="where a model directory is packaged (default: the user cache)")
 @click.pass_context
 def cluster_command(ctx, path, workers, router_mode, host, http_port, migration_limit, served_model_name, gpus, binary,
-                    log_dir, ready_timeout, cache_dir, **options) -> None:
+                    reasoning_parser, log_dir, ready_timeout, cache_dir, **options) -> None:
     """Serve PATH from WORKERS tritonservers behind one NVIDIA Dynamo frontend (one OpenAI endpoint, KV-aware
     routing), until Ctrl-C or SIGTERM. PATH is a model repository (nld-trt package), or a model directory packaged
     with the package options first, as `nld-trt serve` does (the embedded model when omitted)."""
@@ -104,6 +108,7 @@ def cluster_command(ctx, path, workers, router_mode, host, http_port, migration_
     cluster = Cluster(Path(repo), workers=workers, router_mode=router_mode, host=host, http_port=http_port,
                       migration_limit=migration_limit, served_model_name=served_model_name, gpus=gpus,
                       binary=Path(binary) if binary else None, workdir=Path(log_dir) if log_dir else None,
+                      worker_args=["--reasoning-parser", reasoning_parser] if reasoning_parser else [],
                       log=lambda line: _err(f"nld-trt: {line}"))
 
     def interrupt(signum, frame) -> None:

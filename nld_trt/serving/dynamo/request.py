@@ -63,7 +63,7 @@ def _unsupported(sampling: dict[str, Any], stop: dict[str, Any], output: dict[st
         "frequency_penalty": sampling.get("frequency_penalty"), "presence_penalty": sampling.get("presence_penalty"),
         "repetition_penalty": sampling.get("repetition_penalty"),
         "include_stop_str_in_output": sampling.get("include_stop_str_in_output"),
-        "ignore_eos": stop.get("ignore_eos"), "skip_special_tokens": output.get("skip_special_tokens"),
+        "ignore_eos": stop.get("ignore_eos"),  # skip_special_tokens is the frontend's: it detokenizes
         "response_format": None if sampling.get("guided_decoding") is None else sampling["guided_decoding"],
     })
     if sampling.get("use_beam_search"):

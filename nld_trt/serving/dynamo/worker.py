@@ -59,6 +59,7 @@ class WorkerOptions:
     kv_events: bool = True
     ready_timeout: float = 600.0
     grace_period: float | None = None  # seconds between unregistering and stopping (None: Dynamo's default, 5 s)
+    reasoning_parser: str | None = None  # Dynamo's parser that splits the thinking off as reasoning_content
 
 
 def check_model_dir(model_dir: Path) -> Path:
@@ -228,6 +229,7 @@ async def serve(options: WorkerOptions, announce: Any = None) -> None:
     rc.max_num_seqs = info.limit("max_batch", 0) * instances or None
     rc.total_kv_blocks = kv_pages(info, page)
     rc.enable_local_indexer = True
+    rc.reasoning_parser = options.reasoning_parser
     await register_model(ModelInput.Tokens, ModelType.Chat | ModelType.Completions, endpoint, str(model_dir),
                          options.served_model_name, worker_type=WorkerType.Aggregated, kv_cache_block_size=page,
                          runtime_config=rc)
