@@ -236,3 +236,76 @@ def test_a_late_subscriber_gets_the_index_parents_first_without_unreachable_page
                                                                 [7, 8, 9], None)]
     mirror.apply({"type": "cleared"})
     assert mirror.snapshot() == [{"type": "cleared"}]
+
+
+try:
+    from nld_trt.kv.events import CacheCleared, PagesRemoved, PagesStored, StoredPage
+except ImportError:  # before the paged KV cache: stand-ins with its event types' names and fields
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class StoredPage:  # type: ignore[no-redef]
+        hash: int
+        parent_hash: int | None
+        token_ids: tuple[int, ...]
+        extra_keys: tuple = ()
+
+    @dataclass(frozen=True)
+    class PagesStored:  # type: ignore[no-redef]
+        pages: tuple
+        page_size: int
+
+    @dataclass(frozen=True)
+    class PagesRemoved:  # type: ignore[no-redef]
+        hashes: tuple
+
+    @dataclass(frozen=True)
+    class CacheCleared:  # type: ignore[no-redef]
+        pass
+
+
+class EventSink:
+    def __init__(self) -> None:
+        self.got: list[list[dict]] = []
+        self.gone = False
+        self.closed = False
+
+    def send_events(self, text: str) -> bool:
+        self.got.append(kv_events.decode(text))
+        return True
+
+    def cancelled(self) -> bool:
+        return self.gone
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def run(deliveries) -> None:
+    for deliver in deliveries:
+        deliver()
+
+
+def test_the_model_side_hub_sends_a_snapshot_then_the_changes_to_each_subscriber():
+    hub = kv_events.Hub()
+    hub.on_event(PagesStored((StoredPage(1, None, (1, 2)), StoredPage(2, 1, (3, 4))), 2))
+    run(hub.flush())  # nobody listens yet: the events only shape the index
+    first = EventSink()
+    run(hub.subscribe(first))
+    assert first.got == [[{"type": "cleared"}, {"type": "stored", "page_size": 2, "pages": [
+        {"hash": 1, "parent": None, "tokens": [1, 2], "extra": False},
+        {"hash": 2, "parent": 1, "tokens": [3, 4], "extra": False}]}]]
+    hub.on_event(PagesStored((StoredPage(3, 2, (5, 6), extra_keys=("image",)),), 2))
+    hub.on_event(PagesRemoved((1,)))
+    second = EventSink()
+    run(hub.subscribe(second))  # the first gets what was pending, the second the index as it is now
+    assert first.got[1] == [{"type": "stored", "page_size": 2, "pages": [
+        {"hash": 3, "parent": 2, "tokens": [5, 6], "extra": True}]}, {"type": "removed", "hashes": [1]}]
+    assert second.got == [[{"type": "cleared"}]]  # page 1 is gone, so 2 and 3 are unreachable
+    first.gone = True
+    hub.watch()
+    hub.on_event(CacheCleared())
+    run(hub.flush())
+    assert first.closed and len(first.got) == 2 and second.got[-1] == [{"type": "cleared"}]
+    hub.close_all()
+    assert second.closed and hub.subscribers == []

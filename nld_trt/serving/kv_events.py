@@ -91,3 +91,91 @@ class IndexMirror:
         if ordered:
             out.append({"type": "stored", "page_size": self.page_size, "pages": ordered})
         return out
+
+
+NO_PREFIX_CACHE = "this deployment's model has no prefix cache, so it reports no KV events"
+
+
+class Subscriber:
+    """One subscription's response sender (a Triton sender in production): `send` a JSON text, `cancelled`,
+    `close` (the final response). Calls are serialized by `lock`; nothing is sent after `close` (tritonserver 2.51
+    crashes on a sender polled after its final response)."""
+
+    def __init__(self, sink: Any) -> None:
+        import threading
+
+        self.sink, self.lock, self.closed = sink, threading.Lock(), False
+
+    def send(self, text: str) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            return self.sink.send_events(text) is not False
+
+    def cancelled(self) -> bool:
+        with self.lock:
+            return not self.closed and bool(self.sink.cancelled())
+
+    def close(self) -> None:
+        with self.lock:
+            if not self.closed:
+                self.closed = True
+                self.sink.close()
+
+
+class Hub:
+    """The KV events of one model instance and who listens: fed the page manager's events on the scheduler thread,
+    it hands back deliveries (callables) for the scheduler's sender thread, so that events and responses go out
+    in one order and no call into Triton runs on the decoding thread."""
+
+    def __init__(self) -> None:
+        self.mirror = IndexMirror()
+        self.pending: list[dict[str, Any]] = []
+        self.subscribers: list[Subscriber] = []
+
+    def on_event(self, event: Any) -> None:
+        """The page manager's callback (scheduler thread)."""
+        item = wire(event)
+        self.mirror.apply(item)
+        self.pending.append(item)
+
+    def subscribe(self, sink: Any) -> list[Any]:
+        """A new subscriber (scheduler thread): the others get what is pending, it gets the index as it is now."""
+        deliveries = self.flush()
+        sub = Subscriber(sink)
+        self.subscribers.append(sub)
+        text = encode(self.mirror.snapshot())
+        return deliveries + [lambda: sub.send(text)]
+
+    def flush(self) -> list[Any]:
+        """The events since the last flush, one response per subscriber (scheduler thread); subscribers that left
+        are closed."""
+        deliveries: list[Any] = []
+        self.flush_into(deliveries)
+        return deliveries
+
+    def flush_into(self, deliveries: list[Any]) -> None:
+        gone = [s for s in self.subscribers if s.closed]
+        for sub in gone:
+            self.subscribers.remove(sub)
+        if self.pending and self.subscribers:
+            text = encode(self.pending)
+            deliveries.extend((lambda s=sub: s.send(text)) for sub in self.subscribers)
+        self.pending = []
+
+    def watch(self) -> None:
+        """Close the subscriptions whose client left (watcher thread)."""
+        for sub in list(self.subscribers):
+            try:
+                if sub.cancelled():
+                    sub.close()
+            except Exception:  # noqa: BLE001 - a vanished client: nothing left to close
+                sub.closed = True
+
+    def close_all(self) -> None:
+        for sub in list(self.subscribers):
+            try:
+                sub.close()
+            except Exception:  # noqa: BLE001
+                sub.closed = True
+        self.subscribers.clear()

@@ -31,6 +31,10 @@ log = logging.getLogger("nld_trt.dynamo")
 RESUBSCRIBE_S = 1.0
 
 
+class NoKVEvents(Exception):
+    """The served model has no prefix cache (or predates KV events): nothing to relay."""
+
+
 def signed64(h: int) -> int:
     """An unsigned 64-bit hash as the signed 64-bit int Dynamo's publisher takes."""
     return h - (1 << 64) if h >= 1 << 63 else h
@@ -105,6 +109,8 @@ async def subscribe(bridge: TritonBridge) -> AsyncIterator[list[dict[str, Any]]]
     try:
         async for result, error in call:
             if error is not None:
+                if kv_events.NO_PREFIX_CACHE in error.message():
+                    raise NoKVEvents(error.message())
                 raise RuntimeError(f"the model refused the KV-event subscription: {error.message()}")
             raw = outputs(result).get("kv_events")
             if raw:
@@ -129,6 +135,9 @@ async def relay_kv_events(bridge: TritonBridge, endpoint: Any, page_size: int, s
                 publisher.apply(events)
         except asyncio.CancelledError:
             raise
+        except NoKVEvents as e:
+            log.warning("%s: Dynamo's KV router will balance this worker by load only", e)
+            return
         except Exception as e:  # noqa: BLE001 - the stream failed (tritonserver restarting): subscribe again
             log.warning("KV-event stream from %s ended (%s): subscribing again", bridge.url, e)
         await asyncio.sleep(RESUBSCRIBE_S)
