@@ -254,6 +254,19 @@ def test_the_thinking_budget_and_template_kwargs_reach_the_model(nld, client):
     assert served_ids(r) == want.token_ids and r.choices[0].message.content == want.text
 
 
+def test_text_parts_are_joined_with_a_newline_through_dynamo(nld, client):
+    """Dynamo's frontend joins a message's text parts with "\\n" (as vLLM does); nld-trt's own front end joins them
+    with "". The one rendering difference between the two paths, pinned here."""
+    parts = [{"type": "text", "text": "Tom has 12 apples."}, {"type": "text", "text": "How many does he have?"}]
+    newline = [{"role": "user", "content": "Tom has 12 apples.\nHow many does he have?"}]
+    want = nld.generate(newline, mode="ar", max_new_tokens=16)
+    r = client.chat.completions.create(model="nld", messages=[{"role": "user", "content": parts}], max_tokens=16,
+                                       extra_body=annotate("ar"))
+    assert served_ids(r) == want.token_ids and r.usage.prompt_tokens == len(want.prompt_token_ids)
+    direct = nld.tokenizer.encode_chat([{"role": "user", "content": "Tom has 12 apples.How many does he have?"}])
+    assert direct != want.prompt_token_ids
+
+
 # refusals ---------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kwargs, words", [
     (dict(extra_body={"nvext": {"annotations": ["nld.mode=fast"]}}), "nld.mode: Input should be 'ar'"),
