@@ -45,14 +45,15 @@ fi
 
 work="$(mktemp -d -t nld-bench-openai-XXXXXX)"
 out="${out:-$work/aiperf}"
-server_pid=""
-stop_server() {
-  if [ -n "$server_pid" ] && kill -0 "$server_pid" 2>/dev/null; then
-    kill -TERM "$server_pid"; wait "$server_pid" || true
-  fi
-  server_pid=""
+server_pid="" pids=()
+declare -A urls nvexts
+stop_servers() {
+  for pid in "${pids[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then kill -TERM "$pid"; wait "$pid" || true; fi
+  done
+  pids=()
 }
-cleanup() { stop_server; rm -rf "$work"; }
+cleanup() { stop_servers; rm -rf "$work"; }
 trap cleanup EXIT
 
 wait_ready() {  # $1: URL that answers when ready, $2: log to show on failure
@@ -64,7 +65,7 @@ wait_ready() {  # $1: URL that answers when ready, $2: log to show on failure
   echo "bench_openai.sh: $1 did not become ready" >&2; exit 1
 }
 
-# start one target; sets url and nvext
+# start one target: its URL and how it takes the mode go into urls/nvexts
 start_target() {
   local target="$1"
   if [ ! -d "$work/repo" ]; then
@@ -84,22 +85,23 @@ start_target() {
       port="$("$python" -c 'from nld_trt.serving.server import free_port; print(free_port())')"
       rm -rf "$work/$target"
       "$python" -m nld_trt.cli cluster "$work/repo" --workers "$n" --router-mode kv --http-port "$port" \
-        --log-dir "$work/$target" > "$work/cluster.log" 2>&1 &
+        --log-dir "$work/$target" > "$work/$target.log" 2>&1 &
       server_pid=$!
       url="http://127.0.0.1:$port"; nvext=1
       for _ in $(seq 3000); do
         [ -f "$work/$target/cluster.json" ] && break
-        if ! kill -0 "$server_pid" 2>/dev/null; then tail -20 "$work/cluster.log" >&2; exit 1; fi
+        if ! kill -0 "$server_pid" 2>/dev/null; then tail -20 "$work/$target.log" >&2; exit 1; fi
         sleep 0.2
       done
-      wait_ready "$url/v1/models" "$work/cluster.log" ;;
+      wait_ready "$url/v1/models" "$work/$target.log" ;;
     *) echo "bench_openai.sh: unknown target $target (direct or dynamo:N)" >&2; exit 2 ;;
   esac
+  pids+=("$server_pid"); urls[$target]="$url"; nvexts[$target]="$nvext"
 }
 
 # the prefix-cache figures of a Dynamo target: the router's estimate and the models' counters
 hit_rates() {
-  "$python" - "$url" "$work/$1/cluster.json" > "$out/$1/hits.json" <<'PY'
+  "$python" - "${urls[$1]}" "$work/$1/cluster.json" > "$out/$1/hits.json" <<'PY'
 import json, re, sys, urllib.request
 url, cluster = sys.argv[1], json.load(open(sys.argv[2]))
 def scrape(u):
@@ -131,30 +133,37 @@ from nld_trt.evaluate import load_task
 for p in load_task("gsm_synth")[:256]:
     print(json.dumps({"text": p.question}))' > "$work/prompts.jsonl"
 
+# every target up at once, then each (mode, concurrency) run on each target in turn: a machine whose load drifts
+# during the benchmark shifts all targets alike
 for target in $targets; do
-  [ "$target" = "given" ] || start_target "$target"
-  model="$(curl -sf "$url/v1/models" | "$python" -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')"
+  if [ "$target" = "given" ]; then urls[given]="$url"; nvexts[given]="$nvext"; else start_target "$target"; fi
   mkdir -p "$out/$target"
-  for mode in $modes; do
-    if [ "$nvext" = 1 ]; then
-      mode_input="{\"nvext\": {\"annotations\": [\"nld.mode=$mode\"]}}"
-    else
-      mode_input="mode:$mode"
-    fi
-    for c in $concurrency; do
+done
+for mode in $modes; do
+  for c in $concurrency; do
+    for target in $targets; do
+      url="${urls[$target]}"
+      model="$(curl -sf "$url/v1/models" | "$python" -c 'import json, sys; print(json.load(sys.stdin)["data"][0]["id"])')"
+      if [ "${nvexts[$target]}" = 1 ]; then
+        mode_input="{\"nvext\": {\"annotations\": [\"nld.mode=$mode\"]}}"
+      else
+        mode_input="mode:$mode"
+      fi
       echo "aiperf: $target, mode $mode, concurrency $c, $requests requests" >&2
       "$aiperf" profile --model "$model" --url "$url" --endpoint-type chat --streaming \
         --tokenizer "$tokenizer" --use-server-token-count \
         --input-file "$work/prompts.jsonl" --custom-dataset-type single_turn \
         --extra-inputs "$mode_input" --extra-inputs "max_tokens:$max_tokens" \
         --concurrency "$c" --request-count "$requests" --warmup-request-count "$c" \
-        --output-artifact-dir "$out/$target/$mode-c$c" --ui-type none > "$work/aiperf-$mode-c$c.log" 2>&1 \
-        || { tail -30 "$work/aiperf-$mode-c$c.log" >&2; exit 1; }
+        --output-artifact-dir "$out/$target/$mode-c$c" --ui-type none > "$work/aiperf.log" 2>&1 \
+        || { tail -30 "$work/aiperf.log" >&2; exit 1; }
     done
   done
-  if [ "${target#dynamo:}" != "$target" ]; then hit_rates "$target"; fi
-  [ "$target" = "given" ] || stop_server
 done
+for target in $targets; do
+  if [ "${target#dynamo:}" != "$target" ]; then hit_rates "$target"; fi
+done
+stop_servers
 
 "$python" - "$out" "$targets" $modes -- $concurrency <<'EOF'
 import json, sys
