@@ -94,11 +94,6 @@ def dynamo_chunk(piece: Piece, logprobs: bool, top: int) -> dict[str, Any]:
     return chunk
 
 
-async def until_stopped(context: Any) -> None:
-    """Returns once Dynamo stopped or killed the request's context (the client left, or a stop string ended it)."""
-    await context.async_killed_or_stopped()
-
-
 class NLDWorker:
     """The request handler and what it needs: the bridge, the served model's inputs, the prompt prefix."""
 
@@ -116,7 +111,8 @@ class NLDWorker:
             triton, logprobs, top = self.requests(request)
         except RequestError as e:
             raise InvalidArgument(e.message) from None
-        stopped = asyncio.ensure_future(until_stopped(context))
+        # done once Dynamo stops or kills the request's context (the client left, or a stop string ended it)
+        stopped = asyncio.ensure_future(context.async_killed_or_stopped())
         stream = self.bridge.generate(triton.fields, triton.sequences)
         try:
             while True:
