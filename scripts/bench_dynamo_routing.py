@@ -125,6 +125,8 @@ def main() -> int:
                     if time.monotonic() > deadline:
                         raise SystemExit("the round-robin frontend did not see the workers")
                     time.sleep(0.2)
+                for url in (cluster.url, rr_url):  # warm both paths up (first requests pay one-time costs)
+                    conversation(url, 5000, 2, args.max_tokens, args.mode, [])
                 results = {}
                 for name, url, first in (("kv", cluster.url, 0), ("round-robin", rr_url, 1000)):
                     print(f"{name}: {args.conversations} conversations x {args.turns} turns, {args.concurrency} at a "
