@@ -36,6 +36,7 @@ from ..decoding import SEQUENCE_TYPES, Batcher, Sequence
 from ..decoding.sequence import TokenLogprob
 from ..errors import CheckpointError, NLDError
 from ..runtime import NLD, load
+from . import kv_events
 from .protocol import Prepared
 
 log = logging.getLogger("nld_trt.serving")
@@ -193,6 +194,12 @@ class Scheduler:
         self._preparing_jobs: dict[int, Job] = {}
         self._closing = False
         self._entry = threading.Lock()  # orders `_closing` with the inbox puts
+        # the prefix cache's KV events, for subscribers (serving/kv_events.py); a model without pages has none
+        self.kv_events: kv_events.Hub | None = None
+        pages = getattr(nld, "pages", None)
+        if pages is not None and hasattr(pages, "on_event"):
+            self.kv_events = kv_events.Hub()
+            pages.on_event = self.kv_events.on_event
         self._sender = threading.Thread(target=self._send_loop, name="nld-sender", daemon=True)
         self._thread = threading.Thread(target=self._loop, name="nld-scheduler", daemon=True)
         self._watcher = threading.Thread(target=self._watch_loop, name="nld-cancel-watch", daemon=True)
@@ -221,6 +228,14 @@ class Scheduler:
         """Requests whose images are being decoded and encoded (not yet waiting for a KV slot)."""
         return len(self._preparing_jobs)
 
+    def subscribe_kv_events(self, sink: Any) -> None:
+        """Stream the prefix cache's KV events to `sink` (send_events, cancelled, close), starting with the index as
+        it is (taken on the scheduler thread, in order with the events that follow)."""
+        if self.kv_events is None:
+            raise NLDError(kv_events.NO_PREFIX_CACHE)
+        self._inbox.put(sink)
+        self._wake.set()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Answer what is in flight with an error, send everything queued, end the threads."""
         with self._entry:
@@ -233,6 +248,8 @@ class Scheduler:
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        if self.kv_events is not None:
+            self._outbox.put(self.kv_events.close_all)
         self._outbox.put(None)
         self._sender.join(timeout)
         self._watcher.join(timeout)
@@ -321,6 +338,8 @@ class Scheduler:
                 if cancelled:
                     for st in job.streams:
                         self.batcher.cancel(st.seq)
+            if self.kv_events is not None:
+                self.kv_events.watch()
 
     def _post(self, job: Job, action: Callable[[Sink], Any], final: bool = False) -> None:
         """Queue one response (`final`: the request's last); a stream whose client is gone (send False or
@@ -357,6 +376,7 @@ class Scheduler:
             return
         left = self.batcher.step()
         self._report()  # before any response goes out: a client that got its answer sees the gauges updated
+        self._flush_kv_events()
         for seq in self.batcher.active:
             self._progress(self._jobs[id(seq)], seq)
         for seq in left:
@@ -370,6 +390,10 @@ class Scheduler:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if not isinstance(job, Job):  # a KV-event subscription
+                for deliver in self.kv_events.subscribe(job):
+                    self._outbox.put(deliver)
+                continue
             p = job.prepared
             try:
                 seq_type = SEQUENCE_TYPES[p.params.mode]
@@ -385,6 +409,12 @@ class Scheduler:
             for st in job.streams:
                 self._jobs[id(st.seq)] = job
                 self.batcher.submit(st.seq)
+
+    def _flush_kv_events(self) -> None:
+        """What the step changed in the prefix cache, to the subscribers (before the responses of the step)."""
+        if self.kv_events is not None:
+            for deliver in self.kv_events.flush():
+                self._outbox.put(deliver)
 
     def _stream_of(self, job: Job, seq: Sequence) -> Stream:
         return next(st for st in job.streams if st.seq is seq)
@@ -514,7 +544,10 @@ class Scheduler:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._post(job, lambda sink: sink.error(message), final=True)
+            if isinstance(job, Job):
+                self._post(job, lambda sink: sink.error(message), final=True)
+            else:  # a KV-event subscription not yet taken: it ends (its subscriber subscribes again)
+                self._outbox.put(job.close)
         self._jobs.clear()
         self.batcher = Batcher(self.nld.executor, planner=self.planner)
         self._report()

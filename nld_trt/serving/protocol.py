@@ -132,6 +132,8 @@ INPUTS: tuple[TensorSpec, ...] = (
                kind="json"),
     TensorSpec("max_thinking_tokens", "TYPE_INT32", doc="thinking budget: end-think is forced at this output index"),
     TensorSpec("separate_reasoning", "TYPE_BOOL", doc="text_output carries the answer, reasoning_output the thinking"),
+    TensorSpec("kv_events", "TYPE_BOOL", doc="nld only, alone: subscribe to the prefix cache's KV events (the kv_events "
+               "output; nld_trt/serving/kv_events.py)"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
@@ -154,6 +156,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
                "prompt token: token_id, token, bytes, logprob (null for the first), rank, top_logprobs"),
     TensorSpec("num_input_tokens", "TYPE_INT32", doc="the prompt's tokens"),
     TensorSpec("num_output_tokens", "TYPE_INT32", doc="tokens generated so far"),
+    TensorSpec("kv_events", "TYPE_STRING", doc="with kv_events=true: a JSON list of the prefix cache's KV events, the "
+               "first response the cache as it is"),
 )
 
 INPUT_TYPES = {t.name: t for t in INPUTS}

@@ -128,6 +128,29 @@ class TritonSink:
         self.sender.send(flags=FINAL)
 
 
+class TritonEventSink:
+    """A KV-event subscription's response sender (serving/kv_events.py): one response per batch of events, each
+    with the `kv_events` output only."""
+
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+
+    def send_events(self, text: str) -> bool:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("kv_events", _strings(text))]))
+        return True
+
+    def cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+    def close(self) -> None:
+        self.sender.send(flags=FINAL)
+
+
+def _wants_kv_events(request: Any) -> bool:
+    tensor = pb_utils.get_input_tensor_by_name(request, "kv_events")
+    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[:1].any())
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the model; a bad repository fails the load with our message. The backend stub appends the
@@ -238,6 +261,9 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""
         for request in requests:
+            if _wants_kv_events(request):
+                self._subscribe(request)
+                continue
             sink = TritonSink(request.get_response_sender(), requested=request.requested_output_names())
             try:
                 inputs = {}
@@ -257,6 +283,17 @@ class TritonPythonModel:
                 continue
             self.scheduler.submit(prepared, sink)
         return None
+
+    def _subscribe(self, request: Any) -> None:
+        """A KV-event subscription: the prefix cache's changes streamed until the client leaves."""
+        sink = TritonSink(request.get_response_sender())
+        if not self.limits.streaming:
+            sink.error("kv_events needs the decoupled model `nld` (a gRPC stream)")
+            return
+        try:
+            self.scheduler.subscribe_kv_events(TritonEventSink(sink.sender))
+        except NLDError as e:
+            sink.error(str(e))
 
     def finalize(self) -> None:
         self.scheduler.stop()
