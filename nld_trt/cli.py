@@ -311,10 +311,11 @@ def _add_commands() -> None:
     from .quant.cli import quantize_command
     from .serving.cli import (chat_command, client_command, demo_command, openai_command, package_command,
                               serve_command)
+    from .serving.dynamo.cli import cluster_command, worker_command
 
     cli.add_command(eval_command, "eval")
     for command in (quantize_command, package_command, serve_command, openai_command, client_command, chat_command,
-                    demo_command):
+                    demo_command, worker_command, cluster_command):
         cli.add_command(command)
 
 

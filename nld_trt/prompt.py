@@ -5,7 +5,12 @@ protocol (Triton, and through it the OpenAI front end), so the checks, the chat 
 expansion and the thinking-token lookup are the same everywhere. The entry point says which field it speaks
 for (`field`, used in error messages) and whether an image may be read from a local file: `local_files=True`
 only from the Python API and the CLI, never for a served request, which may send images only inline (data
-URLs, bytes). Nothing is ever fetched from the network.
+URLs, bytes, pixel arrays). Nothing is ever fetched from the network.
+
+Images reach a prompt as content parts of chat messages, or beside a text prompt or token ids (Triton's
+`image_url_input` / `image_bytes_input`): there, as TensorRT-LLM's Pixtral preprocessing does with its `[IMG]`
+tag, the prompt may hold the model's image marker (`<|image_start|>`) once where each image goes, and without
+any marker the images come first, before the text.
 
 A `Prompt` holds the token ids, and for each image the span of prompt positions its expanded tokens occupy
 with a content digest (`spans`: `(start, end, digest)`, the shape prefix caching keys pages with), plus the
@@ -121,10 +126,18 @@ class PromptEncoder:
         self.config = config
         self.max_len = max_len
         self.processor = processor
-        self.no_images = no_images or (f"{model_name} is a text-only model: it cannot take images (a "
-                                       "Nemotron-Labs-Diffusion-VLM checkpoint can)")
+        self.no_images = no_images or text_only(model_name)
         self.image_tokens = ImageTokens.lookup(tokenizer, model_name) if config.is_vlm else None
         self.thinking = thinking_tokens(tokenizer)
+
+    def limit_images(self, max_bytes: int, max_pixels: int) -> None:
+        """A deployment's caps on one image: encoded bytes, decoded pixels (the serving protocol counts images)."""
+        from dataclasses import replace
+
+        from .vision.processor import ImageProcessor
+
+        if self.processor is not None:
+            self.processor = ImageProcessor(replace(self.processor.config, max_bytes=max_bytes, max_pixels=max_pixels))
 
     # the entry points ------------------------------------------------------------------------------
     def encode(self, prompt: str | Sequence[int] | list[dict], *, chat: bool = True, template_kwargs: dict | None = None,
@@ -196,14 +209,53 @@ class PromptEncoder:
                 rendered.append({**m, "content": "\n".join(p["text"] for p in parts)})
             else:
                 rendered.append({**m, "content": parts})
+        return self._templated(rendered, images, template_kwargs, field, add_generation_prompt)
+
+    def with_images(self, prompt: str | Sequence[int], images: Sequence[tuple[str, Any]], *, chat: bool = True,
+                    template_kwargs: dict | None = None, field: str = "text_input") -> Prompt:
+        """A text prompt (one user turn through the chat template unless `chat` is false) or token ids, with one or
+        more images given apart: (where, value) pairs, the value anything `ImageProcessor.load` takes from a served
+        request. The prompt holds the image marker (`<|image_start|>`) once where each image goes, or none: the
+        images then come first (TensorRT-LLM's convention for Pixtral's `[IMG]`)."""
+        if self.processor is None:
+            raise GenerationError(f"{images[0][0]}: {self.no_images}")
+        prepared = [self._fits(self.processor.load(value, where, local_files=False), where) for where, value in images]
+        if not isinstance(prompt, str):  # token ids: their <|image_start|> tokens mark the places
+            ids = list(prompt)
+            if self.image_tokens.start not in ids:
+                ids = [self.image_tokens.start] * len(images) + ids
+            return self._expanded(self.token_ids(ids, field).ids, prepared, field)
+        if not prompt:
+            raise GenerationError(f"{field} is empty: send some text")
+        from .vision.config import IMAGE_TOKEN_NAMES
+
+        marker = IMAGE_TOKEN_NAMES["start"]
+        pieces = prompt.split(marker)
+        if len(pieces) == 1:
+            pieces = [""] * len(images) + pieces
+        elif len(pieces) - 1 != len(images):
+            raise GenerationError(f"{field} holds {len(pieces) - 1} image markers ({marker}) for {len(images)} images: "
+                                  "put one where each image goes, or none (the images then come first)")
+        if not (chat and self.tokenizer.chat_template):
+            return self._expanded(self.tokenizer.encode(marker.join(pieces)), prepared, field)
+        content: list[dict] = []
+        for i, piece in enumerate(pieces):
+            if piece:
+                content.append({"type": "text", "text": piece})
+            if i < len(images):
+                content.append({"type": "image"})
+        return self._templated([{"role": "user", "content": content}], prepared, template_kwargs, field)
+
+    # the pieces ------------------------------------------------------------------------------------
+    def _templated(self, rendered: list[dict], images: list[PreparedImage], template_kwargs: dict | None,
+                   field: str, add_generation_prompt: bool = True) -> Prompt:
         text = self.tokenizer.apply_chat_template(rendered, **{"add_generation_prompt": add_generation_prompt,
                                                                **(template_kwargs or {})})
         return self._expanded(self.tokenizer.encode(text, add_special_tokens=False), images, field)
 
-    # the pieces ------------------------------------------------------------------------------------
     def _image(self, part: dict, where: str, local_files: bool) -> PreparedImage:
         if self.processor is None:
-            raise GenerationError(self.no_images)
+            raise GenerationError(f"{where}: {self.no_images}")
         if part["type"] == "image_url":
             url = part.get("image_url")
             url = url.get("url") if isinstance(url, dict) else url
@@ -217,7 +269,9 @@ class PromptEncoder:
                 raise GenerationError(f'{where}: an image part needs exactly one of "image", "url" or "path", got '
                                       f"{_short(part)}")
             value = part[present[0]]
-        prepared = self.processor.load(value, where, local_files=local_files)
+        return self._fits(self.processor.load(value, where, local_files=local_files), where)
+
+    def _fits(self, prepared: PreparedImage, where: str) -> PreparedImage:
         if prepared.positions > self.max_len:
             rows, cols = prepared.grid
             raise GenerationError(f"{where}: the image ({prepared.source_size[0]} x {prepared.source_size[1]} pixels, "
@@ -273,6 +327,18 @@ class PromptEncoder:
             if self.tokenizer.token_text(t).strip():
                 return False
         return False
+
+
+def text_only(model_name: str) -> str:
+    """Why a text model refuses images."""
+    return (f"{model_name} is a text-only model: it cannot take images (it has no vision tower; a "
+            "Nemotron-Labs-Diffusion-VLM checkpoint has one)")
+
+
+def engine_text_only(model_name: str) -> str:
+    """Why an engine build of a vision-language model refuses images (for now)."""
+    return (f"{model_name} is an engine build: its text graph has no input for image rows yet, so it takes text "
+            "prompts only (serve the checkpoint, or its quantized checkpoint, for images)")
 
 
 def _short(value: Any, limit: int = 80) -> str:

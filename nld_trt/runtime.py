@@ -20,7 +20,7 @@ from .executors import TorchExecutor
 from .executors.cost import CostModel
 from .executors.torch_executor import compile_blocker, kernels_available
 from .model import NLDModel, Rotary
-from .prompt import Prompt, PromptEncoder
+from .prompt import Prompt, PromptEncoder, engine_text_only
 from .tokenizer import NLDTokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-nld"
@@ -140,9 +140,7 @@ class NLD:
         self.image_encoder = None  # its vision encoder (nld_trt/vision/encoder.py)
         if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
             self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length)
-            self.prompts = self._prompt_encoder(None if not self.config.is_vlm else
-                                                f"{self.path} is an engine build: its text graph has no input for "
-                                                "image rows yet, so it takes text prompts only")
+            self.prompts = self._prompt_encoder(engine_text_only(str(self.path)) if self.config.is_vlm else None)
             return
         if self.config.quantization_config is not None:  # a ModelOpt FP8 / INT4 AWQ export
             from .quant.loader import load_quantized_model

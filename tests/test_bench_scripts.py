@@ -76,3 +76,16 @@ def test_bench_images_compares_each_mode_with_and_without_an_image_and_times_the
         assert image["prompt_tokens"] == text["prompt_tokens"] + 1 + 3 * (4 + 1)  # the 90x60 image: 3 x 4 cells
         assert image["tokens"] == text["tokens"] == 8
     assert [r["cells"] for r in summary["encode"]] == [4, 12] and all(r["encode_ms"] > 0 for r in summary["encode"])
+
+
+def test_bench_serving_images_measures_the_stall_with_the_encoder_on_either_thread(tmp_path):
+    from click.testing import CliRunner
+
+    out = tmp_path / "stall.json"
+    result = CliRunner().invoke(_script("bench_serving").main, ["--images", "--random", "tiny", "--sections", "stall",
+                                                                "--stall-size", "280x280", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = __import__("json").loads(out.read_text())["stall"]
+    assert [r["workers"] for r in rows] == [0, 1, 0, 1]
+    assert all(r["encode_s"] > 0 and r["image_ttft_s"] > 0 and r["during_responses"] >= 1 for r in rows)
+    assert "a text request's inter-token latency" in result.output

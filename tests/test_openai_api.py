@@ -28,10 +28,13 @@ import openai  # noqa: E402
 import nld_trt  # noqa: E402
 from nld_trt.evaluate import load_task  # noqa: E402
 from nld_trt.serving.client import GrpcClient  # noqa: E402
+from nld_trt.serving.openai.media import MAX_BODY_BYTES  # noqa: E402
 
 MODES = ("ar", "dlm", "linear_spec")
 QUESTIONS = [p.question for p in load_task("gsm_synth")[:4]]
 RAW = ["Tom has 12 apples. He gives 5 to Sam.", "A pack holds 6 pens.", "Mia has"]
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYPj/HwADAgH/"
+         "p0Ql/QAAAABJRU5ErkJggg==")  # a 1 x 1 PNG
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -300,8 +303,12 @@ BAD = [
     ("chat", dict(messages=[]), 400, "messages", "at least 1 item"),
     ("chat", dict(messages=[{"role": "tool", "content": "4", "tool_call_id": "x"}]), 400, "messages.0.role",
      "does no function calling"),
-    ("chat", dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
-     "messages.0.content", "only text parts"),
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), 400,
+     "messages[0].content[0]", "type 'input_audio' are not supported"),
+    # the embedded model has no vision tower: its repository says so, and the front end answers before sending
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                         {"type": "image_url", "image_url": {"url": PIXEL}}]}]), 400,
+     "messages[0].content[1]", "is a text-only model: it cannot take images (it has no vision tower"),
     ("chat", dict(extra_body={"frobnicate": 1}), 400, "frobnicate", "unknown field 'frobnicate'"),
     ("chat", dict(top_logprobs=3), 400, "top_logprobs", "needs logprobs=true"),
     ("chat", dict(stream_options={"include_usage": True}), 400, "stream_options", "only allowed with stream=true"),
@@ -368,7 +375,7 @@ def test_malformed_oversized_and_misrouted_requests_get_openai_errors(stack, cli
         assert response.status_code == status and fragment in response.json()["error"]["message"]
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         good_request_answers(client)
-    limit = 4 * 1024 * 1024
+    limit = MAX_BODY_BYTES
     declared = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 f"content-length: {limit + 1}\r\n\r\n").encode()
     status, body = _raw(stack, declared)  # refused from the header, before any of the body is read

@@ -41,6 +41,11 @@ def test_the_second_block_installs_the_test_needs_then_runs_the_tests():
     install = next(c for c in second if c.startswith("apt-get install"))
     assert {"chromium", "chromium-driver", "-y"} <= set(install.split())
     assert second.index("apt-get update") < second.index(install)
-    assert '.venv/bin/pip install -e ".[test]"' in second and second[-1] == ".venv/bin/python -m pytest -q"
+    assert '.venv/bin/pip install -e ".[test,dynamo]"' in second and second[-1] == ".venv/bin/python -m pytest -q"
+    # NVIDIA Dynamo: its extra first, then ai-dynamo itself without its unresolvable aisimulate dependency
+    assert second.index('.venv/bin/pip install -e ".[test,dynamo]"') < second.index(
+        ".venv/bin/pip install --no-deps ai-dynamo==1.6.1") < len(second) - 1
     test_extra = re.search(r"^test = \[(.*?)\]\n", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
     assert re.search(r'"lm-eval\[api\]==\d+\.\d+\.\d+"', test_extra)  # lm-eval pinned in the test extra
+    dynamo_extra = re.search(r"^dynamo = \[(.*?)\]\n", (ROOT / "pyproject.toml").read_text(), re.S | re.M).group(1)
+    assert '"ai-dynamo-runtime==1.6.1"' in dynamo_extra and "ai-dynamo==" not in dynamo_extra

@@ -249,14 +249,17 @@ def test_the_tensorrt_llm_models_bad_words_list_form(tiny, server):
 
 def test_every_integer_input_is_int32_as_tensorrt_llms_and_seeds_are_uint64(server):
     """The served model's metadata: one integer convention (INT32, TensorRT-LLM's), except what TensorRT-LLM
-    itself declares UINT64 (seeds, prompt_table_extra_id, lora_task_id)."""
+    itself declares otherwise: UINT64 (seeds, prompt_table_extra_id, lora_task_id), and its multimodal ensemble's
+    UINT8 image pixels and INT64 image sizes."""
     client = grpcclient.InferenceServerClient(server.grpc_url)
     uint64 = {"seed", "random_seed", "prompt_table_extra_id", "lora_task_id"}
+    images = {"image_bytes_input": "UINT8", "image_sizes_input": "INT64"}
     for model in ("nld", "nld_sync", "nld_tokenizer"):
         types = {i["name"]: i["datatype"] for i in client.get_model_metadata(model, as_json=True)["inputs"]}
         integers = {n: t for n, t in types.items() if t.startswith(("INT", "UINT"))}
         assert {n for n, t in integers.items() if t == "UINT64"} == (uint64 if model != "nld_tokenizer" else set())
-        assert all(t == "INT32" for n, t in integers.items() if n not in uint64), integers
+        assert {n: integers[n] for n in images if n in integers} == (images if model != "nld_tokenizer" else {})
+        assert all(t == "INT32" for n, t in integers.items() if n not in uint64 and n not in images), integers
         if model == "nld":  # the ones that were INT64 before, and TensorRT-LLM's own
             assert {"block_length", "steps_per_block", "max_thinking_tokens", "top_logprobs", "stop_token_ids",
                     "input_ids", "prompt_logprobs", "bad_words_list", "max_tokens", "top_k"} <= set(integers)

@@ -48,6 +48,9 @@ def test_the_tokenizer_model_imports_no_pytorch():
     (dict(text_input=b"hi", input_ids=[1]), "send one of text_input, messages and input_ids"),
     (dict(messages=b"[1]"), "messages must be a non-empty JSON list"),
     (dict(text_input=b"x" * 70000), "text_input is 70000 bytes, over this deployment's cap of 65536"),
+    (dict(messages=json.dumps([{"role": "user", "content": [{"type": "text", "text": "hi"}, {
+        "type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]).encode()),
+     r"messages\[0\].content\[1\]: the tokenizer model counts text only"),
 ])
 def test_bad_requests_are_named(inputs, message):
     with pytest.raises(GenerationError, match=message):

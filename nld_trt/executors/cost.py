@@ -85,7 +85,13 @@ def fit(points: list[dict[str, float]]) -> CostModel:
     best = None
     for knee in sorted({p["tokens"] for p in points}):
         x = torch.stack([torch.ones_like(n), (n - knee).clamp_min(0), a], 1) / t[:, None]
-        coef = torch.linalg.lstsq(x, torch.ones_like(t)[:, None]).solution[:, 0].clamp_min(0)
+        # a column of zeros (no pass past this knee, or no attention term measured) makes the system rank
+        # deficient, where LAPACK's default driver can return garbage (NaN seen) for the free coefficient:
+        # fit the columns that carry data, the others' coefficients are 0
+        used = x.abs().sum(0) > 0
+        coef = torch.zeros(3, dtype=torch.float64)
+        coef[used] = torch.linalg.lstsq(x[:, used], torch.ones_like(t)[:, None]).solution[:, 0]
+        coef = coef.clamp_min(0)
         err = float(((x @ coef) - 1).pow(2).sum())
         if best is None or err < best[0]:
             best = (err, knee, coef)

@@ -9,6 +9,14 @@ between steps (any mix of modes in one batch); after each step every streaming r
 committed (dlm and linear_spec commit several per step) as a text delta. A request whose client went away
 is cancelled, which frees its KV slot at the next step. One bad request, or even a failing step, never stops
 the thread: the affected requests get an error and the rest carry on.
+
+A request with images is not admitted until its images are ready: an image worker thread (`image_workers`)
+decodes and prepares them (nld_trt/vision/processor.py), builds the prompt and runs the vision tower and
+projector (nld_trt/vision/encoder.py, cached by content digest), while the scheduler thread keeps stepping the
+batch; only then does the request join the batch, whose prefill finds its image rows ready. So a large image
+delays its own request, not the others' steps (torch releases the GIL inside its ops; the Python between them
+is what the two threads share). `image_workers=0` keeps the single-thread behaviour: the images are encoded
+in the request's prefill, on the scheduler thread.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
 from ..decoding import SEQUENCE_TYPES, Batcher, Sequence
 from ..decoding.sequence import TokenLogprob
-from ..errors import CheckpointError
+from ..errors import CheckpointError, NLDError
 from ..runtime import NLD, load
+from . import kv_events
 from .protocol import Prepared
 
 log = logging.getLogger("nld_trt.serving")
@@ -103,6 +113,7 @@ class Job:
     # (tritonserver 2.51 crashes on is_cancelled after the final response). Sends and polls hold the lock.
     closed: bool = False
     lock: threading.Lock = field(default_factory=threading.Lock)
+    images: Any = None  # its prompt's images bound to the vision encoder (rows ready when an image worker made them)
 
     @property
     def done(self) -> bool:
@@ -163,7 +174,7 @@ class Scheduler:
     """Continuous batching over one model for requests arriving from any thread (`submit`)."""
 
     def __init__(self, nld: NLD, on_occupancy: Callable[[int, int, int], None] | None = None,
-                 on_mix: Callable[[dict[str, int]], None] | None = None) -> None:
+                 on_mix: Callable[[dict[str, int]], None] | None = None, image_workers: int = 1) -> None:
         self.nld = nld
         self.planner = nld.planner
         self.planner.model  # auto's pass-cost model: loaded, or measured now while every slot is free
@@ -178,6 +189,17 @@ class Scheduler:
         self._stop = False
         self._reported: tuple[int, int, int] | None = None
         self._outbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
+        # requests whose images are being prepared: not in the inbox yet
+        self._images = ThreadPoolExecutor(image_workers, "nld-images") if image_workers > 0 else None
+        self._preparing_jobs: dict[int, Job] = {}
+        self._closing = False
+        self._entry = threading.Lock()  # orders `_closing` with the inbox puts
+        # the prefix cache's KV events, for subscribers (serving/kv_events.py); a model without pages has none
+        self.kv_events: kv_events.Hub | None = None
+        pages = getattr(nld, "pages", None)
+        if pages is not None and hasattr(pages, "on_event"):
+            self.kv_events = kv_events.Hub()
+            pages.on_event = self.kv_events.on_event
         self._sender = threading.Thread(target=self._send_loop, name="nld-sender", daemon=True)
         self._thread = threading.Thread(target=self._loop, name="nld-scheduler", daemon=True)
         self._watcher = threading.Thread(target=self._watch_loop, name="nld-cancel-watch", daemon=True)
@@ -187,14 +209,47 @@ class Scheduler:
 
     # from any thread ------------------------------------------------------------------------------
     def submit(self, prepared: Prepared, sink: Sink) -> None:
-        self._inbox.put(Job(prepared, sink))
+        """Queue a request; one with images (`prepared.deferred`) first goes to the image worker."""
+        job = Job(prepared, sink)
+        if prepared.deferred is None:
+            self._enqueue(job)
+        elif self._images is None:  # single-thread mode: prepared here, its tower runs at admission
+            self._prepare_images(job, encode=False)
+        else:
+            with self._entry:  # a request arriving while the model unloads is answered, never lost
+                if not self._closing:
+                    self._preparing_jobs[id(job)] = job
+                    self._images.submit(self._prepare_images, job)
+                    return
+            self._post(job, lambda sink: sink.error("the model is being unloaded"), final=True)
+
+    @property
+    def preparing(self) -> int:
+        """Requests whose images are being decoded and encoded (not yet waiting for a KV slot)."""
+        return len(self._preparing_jobs)
+
+    def subscribe_kv_events(self, sink: Any) -> None:
+        """Stream the prefix cache's KV events to `sink` (send_events, cancelled, close), starting with the index as
+        it is (taken on the scheduler thread, in order with the events that follow)."""
+        if self.kv_events is None:
+            raise NLDError(kv_events.NO_PREFIX_CACHE)
+        self._inbox.put(sink)
         self._wake.set()
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Answer what is in flight with an error, send everything queued, end both threads."""
+        """Answer what is in flight with an error, send everything queued, end the threads."""
+        with self._entry:
+            self._closing = True
+        if self._images is not None:
+            self._images.shutdown(wait=True, cancel_futures=True)
+            for job in list(self._preparing_jobs.values()):  # never started: answered here
+                self._post(job, lambda sink: sink.error("the model is being unloaded"), final=True)
+            self._preparing_jobs.clear()
         self._stop = True
         self._wake.set()
         self._thread.join(timeout)
+        if self.kv_events is not None:
+            self._outbox.put(self.kv_events.close_all)
         self._outbox.put(None)
         self._sender.join(timeout)
         self._watcher.join(timeout)
@@ -206,6 +261,49 @@ class Scheduler:
     @property
     def slots_in_use(self) -> int:
         return self.nld.executor.max_batch - self.nld.executor.free_slots
+
+    # the image worker -----------------------------------------------------------------------------
+    def _prepare_images(self, job: Job, encode: bool = True) -> None:
+        """Decode and prepare a request's images and build its prompt (`prepared.deferred`), then run the vision
+        encoder on them (`encode`), then queue it for admission. A bad image fails its request alone."""
+        try:
+            if self._client_gone(job):
+                return
+            job.prepared = job.prepared.deferred()
+            job.images = self.nld.bind_images(job.prepared.prompt)
+            if encode and job.images is not None:
+                job.images.rows()
+        except NLDError as e:
+            message = str(e)
+            self._post(job, lambda sink: sink.error(message), final=True)
+            return
+        except Exception as e:  # noqa: BLE001 - a bug or a device error: this request fails, the model serves on
+            log.error("could not prepare a request's images:\n%s", traceback.format_exc())
+            message = f"could not prepare the request's images ({type(e).__name__}: {e}): retry the request"
+            self._post(job, lambda sink: sink.error(message), final=True)
+            return
+        finally:
+            self._preparing_jobs.pop(id(job), None)
+        if not self._client_gone(job):
+            self._enqueue(job)
+
+    def _client_gone(self, job: Job) -> bool:
+        """A request whose client left before it joined the batch: completed as cancelled, never admitted."""
+        with job.lock:
+            gone = not job.closed and self._safe(job.sink.cancelled, False)
+        if gone:
+            self.cancelled_total += 1
+            log.info("request cancelled by its client while its images were prepared")
+            self._post(job, lambda sink: sink.close_cancelled(), final=True)
+        return gone
+
+    def _enqueue(self, job: Job) -> None:
+        with self._entry:
+            if not self._closing:
+                self._inbox.put(job)
+                self._wake.set()
+                return
+        self._post(job, lambda sink: sink.error("the model is being unloaded"), final=True)
 
     # the sender and watcher threads ---------------------------------------------------------------
     # Each call into a Triton response sender (send, is_cancelled, a gauge update) is an IPC round trip to
@@ -240,6 +338,8 @@ class Scheduler:
                 if cancelled:
                     for st in job.streams:
                         self.batcher.cancel(st.seq)
+            if self.kv_events is not None:
+                self.kv_events.watch()
 
     def _post(self, job: Job, action: Callable[[Sink], Any], final: bool = False) -> None:
         """Queue one response (`final`: the request's last); a stream whose client is gone (send False or
@@ -276,6 +376,7 @@ class Scheduler:
             return
         left = self.batcher.step()
         self._report()  # before any response goes out: a client that got its answer sees the gauges updated
+        self._flush_kv_events()
         for seq in self.batcher.active:
             self._progress(self._jobs[id(seq)], seq)
         for seq in left:
@@ -289,10 +390,14 @@ class Scheduler:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 return
+            if not isinstance(job, Job):  # a KV-event subscription
+                for deliver in self.kv_events.subscribe(job):
+                    self._outbox.put(deliver)
+                continue
             p = job.prepared
             try:
                 seq_type = SEQUENCE_TYPES[p.params.mode]
-                images = None if p.prompt is None else self.nld.bind_images(p.prompt)
+                images = job.images or (None if p.prompt is None else self.nld.bind_images(p.prompt))
                 job.streams = [Stream(seq_type(p.prompt_ids, p.params, self.nld.config, seed, self.nld.tokenizer.decode,
                                                images=images), i)
                                for i, seed in enumerate(p.seeds or [p.params.seed])]
@@ -304,6 +409,12 @@ class Scheduler:
             for st in job.streams:
                 self._jobs[id(st.seq)] = job
                 self.batcher.submit(st.seq)
+
+    def _flush_kv_events(self) -> None:
+        """What the step changed in the prefix cache, to the subscribers (before the responses of the step)."""
+        if self.kv_events is not None:
+            for deliver in self.kv_events.flush():
+                self._outbox.put(deliver)
 
     def _stream_of(self, job: Job, seq: Sequence) -> Stream:
         return next(st for st in job.streams if st.seq is seq)
@@ -433,7 +544,10 @@ class Scheduler:
                 job = self._inbox.get_nowait()
             except queue.Empty:
                 break
-            self._post(job, lambda sink: sink.error(message), final=True)
+            if isinstance(job, Job):
+                self._post(job, lambda sink: sink.error(message), final=True)
+            else:  # a KV-event subscription not yet taken: it ends (its subscriber subscribes again)
+                self._outbox.put(job.close)
         self._jobs.clear()
         self.batcher = Batcher(self.nld.executor, planner=self.planner)
         self._report()

@@ -16,6 +16,7 @@ from typing import Any
 import click
 
 from ..errors import NLDError
+from .openai.media import MAX_BODY_BYTES
 
 MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 # One conversation of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py;
@@ -88,9 +89,17 @@ PACKAGE_OPTIONS = (
     click.option("--compile", "compile_", type=click.Choice(["auto", "true", "false"]), default="auto",
                  show_default=True, help="PyTorch executor: compiled (CPU) / graph-captured (CUDA) passes; auto: "
                  "graphs on CUDA, eager on CPU"),
+    click.option("--max-image-bytes", type=int, default=10 * 1024 * 1024, show_default=True,
+                 help="a vision-language model: largest image accepted, encoded (a data URL's payload)"),
+    click.option("--max-image-pixels", type=int, default=32 * 1024 * 1024, show_default=True,
+                 help="largest image accepted, decoded (width x height), checked before its pixels are decoded"),
+    click.option("--max-images-per-request", type=int, default=8, show_default=True, help="images in one request"),
+    click.option("--image-workers", type=int, default=1, show_default=True,
+                 help="threads decoding and encoding images beside the decoding thread (0: in the prefill, on it)"),
 )
 PACKAGE_PARAMS = ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
-                  "device", "dtype", "threads", "default_mode", "max_prompt_bytes", "compile_")
+                  "device", "dtype", "threads", "default_mode", "max_prompt_bytes", "compile_", "max_image_bytes",
+                  "max_image_pixels", "max_images_per_request", "image_workers")
 
 
 def package_options(f):
@@ -137,8 +146,14 @@ def openai_options(f):
     for option in reversed([
         click.option("--served-model-name", default=None,
                      help="the model id OpenAI clients send (default: the Triton model's name, nld)"),
-        click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
-                     help="largest request body the OpenAI front end accepts (HTTP 413 beyond)"),
+        click.option("--max-body-bytes", type=int, default=MAX_BODY_BYTES, show_default=True,
+                     help="largest request body the OpenAI front end accepts (HTTP 413 beyond); images come as base64 "
+                     "data URLs, 4/3 of their size"),
+        click.option("--allowed-media-domains", multiple=True, metavar="HOST",
+                     help="hosts whose http(s) image URLs the front end fetches (repeatable or comma-separated; "
+                     "default: none, so only data URLs are taken)"),
+        click.option("--media-fetch-timeout", type=float, default=10.0, show_default=True,
+                     help="seconds an allowed image URL may take to fetch"),
     ]):
         f = option(f)
     return f
@@ -163,7 +178,8 @@ def openai_options(f):
               help="where `serve MODEL_DIR` keeps its packaged repositories (default: the user cache)")
 @click.pass_context
 def serve_command(ctx, path, host, http_port, grpc_port, metrics_port, openai_port, served_model_name, max_body_bytes,
-                  binary, model_control_mode, ready_timeout, cache_dir, **options) -> None:
+                  allowed_media_domains, media_fetch_timeout, binary, model_control_mode, ready_timeout, cache_dir,
+                  **options) -> None:
     """Serve PATH with the Triton Inference Server, and the OpenAI-compatible API in front of it, until Ctrl-C or
     SIGTERM. PATH is a model repository (`nld-trt package` output), or a model directory (a checkpoint, a
     quantized checkpoint or an `nld-trt build` output; the embedded model when omitted), which is packaged with
@@ -178,7 +194,8 @@ def serve_command(ctx, path, host, http_port, grpc_port, metrics_port, openai_po
         from .openai.frontend import FrontEnd
 
         front = FrontEnd(f"{client_host(host)}:{grpc_port}", host=host, port=openai_port,
-                         served_model=served_model_name, max_body_bytes=max_body_bytes).bind()
+                         served_model=served_model_name, max_body_bytes=max_body_bytes,
+                         media=media_options(allowed_media_domains, media_fetch_timeout)).bind()
     try:
         repo = _repository(ctx, path, cache_dir, options)
     except BaseException:
@@ -221,14 +238,25 @@ def serve_command(ctx, path, host, http_port, grpc_port, metrics_port, openai_po
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
 @click.option("--port", type=int, default=9000, show_default=True)
 @openai_options
-def openai_command(triton_url, triton_model, host, port, served_model_name, max_body_bytes) -> None:
+def openai_command(triton_url, triton_model, host, port, served_model_name, max_body_bytes, allowed_media_domains,
+                   media_fetch_timeout) -> None:
     """Serve only the OpenAI-compatible API and the chat page, in front of a tritonserver started elsewhere."""
     from .openai.frontend import FrontEnd
 
     front = FrontEnd(triton_url, host=host, port=port, triton_model=triton_model, served_model=served_model_name,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, media=media_options(allowed_media_domains, media_fetch_timeout))
     front.serve_forever(lambda url: _err(f"nld-trt: OpenAI API {url}/v1, chat page {url}/, for tritonserver "
                                          f"{triton_url} (model {triton_model}); Ctrl-C stops"))
+
+
+def media_options(domains: tuple[str, ...], timeout: float):
+    """The front end's image fetching: the allowed hosts (each option may list several, comma-separated)."""
+    from .openai.media import MediaOptions
+
+    hosts = tuple(h.strip().lower() for d in domains for h in d.split(",") if h.strip())
+    if timeout <= 0:
+        raise click.BadParameter("must be a positive number of seconds", param_hint="--media-fetch-timeout")
+    return MediaOptions(allowed_domains=hosts, timeout_s=timeout)
 
 
 def _repository(ctx: click.Context, path: str | None, cache_dir: str | None, options: dict[str, Any]) -> Path:
@@ -268,14 +296,19 @@ def _interrupt(signum, frame) -> None:
 @click.option("--logprobs", is_flag=True, help="return each token's log-probability (in --json output)")
 @click.option("--top-logprobs", type=int, default=None, help="with --logprobs: the N likeliest others")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="an image file for a vision-language model (repeatable), sent inline as a data URL "
+              "(image_url_input); PROMPT may hold <|image_start|> where each goes, else they come first")
 def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
-                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
+                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json,
+                   images) -> None:
     """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
     from . import client as c
 
     url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     model_name = model_name or (c.STREAM_MODEL if stream else c.SYNC_MODEL)
-    fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
+    fields = dict(text_input=prompt, image_url_input=[c.data_url(Path(i)) for i in images] or None, mode=mode,
+                  max_tokens=max_tokens, block_length=block_length,
                   threshold=threshold, temperature=temperature, seed=seed, chat=not raw,
                   return_log_probs=logprobs or None, top_logprobs=top_logprobs,
                   **sampling_fields(top_k, top_p, min_p, stop, bad_words))

@@ -23,7 +23,7 @@ from .protocol import INPUT_TYPES
 
 STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
 NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
-               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16}
+               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
 
 
 class ClientError(NLDError):
@@ -101,6 +101,20 @@ def chunk_from(get: Any) -> Chunk:
     )
 
 
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp"}
+
+
+def data_url(path: Any) -> str:
+    """An image file as a data URL (what `image_url_input` carries; the server decodes and checks it)."""
+    import base64
+    from pathlib import Path
+
+    path = Path(path)
+    media = IMAGE_TYPES.get(path.suffix.lower(), "image/png")
+    return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
 def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
     import tritonclient.grpc as grpcclient
 
@@ -112,9 +126,12 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
             raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
         spec = INPUT_TYPES[name]
         wire = spec.wire_type
-        items = list(value) if spec.kind in ("list", "words") else [value]
-        items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
-        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
+        if spec.kind == "array":  # image pixels [images, H, W, 3], image sizes [images, 2]: one request's, as they are
+            array = np.asarray(value, dtype=NUMPY_TYPES[wire])[None]
+        else:
+            items = list(value) if spec.kind in ("list", "words") else [value]
+            items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
+            array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
         tensor = grpcclient.InferInput(name, list(array.shape), wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)

@@ -61,10 +61,16 @@ class ServingOptions:
     exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
     default_mode: str = "ar"  # the mode of a request that does not say: ar | dlm | linear_spec | auto
     compile: str = "auto"  # PyTorch executor: "true" compiled/graph-captured passes, "false" eager, "auto" (see nld_trt.load)
+    # images (a vision-language checkpoint): caps checked before an image is decoded, apart from max_prompt_bytes
+    max_image_bytes: int = 10 * 1024 * 1024  # one image, encoded
+    max_image_pixels: int = 32 * 1024 * 1024  # one image, decoded (width x height)
+    max_images_per_request: int = 8
+    image_workers: int = 1  # threads decoding and encoding images beside the scheduler (0: in the prefill, on it)
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
-        for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances"):
+        for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
+                     "max_image_bytes", "max_image_pixels", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
         if self.compile not in COMPILE_CHOICES:
@@ -79,6 +85,8 @@ class ServingOptions:
             raise NLDError(f"default-mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if self.max_prompt_bytes < 0:
             raise NLDError("max-prompt-bytes must be a positive integer (0: the default)")
+        if self.image_workers < 0:
+            raise NLDError("image-workers must be 0 (images encoded in the prefill) or a positive integer")
         prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
         return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
                                  "default_max_tokens": min(self.default_max_tokens, cap),
@@ -101,11 +109,21 @@ def parameters_block(params: dict[str, object]) -> str:
     )
 
 
-def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions) -> str:
-    """config.pbtxt of `nld` or `nld_sync`."""
+def image_support(config: NLDConfig, engine: bool) -> str:
+    """The `images` parameter of a repository: "true" when its model takes images, else why not (what the OpenAI
+    front end answers an image request with, before sending anything)."""
+    from ..prompt import engine_text_only, text_only
+
+    if not config.is_vlm:
+        return text_only("the served model")
+    return engine_text_only("the served model") if engine else "true"
+
+
+def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions, images: str = "true") -> str:
+    """config.pbtxt of `nld` or `nld_sync`; `images`: `image_support`'s answer."""
     calibration = str(Path(manifest).parent / "calibration")  # beside the artifacts, shared by both models
     params = {"manifest": manifest, "calibration_dir": calibration, "tokenizer_model": TOKENIZER_MODEL,
-              **{k: v for k, v in asdict(options).items() if k != "instances"}}
+              **{k: v for k, v in asdict(options).items() if k != "instances"}, "images": images}
     purpose = ("decoupled: one response per decoding step when stream=true (gRPC stream, HTTP generate_stream)"
                if decoupled else "one response per request: unary gRPC/HTTP infer and HTTP generate")
     return _render(name, purpose, decoupled, INPUTS, OUTPUTS, options.max_batch, options.instances,
@@ -195,7 +213,8 @@ def package_repository(
         for name, (decoupled, manifest) in models.items():
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
-            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options))
+            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options,
+                                                                   image_support(config, engine)))
         (tmp / TOKENIZER_MODEL / "1").mkdir(parents=True)
         shutil.copy(template / "tokenizer_model.py", tmp / TOKENIZER_MODEL / "1" / "model.py")
         (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(

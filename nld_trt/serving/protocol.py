@@ -5,8 +5,12 @@ Inputs carry TensorRT-LLM's names and types where its Triton ensemble has them (
 clients send them as [1, 1] batched tensors, lists as [1, N]), so its clients and benchmarks work unchanged;
 `bad_words` (strings) and its tensorrt_llm model form `bad_words_list` ([2, N] ids) are TensorRT-LLM's too.
 NLD adds `mode`, `block_length`, `threshold`, `min_p`, `chat`, `messages`, `input_ids`, `prompt_logprobs` and
-the rest of `INPUTS`. TensorRT-LLM inputs that nld-trt does not implement (beam search, penalties, prompt
-tables, ...) are accepted at their default value and refused with a clear error otherwise, never ignored.
+the rest of `INPUTS`. Images (a vision-language model): TensorRT-LLM's multimodal ensemble inputs
+`image_url_input` (data URLs) and `image_bytes_input` (RGB pixels, with `image_sizes_input`) beside a text
+prompt, or image parts inside `messages` (nld_trt/prompt.py says where the images go); their count and sizes
+are checked here, before any is decoded. TensorRT-LLM inputs that nld-trt does not implement (beam search,
+penalties, prompt tables, ...) are accepted at their default value and refused with a clear error otherwise,
+never ignored.
 
 Any input may also come as a request parameter (inputs win); an unknown parameter is refused with the list of
 known ones. One integer convention: every integer input is INT32, as TensorRT-LLM types its own, except where
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +43,7 @@ class TensorSpec:
     dtype: str  # the Triton config type
     dims: str = "[ 1 ]"
     doc: str = ""
-    kind: str = "scalar"  # scalar | list | json (a JSON text) | words (TensorRT-LLM's [2, N] word-list form)
+    kind: str = "scalar"  # scalar | list | json (a JSON text) | words (TensorRT-LLM's [2, N] word-list form) | array
     refused: bool = False  # not implemented: accepted only absent, empty or at one of `defaults`
     defaults: tuple = ()
 
@@ -58,6 +63,13 @@ INPUTS: tuple[TensorSpec, ...] = (
     TensorSpec("text_input", "TYPE_STRING", doc="the prompt, UTF-8; with chat=true (default) one user turn"),
     TensorSpec("messages", "TYPE_STRING", doc="instead of text_input: a JSON list of {role, content}", kind="json"),
     TensorSpec("input_ids", "TYPE_INT32", "[ -1 ]", "instead of text_input: the prompt as token ids", "list"),
+    # images beside text_input or input_ids (a vision-language model), TensorRT-LLM's multimodal names and types
+    TensorSpec("image_url_input", "TYPE_STRING", "[ -1 ]", "images as data URLs (data:image/png;base64,...), one per "
+               "element; the model fetches no http(s) URL", "list"),
+    TensorSpec("image_bytes_input", "TYPE_UINT8", "[ -1, -1, -1, -1 ]", "images as RGB pixels [images, height, width, "
+               "3] (or RGBA), zero-padded to the largest, as TensorRT-LLM's Pixtral client sends them", "array"),
+    TensorSpec("image_sizes_input", "TYPE_INT64", "[ -1, 2 ]", "with image_bytes_input: each image's [height, width] "
+               "(default: the padded size)", "array"),
     # TensorRT-LLM's ensemble inputs that nld-trt implements
     TensorSpec("max_tokens", "TYPE_INT32", doc="tokens to generate at most"),
     TensorSpec("stream", "TYPE_BOOL", doc="nld only: one response per decoding step (default false)"),
@@ -120,6 +132,8 @@ INPUTS: tuple[TensorSpec, ...] = (
                kind="json"),
     TensorSpec("max_thinking_tokens", "TYPE_INT32", doc="thinking budget: end-think is forced at this output index"),
     TensorSpec("separate_reasoning", "TYPE_BOOL", doc="text_output carries the answer, reasoning_output the thinking"),
+    TensorSpec("kv_events", "TYPE_BOOL", doc="nld only, alone: subscribe to the prefix cache's KV events (the kv_events "
+               "output; nld_trt/serving/kv_events.py)"),
 )
 
 OUTPUTS: tuple[TensorSpec, ...] = (
@@ -142,6 +156,8 @@ OUTPUTS: tuple[TensorSpec, ...] = (
                "prompt token: token_id, token, bytes, logprob (null for the first), rank, top_logprobs"),
     TensorSpec("num_input_tokens", "TYPE_INT32", doc="the prompt's tokens"),
     TensorSpec("num_output_tokens", "TYPE_INT32", doc="tokens generated so far"),
+    TensorSpec("kv_events", "TYPE_STRING", doc="with kv_events=true: a JSON list of the prefix cache's KV events, the "
+               "first response the cache as it is"),
 )
 
 INPUT_TYPES = {t.name: t for t in INPUTS}
@@ -157,6 +173,9 @@ class Limits:
     default_max_tokens: int
     streaming: bool  # the decoupled model streams; the sync one answers once
     max_prompt_bytes: int = 65536  # text_input / messages, checked before tokenizing
+    max_image_bytes: int = 10 * 1024 * 1024  # one image, encoded (a data URL's decoded payload)
+    max_image_pixels: int = 32 * 1024 * 1024  # one image, decoded
+    max_images: int = 8  # images per request
     max_sequences: int = 8  # num_return_sequences at most
     exclude_input_default: bool = True  # exclude_input_in_output when a request does not say
     default_mode: str = "ar"  # the mode of a request that does not say
@@ -174,6 +193,9 @@ class Prepared:
     send_counts: bool = False  # num_input_tokens / num_output_tokens asked for
     seeds: list[int] = field(default_factory=list)
     prompt: Prompt | None = None  # the encoded prompt (its image spans and pixels, for a vision-language model)
+    # with images and prepare(defer_images=True): the rest of the preparation (decoding and preparing the
+    # images, the chat template, the length check), run off the request thread; returns the full Prepared
+    deferred: Callable[[], Prepared] | None = None
 
 
 def scalar(name: str, value: Any) -> Any:
@@ -237,8 +259,8 @@ def gather_specs(specs: tuple[TensorSpec, ...], inputs: dict[str, Any], paramete
         if value is None:
             continue
         spec = types[name]
-        if spec.kind == "words":
-            fields[name] = value  # parsed by trtllm_words
+        if spec.kind in ("words", "array"):
+            fields[name] = value  # parsed by trtllm_words, image_sources
         else:
             fields[aliases.get(name, name)] = values(name, value) if spec.kind == "list" else scalar(name, value)
     return fields
@@ -330,16 +352,18 @@ def _refuse_unsupported(fields: dict[str, Any]) -> None:
                               "(leave it out)")
 
 
-def prompt_fields(fields: dict[str, Any], max_bytes: int) -> None:
-    """At most one prompt field, and text prompts under the byte cap (checked before anything is tokenized)."""
+def prompt_fields(fields: dict[str, Any], max_bytes: int, image_bytes: int = 0) -> None:
+    """At most one prompt field, and text prompts under the byte cap (checked before anything is tokenized);
+    `messages` may hold `image_bytes` more for its images' data URLs (prompt_ids checks its text alone)."""
     given = [k for k in ("text_input", "messages", "input_ids") if fields.get(k) is not None]
     if len(given) > 1:
         raise GenerationError(f"send one of text_input, messages and input_ids, not {' and '.join(given)}")
-    for name in ("text_input", "messages"):
+    for name, cap in (("text_input", max_bytes), ("messages", max_bytes + image_bytes)):
         v = fields.get(name)
-        if isinstance(v, (bytes, str)) and len(v) > max_bytes:  # a str is at least as many bytes
-            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {max_bytes}: "
-                                  "send a shorter prompt")
+        if isinstance(v, (bytes, str)) and len(v) > cap:  # a str is at least as many bytes
+            raise GenerationError(f"{name} is {len(v)} bytes, over this deployment's cap of {cap}"
+                                  + (f" ({max_bytes} of text, the rest for images)" if cap > max_bytes else "")
+                                  + ": send a shorter prompt")
 
 
 def template_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
@@ -356,8 +380,13 @@ def template_kwargs(fields: dict[str, Any]) -> dict[str, Any]:
 
 
 def conversation(fields: dict[str, Any]) -> list[dict[str, Any]]:
-    """`messages`: a non-empty JSON list of {role, content} strings."""
+    """`messages`: a non-empty JSON list of {role, content} strings (the tokenizer model's: it counts text only,
+    so an image part is refused, named)."""
     messages = _json("messages", fields["messages"])
+    parts = image_parts(messages)
+    if parts:
+        raise GenerationError(f"{parts[0][0]}: the tokenizer model counts text only: it decodes no images, so it "
+                              "cannot count an image's positions (the nld model's num_input_tokens counts them)")
     ok = isinstance(messages, list) and messages and all(
         isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
         for m in messages
@@ -378,21 +407,127 @@ def token_ids(values: list[Any], vocab_size: int, most: int) -> list[int]:
     return ids
 
 
-def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prompt:
+IMAGE_PARTS = ("image", "image_url")
+
+
+def image_parts(messages: Any) -> list[tuple[str, int]]:
+    """(where, data-URL length) of each image content part of a conversation, in order."""
+    found = []
+    for i, m in enumerate(messages if isinstance(messages, list) else []):
+        content = m.get("content") if isinstance(m, dict) else None
+        for j, part in enumerate(content if isinstance(content, list) else []):
+            if isinstance(part, dict) and part.get("type") in IMAGE_PARTS:
+                url = part.get("image_url")
+                url = url.get("url") if isinstance(url, dict) else url if url is not None else part.get("image")
+                found.append((f"messages[{i}].content[{j}]", len(url) if isinstance(url, str) else 0))
+    return found
+
+
+def image_url_bytes(limits: Limits) -> int:
+    """The longest data URL of one image under the byte cap (base64 is 4/3 of the bytes, plus its header)."""
+    return limits.max_image_bytes * 4 // 3 + 256
+
+
+def image_sources(fields: dict[str, Any], limits: Limits) -> list[tuple[str, Any]]:
+    """The images of `image_url_input` or `image_bytes_input` (with `image_sizes_input`), as (where, value) for the
+    prompt encoder, with their count and sizes checked before any is decoded."""
+    urls, pixels, sizes = fields.get("image_url_input"), fields.get("image_bytes_input"), fields.get("image_sizes_input")
+    if urls is not None and pixels is not None:
+        raise GenerationError("send image_url_input or image_bytes_input, not both")
+    if sizes is not None and pixels is None:
+        raise GenerationError("image_sizes_input goes with image_bytes_input (each image's [height, width] in it)")
+    sources: list[tuple[str, Any]] = []
+    if urls is not None:
+        items = [u for x in urls for u in (x if isinstance(x, list) else [x])]  # a JSON parameter may hold a list
+        for i, u in enumerate(items):
+            where = f"image_url_input[{i}]"
+            url = text(where, u)
+            if not url.startswith(("data:", "http://", "https://")):
+                raise GenerationError(f"{where}: send the image inline as a data URL (data:image/png;base64,...), got "
+                                      f"{url[:40]!r}: a served request cannot name a local file")
+            if url.startswith(("http://", "https://")):
+                raise GenerationError(f"{where}: the model fetches no URL: send the image inline as a data URL "
+                                      "(data:image/png;base64,...); the OpenAI front end fetches http(s) images from the "
+                                      "hosts its --allowed-media-domains lists")
+            sources.append((where, url))
+    if pixels is not None:
+        if not hasattr(pixels, "shape"):
+            raise GenerationError("image_bytes_input must be a UINT8 tensor [1, images, height, width, 3]")
+        array = pixels[0] if pixels.ndim == 5 and pixels.shape[0] == 1 else pixels
+        if array.ndim != 4:
+            raise GenerationError(f"image_bytes_input must hold one request's images, [1, images, height, width, 3], "
+                                  f"got shape {list(pixels.shape)}")
+        boxes = [list(array.shape[1:3])] * array.shape[0]
+        if sizes is not None:
+            if not hasattr(sizes, "reshape") or sizes.size != 2 * array.shape[0]:
+                raise GenerationError(f"image_sizes_input must be an INT64 tensor [1, images, 2], one [height, width] "
+                                      f"for each of the {array.shape[0]} images of image_bytes_input")
+            boxes = [[_integer("image_sizes_input", v) for v in row] for row in sizes.reshape(-1, 2).tolist()]
+        for i, (h, w) in enumerate(boxes):
+            where = f"image_bytes_input[{i}]"
+            if not (1 <= h <= array.shape[1] and 1 <= w <= array.shape[2]):
+                raise GenerationError(f"{where}: image_sizes_input [{h}, {w}] is outside the padded image "
+                                      f"[{array.shape[1]}, {array.shape[2]}]")
+            sources.append((where, array[i, :h, :w]))
+    check_images([(where, len(v) if isinstance(v, str) else 0) for where, v in sources], limits)
+    return sources
+
+
+def check_images(images: list[tuple[str, int]], limits: Limits) -> None:
+    """A request's images, (where, data-URL length; 0 for pixels): their count and each data URL's size."""
+    if len(images) > limits.max_images:
+        raise GenerationError(f"{images[limits.max_images][0]}: more than {limits.max_images} images in one request, "
+                              "this deployment's limit: send fewer images")
+    for where, n in images:
+        if n > image_url_bytes(limits):
+            raise GenerationError(f"{where}: the image is over this deployment's limit of {limits.max_image_bytes} bytes")
+
+
+def prompt_ids(nld: NLD, fields: dict[str, Any], limits: Limits, defer_images: bool = False
+               ) -> Prompt | Callable[[], Prompt]:
     """The prompt (`messages` through the chat template, `text_input` templated unless chat=false, or
-    `input_ids`), encoded by the model's one prompt encoder (nld_trt/prompt.py) with no access to local files:
-    a served request's images come inline. Sizes are checked before tokenizing."""
+    `input_ids`, with the images of `image_url_input` / `image_bytes_input`), encoded by the model's one prompt
+    encoder (nld_trt/prompt.py) with no access to local files: a served request's images come inline. Sizes and
+    counts are checked before tokenizing. With images and `defer_images`, what is cheap is checked now and the
+    encoding (decoding and preparing the images) is returned as a function to run later."""
     chat = _flag("chat", fields.get("chat"), True)
     kwargs = template_kwargs(fields)
-    prompt_fields(fields, limits.max_prompt_bytes)
+    vision = nld.prompts.processor is not None
+    prompt_fields(fields, limits.max_prompt_bytes, limits.max_images * image_url_bytes(limits) if vision else 0)
+    sources = image_sources(fields, limits)
     if fields.get("messages") is not None:
-        return nld.prompts.messages(_json("messages", fields["messages"]), template_kwargs=kwargs, local_files=False)
+        raw = text("messages", fields["messages"])
+        messages = _json("messages", raw)
+        parts = image_parts(messages)
+        if sources:
+            raise GenerationError("with messages, send the images as image_url parts of the messages (data URLs), not "
+                                  "as image_url_input or image_bytes_input")
+        if parts and not vision:
+            raise GenerationError(f"{parts[0][0]}: {nld.prompts.no_images}")
+        text_bytes = len(raw) - sum(n for _, n in parts)
+        if text_bytes > limits.max_prompt_bytes:
+            raise GenerationError(f"messages holds {text_bytes} bytes of text, over this deployment's cap of "
+                                  f"{limits.max_prompt_bytes}: send a shorter prompt")
+        check_images(parts, limits)
+        encode = lambda: nld.prompts.messages(messages, template_kwargs=kwargs, local_files=False)  # noqa: E731
+        return encode if parts and defer_images else encode()
     if fields.get("text_input") is not None:
-        return nld.prompts.text(text("text_input", fields["text_input"]), chat=chat, template_kwargs=kwargs,
-                                field="text_input")
-    if fields.get("input_ids") is not None:
-        return nld.prompts.token_ids([_integer("input_ids", t) for t in fields["input_ids"]], field="input_ids")
-    raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or input_ids)")
+        prompt: str | list[int] = text("text_input", fields["text_input"])
+        field_name = "text_input"
+    elif fields.get("input_ids") is not None:
+        prompt, field_name = [_integer("input_ids", t) for t in fields["input_ids"]], "input_ids"
+    else:
+        raise GenerationError("missing text_input: send the prompt as the text_input tensor (or messages, or "
+                              "input_ids)")
+    if not sources:
+        if isinstance(prompt, str):
+            return nld.prompts.text(prompt, chat=chat, template_kwargs=kwargs, field=field_name)
+        return nld.prompts.token_ids(prompt, field=field_name)
+    if not vision:
+        raise GenerationError(f"{sources[0][0]}: {nld.prompts.no_images}")
+    encode = lambda: nld.prompts.with_images(prompt, sources, chat=chat, template_kwargs=kwargs,  # noqa: E731
+                                             field=field_name)
+    return encode if defer_images else encode()
 
 
 def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
@@ -402,8 +537,11 @@ def stop_strings(fields: dict[str, Any]) -> tuple[str, ...]:
     return tuple(w for w in (text("stop_words", x) for x in words) if w)  # TensorRT-LLM skips empty words
 
 
-def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
-    """Validate one request against the model and the deployment; GenerationError names what to fix."""
+def prepare(nld: NLD, fields: dict[str, Any], limits: Limits, defer_images: bool = False) -> Prepared:
+    """Validate one request against the model and the deployment; GenerationError names what to fix.
+
+    `defer_images`: a request with images is checked as far as that is cheap, and comes back with `deferred`
+    set (its images decoded and prepared later, by whoever runs it: the scheduler's image worker)."""
     from ..decoding import GenerationParams  # here: the tokenizer model imports this module without PyTorch
 
     _refuse_unsupported(fields)
@@ -464,11 +602,19 @@ def prepare(nld: NLD, fields: dict[str, Any], limits: Limits) -> Prepared:
     if n > 1 and not limits.streaming:
         raise GenerationError("num_return_sequences > 1 needs the decoupled model `nld`, whose responses carry "
                               "sequence_index")
-    prompt = prompt_ids(nld, fields, limits)
-    nld.check_fits(len(prompt.ids), params, "this deployment's limit; shorten the prompt or lower max_tokens",
-                   "max_tokens", prompt.describe())
+    encoded = prompt_ids(nld, fields, limits, defer_images)
     echo = not _flag("exclude_input_in_output", fields.get("exclude_input_in_output"), limits.exclude_input_default)
     counts = any(_flag(k, fields.get(k), False) for k in ("return_num_input_tokens", "return_num_output_tokens"))
-    return Prepared(prompt.ids, params, stream, n, echo and not stream, _flag("separate_reasoning",
-                    fields.get("separate_reasoning"), False), prompt.thinking, counts,
-                    [(params.seed + i) % 2**64 for i in range(n)], prompt)
+    separate = _flag("separate_reasoning", fields.get("separate_reasoning"), False)
+    seeds = [(params.seed + i) % 2**64 for i in range(n)]
+
+    def finish(prompt: Prompt) -> Prepared:
+        nld.check_fits(len(prompt.ids), params, "this deployment's limit; shorten the prompt or lower max_tokens",
+                       "max_tokens", prompt.describe())
+        return Prepared(prompt.ids, params, stream, n, echo and not stream, separate, prompt.thinking, counts, seeds,
+                        prompt)
+
+    if isinstance(encoded, Prompt):
+        return finish(encoded)
+    return Prepared([], params, stream, n, echo and not stream, separate, False, counts, seeds,
+                    deferred=lambda: finish(encoded()))

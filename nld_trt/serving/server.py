@@ -130,6 +130,7 @@ class TritonServer:
     binary: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     log: Callable[[str], None] | None = None  # each server log line; None: keep the last lines only
+    env: dict[str, str] = field(default_factory=dict)  # added to its environment (CUDA_VISIBLE_DEVICES, say)
     process: subprocess.Popen | None = None
     lines: list[str] = field(default_factory=list)
 
@@ -172,7 +173,7 @@ class TritonServer:
     def environment(self, stub_bin: Path) -> dict[str, str]:
         """PATH starts with the stub environment's bin/ (the stub runs its `python3`); libpython on the
         loader path, so the stub links the same libpython as this interpreter."""
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PATH"] = str(stub_bin) + os.pathsep + env.get("PATH", "")
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(x for x in (libdir, env.get("LD_LIBRARY_PATH", "")) if x)

@@ -3,7 +3,8 @@
 Runs inside the backend stub only (it imports `triton_python_backend_utils`). It is glue: config.pbtxt
 parameters -> `load_artifacts` after the manifest check; each request -> `protocol.prepare` -> the
 `Scheduler`, whose updates become Triton responses sent from the scheduler thread. `execute` never blocks on
-generation, so requests arrive while others decode and join the running batch.
+generation, so requests arrive while others decode and join the running batch; nor on images, which the
+scheduler's image worker decodes and encodes (a request with images is only checked here).
 """
 
 from __future__ import annotations
@@ -127,6 +128,29 @@ class TritonSink:
         self.sender.send(flags=FINAL)
 
 
+class TritonEventSink:
+    """A KV-event subscription's response sender (serving/kv_events.py): one response per batch of events, each
+    with the `kv_events` output only."""
+
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+
+    def send_events(self, text: str) -> bool:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("kv_events", _strings(text))]))
+        return True
+
+    def cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+    def close(self) -> None:
+        self.sender.send(flags=FINAL)
+
+
+def _wants_kv_events(request: Any) -> bool:
+    tensor = pb_utils.get_input_tensor_by_name(request, "kv_events")
+    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[:1].any())
+
+
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
         """Load the model; a bad repository fails the load with our message. The backend stub appends the
@@ -177,13 +201,17 @@ class TritonPythonModel:
             max_sequences=self.nld.executor.max_batch,
             exclude_input_default=params.get("exclude_input_in_output", "true") == "true",
             default_mode=params.get("default_mode") or "ar",
+            **{k: int(params[p]) for k, p in (("max_image_bytes", "max_image_bytes"), ("max_image_pixels",
+               "max_image_pixels"), ("max_images", "max_images_per_request")) if params.get(p)},
         )
+        self.nld.prompts.limit_images(self.limits.max_image_bytes, self.limits.max_image_pixels)
         self._metrics(args.get("model_instance_name", self.name))
         start = time.perf_counter()
         self.nld.planner.cost = self.nld.calibrate(progress=log.info)  # the scheduler reuses it
         log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
-        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix)
+        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix,
+                                   image_workers=int(params.get("image_workers") or 1))
         self._occupancy(0, self.nld.executor.max_batch, 0)
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
@@ -233,13 +261,16 @@ class TritonPythonModel:
     def execute(self, requests: list[Any]) -> None:
         """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""
         for request in requests:
+            if _wants_kv_events(request):
+                self._subscribe(request)
+                continue
             sink = TritonSink(request.get_response_sender(), requested=request.requested_output_names())
             try:
                 inputs = {}
                 for spec in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     inputs[spec.name] = None if tensor is None else tensor.as_numpy()
-                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits)
+                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits, defer_images=True)
                 sink.prepared = prepared
             except NLDError as e:
                 _forget_frames(e)
@@ -252,6 +283,17 @@ class TritonPythonModel:
                 continue
             self.scheduler.submit(prepared, sink)
         return None
+
+    def _subscribe(self, request: Any) -> None:
+        """A KV-event subscription: the prefix cache's changes streamed until the client leaves."""
+        sink = TritonSink(request.get_response_sender())
+        if not self.limits.streaming:
+            sink.error("kv_events needs the decoupled model `nld` (a gRPC stream)")
+            return
+        try:
+            self.scheduler.subscribe_kv_events(TritonEventSink(sink.sender))
+        except NLDError as e:
+            sink.error(str(e))
 
     def finalize(self) -> None:
         self.scheduler.stop()

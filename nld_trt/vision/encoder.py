@@ -4,7 +4,9 @@
 asks for the rows), batching the request's images under Pixtral's block-diagonal mask while the batch stays
 small (a block-diagonal mask over many patches costs memory quadratic in their number; large images run one at
 a time), and keeps the rows in an LRU cache keyed by the image's content digest, bounded in bytes: a multi-turn
-chat that sends the same image again, or two requests with one image, encode it once.
+chat that sends the same image again, or two requests with one image, encode it once. The cache is shared by
+threads (a served model encodes on an image worker thread while the scheduler thread decodes): its lookups and
+stores hold a lock, the encoding itself does not.
 
 `PromptImages` binds one prompt's image spans to the encoder: the prefill of positions [start, end) gets
 `ChunkEmbeds` for the pad positions in that range, the projector's rows in order (row by row of cells), which
@@ -13,6 +15,7 @@ replace those positions' token embeddings. The start, break and end tokens keep 
 
 from __future__ import annotations
 
+import threading
 import time
 from collections import OrderedDict
 
@@ -39,6 +42,7 @@ class ImageEncoder:
         self.batch_patches = batch_patches
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._bytes = 0
+        self._lock = threading.Lock()
         self.hits = 0
         self.misses = 0
         self.encoded_images = 0
@@ -50,27 +54,30 @@ class ImageEncoder:
 
     def clear(self) -> None:
         """Forget every cached image (benchmarks: each request then pays its encode)."""
-        self._cache.clear()
-        self._bytes = 0
+        with self._lock:
+            self._cache.clear()
+            self._bytes = 0
 
     def rows(self, images: list[PreparedImage]) -> list[torch.Tensor]:
         """[cells, hidden] per image, in order; images not cached are encoded (batched) and cached."""
         found: dict[str, torch.Tensor] = {}
         todo: dict[str, PreparedImage] = {}
-        for image in images:
-            if image.digest in found or image.digest in todo:
-                continue
-            if image.digest in self._cache:
-                self._cache.move_to_end(image.digest)
-                found[image.digest] = self._cache[image.digest]
-                self.hits += 1
-            else:
-                todo[image.digest] = image
-                self.misses += 1
+        with self._lock:
+            for image in images:
+                if image.digest in found or image.digest in todo:
+                    continue
+                if image.digest in self._cache:
+                    self._cache.move_to_end(image.digest)
+                    found[image.digest] = self._cache[image.digest]
+                    self.hits += 1
+                else:
+                    todo[image.digest] = image
+                    self.misses += 1
         for batch in self._batches(list(todo.values())):
             for image, rows in zip(batch, self._encode(batch)):
                 found[image.digest] = rows
-                self._store(image.digest, rows)
+                with self._lock:
+                    self._store(image.digest, rows)
         return [found[image.digest] for image in images]
 
     def _batches(self, images: list[PreparedImage]) -> list[list[PreparedImage]]:
@@ -94,11 +101,14 @@ class ImageEncoder:
         rows = [r.to(self.device, self.dtype) for r in self.encoder(pixels)]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self.encode_s += time.perf_counter() - start
-        self.encoded_images += len(images)
+        with self._lock:
+            self.encode_s += time.perf_counter() - start
+            self.encoded_images += len(images)
         return rows
 
     def _store(self, digest: str, rows: torch.Tensor) -> None:
+        if digest in self._cache:  # another thread encoded the same image meanwhile
+            return
         size = rows.numel() * rows.element_size()
         if size > self.cache_bytes:
             return

@@ -270,12 +270,30 @@ class ImageProcessor:
         pixels = torch.from_numpy(np.ascontiguousarray(normalised.transpose(2, 0, 1), dtype=np.float32))
         return PreparedImage(pixels, (rows, cols), (width, height), digest, note)
 
+    def from_pixels(self, array: np.ndarray, where: str):
+        """A PIL image of a uint8 [height, width, 3 or 4] array (RGB or RGBA pixels, as TensorRT-LLM's clients
+        send `image_bytes_input`), size-checked like an encoded image."""
+        Image = _pil()
+        if array.dtype != np.uint8 or array.ndim != 3 or array.shape[2] not in (3, 4):
+            raise ImageError(f"{where}: image pixels must be uint8 [height, width, 3] (RGB) or [height, width, 4] "
+                             f"(RGBA), got {array.dtype} {list(array.shape)}")
+        height, width = array.shape[:2]
+        if width < 1 or height < 1:
+            raise ImageError(f"{where}: the image is {width} x {height} pixels (zero-sized)")
+        if width * height > self.config.max_pixels:
+            raise ImageError(f"{where}: the image is {width} x {height} = {width * height} pixels, over the limit of "
+                             f"{self.config.max_pixels} pixels")
+        return Image.fromarray(np.ascontiguousarray(array))  # RGB or RGBA, from the shape
+
     def load(self, value: Any, where: str, *, local_files: bool) -> PreparedImage:
-        """Any accepted image value -> PreparedImage: a PIL image, encoded bytes, a data URL, or (only with
-        `local_files`, i.e. from the Python API or the CLI, never from a served request) a file path."""
+        """Any accepted image value -> PreparedImage: a PIL image, encoded bytes, a data URL, uint8 pixels
+        [height, width, 3 or 4], or (only with `local_files`, i.e. from the Python API or the CLI, never from a
+        served request) a file path."""
         Image = _pil()
         if isinstance(value, Image.Image):
             return self.prepare(value, where)
+        if isinstance(value, np.ndarray):
+            return self.prepare(self.from_pixels(value, where), where)
         if isinstance(value, (bytes, bytearray, memoryview)):
             return self.prepare(self.decode_bytes(bytes(value), where), where)
         if isinstance(value, str) and value.startswith("data:"):
@@ -289,5 +307,5 @@ class ImageProcessor:
                                  "data URL (data:image/png;base64,...)")
             path = str(value).removeprefix("file://") if isinstance(value, str) else value
             return self.prepare(self.decode_path(path, where), where)
-        raise ImageError(f"{where}: an image must be a PIL image, bytes, a data URL"
+        raise ImageError(f"{where}: an image must be a PIL image, bytes, a data URL, uint8 pixels"
                          + (" or a file path" if local_files else "") + f", got {type(value).__name__}")

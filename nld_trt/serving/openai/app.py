@@ -10,6 +10,10 @@ Server-Sent Events `chat.completion.chunk` / `text_completion` chunks ending wit
 A streaming request waits for the model's first response before it answers, so a request the model
 refuses still gets an HTTP error status. A client that goes away (mid-stream or while waiting for a unary
 answer) cancels its gRPC streams, which frees its KV slots. Request bodies are capped.
+
+A chat request with images (OpenAI's `image_url` parts) is checked against what the served model's config says,
+its allowed http(s) images are fetched (media.py), and they go to the model inline
+(schema.chat_request_with_images).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -29,13 +34,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .schema import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestError, TritonRequest, chat_request,
-                     completion_requests, parse, parse_tokenize, tokenize_fields)
+from .media import MAX_BODY_BYTES, MediaOptions
+from .schema import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestError, TritonRequest,
+                     chat_request_with_images, completion_requests, parse, parse_tokenize, tokenize_fields)
 from .triton import ModelError, ModelInfo, NoTokenizer, Piece, TritonBridge, TritonUnavailable, first_string
 
 log = logging.getLogger("nld_trt.serving.openai")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+PART = re.compile(r"^(messages\[\d+\]\.content\[\d+\])")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # a model error's first word -> the OpenAI field it is about
 PARAMS = {"max_tokens": "max_tokens", "block_length": "block_length", "threshold": "threshold",
@@ -52,6 +58,9 @@ def model_error(e: ModelError, chat: bool) -> RequestError:
         return RequestError(message, status=500, type="server_error")
     if "being unloaded" in message:
         return RequestError(message, status=503, type="server_error", code="service_unavailable")
+    part = PART.match(message)
+    if part:  # an image part the model refused (bad image, too large, ...)
+        return RequestError(message, param=part.group(1))
     words = message.replace("(", " ").split()
     param = next((PARAMS[w] for w in words[:2] if w in PARAMS), None)
     if param is None and message.startswith(("the prompt", "unknown mode", "prompt token")):
@@ -300,8 +309,10 @@ async def until_disconnect(request: Request) -> None:
 
 
 # the app ------------------------------------------------------------------------------------------------
-def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The front end for one Triton model; `served_model` is the OpenAI model id (default: its Triton name)."""
+def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               media_options: MediaOptions = MediaOptions()) -> FastAPI:
+    """The front end for one Triton model; `served_model` is the OpenAI model id (default: its Triton name);
+    `media_options`: which image URLs it may fetch."""
     served = served_model or bridge.model
     started = int(time.time())
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
@@ -368,7 +379,7 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
     async def chat(request: Request) -> Response:
         req = parse(ChatRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        triton = [chat_request(req, await info())]
+        triton = [await chat_request_with_images(req, await info(), media_options)]
         shape = Shape(True, served, req.n, req.top_logprobs or 0, req.logprobs, prompt_top=req.prompt_logprobs)
         return await respond(request, req, triton, shape)
 
