@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -422,8 +423,6 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture)
     built-in conversation, fail unless every answer is right."""
     from ..evaluate import extract_answer
     from .client import GrpcClient, http_generate
-    from .package import ServingOptions, package_repository
-    from .server import TritonServer
 
     if followup is not None and prompt is None:
         raise NLDError("--followup needs --prompt (the built-in conversation has its own follow-up)")
@@ -439,12 +438,7 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture)
             wrong.append(f"{label} answered {got}, expected {gold}")
 
     with tempfile.TemporaryDirectory(prefix="nld-trt-demo-") as tmp:
-        repo = package_repository(model_dir, Path(tmp) / "repo", ServingOptions(max_batch=4, max_seq_len=1024))
-        click.echo(f"packaged {model_dir or 'the embedded model'} into a Triton model repository; starting tritonserver")
-        start = time.perf_counter()
-        with TritonServer(repo) as server:
-            click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s "
-                       f"(HTTP {server.http_url}, gRPC {server.grpc_url})")
+        with _demo_server(model_dir, Path(tmp) / "repo", model_dir or "the embedded model") as server:
             grpc = GrpcClient(server.grpc_url)
             for mode in ("ar", "dlm", "linear_spec"):
                 messages: list[dict[str, Any]] = []
@@ -459,10 +453,6 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture)
                                   max_tokens=max_tokens, block_length=block_length)
             click.echo(f"\n[linear_spec, HTTP generate on nld_sync, turn {len(turns)}] {unary.text}\n  {stats_line(unary.stats)}")
             check(f"HTTP linear_spec turn {len(turns)}", unary.text, turns[-1][1])
-            code = server.stop()
-        click.echo(f"\ntritonserver stopped (exit code {code})")
-        if code != 0:
-            raise NLDError(f"tritonserver exited with code {code}")
         if picture:
             _picture_demo(Path(tmp), max_tokens, block_length, check)
     if wrong:
@@ -470,6 +460,26 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture)
     if prompt is None:
         click.echo("every answer of the conversation carries the right number, in every mode"
                    + (", and the tiny VLM read the picture right in every mode" if picture else ""))
+
+
+@contextmanager
+def _demo_server(model_dir, repo_dir: Path, label: str):
+    """Package `model_dir` (None: the embedded text model) into `repo_dir`, serve it with tritonserver for the
+    block, then stop it; a non-zero exit fails the demo."""
+    from .package import ServingOptions, package_repository
+    from .server import TritonServer
+
+    repo = package_repository(model_dir, repo_dir, ServingOptions(max_batch=4, max_seq_len=1024))
+    click.echo(f"packaged {label} into a Triton model repository; starting tritonserver")
+    start = time.perf_counter()
+    with TritonServer(repo) as server:
+        click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s (HTTP {server.http_url}, gRPC "
+                   f"{server.grpc_url})")
+        yield server
+        code = server.stop()
+    click.echo(f"\ntritonserver stopped (exit code {code})")
+    if code != 0:
+        raise NLDError(f"tritonserver exited with code {code}")
 
 
 def _streamed_turn(grpc, label: str, shown: str, messages: list[dict[str, Any]], mode: str, max_tokens: int,
@@ -494,8 +504,6 @@ def _picture_demo(tmp: Path, max_tokens: int, block_length: int | None, check) -
     from ..runtime import default_model_path
     from ..training import pictures
     from .client import GrpcClient, data_url
-    from .package import ServingOptions, package_repository
-    from .server import TritonServer
 
     item = pictures.sample(DEMO_PICTURE_KIND)
     image = tmp / "picture.png"
@@ -503,22 +511,15 @@ def _picture_demo(tmp: Path, max_tokens: int, block_length: int | None, check) -
     question = item.question.question
     messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
                                              {"type": "text", "text": question}]}]
-    repo = package_repository(default_model_path(images=True), tmp / "vlm-repo",
-                              ServingOptions(max_batch=4, max_seq_len=1024))
-    click.echo(f"\npackaged the embedded tiny VLM into a Triton model repository; starting tritonserver")
-    start = time.perf_counter()
-    with TritonServer(repo) as server:
-        click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s; the picture: "
-                   f"`nld-trt sample-image pic.png` writes it ({item.scene.size[0]} x {item.scene.size[1]} pixels)")
+    click.echo()
+    with _demo_server(default_model_path(images=True), tmp / "vlm-repo", "the embedded tiny VLM") as server:
+        click.echo(f"the picture: `nld-trt sample-image pic.png` writes it ({item.scene.size[0]} x "
+                   f"{item.scene.size[1]} pixels)")
         grpc = GrpcClient(server.grpc_url)
         for mode in ("ar", "dlm", "linear_spec"):
             result = _streamed_turn(grpc, f"{mode}, gRPC stream, tiny VLM", f"<picture> {question}", messages, mode,
                                     max_tokens, block_length)
             check(f"{mode} picture", result.text, item.question.value)
-        code = server.stop()
-    click.echo(f"\ntritonserver stopped (exit code {code})")
-    if code != 0:
-        raise NLDError(f"tritonserver exited with code {code}")
 
 
 COMMANDS = (package_command, serve_command, openai_command, client_command, chat_command, demo_command)
