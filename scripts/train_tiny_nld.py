@@ -97,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=2048, help="BPE target size (the config rounds up to 128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also write the weights every N phase-1 steps to OUT.step-N (no drafter yet), to evaluate "
+                         "a long run early; 0: never")
     ap.add_argument("--threads", type=int, default=1, help="threads per worker")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="bf16: autocast; auto: bf16 where the CPU has native bf16 (see above)")
@@ -221,10 +224,11 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 
 def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr: float, log_every: int,
-                wd: float, bf16: bool) -> tuple[list[dict], dict]:
+                wd: float, bf16: bool, snapshot=None) -> tuple[list[dict], dict]:
     """Run `step_fn(step) -> (loss tensor, logged dict)` with AdamW for `steps` steps; should the time cap
     `seconds` come first, the schedule follows it instead, so a slow machine still anneals rather than stop
     mid-way. With several workers, gradients are averaged and the slowest clock sets everyone's progress.
+    `snapshot(step)`, if given, is called after every step (on every worker: it decides itself whether to write).
     Returns the log and what ran: steps, seconds, and whether the time cap cut the schedule short."""
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=wd)
     start = time.perf_counter()
@@ -253,6 +257,8 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        if snapshot is not None:
+            snapshot(step)
         for k, v in logged.items():
             running[k] = running.get(k, 0.0) + v
         if step % log_every == 0:
@@ -354,9 +360,17 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         losses = joint_loss(model, batch, args.dlm_weight)
         return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
 
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+
+    def snapshot(step: int) -> None:
+        if args.save_every and step % args.save_every == 0 and is_main():
+            where = save_checkpoint(f"{args.out}.step-{step}", config, weights(), files, overwrite=True)
+            print(f"[joint] snapshot {where}", flush=True)
+
     phase1_s = budget * (1 - args.lora_share) - (time.monotonic() - t0)
     log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, list(model.parameters()), args.lr,
-                                 args.log_every, wd=0.1, bf16=args.precision == "bf16")
+                                 args.log_every, wd=0.1, bf16=args.precision == "bf16", snapshot=snapshot)
     joint_seen = seen.clone()
 
     # Phase 2: the draft adapter, base frozen, on fully masked blocks (the draft linear_spec feeds).
@@ -389,7 +403,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         dist.all_reduce(lora_seen)
 
     if is_main():
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        tensors = weights()
         lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
                             for i, (a, b_) in layers.items()}, r, alpha)
         out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
