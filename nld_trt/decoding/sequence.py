@@ -20,6 +20,8 @@ import torch
 from ..config import NLDConfig
 from ..errors import GenerationError
 from ..executors.base import Chunk
+from ..kv.events import ExtraKey
+from ..kv.pages import PageTable
 from .params import GenerationParams
 from .select import candidates, law, top_logprobs
 from .text import Decode, OutputText
@@ -38,6 +40,10 @@ class Stats:
     draft_passes_per_step: list[int] = field(default_factory=list)  # linear_spec: draft passes per step
     passes_per_block: list[int] = field(default_factory=list)  # dlm: denoising passes per block
     auto: dict | None = None  # auto: steps per option and why they were chosen
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prefill_tokens: int = 0  # prompt tokens the prefill computed
+    preemptions: int = 0  # times the sequence gave its KV pages back and waited (nld_trt/decoding/driver.py)
+    recomputed_tokens: int = 0  # committed tokens re-prefilled after preemptions
 
     @property
     def tpf(self) -> float:
@@ -62,7 +68,12 @@ class Stats:
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
             "tokens_per_s": round(self.tokens / self.decode_s, 2) if self.decode_s > 0 else None,
+            "cached_tokens": self.cached_tokens,
+            "prefill_tokens": self.prefill_tokens,
         }
+        if self.preemptions:
+            d["preemptions"] = self.preemptions
+            d["recomputed_tokens"] = self.recomputed_tokens
         if self.accepted_per_step:
             d["accepted_per_step"] = self.accepted_per_step
             d["mean_accepted"] = round(sum(self.accepted_per_step) / len(self.accepted_per_step), 4)
@@ -110,11 +121,22 @@ class Sequence:
         self.stop_reason: str | int | None = None  # the stop string or stop token that ended it
         self.error: str | None = None
         self.stats = Stats(mode=getattr(self, "mode", ""))
-        self.slot: int | None = None
+        # KV bookkeeping, the batcher's (nld_trt/decoding/driver.py): the page table, the tokens still to
+        # prefill, the arrival order (preemption takes the newest), whether the prefill logits were consumed
+        self.kv: PageTable | None = None
+        self.extra_keys: tuple[ExtraKey, ...] = ()  # what else keys this prompt's KV (a VLM's image spans)
+        self.todo: list[int] = []
+        self.arrival = 0
+        self.started = False
         self.generator = (torch.Generator().manual_seed(seed % SEED_MOD)
                           if params.temperature > 0 else None)
 
     # the mode's state machine -------------------------------------------------------------------
+    def begin(self, last_logits: torch.Tensor) -> None:
+        """The prompt is in the cache: take the first token (once; a resumed sequence does not begin again)."""
+        self.started = True
+        self.start(last_logits)
+
     def start(self, last_logits: torch.Tensor) -> None:
         raise NotImplementedError
 

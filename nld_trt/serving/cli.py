@@ -15,9 +15,9 @@ from typing import Any
 
 import click
 
+from ..cli_support import MODEL_HELP, kv_options, nfe_phrase, run_command
 from ..errors import NLDError
 
-MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 # A problem of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py).
 DEMO_PROMPT = "Sam runs 12 miles every day for 5 days. Then he runs 7 more miles. How many miles does Sam run in total?"
 
@@ -28,7 +28,6 @@ def _err(message: str) -> None:
 
 def stats_line(stats: dict[str, Any]) -> str:
     """One line of per-request stats, as `nld-trt generate` prints them."""
-    from ..cli import nfe_phrase
 
     extra = f", mean accepted {stats['mean_accepted']:.2f}" if "mean_accepted" in stats else ""
     return (
@@ -66,8 +65,9 @@ def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
 @click.command("package")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="repository to write")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots per model instance")
-@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per slot")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="sequences a model instance decodes at once at most")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="the longest sequence (KV positions)")
 @click.option("--max-block-length", type=int, default=128, show_default=True)
 @click.option("--max-tokens-cap", type=int, default=1024, show_default=True, help="largest max_tokens accepted")
 @click.option("--default-max-tokens", type=int, default=128, show_default=True)
@@ -86,10 +86,12 @@ def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
               "(default: 32 bytes per KV position, at least 64 KiB)")
 @click.option("--compile", "compile_", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
               help="PyTorch executor: compiled (CPU) / graph-captured (CUDA) passes; auto: graphs on CUDA, eager on CPU")
+@kv_options
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
 def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
                     default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, default_mode,
-                    max_prompt_bytes, compile_, overwrite) -> None:
+                    max_prompt_bytes, compile_, kv_cache_tokens, kv_cache_gb, page_size, prefix_cache,
+                    overwrite) -> None:
     """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
     from .package import ServingOptions, package_repository
 
@@ -99,7 +101,9 @@ def package_command(model_dir, output, max_batch, max_seq_len, max_block_length,
     options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
                              max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
                              instances=instances, device=device, dtype=dtype, torch_threads=threads,
-                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes, compile=compile_)
+                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes, compile=compile_,
+                             kv_cache_tokens=kv_cache_tokens or 0, kv_cache_gb=kv_cache_gb or 0.0,
+                             page_size=page_size, prefix_cache=prefix_cache)
     repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
                               engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
@@ -365,7 +369,6 @@ for _command in COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import run_command
 
     run_command(serving_cli, argv)
 

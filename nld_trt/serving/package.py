@@ -19,6 +19,7 @@ from ..checkpoint import check_model_dir
 from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .manifest import write_manifest
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
@@ -44,8 +45,8 @@ COMPILE_CHOICES = {"auto": None, "true": True, "false": False}  # config.pbtxt v
 class ServingOptions:
     """What a deployment holds and accepts; written into config.pbtxt parameters."""
 
-    max_batch: int = 8  # KV-cache slots per model instance
-    max_seq_len: int = 2048
+    max_batch: int = 8  # sequences a model instance decodes at once at most
+    max_seq_len: int = 2048  # the longest sequence
     max_block_length: int = 128
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -58,12 +59,20 @@ class ServingOptions:
     exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
     default_mode: str = "ar"  # the mode of a request that does not say: ar | dlm | linear_spec | auto
     compile: str = "auto"  # PyTorch executor: "true" compiled/graph-captured passes, "false" eager, "auto" (see nld_trt.load)
+    kv_cache_tokens: int = 0  # KV-cache positions (0: the default, max_batch x max_seq_len; a GPU's free memory caps it)
+    kv_cache_gb: float = 0.0  # or its size in GiB (0: by tokens)
+    page_size: int = DEFAULT_PAGE_SIZE  # positions per KV-cache page
+    prefix_cache: bool = True  # reuse cached prefixes' KV
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
         for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances"):
             if getattr(self, name) < 1:
                 raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
+        if self.kv_cache_tokens < 0 or self.kv_cache_gb < 0 or self.page_size < 1:
+            raise NLDError("kv-cache-tokens and kv-cache-gb must be positive (0: the default) and page-size at least 1")
+        if self.kv_cache_tokens and self.kv_cache_gb:
+            raise NLDError("give kv-cache-tokens or kv-cache-gb, not both")
         if self.compile not in COMPILE_CHOICES:
             raise NLDError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         seq = min(self.max_seq_len, config.max_position_embeddings)
@@ -77,6 +86,11 @@ class ServingOptions:
         if self.max_prompt_bytes < 0:
             raise NLDError("max-prompt-bytes must be a positive integer (0: the default)")
         prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
+        if self.kv_cache_tokens:  # a pool too small for one sequence is refused at packaging, not at load
+            pages = -(-self.kv_cache_tokens // self.page_size)
+            if pages * self.page_size < seq:
+                raise NLDError(f"kv-cache-tokens {self.kv_cache_tokens} holds {pages} pages of {self.page_size}, less "
+                               f"than one sequence of max-seq-len {seq}: give at least {-(-seq // self.page_size) * self.page_size}")
         return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
                                  "default_max_tokens": min(self.default_max_tokens, cap),
                                  "max_prompt_bytes": prompt_bytes})

@@ -1,0 +1,178 @@
+"""Attention against the paged cache: the tensors of a `KVLayout` and the per-pass step objects every layer
+calls (`step.attend(layer, q, k, v, scale)`: write the chunk's K/V at committed..committed+n-1 of each
+row's pages, then attend).
+
+- `PagedStep`: the reference (exact shapes, computed on the host). The write is an index_put at (page,
+  offset) of every real chunk token; attention gathers each row's pages into a contiguous [Hkv, keys, D]
+  context (keys = the longest row's L + n) and runs SDPA under the chunk mask (nld_trt.attention).
+- `StaticPagedStep`: shapes fixed by (batch bucket, chunk length) and every length, page and mask on the
+  device, for compiled passes and CUDA graphs (nld_trt/executors/static_pass.py): padding writes go to the
+  scratch page, and the number of pages read is the pass's one dynamic size.
+- With `kernels`, both run the Triton KV-write and block-attention kernels (nld_trt.plugins), which read the
+  page tables and lengths on the device.
+A quantized layout (FP8 KV cache) quantizes on write and dequantizes on read, in all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..attention import attention, chunk_attention_mask
+from .layout import FP8_MAX, KVLayout
+
+
+class PagedCache:
+    """Every layer's K and V pages of a layout, on one device."""
+
+    def __init__(self, layout: KVLayout, device: torch.device | str) -> None:
+        self.layout = layout
+        # zeros, not empty: masked keys still enter SDPA's products (0 * NaN would poison a row)
+        self.k = [torch.zeros(layout.shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+        self.v = [torch.zeros(layout.shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+def quantize(x: torch.Tensor, quant: float, dtype: torch.dtype) -> torch.Tensor:
+    """What a quantized cache of `dtype` stores for x: e4m3(clamp(x * quant)), exact in wider dtypes."""
+    y = (x.float() * quant).clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn)
+    return y if dtype == torch.float8_e4m3fn else y.to(dtype)
+
+
+def dequantize(x: torch.Tensor, dequant: float, dtype: torch.dtype) -> torch.Tensor:
+    return (x.float() * dequant).to(dtype)
+
+
+def store(cache: PagedCache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """K/V rows as the cache stores them (quantized for an FP8 layout)."""
+    layout = cache.layout
+    if layout.scales is None:
+        return k, v
+    s = layout.scales[layer]
+    return quantize(k, s.k_quant, layout.dtype), quantize(v, s.v_quant, layout.dtype)
+
+
+def gather(cache: PagedCache, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pages `tables` [B, n] name, as contiguous contexts [B, Hkv, n x P, D] in `dtype`."""
+    b, n = tables.shape
+    layout = cache.layout
+
+    def read(pool: torch.Tensor) -> torch.Tensor:
+        pages = pool[tables]  # [B, n, Hkv, P, D]
+        return pages.transpose(1, 2).reshape(b, layout.kv_heads, n * layout.page_size, layout.head_dim)
+
+    k, v = read(cache.k[layer]), read(cache.v[layer])
+    if layout.scales is None:
+        return k, v
+    s = layout.scales[layer]
+    return dequantize(k, s.k_dequant, dtype), dequantize(v, s.v_dequant, dtype)
+
+
+def kernel_attend(cache: PagedCache, layer: int, q, k, v, tables, committed, chunk_lens, block, scale: float):
+    """Write k, v [B, Hkv, T, D] at committed..committed+n-1 of each row's pages and attend q [B, Hq, T, D]
+    with the fused Triton kernels (the CUDA path). Lengths and pages are read on the device: no host
+    synchronisation."""
+    from nld_trt.plugins.block_attention.ops import block_attention, write_kv
+
+    layout = cache.layout
+    s = layout.scales[layer] if layout.scales is not None else None
+    kc, vc = cache.k[layer], cache.v[layer]
+    write_kv(k, v, kc, vc, tables, committed, chunk_lens,
+             k_quant=s.k_quant if s else None, v_quant=s.v_quant if s else None)
+    return block_attention(q, kc, vc, tables, committed, chunk_lens, block, scale,
+                           k_scale=s.k_dequant if s else None, v_scale=s.v_dequant if s else None)
+
+
+@dataclass
+class PagedStep:
+    """One eager pass against a PagedCache (built once, used by every layer)."""
+
+    cache: PagedCache
+    tables: torch.Tensor  # [B, W] long: each row's page table (padded past its pages)
+    committed: torch.Tensor  # [B] committed length L per row
+    chunk_lens: torch.Tensor  # [B] real chunk tokens per row
+    block: torch.Tensor  # [B] bool: bidirectional chunk
+    mask: torch.Tensor | None  # [B, 1, T, keys] bool, the reference path's attention mask
+    write_rows: torch.Tensor  # [N] batch row of each real chunk token
+    write_cols: torch.Tensor  # [N] chunk index of each real chunk token
+    write_page: torch.Tensor  # [N] page of each real chunk token's K/V
+    write_offset: torch.Tensor  # [N] its offset in the page
+    keys: int  # positions each row reads: max over rows of L + n (the gathered pages, cut there)
+    kernels: bool = False
+
+    @classmethod
+    def build(cls, cache: PagedCache, tables: torch.Tensor, committed: torch.Tensor, chunk_lens: torch.Tensor,
+              block: torch.Tensor, chunk: int, keys: int, kernels: bool = False) -> PagedStep:
+        """`keys`: max over rows of L + n (known on the host)."""
+        p = cache.layout.page_size
+        rows, cols = (torch.arange(chunk, device=tables.device)[None, :] < chunk_lens[:, None]).nonzero(as_tuple=True)
+        pos = committed[rows] + cols
+        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, keys)
+        return cls(cache, tables, committed, chunk_lens, block, mask, rows, cols, tables[rows, pos // p], pos % p,
+                   keys, kernels)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        """Write the chunk's k, v [B, Hkv, T, D] into the cache, then attend q [B, Hq, T, D]."""
+        if self.kernels:
+            return kernel_attend(self.cache, layer, q, k, v, self.tables, self.committed, self.chunk_lens, self.block,
+                                 scale)
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        ks, vs = store(self.cache, layer, k[self.write_rows, :, self.write_cols], v[self.write_rows, :, self.write_cols])
+        kc[self.write_page, :, self.write_offset] = ks
+        vc[self.write_page, :, self.write_offset] = vs
+        k_all, v_all = gather(self.cache, layer, self.tables[:, : -(-self.keys // self.cache.layout.page_size)], q.dtype)
+        return attention(q, k_all[:, :, : self.keys], v_all[:, :, : self.keys], self.mask, scale)
+
+
+@dataclass
+class StaticPagedStep:
+    """One pass whose shapes depend only on (batch B, chunk length T) and which reads no tensor on the host,
+    so it can be compiled once per shape and captured in a CUDA graph.
+
+    Every row writes all T chunk positions: real tokens at committed..committed+n-1 of their pages, padding
+    (chunk positions past n, and whole padding rows, whose page tables name only the scratch page) to the
+    scratch page, which nothing reads as context. Without kernels, attention reads the first `pages` pages
+    of each row's table under the reference chunk mask (`pages` is the one size that varies between passes
+    of a shape: the compiled pass takes it as a dynamic dimension); with kernels, the Triton kernels read
+    the tables and lengths on the device.
+    """
+
+    cache: PagedCache
+    tables: torch.Tensor  # [B, W]
+    committed: torch.Tensor  # [B]
+    chunk_lens: torch.Tensor  # [B] (padding rows: T, on the scratch page)
+    block: torch.Tensor  # [B] bool
+    dest_page: torch.Tensor  # [B, T] page of each chunk position's K/V (padding: the scratch page)
+    dest_offset: torch.Tensor  # [B, T] offset in that page
+    mask: torch.Tensor | None  # [B, 1, T, pages x P] bool (reference attention), None with kernels
+    kernels: bool = False
+
+    @classmethod
+    def build(cls, cache: PagedCache, tables, committed, chunk_lens, block, chunk: int, pages,
+              kernels: bool = False) -> StaticPagedStep:
+        """From the pass's device tensors; `pages` (an int, or a symbolic size when compiled) is how many pages
+        of each table the reference attention reads."""
+        layout = cache.layout
+        p = layout.page_size
+        j = torch.arange(chunk, device=tables.device)
+        real = j[None, :] < chunk_lens[:, None]
+        pos = torch.where(real, committed[:, None] + j, j)
+        dest_page = torch.where(real, tables.gather(1, pos // p), layout.scratch)
+        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, pages * p)
+        return cls(cache, tables, committed, chunk_lens, block, dest_page, pos % p, mask, kernels)
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+        if self.kernels:
+            return kernel_attend(self.cache, layer, q, k, v, self.tables, self.committed, self.chunk_lens, self.block,
+                                 scale)
+        kc, vc = self.cache.k[layer], self.cache.v[layer]
+        ks, vs = store(self.cache, layer, k.transpose(1, 2), v.transpose(1, 2))
+        kc[self.dest_page, :, self.dest_offset] = ks
+        vc[self.dest_page, :, self.dest_offset] = vs
+        pages = self.mask.shape[-1] // self.cache.layout.page_size
+        k_all, v_all = gather(self.cache, layer, self.tables[:, :pages], q.dtype)
+        return attention(q, k_all, v_all, self.mask, scale)
