@@ -9,8 +9,8 @@ shapes are fixed and whose lengths, page tables and masks live on the device (`k
 - the batch is padded up to a bucket (1, 2, 4, 8, ... and max_batch); padding rows write and read only the
   cache's scratch page and their outputs are dropped; page tables are padded with the scratch page to a fixed
   width (the layout's table width, plus one column that is always the scratch page);
-- on CPU the pass is compiled with inductor, once per pair (the number of pages attention reads is its one
-  dynamic size); on CUDA it is captured as a CUDA graph at load, the Triton KV-write and attention kernels
+- on CPU the pass is compiled with inductor, once per pair (the number of cache positions attention reads
+  is its one dynamic size); on CUDA it is captured as a CUDA graph at load, the Triton KV-write and attention kernels
   inside (they read page tables and committed lengths on the device), as SGLang and vLLM do for decode;
 - prefill chunks and other chunk lengths run the eager reference path.
 The bookkeeping (buckets, padding, which shape serves which call) is plain Python, tested without a GPU.
@@ -26,10 +26,10 @@ import torch
 
 from ..errors import NLDError
 from ..kv.attend import PagedCache, StaticPagedStep
-from ..kv.layout import MIN_TABLE_WIDTH, KVLayout
+from ..kv.layout import KVLayout
 from ..model import NLDModel
 
-MIN_PAGES = MIN_TABLE_WIDTH  # the compiled pass's dynamic size never takes 0 or 1 (torch.compile specializes them)
+MIN_KEYS = 2  # the compiled pass's dynamic size never takes the values 0 or 1 (torch.compile specializes them)
 
 
 def batch_buckets(max_batch: int) -> tuple[int, ...]:
@@ -57,12 +57,12 @@ class PassShape:
 
 class PassInputs:
     """One pass's int64 inputs packed in a single tensor (one host-to-device copy per pass): tokens [B, T],
-    page tables [B, W], then committed, chunk_lens, block, lora [B] each. `pages`: how many pages of each
-    table attention must read."""
+    page tables [B, W], then committed, chunk_lens, block, lora [B] each. `keys`: the positions attention
+    must read, max(committed + chunk length) over all rows."""
 
-    def __init__(self, packed: torch.Tensor, shape: PassShape, width: int, pages: int = MIN_PAGES) -> None:
+    def __init__(self, packed: torch.Tensor, shape: PassShape, width: int, keys: int = MIN_KEYS) -> None:
         b, t = shape.batch, shape.chunk
-        self.packed, self.shape, self.width, self.pages = packed, shape, width, pages
+        self.packed, self.shape, self.width, self.keys = packed, shape, width, keys
         self.tokens = packed[: b * t].view(b, t)
         self.tables = packed[b * t : b * t + b * width].view(b, width)
         rest = packed[b * t + b * width :].view(4, b)
@@ -100,22 +100,21 @@ class PassInputs:
         packed = torch.tensor(values, dtype=torch.long)
         if pin:
             packed = packed.pin_memory()
-        keys = max([t, *(r.committed + n for r, n in zip(rows, lens))])
-        return cls(packed, shape, width, max(MIN_PAGES, layout.pages_for(keys)))
+        keys = max(MIN_KEYS, t, *(r.committed + n for r, n in zip(rows, lens)))
+        return cls(packed, shape, width, keys)
 
     def _to(self, device) -> PassInputs:
-        return PassInputs(self.packed.to(device), self.shape, self.width, self.pages)
+        return PassInputs(self.packed.to(device), self.shape, self.width, self.keys)
 
 
 def static_forward(model: NLDModel, cache: PagedCache, kernels: bool, tokens: torch.Tensor, tables: torch.Tensor,
                    committed: torch.Tensor, chunk_lens: torch.Tensor, block: torch.Tensor, lora: torch.Tensor,
-                   key_pages: torch.Tensor | None) -> torch.Tensor:
+                   key_positions: torch.Tensor | None) -> torch.Tensor:
     """The pass: hidden states [B, T, H] of `PassInputs` tensors, with no host synchronisation.
-    key_pages: a tensor whose length is the number of pages attention reads (None with kernels, which read
+    key_positions: a tensor whose length is the positions attention reads (None with kernels, which read
     the lengths themselves). The draft adapter applies to the `lora` rows (on all others it adds 0)."""
     t = tokens.shape[1]
-    pages = None if key_pages is None else key_pages.shape[0]
-    step = StaticPagedStep.build(cache, tables, committed, chunk_lens, block.bool(), t, pages, kernels)
+    step = StaticPagedStep.build(cache, tables, committed, chunk_lens, block.bool(), t, key_positions, kernels)
     positions = committed[:, None] + torch.arange(t, device=tokens.device)
     lora_rows = lora.bool() if model.has_lora else None
     return model(tokens, positions, None, step, lora_rows, fused=True)
@@ -137,7 +136,9 @@ class StaticPasses:
         self.chunk_lens = tuple(sorted(set(chunk_lens)))
         self.shapes = [PassShape(b, t) for t in self.chunk_lens for b in self.buckets]
         self.device = cache.k[0].device
-        self.page_ids = torch.arange(PassInputs.columns(self.layout), device=self.device)
+        # every position a static pass can read: the table's columns x P (the last column always the scratch
+        # page, so a read of all real pages is a strict prefix)
+        self.positions = torch.arange(PassInputs.columns(self.layout) * self.layout.page_size, device=self.device)
         self.progress = progress
         self.report = ""
 
@@ -147,9 +148,9 @@ class StaticPasses:
         return PassShape(bucket, chunk) if bucket is not None and chunk in self.chunk_lens else None
 
     def _call(self, fn, inputs: PassInputs) -> torch.Tensor:
-        pages = None if self.kernels else self.page_ids[: inputs.pages]
+        keys = None if self.kernels else self.positions[: inputs.keys]
         return fn(self.model, self.cache, self.kernels, inputs.tokens, inputs.tables, inputs.committed,
-                  inputs.chunk_lens, inputs.block, inputs.lora, pages)
+                  inputs.chunk_lens, inputs.block, inputs.lora, keys)
 
     def run(self, host: PassInputs) -> tuple[torch.Tensor, PassInputs]:
         inputs = host._to(self.device)
@@ -184,10 +185,10 @@ class InductorPasses(StaticPasses):
         self._say(self.report)
 
     def _call(self, fn, inputs: PassInputs) -> torch.Tensor:
-        pages = self.page_ids[: inputs.pages]
-        torch._dynamo.mark_dynamic(pages, 0, min=MIN_PAGES, max=self.page_ids.shape[0] - 1)
+        keys = self.positions[: inputs.keys]
+        torch._dynamo.mark_dynamic(keys, 0, min=MIN_KEYS, max=self.layout.table_width * self.layout.page_size)
         return fn(self.model, self.cache, False, inputs.tokens, inputs.tables, inputs.committed,
-                  inputs.chunk_lens, inputs.block, inputs.lora, pages)
+                  inputs.chunk_lens, inputs.block, inputs.lora, keys)
 
     def run(self, host: PassInputs) -> tuple[torch.Tensor, PassInputs]:
         with torch._dynamo.config.patch(error_on_recompile=True):

@@ -3,11 +3,12 @@ calls (`step.attend(layer, q, k, v, scale)`: write the chunk's K/V at committed.
 row's pages, then attend).
 
 - `PagedStep`: the reference (exact shapes, computed on the host). The write is an index_put at (page,
-  offset) of every real chunk token; attention gathers each row's pages into a contiguous [Hkv, keys, D]
-  context (keys = the longest row's L + n) and runs SDPA under the chunk mask (nld_trt.attention).
+  offset) of every real chunk token; attention gathers each row's first `keys` positions (the longest row's
+  L + n) through its page table into a [Hkv, keys, D] context and runs SDPA under the chunk mask
+  (nld_trt.attention).
 - `StaticPagedStep`: shapes fixed by (batch bucket, chunk length) and every length, page and mask on the
   device, for compiled passes and CUDA graphs (nld_trt/executors/static_pass.py): padding writes go to the
-  scratch page, and the number of pages read is the pass's one dynamic size.
+  scratch page, and the number of positions read is the pass's one dynamic size.
 - With `kernels`, both run the Triton KV-write and block-attention kernels (nld_trt.plugins), which read the
   page tables and lengths on the device.
 A quantized layout (FP8 KV cache) quantizes on write and dequantizes on read, in all three.
@@ -56,16 +57,19 @@ def store(cache: PagedCache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tu
     return quantize(k, s.k_quant, layout.dtype), quantize(v, s.v_quant, layout.dtype)
 
 
-def gather(cache: PagedCache, layer: int, tables: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """The pages `tables` [B, n] name, as contiguous contexts [B, Hkv, n x P, D] in `dtype`."""
-    b, n = tables.shape
-    layout = cache.layout
+def gather(cache: PagedCache, layer: int, tables: torch.Tensor, positions: torch.Tensor,
+           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Positions `positions` [K] (0..K-1) of every row's pages (`tables` [B, W]) as contexts [B, Hkv, K, D] in
+    `dtype`. Indexed by position, not by page, so K is the only size (a compiled pass keeps it dynamic)."""
+    p = cache.layout.page_size
+    pages = tables.gather(1, (positions // p).expand(tables.shape[0], -1))  # [B, K]
+    offsets = positions % p
 
     def read(pool: torch.Tensor) -> torch.Tensor:
-        pages = pool[tables]  # [B, n, Hkv, P, D]
-        return pages.transpose(1, 2).reshape(b, layout.kv_heads, n * layout.page_size, layout.head_dim)
+        return pool[pages, :, offsets].transpose(1, 2)  # [B, K, Hkv, D] -> [B, Hkv, K, D]
 
     k, v = read(cache.k[layer]), read(cache.v[layer])
+    layout = cache.layout
     if layout.scales is None:
         return k, v
     s = layout.scales[layer]
@@ -101,7 +105,7 @@ class PagedStep:
     write_cols: torch.Tensor  # [N] chunk index of each real chunk token
     write_page: torch.Tensor  # [N] page of each real chunk token's K/V
     write_offset: torch.Tensor  # [N] its offset in the page
-    keys: int  # positions each row reads: max over rows of L + n (the gathered pages, cut there)
+    positions: torch.Tensor  # [keys] 0..keys-1: the positions each row reads (keys = max over rows of L + n)
     kernels: bool = False
 
     @classmethod
@@ -113,7 +117,7 @@ class PagedStep:
         pos = committed[rows] + cols
         mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, keys)
         return cls(cache, tables, committed, chunk_lens, block, mask, rows, cols, tables[rows, pos // p], pos % p,
-                   keys, kernels)
+                   torch.arange(keys, device=tables.device), kernels)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         """Write the chunk's k, v [B, Hkv, T, D] into the cache, then attend q [B, Hq, T, D]."""
@@ -124,8 +128,8 @@ class PagedStep:
         ks, vs = store(self.cache, layer, k[self.write_rows, :, self.write_cols], v[self.write_rows, :, self.write_cols])
         kc[self.write_page, :, self.write_offset] = ks
         vc[self.write_page, :, self.write_offset] = vs
-        k_all, v_all = gather(self.cache, layer, self.tables[:, : -(-self.keys // self.cache.layout.page_size)], q.dtype)
-        return attention(q, k_all[:, :, : self.keys], v_all[:, :, : self.keys], self.mask, scale)
+        k_all, v_all = gather(self.cache, layer, self.tables, self.positions, q.dtype)
+        return attention(q, k_all, v_all, self.mask, scale)
 
 
 @dataclass
@@ -135,10 +139,10 @@ class StaticPagedStep:
 
     Every row writes all T chunk positions: real tokens at committed..committed+n-1 of their pages, padding
     (chunk positions past n, and whole padding rows, whose page tables name only the scratch page) to the
-    scratch page, which nothing reads as context. Without kernels, attention reads the first `pages` pages
-    of each row's table under the reference chunk mask (`pages` is the one size that varies between passes
-    of a shape: the compiled pass takes it as a dynamic dimension); with kernels, the Triton kernels read
-    the tables and lengths on the device.
+    scratch page, which nothing reads as context. Without kernels, attention reads the first `keys`
+    positions of each row's pages under the reference chunk mask, as the reference does (`keys` is the one
+    size that varies between passes of a shape: the compiled pass takes it as a dynamic dimension); with
+    kernels, the Triton kernels read the tables and lengths on the device.
     """
 
     cache: PagedCache
@@ -148,22 +152,23 @@ class StaticPagedStep:
     block: torch.Tensor  # [B] bool
     dest_page: torch.Tensor  # [B, T] page of each chunk position's K/V (padding: the scratch page)
     dest_offset: torch.Tensor  # [B, T] offset in that page
-    mask: torch.Tensor | None  # [B, 1, T, pages x P] bool (reference attention), None with kernels
+    mask: torch.Tensor | None  # [B, 1, T, keys] bool (reference attention), None with kernels
+    positions: torch.Tensor | None  # [keys] 0..keys-1, the positions attention reads (None with kernels)
     kernels: bool = False
 
     @classmethod
-    def build(cls, cache: PagedCache, tables, committed, chunk_lens, block, chunk: int, pages,
-              kernels: bool = False) -> StaticPagedStep:
-        """From the pass's device tensors; `pages` (an int, or a symbolic size when compiled) is how many pages
-        of each table the reference attention reads."""
+    def build(cls, cache: PagedCache, tables, committed, chunk_lens, block, chunk: int,
+              positions: torch.Tensor | None, kernels: bool = False) -> StaticPagedStep:
+        """From the pass's device tensors; `positions` (0..keys-1: keys is a symbolic size when compiled) are
+        the positions the reference attention reads, at least max(committed + chunk_lens)."""
         layout = cache.layout
         p = layout.page_size
         j = torch.arange(chunk, device=tables.device)
         real = j[None, :] < chunk_lens[:, None]
         pos = torch.where(real, committed[:, None] + j, j)
         dest_page = torch.where(real, tables.gather(1, pos // p), layout.scratch)
-        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, pages * p)
-        return cls(cache, tables, committed, chunk_lens, block, dest_page, pos % p, mask, kernels)
+        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, positions.shape[0])
+        return cls(cache, tables, committed, chunk_lens, block, dest_page, pos % p, mask, positions, kernels)
 
     def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
         if self.kernels:
@@ -173,6 +178,5 @@ class StaticPagedStep:
         ks, vs = store(self.cache, layer, k.transpose(1, 2), v.transpose(1, 2))
         kc[self.dest_page, :, self.dest_offset] = ks
         vc[self.dest_page, :, self.dest_offset] = vs
-        pages = self.mask.shape[-1] // self.cache.layout.page_size
-        k_all, v_all = gather(self.cache, layer, self.tables[:, :pages], q.dtype)
+        k_all, v_all = gather(self.cache, layer, self.tables, self.positions, q.dtype)
         return attention(q, k_all, v_all, self.mask, scale)
