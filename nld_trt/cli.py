@@ -9,6 +9,7 @@ import click
 
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
+from .kv.layout import DEFAULT_PAGE_SIZE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -164,13 +165,17 @@ def info(model_dir, as_json) -> None:
 @click.option("--max-batch", type=int, default=8, show_default=True, help="sequences per engine call")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per sequence")
 @click.option("--max-block", type=int, default=32, show_default=True, help="longest decode chunk (block length)")
+@click.option("--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="positions per KV-cache page")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="the TensorRT plan's KV page pool in positions [default: max-batch x max-seq-len]")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32"]), default="bf16", show_default=True,
               help="graph precision (float32 for the ONNX Runtime executor on CPU)")
 @click.option("--onnx-only", is_flag=True, help="stop after the ONNX graph and its verification")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="check the graph with ONNX Runtime against the PyTorch executor (greedy, every mode)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
-def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_only, verify, overwrite) -> None:
+def build(checkpoint, output, max_batch, max_seq_len, max_block, page_size, kv_cache_tokens, dtype, onnx_only, verify,
+          overwrite) -> None:
     """Export the (quantized) checkpoint to an ONNX graph, verify it, and build a TensorRT engine."""
     from pathlib import Path
 
@@ -180,8 +185,8 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
     console = _console()
     options = BuildOptions(
         checkpoint=Path(checkpoint) if checkpoint else default_model_path(), output=Path(output),
-        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, dtype=dtype, onnx_only=onnx_only,
-        verify=verify, overwrite=overwrite,
+        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, page_size=page_size,
+        kv_cache_tokens=kv_cache_tokens, dtype=dtype, onnx_only=onnx_only, verify=verify, overwrite=overwrite,
     )
     report = run_build(options, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     click.echo(f"wrote {output}: {report.graph} ({report.dtype}, {report.nodes} nodes, custom {', '.join(report.custom_nodes)})"

@@ -54,6 +54,10 @@ class PassBatch:
 class Executor(ABC):
     """Checks and padding shared by every executor; subclasses implement `_forward`."""
 
+    # page tables padded to the layout's full width (an engine graph's fixed input shape), else only as wide
+    # as the pass's longest row needs
+    full_tables = False
+
     def __init__(self, config: NLDConfig, layout: KVLayout, max_batch: int, max_chunk: int) -> None:
         if max_batch < 1 or max_chunk < 1:
             raise GenerationError("max_batch and max_chunk must be positive")
@@ -91,7 +95,8 @@ class Executor(ABC):
             tokens[i, : lens[i]] = torch.tensor(r.chunk.tokens, dtype=torch.long)
         return self._forward(
             tokens=tokens.to(dev),
-            tables=self.page_tables(batch, max(self.layout.pages_for(r.committed + n) for r, n in zip(rows, lens))).to(dev),
+            tables=self.page_tables(batch, self.layout.table_width if self.full_tables else
+                                    max(self.layout.pages_for(r.committed + n) for r, n in zip(rows, lens))).to(dev),
             chunk_lens=torch.tensor(lens, dtype=torch.long, device=dev),
             block=torch.tensor([r.chunk.block for r in rows], dtype=torch.bool, device=dev),
             lora=torch.tensor([r.chunk.lora for r in rows], dtype=torch.bool, device=dev),

@@ -159,7 +159,8 @@ def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, 
     limits = report["limits"]
     clamped = replace(options, max_batch=min(options.max_batch, limits["max_batch"]),
                       max_seq_len=min(options.max_seq_len, limits["max_seq_len"]),
-                      max_block_length=min(options.max_block_length, limits["max_block"]))
+                      max_block_length=min(options.max_block_length, limits["max_block"]),
+                      page_size=limits.get("page_size", options.page_size))  # an engine keeps its build's pages
     return check_checkpoint(engine_dir), clamped
 
 
