@@ -105,14 +105,17 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--modes", default="ar,dlm,linear_spec", show_default=True, help="comma-separated; auto too")
 @click.option("--concurrency", default="1,4,16", show_default=True)
 @click.option("--requests", "n_requests", type=int, default=32, show_default=True, help="requests per concurrency level")
-@click.option("--max-batch", type=int, default=16, show_default=True, help="KV slots, in-process and served")
+@click.option("--max-batch", type=int, default=16, show_default=True,
+              help="sequences at once, in-process and served (a KV pool of max-batch x 1024 positions)")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
 @click.option("--fresh-streams", is_flag=True,
               help="open a gRPC stream per request (as `nld-trt client` does) instead of keeping one per connection")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="reuse cached prompt pages (the prompts repeat across modes and levels); off: nothing is shared")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
 def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurrency, n_requests, max_batch, threads,
-         fresh_streams, json_out) -> None:
+         fresh_streams, prefix_cache, json_out) -> None:
     import torch
 
     import nld_trt
@@ -126,13 +129,13 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         path, what = model_dir(model_path)
         texts = prompts(n_prompts, tasks)
-        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024)
+        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024, prefix_cache=prefix_cache)
         block = block_length or nld.config.block_size
         print(f"model: {what} ({path}); {n_prompts} prompts, max_tokens {max_tokens}, block {block}", file=sys.stderr)
 
         repo = package_repository(path, Path(tmp) / "repo",
                                   ServingOptions(max_batch=max_batch, max_seq_len=1024, max_tokens_cap=max_tokens,
-                                                 torch_threads=threads))
+                                                 torch_threads=threads, prefix_cache=prefix_cache))
         results: dict = {"model": what, "prompts": n_prompts, "max_tokens": max_tokens, "block_length": block,
                          "threads": threads, "modes": {}}
         with TritonServer(repo) as server:
@@ -182,8 +185,8 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
             client.close()  # its open streams would hold the server until its exit timeout
             server.stop()
 
-    print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, {max_batch} KV slots, "
-          f"{threads} thread(s)")
+    print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, up to {max_batch} sequences "
+          f"(KV: {nld.executor.layout.describe()}, prefix cache {'on' if prefix_cache else 'off'}), {threads} thread(s)")
     print(f"{'mode':12} {'in-process ms':>14} {'stream ms':>10} {'ratio':>6} {'unary ms':>9} {'ratio':>6} "
           f"{'same tokens':>12}")
     for mode, row in results["modes"].items():

@@ -26,6 +26,18 @@ WRITE_PLUGIN = "nld::write_kv"
 _done = False
 
 
+def combination(trtp, floats: list[int], caches: list[int], ints: list[int], tactics=()):
+    """The I/O types a plugin takes: activations (q, k, v, outputs) in a float type, caches also FP8, metadata
+    INT32 (positions count inputs, then outputs)."""
+    combo = trtp.AutoTuneCombination()
+    combo.pos(floats, "FP32|FP16|BF16")
+    combo.pos(caches, "FP32|FP16|BF16|FP8")
+    combo.pos(ints, "INT32")
+    if tactics:
+        combo.tactics(list(tactics))
+    return combo
+
+
 def register() -> None:
     """Register both plugins with TensorRT's plugin registry (idempotent)."""
     global _done
@@ -46,11 +58,7 @@ def register() -> None:
     def _write_autotune(
         k, v, k_cache, v_cache, page_table, committed, chunk_lens, outputs
     ) -> List[trtp.AutoTuneCombination]:
-        combo = trtp.AutoTuneCombination()
-        combo.pos([0, 1], "FP32|FP16|BF16")
-        combo.pos([2, 3, 7, 8], "FP32|FP16|BF16|FP8")
-        combo.pos([4, 5, 6], "INT32")
-        return [combo]
+        return [combination(trtp, floats=[0, 1], caches=[2, 3, 7, 8], ints=[4, 5, 6])]
 
     @trtp.aot_impl(WRITE_PLUGIN)
     def _write_aot(
@@ -81,12 +89,8 @@ def register() -> None:
     def _autotune(
         q, k_cache, v_cache, page_table, committed, chunk_lens, block, outputs
     ) -> List[trtp.AutoTuneCombination]:
-        combo = trtp.AutoTuneCombination()
-        combo.pos([0, 7], "FP32|FP16|BF16")
-        combo.pos([1, 2], "FP32|FP16|BF16|FP8")
-        combo.pos([3, 4, 5, 6], "INT32")
-        combo.tactics(list(L.attention_tactics("bf16")))  # same tactic ids for every dtype
-        return [combo]
+        # the same tactic ids for every dtype
+        return [combination(trtp, floats=[0, 7], caches=[1, 2], ints=[3, 4, 5, 6], tactics=L.attention_tactics("bf16"))]
 
     @trtp.aot_impl(PLUGIN)
     def _aot(
