@@ -2,7 +2,8 @@
 
 The batcher owns admission and page tables (nld_trt/kv/pages.py); the executor only runs passes over them.
 - Admission is by free pages, up to `max_batch` sequences at once: a waiting sequence joins when the pool
-  has the pages for its prompt and its first step, after what the running sequences need for theirs. It
+  has the pages for its prompt and its first step, after what the running sequences need for theirs and a
+  watermark of 1% of the pool kept for their growth (alone, it may take every page). It
   reuses the longest cached prefix of full pages of its prompt (all but the last prompt token, whose logits
   it needs; none when it asks for prompt log-probabilities) and prefills only the rest. A sequence whose
   first uncached page another joining sequence is about to compute waits one round and reuses it (`n` > 1,
@@ -163,6 +164,7 @@ class Batcher:
         for the rest taken) and `todo` the tokens to prefill."""
         pages = self.pages
         budget = pages.available - sum(pages.shortfall(s.kv, s.kv.length + lookahead(s)) for s in self.active)
+        watermark = max(1, pages.total // 100)
         joining: list[Sequence] = []
         inflight: set[int] = set()  # hashes of full pages joining sequences will compute
         while self.waiting and len(self.active) + len(joining) < self.executor.max_batch:
@@ -179,7 +181,8 @@ class Batcher:
             if full > len(matched) and pages.chain(tokens, extra, len(matched) + 1)[-1] in inflight:
                 break  # another joining sequence computes this page now: reuse it next round
             cost = pages.pages_for(len(tokens) + lookahead(s)) - len(matched) + pages.adoption_cost(matched)
-            if cost > budget:
+            # beside others, keep a watermark free for their growth (fewer preemptions, as vLLM does)
+            if cost > budget - (watermark if self.active or joining else 0):
                 if not self.active and not joining:  # the pool is empty and it still does not fit: never will
                     self.waiting.popleft()
                     s.fail(f"the sequence needs {cost} KV-cache pages of {pages.page_size} positions and the cache "
@@ -275,13 +278,14 @@ class Batcher:
             if not chunks:  # alone and still out of pages: it does not fit this cache
                 victim.fail(f"out of KV-cache pages: the sequence needs more than the {pages.total} pages of the cache")
                 break
-            self._preempt(victim)
+            self.preempt(victim)
         for s, c in chunks.values():
             if not pages.grow(s.kv, s.kv.length + len(c.tokens)):
                 raise RuntimeError("the page pool lost pages during a step")
 
-    def _preempt(self, seq: Sequence) -> None:
-        """Give the sequence's pages back (its full committed pages stay cached) and queue it first."""
+    def preempt(self, seq: Sequence) -> None:
+        """Give an active sequence's pages back (its full committed pages stay cached) and queue it first; it
+        resumes where it was (between two passes of any step: see the module docstring)."""
         self.pages.release(seq.kv)
         self.active.remove(seq)
         seq.stats.preemptions += 1
