@@ -2,7 +2,7 @@
 """Benchmark the plugin kernels on a CUDA GPU against PyTorch.
 
 Attention on the paged cache (pages of 16, each row's pages scattered): nld_trt.plugins block_attention vs
-the executor's reference path (gather the pages, repeat_kv + SDPA with a boolean chunk mask) and vs
+the executor's reference path (gather the pages, SDPA with GQA and a boolean chunk mask) and vs
 flex_attention on a dense copy (compiled, block mask, GQA), for cache lengths 1k/4k/16k,
 chunk lengths 1/8/32 and batch 1/8 (half the rows causal, half block). Selection: spec_accept and
 dlm_select vs torch on the GPU (argmax / softmax there, decision on the host). Prints microseconds and the
@@ -66,11 +66,12 @@ class AttentionCase:
     def contiguous(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Each row's first `keys` positions as contiguous [B, Hkv, keys, D] K and V (for the dense baselines;
         built outside the timed calls)."""
-        from nld_trt.kv.attend import gather
+        from nld_trt.kv.attend import gather, read_index
 
         cache = SimpleNamespace(k=[self.k_cache], v=[self.v_cache],
                                 layout=SimpleNamespace(page_size=self.k_cache.shape[2], scales=None))
-        k, v = gather(cache, 0, self.tables.long(), torch.arange(self.keys, device=self.q.device), self.q.dtype)
+        index = read_index(self.tables.long(), torch.arange(self.keys, device=self.q.device), self.k_cache.shape[2])
+        k, v = gather(cache, 0, *index, self.q.dtype)
         return k.contiguous(), v.contiguous()
 
 
@@ -104,16 +105,17 @@ def sdpa_reference(case: AttentionCase) -> Callable[[], torch.Tensor]:
     """The PyTorch executor's reference path: gather each row's pages (timed: the executor pays it every
     pass), then SDPA under the chunk mask (built once per forward pass in the executor, so outside)."""
     from nld_trt.attention import attention, chunk_attention_mask
-    from nld_trt.kv.attend import gather
+    from nld_trt.kv.attend import gather_pages
 
-    keys = case.keys
+    keys, b, page = case.keys, case.q.shape[0], case.k_cache.shape[2]
+    head_dim, kv_heads = case.k_cache.shape[3], case.k_cache.shape[1]
     cache = SimpleNamespace(k=[case.k_cache], v=[case.v_cache],
-                            layout=SimpleNamespace(page_size=case.k_cache.shape[2], scales=None))
-    positions, tables = torch.arange(keys, device=case.q.device), case.tables.long()
+                            layout=SimpleNamespace(page_size=page, scales=None, kv_heads=kv_heads, head_dim=head_dim))
+    pages = case.tables.long()[:, : -(-keys // page)].reshape(-1)
     mask = chunk_attention_mask(case.committed.long(), case.chunk_lens.long(), case.block, case.q.shape[2], keys)
 
     def run() -> torch.Tensor:
-        k, v = gather(cache, 0, tables, positions, case.q.dtype)
+        k, v = gather_pages(cache, 0, pages, b, keys, case.q.dtype)
         return attention(case.q, k, v, mask, case.scale)
 
     return run

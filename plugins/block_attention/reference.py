@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import torch
 
 from nld_trt.attention import attention, chunk_attention_mask
-from nld_trt.kv.attend import gather, quantize as quantize_rows
+from nld_trt.kv.attend import gather, quantize as quantize_rows, read_index
 
 from ..dtypes import FP8_MAX
 
@@ -38,7 +38,8 @@ def reference_attention(
     as the reference executor reads them, with its chunk mask. A quantized cache is dequantized to fp32 and
     q is upcast, so the reference runs in fp32."""
     keys = int((committed + chunk_lens).max())
-    k, v = gather(_one_layer(k_cache, v_cache), 0, tables.long(), torch.arange(keys), q.dtype)
+    k, v = gather(_one_layer(k_cache, v_cache), 0, *read_index(tables.long(), torch.arange(keys), k_cache.shape[2]),
+                  q.dtype)
     k, v = dequantize(k, k_scale), dequantize(v, v_scale)
     if k.dtype != q.dtype:
         q, k, v = q.float(), k.float(), v.float()
