@@ -44,7 +44,7 @@ BATCHES = (1, 8)
 @dataclass
 class AttentionCase:
     q: torch.Tensor
-    k_cache: torch.Tensor  # [pages, Hkv, P, D]: the paged cache
+    k_cache: torch.Tensor  # [pages, P, Hkv, D]: the paged cache
     v_cache: torch.Tensor
     tables: torch.Tensor  # [B, W] each row's pages
     committed: torch.Tensor
@@ -59,7 +59,7 @@ class AttentionCase:
     def bytes_moved(self) -> int:
         """K and V of every row's visible keys, q read and the output written."""
         b, hq, t, d = self.q.shape
-        hkv = self.k_cache.shape[1]
+        hkv = self.k_cache.shape[2]
         kv = 2 * int((self.committed + self.chunk_lens).sum()) * hkv * d * self.k_cache.element_size()
         return kv + 2 * self.q.numel() * self.q.element_size()
 
@@ -69,8 +69,8 @@ class AttentionCase:
         from nld_trt.kv.attend import gather, read_index
 
         cache = SimpleNamespace(k=[self.k_cache], v=[self.v_cache],
-                                layout=SimpleNamespace(page_size=self.k_cache.shape[2], scales=None))
-        index = read_index(self.tables.long(), torch.arange(self.keys, device=self.q.device), self.k_cache.shape[2])
+                                layout=SimpleNamespace(page_size=self.k_cache.shape[1], scales=None))
+        index = read_index(self.tables.long(), torch.arange(self.keys, device=self.q.device), self.k_cache.shape[1])
         k, v = gather(cache, 0, *index, self.q.dtype)
         return k.contiguous(), v.contiguous()
 
@@ -84,8 +84,8 @@ def attention_case(batch: int, cache_len: int, chunk: int, heads: int, kv_heads:
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
     return AttentionCase(
         q=randn(batch, heads, chunk, head_dim),
-        k_cache=randn(batch * width, kv_heads, page_size, head_dim),
-        v_cache=randn(batch * width, kv_heads, page_size, head_dim),
+        k_cache=randn(batch * width, page_size, kv_heads, head_dim),
+        v_cache=randn(batch * width, page_size, kv_heads, head_dim),
         tables=torch.arange(batch * width - 1, -1, -1, device=device, dtype=torch.int32).view(batch, width),
         committed=torch.full((batch,), cache_len, device=device, dtype=torch.int32),
         chunk_lens=torch.full((batch,), chunk, device=device, dtype=torch.int32),
@@ -107,8 +107,8 @@ def sdpa_reference(case: AttentionCase) -> Callable[[], torch.Tensor]:
     from nld_trt.attention import attention, chunk_attention_mask
     from nld_trt.kv.attend import gather_pages
 
-    keys, b, page = case.keys, case.q.shape[0], case.k_cache.shape[2]
-    head_dim, kv_heads = case.k_cache.shape[3], case.k_cache.shape[1]
+    keys, b, page = case.keys, case.q.shape[0], case.k_cache.shape[1]
+    head_dim, kv_heads = case.k_cache.shape[3], case.k_cache.shape[2]
     cache = SimpleNamespace(k=[case.k_cache], v=[case.v_cache],
                             layout=SimpleNamespace(page_size=page, scales=None, kv_heads=kv_heads, head_dim=head_dim))
     pages = case.tables.long()[:, : -(-keys // page)].reshape(-1)

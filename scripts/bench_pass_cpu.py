@@ -9,8 +9,10 @@ detects which), so a before/after comparison is the same file run by each checko
     (cd OLD_CHECKOUT && .venv/bin/python NEW_CHECKOUT/scripts/bench_pass_cpu.py)
     .venv/bin/python scripts/bench_pass_cpu.py
 
-Every row is an uncommitted pass after `--context` committed positions (the cache is unchanged by it, so
-repetitions are identical); the figure is the best of --blocks blocks of --reps passes.
+Passes: every row is an uncommitted pass after `--context` committed positions (the cache is unchanged by it,
+so repetitions are identical); the figure is the best of --blocks blocks of --reps passes. The whole loop: the
+first 8 evaluation questions through `NLD.generate` one at a time (batch 1, 128 tokens, no EOS, nothing shared
+between requests), CPU time per forward pass, best of 3.
 """
 
 from __future__ import annotations
@@ -73,6 +75,24 @@ def main() -> None:
             best = min(best, (time.process_time() - start) / args.reps * 1e3)
         done()
         print(f"batch {b:>2} x chunk {n:>2}: {best:.3f} ms")
+    whole_loop(paged)
+
+
+def whole_loop(paged: bool) -> None:
+    import nld_trt
+    from nld_trt.evaluate import load_task
+
+    nld = nld_trt.load(max_batch=1, max_seq_len=1024, **({"prefix_cache": False} if paged else {}))
+    prompts = [nld.encode(p.question) for p in load_task("gsm_synth")[:8]]
+    nld.generate(prompts[0], mode="ar", max_new_tokens=8)
+    for mode in ("ar", "linear_spec"):
+        best = float("inf")
+        for _ in range(3):
+            start, passes = time.process_time(), 0
+            for p in prompts:
+                passes += nld.generate(p, mode=mode, max_new_tokens=128, eos_token_ids=()).stats.nfe
+            best = min(best, (time.process_time() - start) / passes * 1e3)
+        print(f"whole loop, {mode}: {best:.3f} ms per pass")
 
 
 if __name__ == "__main__":

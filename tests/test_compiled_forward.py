@@ -123,7 +123,7 @@ def test_each_call_is_served_by_the_smallest_bucket_of_its_chunk_length(tiny_dir
     assert p.shape_for(3, 8) == PassShape(4, 8) and p.shape_for(5, 1) == PassShape(6, 1)
     assert p.shape_for(1, 5) is None  # a prefill, or a chunk length not prepared: the eager path
     # the cache: 6 x 64 positions in pages of 16, and the scratch page
-    assert ex.layout.pages == 24 and ex.cache.k[0].shape == (25, 2, 16, 16) and ex.layout.scratch == 24
+    assert ex.layout.pages == 24 and ex.cache.k[0].shape == (25, 16, 2, 16) and ex.layout.scratch == 24
     eager = TorchExecutor(model, max_batch=6, max_seq_len=64)
     assert eager.passes is None and eager.layout == ex.layout
 

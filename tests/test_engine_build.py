@@ -47,7 +47,7 @@ def test_build_without_tensorrt_ends_with_a_verified_graph_and_says_what_to_run(
     assert list(writes[0].input[2:5]) == ["past_key_0", "past_value_0", "page_table"]
     assert not any(n.op_type == "ScatterND" for n in graph.graph.node)  # no whole-cache scatter copy
     cache = graph.graph.input[-1].type.tensor_type.shape.dim
-    assert [d.dim_param or d.dim_value for d in cache] == ["cache_pages", 2, 16, 16]
+    assert [d.dim_param or d.dim_value for d in cache] == ["cache_pages", 16, 2, 16]
     assert (out / "model.onnx.data").stat().st_size > 100_000  # weights as external data
     assert {p.name for p in out.iterdir()} >= {"config.json", "tokenizer.json", "chat_template.jinja"}
 
@@ -161,11 +161,11 @@ def test_tensorrt_profiles_cover_decode_and_prefill_chunks(tiny):
     decode, prefill = profile_shapes(opts, tiny.config)
     assert decode["input_ids"] == ((1, 1), (4, 32), (4, 32)) and decode["logit_positions"][2] == (4, 32)
     assert prefill["input_ids"][2] == (4, 256) and prefill["logit_positions"][2] == (4, 1)
-    assert decode["past_key_0"][0] == (65, 2, 16, 16)  # 4 x 256 positions in 64 pages of 16 + the scratch page
+    assert decode["past_key_0"][0] == (65, 16, 2, 16)  # 4 x 256 positions in 64 pages of 16 + the scratch page
     assert decode["page_table"] == ((1, 16), (4, 16), (4, 16)) == prefill["page_table"]  # 256 positions / 16
     bigger = BuildOptions(checkpoint=None, output=None, max_batch=4, max_seq_len=256, page_size=32,
                           kv_cache_tokens=4096)
-    assert profile_shapes(bigger, tiny.config)[0]["past_key_0"][0] == (129, 2, 32, 16)
+    assert profile_shapes(bigger, tiny.config)[0]["past_key_0"][0] == (129, 32, 2, 16)
 
 
 def test_on_gpu_selection_outputs_equal_the_reference_rules(tiny, engine):
@@ -184,7 +184,7 @@ def test_on_gpu_selection_outputs_equal_the_reference_rules(tiny, engine):
                                    providers=["CPUExecutionProvider"])
     cfg, mask = tiny.config, tiny.config.mask_token_id
     chunks = np.array([[5, 9, 9, 9, 9, 9], [7, mask, mask, 12, mask, mask]], np.int32)
-    cache = np.zeros((3, cfg.num_key_value_heads, 16, cfg.head_dim), np.float32)
+    cache = np.zeros((3, 16, cfg.num_key_value_heads, cfg.head_dim), np.float32)
     feeds = {"input_ids": chunks, "page_table": np.array([[0], [1]], np.int32), "committed": np.zeros(2, np.int32),
              "chunk_lens": np.full(2, 6, np.int32), "block": np.array([0, 1], np.int32), "lora": np.zeros(2, np.int32),
              "logit_positions": np.tile(np.arange(6, dtype=np.int32), (2, 1))}

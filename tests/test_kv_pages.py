@@ -156,7 +156,7 @@ def test_the_layout_sizes_pages_and_refuses_a_pool_smaller_than_one_sequence():
     c = NLDConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
                   num_key_value_heads=1, head_dim=8, mask_token_id=31)
     layout = KVLayout.build(c, max_seq_len=100, dtype=torch.float32, tokens=1000, page_size=16)
-    assert layout.pages == 63 and layout.scratch == 63 and layout.shape == (64, 1, 16, 8)
+    assert layout.pages == 63 and layout.scratch == 63 and layout.shape == (64, 16, 1, 8)
     assert layout.table_width == 7 and layout.bytes_per_token == 2 * 2 * 8 * 4
     by_gb = KVLayout.build(c, max_seq_len=100, dtype=torch.float32, gb=1 / 1024, page_size=16)
     assert by_gb.tokens == 8192 and by_gb.nbytes == (512 + 1) * 16 * 128  # 1 MiB / 128 bytes per position

@@ -183,7 +183,7 @@ def _trt_worker() -> dict:
     desc = trt.plugin.TensorDesc
     b, hq, hkv, t, n, w, v = 3, 32, 8, 16, 257, 128, 32000
     meta = [desc([b], DT.INT32) for _ in range(3)]
-    caches = [desc([n, hkv, PAGE, HEAD_DIM], DT.FP8) for _ in range(2)]
+    caches = [desc([n, PAGE, hkv, HEAD_DIM], DT.FP8) for _ in range(2)]
     table = desc([b, w], DT.INT32)
     cases = {
         "nld::write_kv": (
@@ -282,15 +282,16 @@ def test_trt_wrappers_register_and_build_launches(trt_report):
         assert rep["shared"] <= 48 * 1024
     write = trt_report["plugins"]["nld::write_kv"]
     # the caches come back as outputs aliased to the cache inputs (2 and 3): written in place, not copied
-    assert write["outputs"] == [[[n, hkv, PAGE, HEAD_DIM], "FP8"]] * 2 and write["aliased"] == [2, 3]
-    k_str, c_str = contiguous_strides([b, hkv, t, HEAD_DIM]), contiguous_strides([n, hkv, PAGE, HEAD_DIM])
-    assert write["extras"] == [t, hkv, w * PAGE, *k_str[:3], *k_str[:3], *c_str[:3], *c_str[:3], w]
+    assert write["outputs"] == [[[n, PAGE, hkv, HEAD_DIM], "FP8"]] * 2 and write["aliased"] == [2, 3]
+    k_str, c_str = contiguous_strides([b, hkv, t, HEAD_DIM]), contiguous_strides([n, PAGE, hkv, HEAD_DIM])
+    c_str = [c_str[0], c_str[2], c_str[1]]  # the kernels take (page, head, position) strides
+    assert write["extras"] == [t, hkv, w * PAGE, *k_str[:3], *k_str[:3], *c_str, *c_str, w]
     assert write["grid"] == [b * hkv, 1, 1]
     att = trt_report["plugins"]["nld::block_attention"]
     assert att["outputs"] == [[[b, hq, t, HEAD_DIM], "BF16"]] and att["aliased"] == [None]
     assert att["tactics"] == [[1, 2]]
     q_str = contiguous_strides([b, hq, t, HEAD_DIM])
-    assert att["extras"] == [t, hkv, hq // hkv, w * PAGE, *q_str[:3], *c_str[:3], *c_str[:3], *q_str[:3], w]
+    assert att["extras"] == [t, hkv, hq // hkv, w * PAGE, *q_str[:3], *c_str, *c_str, *q_str[:3], w]
     assert att["grid"] == [b * hkv, cdiv(t * hq // hkv, 64), 1] and att["block_x"] == 128
     acc = trt_report["plugins"]["nld::spec_accept"]
     assert acc["outputs"] == [[[b], "INT32"], [[b], "INT32"]]
@@ -366,19 +367,19 @@ def test_scales_fold_into_the_kernel_scalars():
 
 
 def test_shape_checks():
-    A.check_shapes((2, 8, 4, 64), (5, 2, 16, 64), (5, 2, 16, 64), (2, 7), [2, 2, 2])
+    A.check_shapes((2, 8, 4, 64), (5, 16, 2, 64), (5, 16, 2, 64), (2, 7), [2, 2, 2])
     bad = [
-        ((2, 6, 4, 64), (5, 4, 16, 64), (2, 7), [2] * 3),  # Hq not a multiple of Hkv
-        ((2, 8, 4, 32), (5, 2, 16, 64), (2, 7), [2] * 3),  # head dims differ
-        ((2, 8, 4, 64), (5, 2, 16, 64), (2, 7), [2, 1, 2]),  # a per-sequence tensor of the wrong size
-        ((2, 8, 4, 64), (5, 2, 16, 64), (3, 7), [2] * 3),  # a page table per row
+        ((2, 6, 4, 64), (5, 16, 4, 64), (2, 7), [2] * 3),  # Hq not a multiple of Hkv
+        ((2, 8, 4, 32), (5, 16, 2, 64), (2, 7), [2] * 3),  # head dims differ
+        ((2, 8, 4, 64), (5, 16, 2, 64), (2, 7), [2, 1, 2]),  # a per-sequence tensor of the wrong size
+        ((2, 8, 4, 64), (5, 16, 2, 64), (3, 7), [2] * 3),  # a page table per row
     ]
     for q, kv, table, meta in bad:
         with pytest.raises(ValueError):
             A.check_shapes(q, kv, kv, table, meta)
-    A.check_write_shapes((2, 2, 4, 64), (5, 2, 16, 64), (2, 7))
+    A.check_write_shapes((2, 2, 4, 64), (5, 16, 2, 64), (2, 7))
     with pytest.raises(ValueError):
-        A.check_write_shapes((2, 2, 4, 64), (5, 2, 16, 64), (1, 7))
+        A.check_write_shapes((2, 2, 4, 64), (5, 16, 2, 64), (1, 7))
     S.check_shapes((2, 4, 100), [(2, 4)], [2])
     with pytest.raises(ValueError):
         S.check_shapes((2, 4, 100), [(2, 5)], [])

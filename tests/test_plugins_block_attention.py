@@ -36,8 +36,8 @@ def _batch(chunk: int, groups: int, dtype: torch.dtype, head_dim: int = 32, kv_h
     width = MAX_LEN // page
     pages = 3 * width + 2
     q = torch.randn(3, kv_heads * groups, chunk, head_dim, generator=g).to(dtype)
-    k_cache = torch.randn(pages, kv_heads, page, head_dim, generator=g).to(dtype)
-    v_cache = torch.randn(pages, kv_heads, page, head_dim, generator=g).to(dtype)
+    k_cache = torch.randn(pages, page, kv_heads, head_dim, generator=g).to(dtype)
+    v_cache = torch.randn(pages, page, kv_heads, head_dim, generator=g).to(dtype)
     meta = dict(
         tables=torch.randperm(pages, generator=g)[: 3 * width].view(3, width),
         committed=torch.tensor([0, 5, 37]),
@@ -164,7 +164,7 @@ def test_write_kv_skips_positions_past_the_page_table():
     before = kc.clone()
     write_kv(k, v, kc, vc, meta["tables"], meta["committed"], meta["chunk_lens"])
     last = meta["tables"][2, -1]
-    assert torch.all(kc[last, :, PAGE - 3 :] == 1)
+    assert torch.all(kc[last, PAGE - 3 :] == 1)
     untouched = torch.ones(kc.shape[0], dtype=torch.bool)
     untouched[meta["tables"][0, :1]] = untouched[meta["tables"][1, :2]] = untouched[last] = False
     assert torch.equal(kc[untouched], before[untouched])
@@ -219,7 +219,7 @@ def test_fp8_rounding_is_torchs_on_every_midpoint():
     x = torch.cat([values, mids, mids * (1 + 2**-12), torch.tensor([500.0, -500.0, -0.0, 0.0])])
     x = torch.nn.functional.pad(x, (0, -x.numel() % 16)).view(1, 1, -1, 16)
     t = x.shape[2]
-    caches = [torch.zeros(1, 1, t, 16, dtype=torch.float8_e4m3fn) for _ in range(4)]  # one page of t positions
+    caches = [torch.zeros(1, t, 1, 16, dtype=torch.float8_e4m3fn) for _ in range(4)]  # one page of t positions
     meta = (torch.tensor([[0]]), torch.tensor([0]), torch.tensor([t]))
     write_kv(x, x, caches[0], caches[1], *meta, k_quant=1.0, v_quant=1.0)
     reference_write_kv(x, x, caches[2], caches[3], *meta, 1.0, 1.0)

@@ -315,7 +315,7 @@ def test_build_plan_profiles_every_graph_input_strongly_typed_after_registering_
             assert all(x <= y <= z for x, y, z in zip(lo, opt, hi)), name
             assert lo[0] >= 1 and (hi[0] == b or name.startswith("past_"))
         # the whole page pool, fixed: max_batch x max_seq_len positions in pages of 16, + the scratch page
-        assert p["past_key_1"] == ((b * s // 16 + 1, 2, 16, 16),) * 3
+        assert p["past_key_1"] == ((b * s // 16 + 1, 16, 2, 16),) * 3
         assert p["page_table"] == ((1, s // 16), (b, s // 16), (b, s // 16))
     assert decode["input_ids"][2] == (b, blk) and decode["logit_positions"][2] == (b, blk)
     assert prefill["input_ids"][2] == (b, s) and prefill["logit_positions"][2] == (b, 1)
@@ -426,7 +426,7 @@ def test_executor_runs_the_plan_like_onnx_runtime_writing_the_pages_in_place(trt
     trt.runner = onnx_runtime_runner(OnnxExecutor(graph_dir / "model.onnx", tiny.config, b, s, blk, True).session)
     trt_ex = TensorRTExecutor(plan, tiny.config, b, s, blk, True, device="cpu")
     assert trt_ex.device == torch.device("cpu") and trt_ex.has_lora and trt_ex.cache["past_key_0"].shape == (
-        b * s // 16 + 1, 2, 16, 16)
+        b * s // 16 + 1, 16, 2, 16)
     assert trt_ex.layout == ort_ex.layout
     prompts = [Chunk(list(range(1, 21))), Chunk([1, 9, 10])]  # 20 > max_block: the prefill profile
     steps = [[Chunk([7, 100, 100, 100], block=True, lora=True), Chunk([5, 6, 7, 8])],

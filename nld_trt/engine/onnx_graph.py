@@ -12,7 +12,7 @@ table):
   input_ids [B, T] int32, page_table [B, W] int32 (row b's position p is at offset p % P of page
   page_table[b, p // P]), committed / chunk_lens [B] int32, block / lora [B] int32 (0 or 1),
   logit_positions [B, L] int32 (chunk positions whose logits are returned),
-  past_key_{i} / past_value_{i} [N + 1, Hkv, P, D] for every layer i (FP8 for a quantized layout in a 16-bit
+  past_key_{i} / past_value_{i} [N + 1, P, Hkv, D] for every layer i (FP8 for a quantized layout in a 16-bit
   graph; a float32 graph holds the same e4m3 values in float32, as ONNX Runtime runs it).
 Outputs: logits [B, L, V] float32, present_key_{i} / present_value_{i}: the caches with the chunk's K/V
 written at committed..committed+n-1 of each row's pages. `nld::write_kv` declares them aliased to the past_*
@@ -202,7 +202,7 @@ def graph_inputs(g: Graph, config: NLDConfig, cache: CacheSpec) -> list[onnx.Val
 
 
 def cache_dims(config: NLDConfig, cache: CacheSpec) -> list:
-    return ["cache_pages", config.num_key_value_heads, cache.page_size, config.head_dim]
+    return ["cache_pages", cache.page_size, config.num_key_value_heads, config.head_dim]
 
 
 def rotary(g: Graph, model: NLDModel) -> Rope:

@@ -65,7 +65,7 @@ def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]
     is fixed. Plain Python, so tests check it without TensorRT."""
     b, s, blk = options.max_batch, options.max_seq_len, options.max_block
     layout = cache_layout(options, config)
-    kv, width = layout.shape, layout.table_width  # [pages + 1 (the scratch page), Hkv, P, D]
+    kv, width = layout.shape, layout.table_width  # [pages + 1 (the scratch page), P, Hkv, D]
     profiles = []
     for chunk_max, chunk_opt, logits_max in ((blk, blk, blk), (s, min(512, s), 1)):
         shapes = {

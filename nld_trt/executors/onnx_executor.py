@@ -42,8 +42,8 @@ class OnnxExecutor(Executor):
                 f"{graph} is not a float32 graph: ONNX Runtime on CPU runs the float32 export "
                 "(nld-trt build --dtype float32); bf16/fp16 graphs are for TensorRT"
             )
-        if cache.shape.dim[2].dim_value != page_size:
-            raise NLDError(f"{graph} has KV pages of {cache.shape.dim[2].dim_value} positions, not {page_size}: "
+        if cache.shape.dim[1].dim_value != page_size:
+            raise NLDError(f"{graph} has KV pages of {cache.shape.dim[1].dim_value} positions, not {page_size}: "
                            "open it with the page size it was built with")
         options = ort.SessionOptions()
         options.register_custom_ops_library(register())

@@ -96,18 +96,18 @@ class TensorRTExecutor(Executor):
         for p in range(self.engine.num_optimization_profiles):
             bounds = {n: self.engine.get_tensor_profile_shape(n, p) for n in (*INPUTS, self.past[0])}
             self.ranges.append({n: (tuple(lo), tuple(hi)) for n, (lo, _, hi) in bounds.items()})
-        shape = self.ranges[0][self.past[0]][0]  # [pages + 1, Hkv, P, D], fixed at build
+        shape = self.ranges[0][self.past[0]][0]  # [pages + 1, P, Hkv, D], fixed at build
         want = (config.num_key_value_heads, config.head_dim)
-        if len(shape) != 4 or (shape[1], shape[3]) != want or any(
+        if len(shape) != 4 or (shape[2], shape[3]) != want or any(
                 r[self.past[0]] != (shape, shape) for r in self.ranges):
             raise NLDError(f"{plan} binds KV caches of shapes {[r[self.past[0]] for r in self.ranges]}: a plan of this "
-                           f"nld-trt binds one fixed [pages + 1, {want[0]}, page size, {want[1]}] cache; rebuild it")
+                           f"nld-trt binds one fixed [pages + 1, page size, {want[0]}, {want[1]}] cache; rebuild it")
         width = self.ranges[0]["page_table"][1][1]
-        if max_seq_len > width * shape[2]:
-            raise NLDError(f"{plan} takes page tables of {width} pages of {shape[2]}: sequences of at most "
-                           f"{width * shape[2]} positions, not max_seq_len {max_seq_len}; rebuild it with a larger "
+        if max_seq_len > width * shape[1]:
+            raise NLDError(f"{plan} takes page tables of {width} pages of {shape[1]}: sequences of at most "
+                           f"{width * shape[1]} positions, not max_seq_len {max_seq_len}; rebuild it with a larger "
                            "--max-seq-len")
-        layout = KVLayout(config.num_hidden_layers, shape[1], shape[3], shape[0] - 1, shape[2], max_seq_len,
+        layout = KVLayout(config.num_hidden_layers, shape[2], shape[3], shape[0] - 1, shape[1], max_seq_len,
                           self.dtypes[self.past[0]])
         if layout.pages_for(layout.max_seq_len) > layout.pages:
             raise NLDError(f"{plan} holds {layout.pages} KV pages, fewer than one sequence of {layout.max_seq_len} "

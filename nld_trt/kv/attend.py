@@ -77,7 +77,7 @@ def gather(cache: PagedCache, layer: int, pages: torch.Tensor, offsets: torch.Te
     the only size (a compiled pass keeps it dynamic)."""
 
     def read(pool: torch.Tensor) -> torch.Tensor:
-        return pool[pages, :, offsets].transpose(1, 2)  # [B, K, Hkv, D] -> [B, Hkv, K, D]
+        return pool[pages, offsets].transpose(1, 2)  # [B, K, Hkv, D] -> [B, Hkv, K, D]
 
     return _dequantized(cache, layer, read(cache.k[layer]), read(cache.v[layer]), dtype)
 
@@ -85,14 +85,15 @@ def gather(cache: PagedCache, layer: int, pages: torch.Tensor, offsets: torch.Te
 def gather_pages(cache: PagedCache, layer: int, page_ids: torch.Tensor, rows: int, keys: int,
                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """Each row's first `keys` positions as contexts [B, Hkv, keys, D], reading whole pages (`page_ids`: the
-    rows' first n pages, flattened [B * n]): one index_select per tensor, the eager path's faster read of the
+    rows' first n pages, flattened [B * n]): one index_select per tensor (pages are position-major, so the
+    pages of a row are its positions in order: a view, no second copy), the eager path's faster read of the
     same values."""
     layout = cache.layout
     n = page_ids.shape[0] // rows
 
     def read(pool: torch.Tensor) -> torch.Tensor:
-        x = pool.index_select(0, page_ids).view(rows, n, layout.kv_heads, layout.page_size, layout.head_dim)
-        return x.permute(0, 2, 1, 3, 4).reshape(rows, layout.kv_heads, n * layout.page_size, layout.head_dim)[:, :, :keys]
+        x = pool.index_select(0, page_ids).view(rows, n * layout.page_size, layout.kv_heads, layout.head_dim)
+        return x.transpose(1, 2)[:, :, :keys]
 
     return _dequantized(cache, layer, read(cache.k[layer]), read(cache.v[layer]), dtype)
 
@@ -149,8 +150,8 @@ class PagedStep:
                                  scale)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         ks, vs = store(self.cache, layer, k[self.write_rows, :, self.write_cols], v[self.write_rows, :, self.write_cols])
-        kc[self.write_page, :, self.write_offset] = ks
-        vc[self.write_page, :, self.write_offset] = vs
+        kc[self.write_page, self.write_offset] = ks
+        vc[self.write_page, self.write_offset] = vs
         k_all, v_all = gather_pages(self.cache, layer, self.read_pages, self.tables.shape[0], self.keys, q.dtype)
         return attention(q, k_all, v_all, self.mask, scale)
 
@@ -203,7 +204,7 @@ class StaticPagedStep:
                                  scale)
         kc, vc = self.cache.k[layer], self.cache.v[layer]
         ks, vs = store(self.cache, layer, k.transpose(1, 2), v.transpose(1, 2))
-        kc[self.dest_page, :, self.dest_offset] = ks
-        vc[self.dest_page, :, self.dest_offset] = vs
+        kc[self.dest_page, self.dest_offset] = ks
+        vc[self.dest_page, self.dest_offset] = vs
         k_all, v_all = gather(self.cache, layer, self.read_pages, self.read_offsets, q.dtype)
         return attention(q, k_all, v_all, self.mask, scale)

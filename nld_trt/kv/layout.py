@@ -1,6 +1,7 @@
 """The KV cache's layout: one pool of pages that every layer of the data path reads its shapes from.
 
-The cache of each layer is one tensor of `pages + 1` pages, [pages + 1, Hkv, P, D] (K and V alike): pages
+The cache of each layer is one tensor of `pages + 1` pages, [pages + 1, P, Hkv, D] (K and V alike; position
+-major within a page, as vLLM's cache: a run of pages read whole is a [positions, Hkv, D] block): pages
 0..pages-1 hold sequences' positions (position p of a sequence lives at offset p % P of the page its page
 table names at index p // P), the last one is the scratch page, where static-shape passes write their
 padding and which no sequence owns. A sequence's page table has at most `table_width` entries.
@@ -81,8 +82,8 @@ class KVLayout:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        """One layer's K (or V) tensor: [pages + 1, Hkv, P, D]."""
-        return (self.pages + 1, self.kv_heads, self.page_size, self.head_dim)
+        """One layer's K (or V) tensor: [pages + 1, P, Hkv, D]."""
+        return (self.pages + 1, self.page_size, self.kv_heads, self.head_dim)
 
     @property
     def table_width(self) -> int:

@@ -6,7 +6,7 @@ by the TensorRT wrapper, runtime fp32 on the torch path), output pointers, then 
 
 Semantics (nld_trt/attention.py, nld_trt/kv): row b has L = COMMITTED[b] cached positions and n =
 CHUNK_LENS[b] chunk tokens at L..L+n-1; position p of row b lives at offset p % PAGE_SIZE of page
-TABLES[b, p // PAGE_SIZE] of the cache [pages, Hkv, PAGE_SIZE, D]. Chunk query j sees 0..L-1 plus chunk keys
+TABLES[b, p // PAGE_SIZE] of the cache [pages, PAGE_SIZE, Hkv, D] (any strides: stride_kn, stride_kp, stride_kh). Chunk query j sees 0..L-1 plus chunk keys
 0..j (causal) or all n (IS_BLOCK[b] != 0). Query heads h = kvh * GROUPS + g share KV head kvh; the GROUPS
 heads of one KV head and the T chunk tokens are packed into the rows of one tile (row r = j * GROUPS + g),
 so a KV tile is loaded once for all of them, each key through its page table entry. UPCAST computes in fp32

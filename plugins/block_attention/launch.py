@@ -78,12 +78,12 @@ def attention_config(rows: int, q: str, interpret: bool) -> AttentionConfig:
 
 def check_shapes(q: Sequence[int], k_cache: Sequence[int], v_cache: Sequence[int], tables: Sequence[int],
                  batch_meta: Sequence[int]) -> None:
-    """q [B, Hq, T, D]; caches [pages, Hkv, P, D]; page tables [B, W]; committed/chunk_lens/block [B]; Hq a
+    """q [B, Hq, T, D]; caches [pages, P, Hkv, D]; page tables [B, W]; committed/chunk_lens/block [B]; Hq a
     multiple of Hkv."""
     if len(q) != 4 or len(k_cache) != 4 or tuple(k_cache) != tuple(v_cache):
-        raise ValueError(f"expected q [B,Hq,T,D] and equal caches [pages,Hkv,P,D], got {q}, {k_cache}, {v_cache}")
-    if q[3] != k_cache[3] or q[1] % k_cache[1]:
-        raise ValueError(f"head dims differ or Hq={q[1]} is not a multiple of Hkv={k_cache[1]}")
+        raise ValueError(f"expected q [B,Hq,T,D] and equal caches [pages,P,Hkv,D], got {q}, {k_cache}, {v_cache}")
+    if q[3] != k_cache[3] or q[1] % k_cache[2]:
+        raise ValueError(f"head dims differ or Hq={q[1]} is not a multiple of Hkv={k_cache[2]}")
     if len(tables) != 2 or tables[0] != q[0]:
         raise ValueError(f"page tables must be [B={q[0]}, W], got {list(tables)}")
     if any(m != q[0] for m in batch_meta):
@@ -107,12 +107,18 @@ def attention_scales(scale: float, k_scale: float, v_scale: float) -> dict[str, 
 
 def attention_ints(q_shape, k_shape, table_shape, q_strides, k_strides, v_strides, o_strides,
                    table_strides) -> list[Any]:
-    """Values of ATTENTION_INTS (strides are element strides of the first three dims, the tables' row stride;
-    the last dims are contiguous). MAX_KEYS: the positions a page table covers (W x P)."""
+    """Values of ATTENTION_INTS (element strides: q and out of [B, H, T], the caches' of [page, head, position]
+    from their [pages, P, Hkv, D] strides, the tables' row stride; the last dims are contiguous). MAX_KEYS: the
+    positions a page table covers (W x P)."""
     _, hq, t, _ = q_shape
-    hkv = k_shape[1]
-    return [t, hkv, hq // hkv, table_shape[1] * k_shape[2], *q_strides[:3], *k_strides[:3], *v_strides[:3],
-            *o_strides[:3], table_strides[0]]
+    hkv = k_shape[2]
+    return [t, hkv, hq // hkv, table_shape[1] * k_shape[1], *q_strides[:3], *page_strides(k_strides),
+            *page_strides(v_strides), *o_strides[:3], table_strides[0]]
+
+
+def page_strides(cache_strides: Sequence[Any]) -> list[Any]:
+    """(page, head, position) strides of a [pages, P, Hkv, D] cache, the kernels' order."""
+    return [cache_strides[0], cache_strides[2], cache_strides[1]]
 
 
 def attention_spec(
@@ -140,9 +146,9 @@ def _min_arch(*types: str) -> int:
 
 
 def check_write_shapes(k: Sequence[Any], cache: Sequence[Any], tables: Sequence[Any]) -> None:
-    """k, v [B, Hkv, T, D]; caches [pages, Hkv, P, D]; page tables [B, W]."""
-    if len(k) != 4 or len(cache) != 4 or (k[1], k[3]) != (cache[1], cache[3]):
-        raise ValueError(f"expected k, v [B,Hkv,T,D] and caches [pages,Hkv,P,D], got {list(k)}, {list(cache)}")
+    """k, v [B, Hkv, T, D]; caches [pages, P, Hkv, D]; page tables [B, W]."""
+    if len(k) != 4 or len(cache) != 4 or (k[1], k[3]) != (cache[2], cache[3]):
+        raise ValueError(f"expected k, v [B,Hkv,T,D] and caches [pages,P,Hkv,D], got {list(k)}, {list(cache)}")
     if len(tables) != 2 or tables[0] != k[0]:
         raise ValueError(f"page tables must be [B={k[0]}, W], got {list(tables)}")
 
@@ -164,8 +170,8 @@ def write_scales(k_quant: float, v_quant: float) -> dict[str, float]:
 def write_ints(k_shape, cache_shape, table_shape, k_strides, v_strides, ck_strides, cv_strides,
                table_strides) -> list[Any]:
     """Values of WRITE_INTS."""
-    return [k_shape[2], k_shape[1], table_shape[1] * cache_shape[2], *k_strides[:3], *v_strides[:3], *ck_strides[:3],
-            *cv_strides[:3], table_strides[0]]
+    return [k_shape[2], k_shape[1], table_shape[1] * cache_shape[1], *k_strides[:3], *v_strides[:3],
+            *page_strides(ck_strides), *page_strides(cv_strides), table_strides[0]]
 
 
 def write_spec(

@@ -23,7 +23,7 @@ def block_attention(
     v_scale: float | None = None,
     config: L.AttentionConfig | None = None,
 ) -> torch.Tensor:
-    """Attention of a chunk against each row's pages: q [B, Hq, T, D], caches [pages, Hkv, P, D], page tables
+    """Attention of a chunk against each row's pages: q [B, Hq, T, D], caches [pages, P, Hkv, D], page tables
     [B, W] (position p of row b at offset p % P of page tables[b, p // P]).
 
     The chunk's own K/V must already be in the cache at L..L+n-1 (see `write_kv`). block[b] selects the
@@ -38,10 +38,10 @@ def block_attention(
     tables = int32_on(tables, q.device)
     interpret = interpreting()
     b, hq, t, d = q.shape
-    hkv = k_cache.shape[1]
+    hkv = k_cache.shape[2]
     q_type = from_torch(q.dtype)
     cfg = config or L.attention_config(t * (hq // hkv), q_type, interpret)
-    spec = L.attention_spec(q_type, from_torch(k_cache.dtype), d, k_cache.shape[2], cfg, upcast=interpret)
+    spec = L.attention_spec(q_type, from_torch(k_cache.dtype), d, k_cache.shape[1], cfg, upcast=interpret)
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     ints = L.attention_ints(q.shape, k_cache.shape, tables.shape, q.stride(), k_cache.stride(), v_cache.stride(),
                             out.stride(), tables.stride())
@@ -74,7 +74,7 @@ def write_kv(
     e4m3(clamp(x * quant, -448, 448)) (nearest, ties to even), exactly, in its dtype.
     """
     if k.shape != v.shape or k_cache.shape != v_cache.shape:
-        raise ValueError(f"expected k, v [B,Hkv,T,D] and caches [pages,Hkv,P,D], got {k.shape}, {k_cache.shape}")
+        raise ValueError(f"expected k, v [B,Hkv,T,D] and caches [pages,P,Hkv,D], got {k.shape}, {k_cache.shape}")
     L.check_write_shapes(k.shape, k_cache.shape, tables.shape)
     if k.dtype != v.dtype or k_cache.dtype != v_cache.dtype:
         raise TypeError("k/v and k_cache/v_cache must have matching dtypes")
@@ -87,7 +87,7 @@ def write_kv(
     tables = int32_on(tables, k.device)
     b, hkv, t, d = k.shape
     block_t = L.write_block_t(t)
-    spec = L.write_spec(from_torch(k.dtype), from_torch(k_cache.dtype), d, k_cache.shape[2], block_t,
+    spec = L.write_spec(from_torch(k.dtype), from_torch(k_cache.dtype), d, k_cache.shape[1], block_t,
                         quantize=quantize)
     ints = L.write_ints(k.shape, k_cache.shape, tables.shape, k.stride(), v.stride(), k_cache.stride(),
                         v_cache.stride(), tables.stride())

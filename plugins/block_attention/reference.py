@@ -28,7 +28,7 @@ def dequantize(x: torch.Tensor, scale: float | None) -> torch.Tensor:
 
 def _one_layer(k_cache: torch.Tensor, v_cache: torch.Tensor) -> SimpleNamespace:
     """A one-layer paged cache as nld_trt.kv.attend reads it (its layout's page size, no scales)."""
-    return SimpleNamespace(k=[k_cache], v=[v_cache], layout=SimpleNamespace(page_size=k_cache.shape[2], scales=None))
+    return SimpleNamespace(k=[k_cache], v=[v_cache], layout=SimpleNamespace(page_size=k_cache.shape[1], scales=None))
 
 
 def reference_attention(
@@ -38,7 +38,7 @@ def reference_attention(
     as the reference executor reads them, with its chunk mask. A quantized cache is dequantized to fp32 and
     q is upcast, so the reference runs in fp32."""
     keys = int((committed + chunk_lens).max())
-    k, v = gather(_one_layer(k_cache, v_cache), 0, *read_index(tables.long(), torch.arange(keys), k_cache.shape[2]),
+    k, v = gather(_one_layer(k_cache, v_cache), 0, *read_index(tables.long(), torch.arange(keys), k_cache.shape[1]),
                   q.dtype)
     k, v = dequantize(k, k_scale), dequantize(v, v_scale)
     if k.dtype != q.dtype:
@@ -51,12 +51,12 @@ def reference_write_kv(k, v, k_cache, v_cache, tables, committed, chunk_lens, k_
     """The executor's paged write (nld_trt.kv.attend.PagedStep) on a one-layer cache, in place: chunk token t
     of row b at offset (L + t) % P of page tables[b, (L + t) // P]; with k_quant / v_quant (a quantized
     layout) the stored value is e4m3(clamp(x * quant))."""
-    t, p = k.shape[2], k_cache.shape[2]
+    t, p = k.shape[2], k_cache.shape[1]
     rows, cols = (torch.arange(t)[None, :] < chunk_lens.long()[:, None]).nonzero(as_tuple=True)
     pos = committed.long()[rows] + cols
     pages, offsets = tables.long()[rows, pos // p], pos % p
     ks, vs = k[rows, :, cols], v[rows, :, cols]
     if k_quant is not None:
         ks, vs = quantize_rows(ks, k_quant, k_cache.dtype), quantize_rows(vs, v_quant, v_cache.dtype)
-    k_cache[pages, :, offsets] = ks
-    v_cache[pages, :, offsets] = vs
+    k_cache[pages, offsets] = ks
+    v_cache[pages, offsets] = vs

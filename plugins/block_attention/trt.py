@@ -2,7 +2,7 @@
 embedded in the engine, no Python at serve time). Thin wrappers: shapes, signatures and launch logic are in
 launch.py.
 
-nld::write_kv: k, v [B, Hkv, T, D] (FP32/FP16/BF16), k_cache, v_cache [pages, Hkv, P, D] (same types or FP8),
+nld::write_kv: k, v [B, Hkv, T, D] (FP32/FP16/BF16), k_cache, v_cache [pages, P, Hkv, D] (same types or FP8),
 page_table [B, W], committed, chunk_lens [B] INT32; attributes k_quant, v_quant (float, baked into the PTX)
 and quantize (int: a quantized layout stores e4m3(clamp(x * quant))); outputs the two caches, aliased to the
 cache inputs (`TensorDesc.aliased()`): the chunk's K/V are written in place, nothing is copied.
@@ -68,7 +68,7 @@ def register() -> None:
     ) -> Tuple[Union[str, bytes], Union[str, bytes], trtp.KernelLaunchParams, trtp.SymExprs]:
         ks, cs, ts = k.shape_expr, k_cache.shape_expr, page_table.shape_expr
         head_dim = _trt.constant(ks[3], "head_dim")
-        page_size = _trt.constant(cs[2], "page size")
+        page_size = _trt.constant(cs[1], "page size")
         chunk = _trt.constant(ks[2], "chunk length") if getattr(ks[2], "is_constant", False) else 32
         block_t = L.write_block_t(chunk)
         spec = L.write_spec(from_trt(k.dtype), from_trt(k_cache.dtype), head_dim, page_size, block_t,
@@ -101,14 +101,14 @@ def register() -> None:
         cfg = L.attention_tactics(from_trt(q.dtype))[tactic]
         qs, ks, ts = q.shape_expr, k_cache.shape_expr, page_table.shape_expr
         head_dim = _trt.constant(qs[3], "head_dim")
-        page_size = _trt.constant(ks[2], "page size")
+        page_size = _trt.constant(ks[1], "page size")
         spec = L.attention_spec(
             from_trt(q.dtype), from_trt(k_cache.dtype), head_dim, page_size, cfg,
             specialize=L.attention_scales(scale, k_scale, v_scale),
         )
         q_strides, k_strides = contiguous_strides(qs), contiguous_strides(ks)
         extras = L.attention_ints(qs, ks, ts, q_strides, k_strides, k_strides, q_strides, contiguous_strides(ts))
-        grid = L.attention_grid(qs[0], ks[1], qs[2], qs[1] // ks[1], cfg)
+        grid = L.attention_grid(qs[0], ks[2], qs[2], qs[1] // ks[2], cfg)
         return _trt.aot_result(trtp, spec, grid, extras)
 
     _done = True
