@@ -160,7 +160,7 @@ def test_the_layout_sizes_pages_and_refuses_a_pool_smaller_than_one_sequence():
     assert layout.table_width == 7 and layout.bytes_per_token == 2 * 2 * 8 * 4
     by_gb = KVLayout.build(c, max_seq_len=100, dtype=torch.float32, gb=1 / 1024, page_size=16)
     assert by_gb.tokens == 8192 and by_gb.nbytes == (512 + 1) * 16 * 128  # 1 MiB / 128 bytes per position
-    with pytest.raises(NLDError, match="fewer than the 7 one sequence of max_seq_len 100 needs: give at least 112"):
+    with pytest.raises(NLDError, match="fewer than the 7 that one sequence of max_seq_len 100 needs: give at least 112"):
         KVLayout.build(c, max_seq_len=100, dtype=torch.float32, tokens=50, page_size=16)
     with pytest.raises(NLDError, match="tokens or in GB, not both"):
         KVLayout.build(c, max_seq_len=100, dtype=torch.float32, tokens=500, gb=1.0)

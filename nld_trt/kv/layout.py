@@ -145,7 +145,7 @@ class KVLayout:
         pages = -(-tokens // page_size)
         need = -(-max_seq_len // page_size)
         if pages < need:
-            raise NLDError(f"a KV cache of {what} holds {pages} pages of {page_size}, fewer than the {need} one "
+            raise NLDError(f"a KV cache of {what} holds {pages} pages of {page_size}, fewer than the {need} that one "
                            f"sequence of max_seq_len {max_seq_len} needs: give at least {need * page_size} tokens "
                            f"({need * page_size * per_token / 2**30:.3g} GiB) or a smaller max_seq_len")
         return cls(config.num_hidden_layers, config.num_key_value_heads, config.head_dim, pages, page_size,
