@@ -190,22 +190,19 @@ class ToyPool:
         self.pages = PageManager(ex.layout.pages, ex.layout.page_size)
 
 
-@dataclass(frozen=True)
-class PromptLogprobParams(GenerationParams):
-    """GenerationParams with the field another branch adds (prompt log-probabilities)."""
-
-    prompt_logprobs: int | None = None
-
-
-def test_a_request_for_prompt_logprobs_computes_its_whole_prompt():
+@pytest.mark.parametrize("top", [0, 1])
+def test_a_request_for_prompt_logprobs_computes_its_whole_prompt(top):
+    """Scoring needs every prompt position's logits, so nothing comes from the cache (also with 0 alternatives
+    asked: prompt_logprobs=0 still scores the prompt)."""
     ex = ToyExecutor(CONFIG, max_batch=2)
     pages = PageManager(ex.layout.pages, ex.layout.page_size)
     prompt = [1] + list(range(10, 30))
     decode(ex, [prompt], "ar", pages)
-    p = PromptLogprobParams(mode="ar", max_new_tokens=8, eos_token_ids=(), prompt_logprobs=1).resolved(CONFIG)
-    seq = SEQUENCE_TYPES["ar"](prompt, p, CONFIG, 0)
-    run(ex, [seq], pages=pages)
+    seq = decode(ex, [prompt], "ar", pages, max_new_tokens=8, prompt_logprobs=top)[0]
     assert seq.stats.cached_tokens == 0 and seq.stats.prefill_tokens == len(prompt)
+    assert len(seq.prompt_logprobs) == len(prompt) and all(len(lp.top) == top for lp in seq.prompt_logprobs[1:])
+    cold = decode(ex, [prompt], "ar", plain(ex), max_new_tokens=8, prompt_logprobs=top)[0]
+    assert seq.prompt_logprobs == cold.prompt_logprobs
     again = decode(ex, [prompt], "ar", pages)[0]
     assert again.stats.cached_tokens == 20 and again.out[:8] == seq.out
 
