@@ -161,12 +161,15 @@ def parse_graph(trt, graph: Path):
     return builder, network, parser
 
 
-def build_profiles(builder, network, profiles: list[dict], plan: Path, progress: Callable[[str], None]) -> None:
-    """Check and add the optimization profiles, build, and write the plan atomically."""
+def build_profiles(trt, builder, network, profiles: list[dict], plan: Path, progress: Callable[[str], None],
+                   aliased_io: bool = False) -> None:
+    """Check and add the optimization profiles, build, and write the plan atomically; `aliased_io` for a graph
+    whose plugins write their inputs in place (the text graph's nld::write_kv)."""
     for shapes in profiles:
         check_inputs(network, shapes)
     build_config = builder.create_builder_config()
-    enable_aliased_plugin_io(trt, build_config)
+    if aliased_io:
+        enable_aliased_plugin_io(trt, build_config)
     for index, shapes in enumerate(profiles):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
@@ -189,7 +192,7 @@ def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]
     register_plugins()
     config = NLDConfig.from_file(graph.parent)
     builder, network, _parser = parse_graph(trt, graph)
-    build_profiles(builder, network, profile_shapes(options, config), plan, progress)
+    build_profiles(trt, builder, network, profile_shapes(options, config), plan, progress, aliased_io=True)
 
 
 def vision_profile(max_edge: int, cell: int, channels: int = 3) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -204,4 +207,4 @@ def build_vision_plan(graph: Path, plan: Path, max_edge: int, cell: int, progres
     """The vision encoder's own plan (a VLM's tower + projector graph, no plugins), beside the text engine."""
     trt = import_tensorrt()
     builder, network, _parser = parse_graph(trt, Path(graph))
-    build_profiles(builder, network, [vision_profile(max_edge, cell)], Path(plan), progress)
+    build_profiles(trt, builder, network, [vision_profile(max_edge, cell)], Path(plan), progress)
