@@ -19,6 +19,8 @@ from pathlib import Path
 
 import click
 
+from .cli_support import kv_kwargs, kv_options
+
 from .errors import NLDError
 from .fileutil import read_jsonl_rows
 
@@ -237,8 +239,10 @@ def evaluate(
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per task instead of the summary line")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write per-problem records (JSONL)")
+@kv_options
 def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, batch_size, max_new_tokens,
-                 question_field, answer_field, device, dtype, as_json, output) -> None:
+                 question_field, answer_field, device, dtype, as_json, output, kv_cache_tokens, kv_cache_gb, page_size,
+                 prefix_cache) -> None:
     """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
     from .checkpoint import check_model_dir
     from .runtime import default_model_path, load
@@ -249,7 +253,8 @@ def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, b
     if not names:
         raise NLDError("--tasks names no task")
     sets = {name: load_task(name, question_field, answer_field)[:limit] for name in names}
-    model = load(model_dir, device=device, dtype=dtype, max_batch=batch_size, lora=lora)
+    model = load(model_dir, device=device, dtype=dtype, max_batch=batch_size, lora=lora,
+                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
     records = []
     for name, problems in sets.items():
         report = evaluate(model, problems, task=name, mode=mode, lora=lora, block_length=block_length,

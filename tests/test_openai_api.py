@@ -127,7 +127,11 @@ def test_chat_unary_and_streaming_give_the_in_process_tokens(nld, client, mode):
     assert len(deltas) > 1 and all(deltas) and "".join(deltas) == want.text  # streamed as decoded, in pieces
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-2].choices[0].finish_reason == FINISH[want.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    streamed, unary = chunks[-1].usage.model_dump(), r.usage.model_dump()
+    # the second request reuses the first one's prompt pages: all of them but the page of its last token
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == (r.usage.prompt_tokens - 1) // 16 * 16 > 0
+    unary.pop("prompt_tokens_details")
+    assert chunks[-1].choices == [] and streamed == unary
 
 
 @pytest.mark.parametrize("mode", MODES)
