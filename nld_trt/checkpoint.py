@@ -21,6 +21,7 @@ from safetensors import SafetensorError, safe_open
 
 from .config import NLDConfig
 from .errors import CheckpointError
+from .vision.config import VLMConfig, canonical_name
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 LORA_DIR = "linear_spec_lora"
@@ -72,8 +73,9 @@ def weight_files(directory: Path) -> dict[str, Path]:
     return weight_files_single(single)
 
 
-def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Tensor]:
-    """Load the named tensors, one open per shard; a damaged shard fails with its file name."""
+def read_tensors(files: dict[str, Path], names: list[str], stored: dict[str, str] | None = None) -> dict[str, torch.Tensor]:
+    """Load the named tensors, one open per shard; a damaged shard fails with its file name. `stored` maps a
+    name to the one the file uses where they differ (a VLM's other spelling, see `canonical_files`)."""
     by_file: dict[Path, list[str]] = {}
     for n in names:
         by_file.setdefault(files[n], []).append(n)
@@ -83,9 +85,10 @@ def read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, torch.Te
             with safe_open(path, framework="pt") as f:
                 present = set(f.keys())
                 for n in group:
-                    if n not in present:
-                        raise CheckpointError(f"tensor {n} is listed for {path.name} but that file does not hold it")
-                    out[n] = f.get_tensor(n)
+                    key = (stored or {}).get(n, n)
+                    if key not in present:
+                        raise CheckpointError(f"tensor {key} is listed for {path.name} but that file does not hold it")
+                    out[n] = f.get_tensor(key)
         except (SafetensorError, OSError, RuntimeError) as e:
             raise CheckpointError(f"{path} is truncated or corrupted ({e}); re-download it") from None
     return out
@@ -115,21 +118,61 @@ def check_names(where: str, expected: set[str], found: set[str], missing_hint: s
             raise CheckpointError(f"{where}: {what} tensors {', '.join(names[:5])}{more} ({hint})")
 
 
-def backbone_files(directory: Path, config: NLDConfig) -> dict[str, Path]:
-    """Tensor name -> file of an unquantized checkpoint, its names checked against the configuration."""
+def canonical_files(directory: Path) -> tuple[dict[str, Path], dict[str, str]]:
+    """Tensor name in the release spelling -> file, and -> the name the file stores (a VLM checkpoint may use
+    the LLaVA spelling `vision_tower.*` / `language_model.*`: nld_trt.vision.config.canonical_name)."""
     files = weight_files(directory)
-    check_names(str(directory), set(config.expected_shapes()), set(files),
+    stored: dict[str, str] = {}
+    for name in files:
+        canon = canonical_name(name)
+        if canon in stored:
+            raise CheckpointError(f"{directory}: tensors {stored[canon]} and {name} are the same tensor in two spellings")
+        stored[canon] = name
+    return {c: files[s] for c, s in stored.items()}, {c: s for c, s in stored.items() if c != s}
+
+
+def expected_shapes(directory: Path, config: NLDConfig) -> dict[str, tuple[int, ...]]:
+    """Every tensor an unquantized checkpoint directory must hold: the text model's and, for a VLM, its vision
+    tower's and projector's."""
+    return VLMConfig.from_file(directory).expected_shapes() if config.is_vlm else config.expected_shapes()
+
+
+def backbone_files(directory: Path, config: NLDConfig) -> tuple[dict[str, Path], dict[str, str]]:
+    """Tensor name -> file of an unquantized checkpoint (and the stored names, see `canonical_files`), its
+    names checked against the configuration."""
+    files, stored = canonical_files(directory)
+    check_names(str(directory), set(expected_shapes(directory, config)), set(files),
                 missing_hint="is this an NLD checkpoint, and does config.json match it?",
                 unexpected_hint="does num_hidden_layers in config.json match the weights?")
-    return files
+    return files, stored
+
+
+def _load_checked(directory: Path, config: NLDConfig, expected: dict[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    files, stored = backbone_files(directory, config)
+    tensors = read_tensors(files, list(expected), stored)
+    for name, shape in expected.items():
+        check_tensor(name, tensors[name], shape, str(directory))
+    return tensors
 
 
 def load_weights(directory: str | Path, config: NLDConfig) -> dict[str, torch.Tensor]:
-    """Every backbone and head tensor of the checkpoint, validated against the configuration."""
+    """Every backbone and head tensor of the checkpoint (a VLM's text model: not its vision encoder), validated
+    against the configuration."""
+    return _load_checked(Path(directory), config, config.expected_shapes())
+
+
+def load_vision_weights(directory: str | Path, config: VLMConfig) -> dict[str, torch.Tensor]:
+    """A VLM checkpoint's vision tower and projector tensors (release names), validated against config.json.
+    Only these are checked here: the text tensors are load_weights' or, quantized, nld_trt.quant.loader's."""
     directory = Path(directory)
-    files = backbone_files(directory, config)
-    expected = config.expected_shapes()
-    tensors = read_tensors(files, list(expected))
+    files, stored = canonical_files(directory)
+    expected = config.vision_shapes()
+    missing = sorted(set(expected) - set(files))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise CheckpointError(f"{directory}: missing tensors {', '.join(missing[:5])}{more} (a vision-language "
+                              "checkpoint needs its vision tower and projector; does vision_config match them?)")
+    tensors = read_tensors(files, list(expected), stored)
     for name, shape in expected.items():
         check_tensor(name, tensors[name], shape, str(directory))
     return tensors
@@ -336,7 +379,7 @@ def weight_files_single(path: Path) -> dict[str, Path]:
 
 def save_checkpoint(
     directory: str | Path,
-    config: NLDConfig,
+    config: NLDConfig | VLMConfig,
     tensors: dict[str, torch.Tensor],
     extra_files: dict[str, str] | None = None,
     lora: LoRAAdapter | None = None,
@@ -345,7 +388,8 @@ def save_checkpoint(
 ) -> Path:
     """Write a checkpoint in the release layout, atomically (a temporary directory renamed at the end).
 
-    `extra_files` are written as text next to config.json (tokenizer files, chat template).
+    `extra_files` are written as text next to config.json (tokenizer files, chat template). A VLMConfig writes
+    the vision-language layout (its tensors: the text model's and the vision encoder's).
     """
     from safetensors.torch import save_file
 

@@ -3,20 +3,13 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
-
-MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
+from .kv.layout import DEFAULT_PAGE_SIZE
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -37,6 +30,10 @@ def cli() -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True, help="sampling: nucleus mass (1: off)")
 @click.option("--min-p", type=float, default=0.0, show_default=True, help="sampling: drop tokens under min-p x the top one")
 @click.option("--stop", multiple=True, help="stop string (repeatable): the text ends just before the first one")
+@click.option("--bad-word", "bad_words", multiple=True,
+              help="banned word (repeatable): no output completes it (encoded as it is: ' apples' differs from 'apples')")
+@click.option("--prompt-logprobs", type=int, default=None, help="print each prompt token's log-probability and the "
+              "N likeliest others (0-20)")
 @click.option("--min-tokens", type=int, default=0, show_default=True, help="no EOS before this many tokens")
 @click.option("--logprobs", is_flag=True, help="print each token's log-probability")
 @click.option("--top-logprobs", type=int, default=0, show_default=True, help="with --logprobs: the N likeliest others")
@@ -48,18 +45,23 @@ def cli() -> None:
               help="linear_spec with --threshold > 0: repeat (passes until no MASK is left) | once")
 @click.option("--allow-lossy", is_flag=True, help="mode auto may also choose dlm")
 @click.option("--max-thinking-tokens", type=int, default=None, help="thinking budget (needs an end-think token)")
-@click.option("--end-think-token", default="[/THINK]", show_default=True, help="token that closes thinking")
+@click.option("--end-think-token", default=None,
+              help="token that closes thinking [default: the tokenizer's, [/THINK] or </think>]")
 @click.option("--think/--no-think", default=False, show_default=True, help="enable_thinking in the chat template")
 @click.option("--raw", is_flag=True, help="do not apply the chat template")
+@click.option("--image", "images", multiple=True, type=click.Path(dir_okay=False),
+              help="an image file for a vision-language model (repeatable): the user turn holds the images, then PROMPT")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, prompt_token_ids, stats")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="compiled decode passes (CUDA graphs on a GPU, torch.compile on CPU) or the eager reference "
                    "[default: compiled on CUDA, eager on CPU]")
+@kv_options
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
-             min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy, max_thinking_tokens,
-             end_think_token, think, raw, as_json, device, dtype, compile_) -> None:
+             bad_words, prompt_logprobs, min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy,
+             max_thinking_tokens, end_think_token, think, raw, images, as_json, device, dtype, compile_, kv_cache_tokens,
+             kv_cache_gb, page_size, prefix_cache) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -70,12 +72,22 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
     check_model_dir(path, lora=lora)
     console = _console()
     model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora, compile=compile_,
-                 progress=lambda line: console.print(f"[dim]{line}[/dim]"))
+                 progress=lambda line: console.print(f"[dim]{line}[/dim]"),
+                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
     end_think_id = None
     if max_thinking_tokens is not None:
-        end_think_id = model.tokenizer.token_id(end_think_token)
+        if end_think_token is None and model.prompts.thinking is None:
+            raise NLDError("the tokenizer has no thinking tokens ([THINK]/[/THINK] or <think>/</think>): pass "
+                           "--end-think-token")
+        end_think_id = (model.prompts.thinking[1] if end_think_token is None
+                        else model.tokenizer.token_id(end_think_token))
         if end_think_id is None:
             raise NLDError(f"the tokenizer has no token {end_think_token!r}: pass --end-think-token")
+    if images and raw:
+        raise NLDError("--image needs the chat template (it places the images in the user turn): drop --raw")
+    if images:
+        prompt = [{"role": "user", "content": [*({"type": "image", "image": Path(f)} for f in images),
+                                                {"type": "text", "text": prompt}]}]
     result = model.generate(
         prompt,
         chat=not raw,
@@ -89,6 +101,8 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         top_p=top_p,
         min_p=min_p,
         stop=list(stop),
+        bad_words=list(bad_words),
+        prompt_logprobs=prompt_logprobs,
         min_tokens=min_tokens,
         logprobs=logprobs,
         top_logprobs=top_logprobs,
@@ -104,6 +118,9 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         click.echo(json.dumps(result.as_dict()))
         return
     click.echo(result.text)
+    if result.prompt_logprobs is not None:
+        console.print("[dim]prompt[/dim]")
+        _print_logprobs(console, model.tokenizer, [lp for lp in result.prompt_logprobs if lp is not None])
     if result.logprobs is not None:
         _print_logprobs(console, model.tokenizer, result.logprobs)
     s = result.stats
@@ -118,15 +135,6 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, "
         f"finish {result.finish_reason}{stop_reason}[/dim]"
     )
-
-
-def nfe_phrase(stats: dict) -> str:
-    """NFE and TPF as printed everywhere, with the reference's count beside ours where they differ (dlm:
-    the reference leaves the prefill out)."""
-    phrase = f"{stats.get('nfe', 0)} forwards, TPF {stats.get('tpf', 0):.2f}"
-    if stats.get("nfe_reference", stats.get("nfe")) != stats.get("nfe"):
-        phrase += f" (as the reference counts: {stats['nfe_reference']} forwards, TPF {stats['tpf_reference']:.2f})"
-    return phrase
 
 
 def _print_logprobs(console, tokenizer, logprobs) -> None:
@@ -152,14 +160,29 @@ def info(model_dir, as_json) -> None:
     config = check_model_dir(path)
     tokenizer = NLDTokenizer(path)
     lora = load_lora(path, config)
+    vlm = None
+    if config.is_vlm:
+        from .vision.config import VLMConfig
+
+        vlm = VLMConfig.from_file(path)
     data = {
         "path": str(path),
-        **config.to_dict(),
-        "parameters": config.num_parameters(),
+        **(config.to_dict() if vlm is None else vlm.to_dict()),
+        "parameters": config.num_parameters() + (0 if vlm is None else vlm.vision_parameters()),
         "tokenizer_vocab": tokenizer.vocab_size,
         "chat_template": bool(tokenizer.chat_template),
         "linear_spec_lora": None if lora is None else {"r": lora.rank, "alpha": lora.alpha, "layers": len(lora.layers)},
     }
+    if vlm is not None:
+        v = vlm.vision
+        data["vision_tower"] = {
+            "layers": v.num_hidden_layers, "hidden": v.hidden_size, "heads": v.num_attention_heads,
+            "head_dim": v.head_dim, "intermediate": v.intermediate_size, "patch": v.patch_size, "act": v.hidden_act,
+            "merge": vlm.spatial_merge_size, "pixels_per_image_token": vlm.cell,
+            "projector": f"{v.hidden_size} x {vlm.spatial_merge_size ** 2} -> {v.hidden_size} -> {vlm.text.hidden_size} "
+                         f"({vlm.projector_hidden_act}) -> {vlm.text.hidden_size}",
+            "parameters": vlm.vision_parameters(),
+        }
     if as_json:
         click.echo(json.dumps(data))
         return
@@ -178,13 +201,17 @@ def info(model_dir, as_json) -> None:
 @click.option("--max-batch", type=int, default=8, show_default=True, help="sequences per engine call")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per sequence")
 @click.option("--max-block", type=int, default=32, show_default=True, help="longest decode chunk (block length)")
+@click.option("--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="positions per KV-cache page")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="the TensorRT plan's KV page pool in positions [default: max-batch x max-seq-len]")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32"]), default="bf16", show_default=True,
               help="graph precision (float32 for the ONNX Runtime executor on CPU)")
 @click.option("--onnx-only", is_flag=True, help="stop after the ONNX graph and its verification")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="check the graph with ONNX Runtime against the PyTorch executor (greedy, every mode)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
-def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_only, verify, overwrite) -> None:
+def build(checkpoint, output, max_batch, max_seq_len, max_block, page_size, kv_cache_tokens, dtype, onnx_only, verify,
+          overwrite) -> None:
     """Export the (quantized) checkpoint to an ONNX graph, verify it, and build a TensorRT engine."""
     from pathlib import Path
 
@@ -194,8 +221,8 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
     console = _console()
     options = BuildOptions(
         checkpoint=Path(checkpoint) if checkpoint else default_model_path(), output=Path(output),
-        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, dtype=dtype, onnx_only=onnx_only,
-        verify=verify, overwrite=overwrite,
+        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, page_size=page_size,
+        kv_cache_tokens=kv_cache_tokens, dtype=dtype, onnx_only=onnx_only, verify=verify, overwrite=overwrite,
     )
     report = run_build(options, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     click.echo(f"wrote {output}: {report.graph} ({report.dtype}, {report.nodes} nodes, custom {', '.join(report.custom_nodes)})"
@@ -206,19 +233,23 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots, as the deployment has")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="sequences decoding at once at most, as the deployment has")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True)
 @click.option("--max-block-length", type=int, default=128, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="where to save it (default: the user cache; a served repository keeps its own)")
 @click.option("--force", is_flag=True, help="measure again even if a calibration for this executor is saved")
-def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length, output_dir, force) -> None:
+@kv_options
+def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length, output_dir, force, kv_cache_tokens,
+              kv_cache_gb, page_size, prefix_cache) -> None:
     """Measure what a forward pass costs on this executor and device (mode auto's cost model); print it."""
     from .executors.cost import calibration_file
     from .runtime import load
 
     model = load(model_dir, device=device, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
-                 max_block_length=max_block_length, calibration_dir=output_dir)
+                 max_block_length=max_block_length, calibration_dir=output_dir,
+                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
     if force:
         from .executors.cost import default_directory
 
@@ -235,31 +266,15 @@ def _add_commands() -> None:
     from .quant.cli import quantize_command
     from .serving.cli import (chat_command, client_command, demo_command, openai_command, package_command,
                               serve_command)
+    from .serving.dynamo.cli import cluster_command, worker_command
 
     cli.add_command(eval_command, "eval")
     for command in (quantize_command, package_command, serve_command, openai_command, client_command, chat_command,
-                    demo_command):
+                    demo_command, worker_command, cluster_command):
         cli.add_command(command)
 
 
 _add_commands()
-
-
-def run_command(command: click.Command, argv: list[str] | None, prog_name: str = "nld-trt") -> None:
-    """Run a click command with nld-trt's exit codes: one-line errors for bad input, never a traceback."""
-    try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"Error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except NLDError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,7 +15,8 @@ from typing import Any
 
 from .errors import CheckpointError
 
-MODEL_TYPES = ("nemotron_labs_diffusion", "ministral_dlm")
+VLM_MODEL_TYPE = "nemotron_labs_diffusion_vlm"  # the vision-language release: these text fields + a vision tower
+MODEL_TYPES = ("nemotron_labs_diffusion", "ministral_dlm", VLM_MODEL_TYPE)
 DLM_TYPES = ("llada", "dream")
 ROPE_TYPES = ("default", "yarn")
 
@@ -70,6 +71,11 @@ class NLDConfig:
     @property
     def num_kv_groups(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def is_vlm(self) -> bool:
+        """A vision-language checkpoint: this is its text model; nld_trt.vision.VLMConfig reads the rest."""
+        return self.model_type == VLM_MODEL_TYPE
 
     @property
     def eos_token_id(self) -> int | None:
@@ -173,13 +179,9 @@ class NLDConfig:
                 f"{path} not found: an NLD checkpoint directory needs its config.json "
                 "(download the whole Hugging Face repository, not only the weights)"
             )
-        try:
-            raw = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(f"{path} is not valid JSON ({e}); re-download it") from None
-        if not isinstance(raw, dict):
-            raise CheckpointError(f"{path} must hold a JSON object")
-        return _parse(raw, str(path))
+        from .fileutil import read_json_object
+
+        return _parse(read_json_object(path, CheckpointError, "; re-download it"), str(path))
 
 
 def _parse(raw: dict[str, Any], source: str) -> NLDConfig:

@@ -125,6 +125,12 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+def user_cache_dir() -> Path:
+    """nld-trt's cache: $NLD_TRT_CACHE, else $XDG_CACHE_HOME/nld-trt, else ~/.cache/nld-trt."""
+    return Path(os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "nld-trt")
+
+
 def read_jsonl_rows(path: str | Path, what: str, error: type[Exception]) -> list[tuple[str, object]]:
     """(`file:line`, parsed value) for every non-blank line of a JSONL file; a missing or unreadable file or
     a line that is not JSON raises `error` naming the file (and line)."""
@@ -143,3 +149,14 @@ def read_jsonl_rows(path: str | Path, what: str, error: type[Exception]) -> list
             except json.JSONDecodeError as e:
                 raise error(f"{path}:{n}: not valid JSON ({e.msg}); each line must be one JSON object") from None
     return rows
+
+
+def read_json_object(path: Path, error: type[Exception], hint: str = "") -> dict:
+    """A JSON file holding one object; `error` (naming the file, plus `hint`) when it is not."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path} is not valid JSON ({e}){hint}") from None
+    if not isinstance(raw, dict):
+        raise error(f"{path} must hold a JSON object")
+    return raw

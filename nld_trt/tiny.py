@@ -4,6 +4,13 @@ Used by the tests (random models), by `scripts/make_tiny_checkpoint.py`, and by 
 embedded default model (tokenizer and files). Special tokens follow the Mistral layout the release uses:
 ids below 128 are reserved, `<s>`=1, `</s>`=2, `[INST]`=3, `[/INST]`=4, `<pad>`=11, `[THINK]`=34,
 `[/THINK]`=35 and the mask token at 100.
+
+Tiny vision-language checkpoints (`make_tiny_vlm_checkpoint`) follow the VLM release layout: config.json with
+the text fields at the root plus `vision_config` (pixtral) and the projector fields, the tower and projector
+under `encoder.`, the image tokens `<|image_start|>` 18, `<|image_pad|>` 19, `<|image_break|>` 20,
+`<|image_end|>` 21, end of turn `<|im_end|>` 11 as EOS, and a ChatML template (no BOS) that writes one
+`<|image_start|>` per image content part. Which ids ChatML's `<|im_start|>` (10) and `<think>`/`</think>`
+(34/35) have in the release is not known here: these are this toolkit's choice.
 """
 
 from __future__ import annotations
@@ -14,7 +21,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import LoRAAdapter, save_checkpoint
-from .config import NLDConfig, RopeConfig
+from .config import VLM_MODEL_TYPE, NLDConfig, RopeConfig
+from .vision.config import VisionConfig, VLMConfig
 
 N_SPECIAL = 128
 NAMED_SPECIALS = {
@@ -48,8 +56,34 @@ SAMPLE_TEXT = [
 ]
 
 
-def train_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE (digits split one by one) with the special tokens at ids 0..127."""
+VLM_NAMED_SPECIALS = {
+    0: "<unk>", 1: "<s>", 2: "</s>", 10: "<|im_start|>", 11: "<|im_end|>", 18: "<|image_start|>",
+    19: "<|image_pad|>", 20: "<|image_break|>", 21: "<|image_end|>", 34: "<think>", 35: "</think>", 100: "<|mask|>",
+}
+VLM_SPECIAL_TOKENS = [VLM_NAMED_SPECIALS.get(i, f"<SPECIAL_{i}>") for i in range(N_SPECIAL)]
+VLM_EOS_ID, IMAGE_START_ID, IMAGE_PAD_ID, IMAGE_BREAK_ID, IMAGE_END_ID = 11, 18, 19, 20, 21
+
+# ChatML, no BOS; a content part of type image or image_url becomes one <|image_start|> (the processor expands
+# it); the generation prompt opens the answer with an empty thought unless enable_thinking is set.
+VLM_CHAT_TEMPLATE = (
+    "{%- for message in messages %}"
+    "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['content'] is string %}{{- message['content'] }}"
+    "{%- else %}{%- for part in message['content'] %}"
+    "{%- if part['type'] == 'text' %}{{- part['text'] }}"
+    "{%- elif part['type'] in ['image', 'image_url'] %}{{- '<|image_start|>' }}"
+    "{%- endif %}{%- endfor %}{%- endif %}"
+    "{{- '<|im_end|>\\n' }}"
+    "{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- else %}{{- '<think></think>' }}"
+    "{%- endif %}{%- endif %}"
+)
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, specials: list[str] | None = None, bos: bool = True):
+    """A byte-level BPE (digits split one by one) with the special tokens at ids 0..127 (`specials`, default
+    the text release's layout); `bos`: encoding adds `<s>`."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
     tok = Tokenizer(models.BPE(unk_token=None))
@@ -62,22 +96,26 @@ def train_tokenizer(texts: list[str], vocab_size: int):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=specials or SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer=trainer)
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
+    if bos:
+        tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return tok
 
 
-def tokenizer_files(tokenizer) -> dict[str, str]:
-    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja."""
+def tokenizer_files(tokenizer, vlm: bool = False) -> dict[str, str]:
+    """tokenizer.json, tokenizer_config.json, special_tokens_map.json and chat_template.jinja (`vlm`: the
+    vision-language layout's ChatML template and end-of-turn EOS)."""
     specials = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>",
                 "mask_token": "<|mask|>"}
+    if vlm:
+        specials = {"bos_token": "<s>", "eos_token": "<|im_end|>", "unk_token": "<unk>", "mask_token": "<|mask|>"}
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "add_bos_token": True,
+        "add_bos_token": not vlm,
         "add_eos_token": False,
         "model_max_length": 32768,
         **specials,
@@ -86,7 +124,7 @@ def tokenizer_files(tokenizer) -> dict[str, str]:
         "tokenizer.json": tokenizer.to_str(pretty=False),
         "tokenizer_config.json": json.dumps(config, indent=2) + "\n",
         "special_tokens_map.json": json.dumps(specials, indent=2) + "\n",
-        "chat_template.jinja": CHAT_TEMPLATE,
+        "chat_template.jinja": VLM_CHAT_TEMPLATE if vlm else CHAT_TEMPLATE,
     }
 
 
@@ -138,3 +176,64 @@ def make_tiny_checkpoint(
     return save_checkpoint(
         path, config, random_tensors(config, seed, std), tokenizer_files(tokenizer), lora, shards, overwrite
     )
+
+
+def tiny_vlm_config(vision: dict | None = None, **text_overrides) -> VLMConfig:
+    """A small vision-language configuration: the tiny text model (as `tiny_config`, EOS the end-of-turn token)
+    and a 2-layer Pixtral tower of width 32 with the release's patch 14 and 2x2 merge."""
+    text = tiny_config(**{"model_type": VLM_MODEL_TYPE, "eos_token_ids": (VLM_EOS_ID,), "pad_token_id": None,
+                          **text_overrides})
+    fields = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=14,
+                  hidden_act="silu", rope_theta=10000.0, image_size=1540)
+    fields.update(vision or {})
+    return VLMConfig(text=text, vision=VisionConfig(**fields))
+
+
+def random_vision_tensors(config: VLMConfig, seed: int = 0, std: float = 0.02) -> dict[str, torch.Tensor]:
+    """Random tower and projector weights (norm weights near 1, so they matter), release names."""
+    from .vision.tower import VisionEncoder
+
+    g = torch.Generator().manual_seed(seed + 1000)
+    out = {}
+    for name, p in VisionEncoder(config).state_dict().items():
+        noise = torch.randn(p.shape, generator=g)
+        out["encoder." + name] = 1.0 + 0.1 * noise if name.endswith("norm.weight") else noise * std
+    return out
+
+
+def make_tiny_vlm_checkpoint(
+    path: str | Path,
+    seed: int = 0,
+    std: float = 0.02,
+    vision_std: float = 0.05,
+    lora_rank: int | None = 4,
+    spelling: str = "release",
+    overwrite: bool = False,
+    vision: dict | None = None,
+    **text_overrides,
+) -> Path:
+    """A random tiny Nemotron-Labs-Diffusion-VLM checkpoint in the release layout (`spelling` "llava": the tower,
+    projector and text tensors named `vision_tower.*`, `multi_modal_projector.*`, `language_model.*`, as one
+    public port assumes)."""
+    from safetensors.torch import load_file, save_file
+
+    from .vision.config import PROJECTOR_PREFIX, VISION_PREFIX
+
+    config = tiny_vlm_config(vision, **text_overrides)
+    tokenizer = train_tokenizer(SAMPLE_TEXT * 4, vocab_size=min(config.text.vocab_size, N_SPECIAL + 256 + 64),
+                                specials=VLM_SPECIAL_TOKENS, bos=False)
+    tensors = {**random_tensors(config.text, seed, std), **random_vision_tensors(config, seed, vision_std)}
+    lora = random_lora(config.text, lora_rank, seed + 1) if lora_rank else None
+    out = save_checkpoint(path, config, tensors, tokenizer_files(tokenizer, vlm=True), lora, 1, overwrite)
+    if spelling == "llava":
+        weights = out / "model.safetensors"
+        renamed = {}
+        for name, t in load_file(str(weights)).items():
+            if name.startswith((VISION_PREFIX, PROJECTOR_PREFIX)):
+                renamed[name.removeprefix("encoder.")] = t
+            else:
+                renamed["language_model." + name] = t
+        save_file(renamed, str(weights), metadata={"format": "pt"})
+    elif spelling != "release":
+        raise ValueError(f"spelling must be 'release' or 'llava', got {spelling!r}")
+    return out

@@ -58,6 +58,24 @@ class NLDTokenizer:
         # encode_batch releases the GIL while it works, so a long prompt does not stall the decoding thread
         return self._tok.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
+    def word_ids(self, words) -> tuple[tuple[int, ...], ...]:
+        """Banned words as token ids: a string is encoded as it is, without special tokens (TensorRT-LLM's rule:
+        "apples" and " apples" are different words); a list of token ids is kept; a word encoding to nothing
+        is skipped."""
+        if isinstance(words, (str, bytes)) or not isinstance(words, (list, tuple)):
+            raise GenerationError(f"bad_words must be a list of strings or token-id lists, got {words!r}")
+        out = []
+        for w in words:
+            if isinstance(w, str):
+                ids = tuple(self.encode(w, add_special_tokens=False))
+            elif isinstance(w, (list, tuple)):
+                ids = tuple(w)
+            else:
+                raise GenerationError(f"bad_words must be a list of strings or token-id lists, got {w!r}")
+            if ids:
+                out.append(ids)
+        return tuple(out)
+
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 

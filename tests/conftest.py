@@ -45,3 +45,18 @@ def tiny_b(tiny_dir_b):
     from nld_trt import load
 
     return load(tiny_dir_b, max_batch=4, max_seq_len=512)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dir(tmp_path_factory):
+    """A random tiny Nemotron-Labs-Diffusion-VLM in the release layout (tower width 32, two layers)."""
+    from nld_trt.tiny import make_tiny_vlm_checkpoint
+
+    return make_tiny_vlm_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-vlm", seed=3, std=0.15)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tiny_vlm_dir):
+    from nld_trt import load
+
+    return load(tiny_vlm_dir, max_batch=4, max_seq_len=512)

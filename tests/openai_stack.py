@@ -84,11 +84,14 @@ def package_embedded(directory: Path, max_seq_len: int = 1024) -> Path:
     return package_repository(None, directory / "repo", options)
 
 
-def start_stack(repo: Path, directory: Path, timeout: float = 180) -> Stack:
+def start_stack(repo: Path | None, directory: Path, timeout: float = 180, extra: tuple[str, ...] = ()) -> Stack:
+    """`nld-trt serve REPO`, or with repo None `nld-trt serve` of the embedded model (packaged into the cache
+    with the package options in `extra`)."""
     ports = [free_port() for _ in range(4)]
     log = directory / "serve.log"
-    cmd = [sys.executable, "-m", "nld_trt.serving.cli", "serve", str(repo), "--http-port", str(ports[0]),
-           "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]), "--openai-port", str(ports[3])]
+    cmd = [sys.executable, "-m", "nld_trt.serving.cli", "serve", *([str(repo)] if repo is not None else []),
+           "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+           "--openai-port", str(ports[3]), *extra]
     with open(log, "w") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
     stack = Stack(process, log, *ports)

@@ -60,3 +60,32 @@ def test_bench_modes_prints_every_mode_and_the_ratios(capsys):
     assert set(summary["rows"]) == {"ar eager", "ar transformers", "dlm eager", "linear_spec eager"}
     assert summary["tokens_equal_to_eager"] == {"ar transformers": "1/1"}
     assert summary["ratios"]["ar eager / transformers ar"] > 0
+
+
+def test_bench_images_compares_each_mode_with_and_without_an_image_and_times_the_encoder():
+    from click.testing import CliRunner
+
+    result = CliRunner().invoke(_script("bench_images").main, ["--random", "tiny", "--prompts", "2", "--max-new-tokens",
+                                                               "4", "--encode-sizes", "56,100x60", "--encode-reps", "1",
+                                                               "--image-size", "90x60", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = __import__("json").loads(result.stdout)
+    assert set(summary["rows"]) == {f"{m} {k}" for m in ("ar", "dlm", "linear_spec") for k in ("text", "image")}
+    for mode in ("ar", "dlm", "linear_spec"):
+        image, text = summary["rows"][f"{mode} image"], summary["rows"][f"{mode} text"]
+        assert image["prompt_tokens"] == text["prompt_tokens"] + 1 + 3 * (4 + 1)  # the 90x60 image: 3 x 4 cells
+        assert image["tokens"] == text["tokens"] == 8
+    assert [r["cells"] for r in summary["encode"]] == [4, 12] and all(r["encode_ms"] > 0 for r in summary["encode"])
+
+
+def test_bench_serving_images_measures_the_stall_with_the_encoder_on_either_thread(tmp_path):
+    from click.testing import CliRunner
+
+    out = tmp_path / "stall.json"
+    result = CliRunner().invoke(_script("bench_serving").main, ["--images", "--random", "tiny", "--sections", "stall",
+                                                                "--stall-size", "280x280", "--json", str(out)])
+    assert result.exit_code == 0, result.output
+    rows = __import__("json").loads(out.read_text())["stall"]
+    assert [r["workers"] for r in rows] == [0, 1, 0, 1]
+    assert all(r["encode_s"] > 0 and r["image_ttft_s"] > 0 and r["during_responses"] >= 1 for r in rows)
+    assert "a text request's inter-token latency" in result.output

@@ -11,8 +11,9 @@ import torch
 from nld_trt import load
 
 
-def plain_dlm(model, prompt, block_length, threshold, max_new, eos, dlm_type, mask_id):
-    """shared/spec/nld-decoding.md, mode dlm, read literally."""
+def plain_dlm(model, prompt, block_length, threshold, max_new, eos, dlm_type, mask_id, embed=None):
+    """shared/spec/nld-decoding.md, mode dlm, read literally. `embed` (tokens [1, T] -> embeddings [1, T, H]):
+    the input embeddings where the prompt has image rows (tests/test_vlm_generate.py)."""
     net = model.model
 
     def logits_of(context, chunk, block):
@@ -23,7 +24,8 @@ def plain_dlm(model, prompt, block_length, threshold, max_new, eos, dlm_type, ma
             for k in range(t):
                 mask[q, k] = k <= q or (block and q >= n and k >= n)
         with torch.no_grad():
-            h = net(torch.tensor([tokens]), torch.arange(t)[None], mask[None, None])
+            x = None if embed is None else embed(torch.tensor([tokens]))
+            h = net(torch.tensor([tokens]), torch.arange(t)[None], mask[None, None], inputs_embeds=x)
             return net.logits(h)[0, n:].double()
 
     def argmax(row):

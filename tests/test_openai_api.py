@@ -28,10 +28,13 @@ import openai  # noqa: E402
 import nld_trt  # noqa: E402
 from nld_trt.evaluate import load_task  # noqa: E402
 from nld_trt.serving.client import GrpcClient  # noqa: E402
+from nld_trt.serving.openai.media import MAX_BODY_BYTES  # noqa: E402
 
 MODES = ("ar", "dlm", "linear_spec")
 QUESTIONS = [p.question for p in load_task("gsm_synth")[:4]]
 RAW = ["Tom has 12 apples. He gives 5 to Sam.", "A pack holds 6 pens.", "Mia has"]
+PIXEL = ("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR4nGNgYPj/HwADAgH/"
+         "p0Ql/QAAAABJRU5ErkJggg==")  # a 1 x 1 PNG
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 
 
@@ -124,7 +127,11 @@ def test_chat_unary_and_streaming_give_the_in_process_tokens(nld, client, mode):
     assert len(deltas) > 1 and all(deltas) and "".join(deltas) == want.text  # streamed as decoded, in pieces
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-2].choices[0].finish_reason == FINISH[want.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    streamed, unary = chunks[-1].usage.model_dump(), r.usage.model_dump()
+    # the second request reuses the first one's prompt pages: all of them but the page of its last token
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == (r.usage.prompt_tokens - 1) // 16 * 16 > 0
+    unary.pop("prompt_tokens_details")
+    assert chunks[-1].choices == [] and streamed == unary
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -300,8 +307,12 @@ BAD = [
     ("chat", dict(messages=[]), 400, "messages", "at least 1 item"),
     ("chat", dict(messages=[{"role": "tool", "content": "4", "tool_call_id": "x"}]), 400, "messages.0.role",
      "does no function calling"),
-    ("chat", dict(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]), 400,
-     "messages.0.content", "only text parts"),
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "input_audio", "input_audio": {}}]}]), 400,
+     "messages[0].content[0]", "type 'input_audio' are not supported"),
+    # the embedded model has no vision tower: its repository says so, and the front end answers before sending
+    ("chat", dict(messages=[{"role": "user", "content": [{"type": "text", "text": "What is it?"},
+                                                         {"type": "image_url", "image_url": {"url": PIXEL}}]}]), 400,
+     "messages[0].content[1]", "is a text-only model: it cannot take images (it has no vision tower"),
     ("chat", dict(extra_body={"frobnicate": 1}), 400, "frobnicate", "unknown field 'frobnicate'"),
     ("chat", dict(top_logprobs=3), 400, "top_logprobs", "needs logprobs=true"),
     ("chat", dict(stream_options={"include_usage": True}), 400, "stream_options", "only allowed with stream=true"),
@@ -311,7 +322,9 @@ BAD = [
     ("completions", dict(prompt=""), 400, "prompt", "empty"),
     ("completions", dict(prompt=[1, "a"]), 400, "prompt", "must be a string, a list of strings"),
     ("completions", dict(prompt="hi", best_of=3), 400, "best_of", "best_of can only equal n"),
-    ("completions", dict(prompt="hi", echo=True), 400, "echo", "echo is not supported"),
+    ("completions", dict(prompt="hi", max_tokens=0), 400, "max_tokens", "max_tokens 0 generates nothing"),
+    ("completions", dict(prompt="hi", extra_body={"prompt_logprobs": 21}), 400, "prompt_logprobs", "less than or equal to 20"),
+    ("chat", dict(extra_body={"bad_words": "apples"}), 400, "bad_words", "valid list"),
     ("completions", dict(prompt="hi", extra_body={"chat_template_kwargs": {"enable_thinking": True}}), 400,
      "chat_template_kwargs", "applies to /v1/chat/completions only"),
     ("completions", dict(prompt="hi", stream=True, max_tokens=CAP + 1), 400, "max_tokens", f"cap of {CAP}"),
@@ -366,7 +379,7 @@ def test_malformed_oversized_and_misrouted_requests_get_openai_errors(stack, cli
         assert response.status_code == status and fragment in response.json()["error"]["message"]
         assert set(response.json()["error"]) == {"message", "type", "param", "code"}
         good_request_answers(client)
-    limit = 4 * 1024 * 1024
+    limit = MAX_BODY_BYTES
     declared = (f"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
                 f"content-length: {limit + 1}\r\n\r\n").encode()
     status, body = _raw(stack, declared)  # refused from the header, before any of the body is read
@@ -477,3 +490,78 @@ def test_serve_refuses_an_openai_port_in_use_before_starting_tritonserver(tmp_pa
                               "--openai-port", str(port)], capture_output=True, text=True, timeout=120)
     assert out.returncode == 1 and "tritonserver" not in out.stderr.split("Error:")[0]
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "--openai-port" in out.stderr
+
+
+# prompt log-probabilities, echo, bad words, the tokenizer endpoints --------------------------------------
+def test_echo_with_logprobs_scores_the_prompt_as_the_python_api(nld, client):
+    """What lm-eval's loglikelihood requests send: token ids, echo, logprobs 1, max_tokens 1."""
+    ids = nld.tokenizer.encode(RAW[0], add_special_tokens=False)
+    want = nld.generate(ids, chat=False, max_new_tokens=1, prompt_logprobs=1, logprobs=True, top_logprobs=1)
+    r = client.completions.create(model="nld", prompt=[ids], max_tokens=1, logprobs=1, echo=True, temperature=0,
+                                  seed=1234)
+    lp = r.choices[0].logprobs
+    assert r.choices[0].text == nld.tokenizer.decode(ids, skip_special_tokens=False) + want.text
+    assert lp.tokens == [nld.tokenizer.token_text(t) for t in ids + want.token_ids]
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert lp.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]] +
+                                                 [want.logprobs[0].logprob], abs=1e-6)
+    assert [v for t in lp.top_logprobs[1:-1] for v in t.values()] == pytest.approx(
+        [v for e in want.prompt_logprobs[1:] for _, v in e.top], abs=1e-6)
+    assert lp.text_offset[0] == 0 and r.usage.prompt_tokens == len(ids) and r.usage.completion_tokens == 1
+
+
+def test_max_tokens_zero_with_echo_scores_only_the_prompt_and_streams_the_same(nld, client):
+    want = nld.generate(RAW[1], chat=False, max_new_tokens=0, prompt_logprobs=2)
+    r = client.completions.create(model="nld", prompt=RAW[1], max_tokens=0, echo=True, logprobs=2)
+    choice = r.choices[0]
+    assert choice.text == RAW[1] and choice.finish_reason == "length" and r.usage.completion_tokens == 0
+    assert choice.logprobs.token_logprobs[1:] == pytest.approx([e.logprob for e in want.prompt_logprobs[1:]], abs=1e-6)
+    chunks = list(client.completions.create(model="nld", prompt=RAW[1], max_tokens=0, echo=True, logprobs=2,
+                                            stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == RAW[1]
+    streamed = [v for c in chunks if c.choices and c.choices[0].logprobs for v in c.choices[0].logprobs.token_logprobs]
+    assert streamed == choice.logprobs.token_logprobs
+
+
+def test_vllms_prompt_logprobs_field(nld, client):
+    want = nld.generate(RAW[0], chat=False, max_new_tokens=3, prompt_logprobs=2)
+    r = client.completions.create(model="nld", prompt=RAW[0], max_tokens=3, extra_body={"prompt_logprobs": 2})
+    got = r.model_dump()["choices"][0]["prompt_logprobs"]
+    assert got[0] is None and len(got) == len(want.prompt_token_ids)
+    for entry, lp in zip(got[1:], want.prompt_logprobs[1:]):
+        assert entry[str(lp.token_id)]["logprob"] == pytest.approx(lp.logprob, abs=1e-6)
+        assert entry[str(lp.token_id)]["rank"] == lp.rank
+        assert all(str(t) in entry and entry[str(t)]["rank"] <= 2 for t, _ in lp.top)
+    assert r.choices[0].text == want.text
+    chat = client.chat.completions.create(model="nld", messages=user(QUESTIONS[0]), max_tokens=2,
+                                          extra_body={"prompt_logprobs": 0})
+    assert len(chat.model_dump()["prompt_logprobs"]) == chat.usage.prompt_tokens
+
+
+def test_bad_words_never_appear_and_follow_vllms_rule(nld, client):
+    free = nld.generate(QUESTIONS[2], max_new_tokens=40)
+    word = free.text.split()[1]  # a word of the free answer, banned alone and after a space (vLLM's rule)
+    r = client.chat.completions.create(model="nld", messages=user(QUESTIONS[2]), max_tokens=40,
+                                       extra_body={"bad_words": [word]})
+    want = nld.generate(QUESTIONS[2], max_new_tokens=40, bad_words=[word.lstrip(), " " + word.lstrip()])
+    assert r.choices[0].message.content == want.text and want.text != free.text
+    for variant in (word.lstrip(), " " + word.lstrip()):
+        w = nld.tokenizer.encode(variant, add_special_tokens=False)
+        assert not any(want.token_ids[i : i + len(w)] == w for i in range(len(want.token_ids)))
+
+
+def test_the_tokenizer_endpoints_answer_with_vllms_shapes(nld, stack):
+    tok = nld.tokenizer
+    r = httpx.post(f"{stack.base_url}/tokenize", json={"model": "nld", "prompt": RAW[0], "add_special_tokens": False,
+                                                        "return_token_strs": True}).json()
+    ids = tok.encode(RAW[0], add_special_tokens=False)
+    assert r == {"count": len(ids), "max_model_len": 1024, "tokens": ids, "token_strs": [tok.token_text(t) for t in ids]}
+    chat = httpx.post(f"{stack.base_url}/tokenize", json={"messages": user(QUESTIONS[0])}).json()
+    assert chat["tokens"] == nld.encode(QUESTIONS[0]) and chat["token_strs"] is None
+    back = httpx.post(f"{stack.base_url}/detokenize", json={"model": "nld", "tokens": ids}).json()
+    assert back == {"prompt": tok.decode(ids, skip_special_tokens=False)}
+    info = httpx.get(f"{stack.base_url}/tokenizer_info").json()
+    assert info["eos_token"] == tok.special_token("eos_token") and info["chat_template"] == tok.chat_template
+    bad = httpx.post(f"{stack.base_url}/detokenize", json={"tokens": [10**6]})
+    assert bad.status_code == 400 and "input_ids must be token ids" in bad.json()["error"]["message"]
+    assert httpx.post(f"{stack.base_url}/tokenize", json={"prompt": 3}).status_code == 400

@@ -10,27 +10,15 @@ printed (run with -s to see it).
 
 from __future__ import annotations
 
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 from openai_stack import package_embedded, require_stack, start_stack
 
 require_stack()
 
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
-try:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
-    from selenium.webdriver.support.ui import Select
-except ImportError as e:  # pragma: no cover - the test extra installs selenium
-    pytest.skip(f"selenium is not installed ({e})", allow_module_level=True)
-if not (CHROMIUM.is_file() and DRIVER.is_file()):  # pragma: no cover - the README's first command installs them
-    pytest.skip("no /usr/bin/chromium or /usr/bin/chromedriver: apt-get install chromium chromium-driver "
-                "(the README's first command does)", allow_module_level=True)
+from page_driver import By, Keys, answers, ask, chromium, content, set_field, wait  # noqa: E402
+from selenium.webdriver.support.ui import Select  # noqa: E402
 
 import nld_trt  # noqa: E402
 from nld_trt.evaluate import extract_answer, load_task  # noqa: E402
@@ -58,47 +46,9 @@ def nld():
 
 @pytest.fixture(scope="module")
 def browser():
-    options = webdriver.ChromeOptions()
-    options.binary_location = str(CHROMIUM)
-    for arg in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                "--disable-component-update", "--disable-sync", "--no-first-run", "--window-size=1280,900",
-                f"--user-data-dir={tempfile.mkdtemp(prefix='nld-chromium-')}"):
-        options.add_argument(arg)
-    driver = webdriver.Chrome(options=options, service=Service(str(DRIVER)))
+    driver = chromium()
     yield driver
     driver.quit()
-
-
-def wait(condition, timeout: float = 120, what: str = "the page"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def answers(driver) -> list:
-    return driver.find_elements(By.CSS_SELECTOR, ".turn.assistant.done")
-
-
-def ask(driver, text: str, done_before: int):
-    box = driver.find_element(By.ID, "prompt")
-    box.send_keys(text)
-    box.send_keys(Keys.ENTER)
-    return wait(lambda: answers(driver)[done_before] if len(answers(driver)) > done_before else None,
-                what=f"answer {done_before + 1}")
-
-
-def set_field(driver, element_id: str, value: str) -> None:
-    field = driver.find_element(By.ID, element_id)
-    field.clear()
-    field.send_keys(value)
-
-
-def content(turn) -> str:
-    return turn.find_element(By.CSS_SELECTOR, ".answer").get_attribute("textContent")
 
 
 def test_a_person_chats_sees_streamed_answers_and_stats_and_switches_modes(stack, nld, browser, tmp_path_factory):

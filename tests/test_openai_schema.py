@@ -15,8 +15,9 @@ from openai.types import Completion
 from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from nld_trt.serving.openai.app import Choice, Shape, model_error, usage
-from nld_trt.serving.openai.schema import (ChatRequest, CompletionRequest, RequestError, chat_request,
-                                           completion_requests, parse)
+from nld_trt.serving.openai.media import MediaError, MediaOptions, check_url
+from nld_trt.serving.openai.schema import (ChatRequest, CompletionRequest, RequestError, chat_request, check_images,
+                                           completion_requests, parse, parse_tokenize, tokenize_fields)
 from nld_trt.serving.openai.triton import ModelError, ModelInfo, Piece, TritonBridge, piece_from
 
 TODAY = {"text_input": "BYTES", "messages": "BYTES", "max_tokens": "INT32", "stream": "BOOL", "temperature": "FP32",
@@ -242,7 +243,88 @@ def test_usage_counts_each_prompt_once_and_sums_sequences():
     ("stop_words must be strings", False, 400, "stop"),
     ("internal error in the decoding loop (RuntimeError: x): retry the request", True, 500, None),
     ("the model is being unloaded", True, 503, None),
+    ("messages[2].content[1]: the image is truncated or corrupted (OSError: x)", True, 400, "messages[2].content[1]"),
 ])
 def test_model_errors_become_openai_errors(message, chat_endpoint, status, param):
     e = model_error(ModelError(message), chat_endpoint)
     assert (e.status, e.param, e.message) == (status, param, message)
+
+
+# images ---------------------------------------------------------------------------------------------------
+PNG = "data:image/png;base64,iVBORw0KGgo="
+VLM = {**LIMITS, "images": "true", "max_images_per_request": "2", "max_image_bytes": "1024"}
+
+
+def image(url: str = PNG, **extra) -> dict:
+    return {"type": "image_url", "image_url": {"url": url, **extra}}
+
+
+def test_image_parts_reach_the_model_in_place_and_text_only_messages_stay_strings():
+    r = chat(messages=[{"role": "system", "content": "be brief"},
+                       {"role": "user", "content": [{"type": "text", "text": "Compare"}, image(detail="low"),
+                                                    {"type": "image_url", "image_url": PNG}]}])
+    sent = json.loads(chat_request(r, ModelInfo("nld", TODAY, VLM, batched=True)).fields["messages"])
+    assert sent == [{"role": "system", "content": "be brief"},
+                    {"role": "user", "content": [{"type": "text", "text": "Compare"}, image(), image()]}]
+
+
+@pytest.mark.parametrize("messages, param, fragment", [
+    ([{"role": "user", "content": [image(detail="ultra")]}], "messages[0].content[0]", "detail must be auto, low or high"),
+    ([{"role": "user", "content": ["hi", image()]}], "messages[0].content[0]", "a content part must be an object"),
+    ([{"role": "assistant", "content": [image()]}], "messages[0].content[0]", "images go in user messages only"),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": PNG, "size": 3}}]}],
+     "messages[0].content[0]", "unknown field 'image_url.size'"),
+    ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]", "needs"),
+    ([{"role": "user", "content": [{"type": "video_url", "video_url": {"url": "x"}}]}], "messages[0].content[0]",
+     "'video_url' are not supported"),
+])
+def test_bad_image_parts_are_named_as_the_model_names_them(messages, param, fragment):
+    with pytest.raises(RequestError) as e:
+        chat(messages=messages)
+    assert e.value.param == param and (fragment is None or fragment in e.value.message), e.value.message
+
+
+def test_what_the_served_model_cannot_take_is_refused_before_anything_is_sent():
+    two = chat(messages=[{"role": "user", "content": [image(), {"type": "text", "text": "x"}, image(), image()]}])
+    with pytest.raises(RequestError, match="more than 2 images") as e:
+        check_images(two, ModelInfo("nld", TODAY, VLM, batched=True))
+    assert e.value.param == "messages[0].content[3]"
+    large = chat(messages=[{"role": "user", "content": [image(PNG + "A" * 2000)]}])
+    with pytest.raises(RequestError, match="over this deployment's limit of 1024 bytes"):
+        check_images(large, ModelInfo("nld", TODAY, VLM, batched=True))
+    text_model = ModelInfo("nld", TODAY, {**LIMITS, "images": "the served model is a text-only model: ..."}, True)
+    with pytest.raises(RequestError, match="text-only model") as e:
+        chat_request(chat(messages=[{"role": "user", "content": [image()]}]), text_model)
+    assert e.value.param == "messages[0].content[0]"
+    check_images(large, ModelInfo("nld", TODAY, LIMITS, batched=True))  # an older repository says nothing: the model decides
+    with pytest.raises(RequestError, match="only data URLs reach the model"):  # an http URL nobody fetched
+        chat_request(chat(messages=[{"role": "user", "content": [image("http://example.com/a.png")]}]),
+                     ModelInfo("nld", TODAY, VLM, batched=True))
+
+
+def test_tokenize_refuses_image_parts_by_name():
+    req = parse_tokenize(json.dumps({"messages": [{"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                               image()]}]}).encode())
+    with pytest.raises(RequestError, match="counts text only") as e:
+        tokenize_fields(req)
+    assert e.value.param == "messages[0].content[1]"
+
+
+@pytest.mark.parametrize("url, hosts, outcome", [
+    (PNG, (), "data"),
+    ("https://images.example.com/a.png", ("images.example.com",), "http"),
+    ("http://IMAGES.example.com:8080/a.png", ("images.example.com",), "http"),
+    ("https://images.example.com/a.png", (), "started without --allowed-media-domains"),
+    ("https://images.example.com.evil.org/a.png", ("images.example.com",), "'images.example.com.evil.org' is not one"),
+    ("file:///etc/passwd", ("images.example.com",), "never reads local files"),
+    ("ftp://images.example.com/a.png", ("images.example.com",), "got ftp:"),
+    ("/etc/passwd", (), "got '/etc/passwd'"),
+])
+def test_which_image_urls_are_taken_fetched_or_refused(url, hosts, outcome):
+    options = MediaOptions(allowed_domains=hosts)
+    if outcome in ("data", "http"):
+        assert check_url(url, "messages[0].content[0]", options) == outcome
+    else:
+        with pytest.raises(MediaError, match=outcome.replace("(", r"\(")) as e:
+            check_url(url, "messages[0].content[0]", options)
+        assert e.value.param == "messages[0].content[0]"

@@ -12,6 +12,8 @@ from nld_trt.serving.cli import main as serving_main
 from nld_trt.serving.manifest import verify_manifest
 from nld_trt.serving.package import ServingOptions, package_repository
 from nld_trt.serving.protocol import INPUTS, OUTPUTS
+from nld_trt.serving.tokenize import INPUTS as TOKENIZER_INPUTS
+from nld_trt.serving.tokenize import OUTPUTS as TOKENIZER_OUTPUTS
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +23,12 @@ def repo(tiny_dir, tmp_path_factory):
 
 
 def test_layout_and_configs(repo, tiny_dir):
-    assert sorted(p.name for p in repo.iterdir()) == ["nld", "nld_sync"]
+    assert sorted(p.name for p in repo.iterdir()) == ["nld", "nld_sync", "nld_tokenizer"]
+    tokenizer = (repo / "nld_tokenizer" / "config.pbtxt").read_text()
+    assert 'key: "manifest" value { string_value: "../nld/1/manifest.json" }' in tokenizer and "kind: KIND_CPU" in tokenizer
+    assert all(f'name: "{t.name}"' in tokenizer for t in TOKENIZER_INPUTS + TOKENIZER_OUTPUTS)
+    assert "tokenizer_model import TritonPythonModel" in (repo / "nld_tokenizer" / "1" / "model.py").read_text()
+    assert 'key: "tokenizer_model" value { string_value: "nld_tokenizer" }' in (repo / "nld" / "config.pbtxt").read_text()
     for name, decoupled, manifest in (("nld", "true", "1/manifest.json"), ("nld_sync", "false", "../nld/1/manifest.json")):
         config = (repo / name / "config.pbtxt").read_text()
         assert f'name: "{name}"' in config and 'backend: "python"' in config
@@ -86,7 +93,7 @@ def test_package_command(tiny_dir, tmp_path, capsys):
                   "--no-sync-model", "--threads", "1"])
     out = capsys.readouterr().out
     assert "wrote" in out and "nld-trt serve" in out
-    assert [p.name for p in (tmp_path / "r").iterdir()] == ["nld"]
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["nld", "nld_tokenizer"]
     config = (tmp_path / "r" / "nld" / "config.pbtxt").read_text()
     assert "max_batch_size: 2" in config and 'key: "torch_threads" value { string_value: "1" }' in config
     json.loads((tmp_path / "r" / "nld" / "1" / "manifest.json").read_text())

@@ -27,7 +27,7 @@ def run(nld, *prepared: Prepared, timeout: float = 60) -> list[ListSink]:
         assert all(s.done.wait(timeout) for s in sinks)
     finally:
         scheduler.stop()
-    assert nld.executor.free_slots == nld.executor.max_batch
+    assert nld.pages.in_use == 0
     return sinks
 
 
@@ -68,7 +68,10 @@ def test_tensorrt_llm_request_shapes_are_accepted(tiny):
 
 @pytest.mark.parametrize("request_fields, message", [
     (dict(text_input="hi", beam_width=4), r"beam_width is not supported by nld-trt: got 4, only 1 is accepted"),
-    (dict(text_input="hi", bad_words=["bad"]), r"bad_words is not supported by nld-trt: got \['bad'\]"),
+    (dict(text_input="hi", embedding_bias_words=["bad"]), r"embedding_bias_words is not supported by nld-trt: got \['bad'\]"),
+    (dict(text_input="hi", bad_words=["apples"] * 300), "at most 256 bad_words per request"),
+    (dict(text_input="hi", prompt_logprobs=21), r"prompt_logprobs must be an integer in \[0, 20\], got 21"),
+    (dict(text_input="hi", max_tokens=0, prompt_logprobs=-1), r"prompt_logprobs must be an integer in \[0, 20\]"),
     (dict(text_input="hi", repetition_penalty=1.3), "repetition_penalty is not supported by nld-trt: got 1.3"),
     (dict(text_input="hi", frequency_penalty=0.5), "frequency_penalty is not supported"),
     (dict(text_input="hi", return_generation_logits=True), "return_generation_logits is not supported"),
@@ -76,7 +79,6 @@ def test_tensorrt_llm_request_shapes_are_accepted(tiny):
     (dict(text_input="hi", top_k=-2), r"top_k must be an integer in \[0, 512\], got -2"),
     (dict(text_input="hi", top_p=1.5), r"top_p must be a number in \[0, 1\], got 1.5"),
     (dict(text_input="hi", min_p=-1.0), r"min_p must be a number in \[0, 1\], got -1.0"),
-    (dict(text_input="hi", block_length=4294967304), r"block_length must be an integer in \[1, 128\], got 4294967304"),
     (dict(text_input="hi", top_logprobs=3), "top_logprobs needs return_log_probs=true"),
     (dict(text_input="hi", num_return_sequences=0), r"num_return_sequences must be an integer in \[1, 8\], got 0"),
     (dict(text_input="hi", stop_token_ids=[99999]), r"stop_token_ids must be a token id in \[0, 512\)"),
@@ -101,6 +103,9 @@ def test_bad_fields_are_named(tiny, request_fields, message):
     ({"temperature": "hot"}, "temperature must be a number, got 'hot'"),
     ({"chat": "maybe"}, "chat must be true or false, got 'maybe'"),
     ({"max_tokens": 4294967312}, r"max_tokens must be an integer in \[1, 2147483647\], got 4294967312"),
+    ({"block_length": 4294967304}, r"block_length must be an integer in \[1, 128\], got 4294967304"),
+    ({"bad_words_list": [[5, 6], [3, -1]]}, r"bad_words_list: the offsets \(row 1\) must rise within the 2 ids"),
+    ({"bad_words_list": [[5, 6]]}, r"bad_words_list must be \[\[token ids...\], \[end offsets...\]\]"),
 ])
 def test_bad_request_parameters_are_named(tiny, parameters, message):
     with pytest.raises(GenerationError, match=message):
@@ -226,3 +231,40 @@ def test_a_sender_that_falls_behind_merges_a_sequences_waiting_deltas(tiny):
     assert slow.ids() == want.token_ids and "".join(u.text for u in slow.updates) == want.text
     assert len(slow.updates) < len(want.token_ids) / 2  # merged: far fewer responses than ar steps
     assert [u.num_tokens for u in slow.updates] == sorted(u.num_tokens for u in slow.updates)
+
+
+def test_bad_words_strings_and_the_trtllm_ids_form_become_the_same_words(tiny):
+    ids = tiny.tokenizer.encode("apples", add_special_tokens=False)
+    listed = np.array([[ids + [7, 8], [len(ids), len(ids) + 2] + [-1] * len(ids)]], dtype=np.int32)  # [1, 2, N]
+    p = prepare(tiny, gather({"text_input": np.array([[b"hi"]], dtype=object), "bad_words_list": listed,
+                              "bad_words": np.array([[b"apples", b""]], dtype=object)}, None), LIMITS)
+    assert p.params.bad_words == (tuple(ids), tuple(ids), (7, 8))
+    with pytest.raises(GenerationError, match=r"bad_words_list must hold one \[2, N\] list per request"):
+        prepare(tiny, gather({"text_input": np.array([[b"hi"]], dtype=object),
+                              "bad_words_list": np.concatenate([listed, listed])}, None), LIMITS)
+
+
+def test_prompt_logprobs_go_out_with_each_sequences_first_response(tiny):
+    ids = [1, 40, 41, 42, 7]
+    p = prepare(tiny, fields(input_ids=ids, max_tokens=4, prompt_logprobs=2, stream=True, num_return_sequences=2,
+                             temperature=1.0), LIMITS)
+    sink, = run(tiny, p)
+    firsts = {}
+    for u in sink.updates:
+        if u.prompt_logprobs is not None:
+            assert u.sequence_index not in firsts  # once per sequence
+            firsts[u.sequence_index] = u.prompt_logprobs
+    want = tiny.generate(ids, max_new_tokens=1, prompt_logprobs=2).prompt_logprobs
+    assert sorted(firsts) == [0, 1] and firsts[0] == firsts[1]
+    entries = firsts[0]
+    assert entries[0]["logprob"] is None and entries[0]["token_id"] == ids[0]
+    assert [e["token_id"] for e in entries] == ids
+    assert [e["logprob"] for e in entries[1:]] == pytest.approx([lp.logprob for lp in want[1:]])
+    assert [e["rank"] for e in entries[1:]] == [lp.rank for lp in want[1:]]
+    assert [[t["token_id"] for t in e["top_logprobs"]] for e in entries[1:]] == [[t for t, _ in lp.top] for lp in want[1:]]
+
+
+def test_max_tokens_zero_scores_the_prompt_and_finishes(tiny):
+    sink, = run(tiny, prepare(tiny, fields(text_input=PROMPT, max_tokens=0, prompt_logprobs=0), LIMITS))
+    u, = sink.updates
+    assert u.final and u.finish_reason == "length" and u.token_ids == [] and len(u.prompt_logprobs) == u.num_input_tokens

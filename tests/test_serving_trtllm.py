@@ -1,6 +1,7 @@
 """A real tritonserver answering requests shaped exactly as TensorRT-LLM's own Triton clients send them
-(its end_to_end_grpc_client.py tensors, its documented `generate` bodies), the sampling controls over the
-wire, and a bad request racing good ones."""
+(its end_to_end_grpc_client.py tensors, `--bad-words` included, its documented `generate` bodies, its
+tensorrt_llm model's `bad_words_list`), the sampling controls over the wire, the served models' input types,
+and a bad request racing good ones."""
 
 from __future__ import annotations
 
@@ -104,7 +105,7 @@ def test_tensorrt_llms_documented_generate_bodies(tiny, server):
 
 @pytest.mark.parametrize("body, message", [
     ({"beam_width": 2}, "beam_width is not supported by nld-trt: got 2, only 1 is accepted"),
-    ({"bad_words": ["apples"]}, "bad_words is not supported by nld-trt"),
+    ({"embedding_bias_words": ["apples"]}, "embedding_bias_words is not supported by nld-trt"),
     ({"max_token": 8}, "unknown request parameter 'max_token': the known ones are"),
     ({"top_p": 1.5}, "top_p must be a number in [0, 1], got 1.5"),
     ({"stop_token_ids": [999999]}, "stop_token_ids must be a token id in [0, 512)"),
@@ -189,3 +190,107 @@ def test_a_client_that_keeps_its_streams_reuses_them_and_cancels_one_request_alo
         again = grpc.generate(text_input=PROMPT, mode="linear_spec", max_tokens=30, block_length=4)
     assert first.token_ids == again.token_ids == want.token_ids
     # the module's server fixture then checks that the server stops cleanly
+
+
+def word_in(tiny, ids: list[int]) -> str:
+    """A word the output holds, as text that encodes back to its own tokens (two tokens if possible)."""
+    for n in (2, 1):
+        for i in range(len(ids) - n + 1):
+            text = tiny.tokenizer.decode(ids[i : i + n])
+            if text.strip() and "\ufffd" not in text and tiny.tokenizer.encode(text, add_special_tokens=False) == ids[i : i + n]:
+                return text
+    raise AssertionError(f"no re-encodable word in {ids}")
+
+
+def banned(tiny, ids: list[int], word: str) -> bool:
+    """Whether the token ids contain the word's tokens (as TensorRT-LLM encodes a bad word)."""
+    w = tiny.tokenizer.encode(word, add_special_tokens=False)
+    return any(ids[i : i + len(w)] == w for i in range(len(ids) - len(w) + 1))
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_tensorrt_llms_grpc_client_bad_words_request_works_unchanged(tiny, server, streaming):
+    """end_to_end_grpc_client.py --bad-words W...: a [1, N] BYTES tensor of the words."""
+    free = tiny.generate(PROMPT, max_new_tokens=16)
+    words = [word_in(tiny, free.token_ids), "apples"]
+    assert banned(tiny, free.token_ids, words[0])
+    inputs = trtllm_inputs(PROMPT, 16, streaming, bad_words=np.array([words], dtype=object),
+                           exclude_input_in_output=np.array([[True]], dtype=bool))
+    results = stream_infer(server.grpc_url, "nld", inputs, ["text_output"])
+    assert results and not any(isinstance(r, InferenceServerException) for r in results), results
+    text = "".join(r.as_numpy("text_output")[0].decode("utf-8") for r in results)
+    want = tiny.generate(PROMPT, max_new_tokens=16, bad_words=words)
+    assert text == want.text and not banned(tiny, want.token_ids, words[0]) and want.token_ids != free.token_ids
+
+
+def test_tensorrt_llms_documented_bad_words_and_stop_words_body(tiny, server):
+    """Its README's `generate` body with bad_words and stop_words lists, the model name changed."""
+    body = {"text_input": "What is machine learning?", "max_tokens": 20, "bad_words": ["intelligence", "model"],
+            "stop_words": ["focuses", "learn"], "pad_id": 2, "end_id": 2}
+    want = tiny.generate("What is machine learning?", max_new_tokens=20, bad_words=["intelligence", "model"],
+                         stop=["focuses", "learn"], eos_token_ids=(2,))
+    assert http_generate(server.http_url, **body).text == want.text
+    free = tiny.generate("What is machine learning?", max_new_tokens=20, eos_token_ids=(2,))
+    word = word_in(tiny, free.token_ids)
+    assert banned(tiny, free.token_ids, word)
+    got = http_generate(server.http_url, **{**body, "bad_words": [word]}, exclude_input_in_output=True)
+    assert not banned(tiny, got.token_ids, word) and got.token_ids != free.token_ids[: len(got.token_ids)]
+
+
+def test_the_tensorrt_llm_models_bad_words_list_form(tiny, server):
+    """The [2, N] ids form TensorRT-LLM's preprocessing hands its tensorrt_llm model: ids, then end offsets."""
+    free = tiny.generate(PROMPT, max_new_tokens=12)
+    a, b = free.token_ids[1:3], free.token_ids[5:6]
+    listed = np.array([[a + b, [2, 3, -1]]], dtype=np.int32)  # words a (2 tokens) and b (1 token)
+    got = GrpcClient(server.grpc_url).infer(text_input=PROMPT, max_tokens=12, bad_words_list=listed[0].tolist())
+    want = tiny.generate(PROMPT, max_new_tokens=12, bad_words=[a, b])
+    assert got.token_ids == want.token_ids and got.token_ids != free.token_ids
+
+
+def test_every_integer_input_is_int32_as_tensorrt_llms_and_seeds_are_uint64(server):
+    """The served model's metadata: one integer convention (INT32, TensorRT-LLM's), except what TensorRT-LLM
+    itself declares otherwise: UINT64 (seeds, prompt_table_extra_id, lora_task_id), and its multimodal ensemble's
+    UINT8 image pixels and INT64 image sizes."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    uint64 = {"seed", "random_seed", "prompt_table_extra_id", "lora_task_id"}
+    images = {"image_bytes_input": "UINT8", "image_sizes_input": "INT64"}
+    for model in ("nld", "nld_sync", "nld_tokenizer"):
+        types = {i["name"]: i["datatype"] for i in client.get_model_metadata(model, as_json=True)["inputs"]}
+        integers = {n: t for n, t in types.items() if t.startswith(("INT", "UINT"))}
+        assert {n for n, t in integers.items() if t == "UINT64"} == (uint64 if model != "nld_tokenizer" else set())
+        assert {n: integers[n] for n in images if n in integers} == (images if model != "nld_tokenizer" else {})
+        assert all(t == "INT32" for n, t in integers.items() if n not in uint64 and n not in images), integers
+        if model == "nld":  # the ones that were INT64 before, and TensorRT-LLM's own
+            assert {"block_length", "steps_per_block", "max_thinking_tokens", "top_logprobs", "stop_token_ids",
+                    "input_ids", "prompt_logprobs", "bad_words_list", "max_tokens", "top_k"} <= set(integers)
+
+
+def test_a_tensor_of_another_integer_type_is_refused_by_triton_itself(server):
+    """A client still sending INT64 for block_length gets Triton's own type error; as a request parameter (JSON,
+    any integer width) the same value works."""
+    client = grpcclient.InferenceServerClient(server.grpc_url)
+    text = grpcclient.InferInput("text_input", [1, 1], "BYTES")
+    text.set_data_from_numpy(np.array([[PROMPT.encode()]], dtype=object))
+    block = grpcclient.InferInput("block_length", [1, 1], "INT64")
+    block.set_data_from_numpy(np.array([[4]], dtype=np.int64))
+    with pytest.raises(InferenceServerException, match="'block_length' data-type is 'INT64', but model 'nld_sync' expects 'INT32'"):
+        client.infer("nld_sync", [text, block])
+    ok = client.infer("nld_sync", [text], parameters={"block_length": 4, "mode": "dlm", "max_tokens": 4})
+    assert ok.as_numpy("text_output") is not None
+
+
+def test_the_tokenizer_model_answers_http_generate(tiny, server):
+    """The README's curl: `nld_tokenizer` over Triton's HTTP generate (tokenize, detokenize)."""
+    import urllib.request
+
+    def generate(body):
+        request = urllib.request.Request(f"http://{server.http_url}/v2/models/nld_tokenizer/generate",
+                                         data=json.dumps(body).encode())
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return json.loads(r.read())
+
+    out = generate({"text_input": PROMPT})
+    assert out["token_ids"] == tiny.tokenizer.encode(PROMPT)
+    assert json.loads(out["tokenizer_info"])["eos_token"] == tiny.tokenizer.special_token("eos_token")
+    assert generate({"input_ids": out["token_ids"]})["text_output"] == tiny.tokenizer.decode(out["token_ids"],
+                                                                                          skip_special_tokens=False)

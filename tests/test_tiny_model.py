@@ -112,6 +112,6 @@ def test_the_demo_conversation_is_answered_right_in_every_mode(model):
         messages = []
         for question, gold in DEMO_CONVERSATION:
             messages.append({"role": "user", "content": question})
-            r = model.generate(model.tokenizer.encode_chat(messages), mode=mode, max_new_tokens=64)
+            r = model.generate(messages, mode=mode, max_new_tokens=64)
             assert extract_answer(r.text) == gold, (mode, messages, r.text)
             messages.append({"role": "assistant", "content": r.text})

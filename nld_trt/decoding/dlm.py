@@ -20,7 +20,8 @@ from __future__ import annotations
 import torch
 
 from ..executors.base import Chunk
-from .select import dlm_fill
+from .bad_words import tail
+from .select import candidates, dlm_fill, law
 from .sequence import Sequence
 
 
@@ -79,6 +80,22 @@ class DLMSequence(Sequence):
         self.append(self.block[1:].tolist(), laws)
         self.committing = not self.done
 
+    def _without_conflicts(self, fill: torch.Tensor, tokens: torch.Tensor, conf: torch.Tensor) -> torch.Tensor:
+        """The fills of this pass minus those that would complete a banned word together with another fill of
+        the same pass (kept in confidence order; the most confident is always kept)."""
+        rows = fill.nonzero()[:, 0].tolist()
+        if len(rows) < 2:
+            return fill
+        before = tail(self.prompt, self.out, self.bad_words.reach + 1)[:-1]
+        known = before + [None if t == self.mask_id else t for t in self.block.tolist()]
+        order = sorted(range(len(rows)), key=lambda i: -float(conf[rows[i]]))
+        keep = self.bad_words.drop_conflicts(known, [len(before) + 1 + j for j in rows],
+                                             [int(tokens[j]) for j in rows], order)
+        out = fill.clone()
+        for i, j in enumerate(rows):
+            out[j] = keep[i]
+        return out
+
     @property
     def chunk_length(self) -> int:
         return self.block_len
@@ -97,15 +114,17 @@ class DLMSequence(Sequence):
             self._begin_block(logits[b - 1])
             return b
         self.passes += 1
-        rows = self.align(logits)
-        tokens, conf = self.draw(rows, self.block_start + 1)
+        rows = self.shaped(self.align(logits), self.block_start + 1, self.block, causal=False)
+        tokens, conf = candidates(rows, self.sampling, self.generator)
         masked = ~self.fixed[1:]
         fill = dlm_fill(masked, conf, self.fill_threshold,
                         fill_all=self.passes >= min(self.params.steps_per_block, self.block_len))
+        if self.bad_words.multi:
+            fill = self._without_conflicts(fill, tokens, conf)
         self.block[1:][fill] = tokens[fill]
         self.fixed[1:] |= fill
         if self.params.logprobs:
-            pass_laws = self.law(rows, self.block_start + 1).cpu()
+            pass_laws = law(rows, self.sampling).cpu()
             for j in fill.nonzero()[:, 0].tolist():
                 self.laws[j + 1] = pass_laws[j]
         end = self.params.end_think_token_id

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from ..executors.base import Chunk
-from .select import accept_greedy, accept_speculative
+from .select import accept_greedy, accept_speculative, candidates, law
 from .sequence import Sequence
 
 
@@ -72,11 +72,12 @@ class LinearSpecSequence(Sequence):
 
     def _draft_pass(self, logits: torch.Tensor) -> None:
         self.passes += 1
-        rows = self.align(logits)  # about chunk positions 1..B-1, output indices len(out)..
         first = len(self.out)
-        tokens, conf = self.draw(rows, first)
+        # about chunk positions 1..B-1, output indices len(out)..; bad words see the filled draft positions
+        rows = self.shaped(self.align(logits), first, self.draft, causal=False)
+        tokens, conf = candidates(rows, self.sampling, self.generator)
         if not self.sampling.greedy:
-            q = self.law(rows, first)  # the law the candidates were drawn from
+            q = law(rows, self.sampling)  # the law the candidates were drawn from
             conf = q.max(-1).values if self._speculative else q.gather(-1, tokens[:, None])[:, 0]
         masked = ~self.drafted[1:]
         threshold, repeat = self.params.threshold, self.params.draft == "repeat"
@@ -102,13 +103,15 @@ class LinearSpecSequence(Sequence):
 
     def _verify(self, logits: torch.Tensor) -> int:
         first = len(self.out)  # output index of the verifier's token after draft[0]
+        # row j: the token after draft[0..j], banned words seen through the draft tokens before it only
+        rows = self.shaped(logits, first, self.draft, causal=True)
         if self._speculative:
-            p = self.law(logits, first)
+            p = law(rows, self.sampling)
             accepted = accept_speculative(self.draft, self.drafted, self.p_draft, p, self.generator, self.order)
         else:
-            a = self.draw(logits, first)[0].cpu()
+            a = candidates(rows, self.sampling, self.generator)[0].cpu()
             accepted = a[: accept_greedy(self.draft, a) + 1].tolist()
-            p = self.law(logits, first) if self.params.logprobs else None
+            p = law(rows, self.sampling) if self.params.logprobs else None
         self.matches = len(accepted) - 1  # drafts the verifier accepted, for acceptance estimates
         m = self.params.max_thinking_tokens
         forced = None

@@ -25,6 +25,8 @@ MAX_TOP_LOGPROBS = 20  # as the OpenAI API
 MAX_STOPS = 32  # stop strings and stop token ids per request
 MAX_STOP_CHARS = 512
 MAX_TEMPERATURE = 100.0
+MAX_BAD_WORDS = 256  # banned words per request
+MAX_BAD_WORD_TOKENS = 64  # tokens per banned word
 
 
 @dataclass(frozen=True)
@@ -51,6 +53,10 @@ class GenerationParams:
     acceptance: str = "speculative"  # linear_spec at temperature > 0: "speculative" or "official"
     draft: str = "repeat"  # linear_spec with threshold > 0: "repeat" passes until no MASK is left, or "once"
     allow_lossy: bool = False  # auto may also choose dlm (not lossless)
+    # None: not asked; N >= 0: each prompt token's log-probability (from the causal prefill pass) and the N most
+    # likely alternatives; the first token has none. With it, max_new_tokens may be 0 (score the prompt only).
+    prompt_logprobs: int | None = None
+    bad_words: tuple[tuple[int, ...], ...] = ()  # token-id words no output may complete (decoding/bad_words.py)
 
     def resolved(self, config: NLDConfig) -> GenerationParams:
         """Defaults filled in from the checkpoint and the mode; list fields become tuples."""
@@ -64,6 +70,7 @@ class GenerationParams:
             eos_token_ids=_tuple(self.eos_token_ids) if self.eos_token_ids is not None else config.eos_token_ids,
             stop=(self.stop,) if isinstance(self.stop, str) else _tuple(self.stop),
             stop_token_ids=_tuple(self.stop_token_ids),
+            bad_words=tuple(_tuple(w) for w in _tuple(self.bad_words)),
         )
 
     @property
@@ -74,7 +81,10 @@ class GenerationParams:
         """Raise GenerationError naming the bad parameter. Call on `resolved()` parameters."""
         if self.mode not in MODES:
             raise GenerationError(f"unknown mode {self.mode!r}: choose one of {', '.join(MODES)}")
-        _integer("max_new_tokens", self.max_new_tokens, 1, MAX_INT32)
+        if self.prompt_logprobs is not None:
+            _integer("prompt_logprobs", self.prompt_logprobs, 0, MAX_TOP_LOGPROBS)
+        # scoring the prompt alone (prompt_logprobs) needs no new token
+        _integer("max_new_tokens", self.max_new_tokens, 0 if self.prompt_logprobs is not None else 1, MAX_INT32)
         _integer("block_length", self.block_length, 1, max_block)
         _real("threshold", self.threshold, 0.0, 1.0)
         _real("temperature", self.temperature, 0.0, MAX_TEMPERATURE)
@@ -106,6 +116,14 @@ class GenerationParams:
         _integer("top_logprobs", self.top_logprobs, 0, MAX_TOP_LOGPROBS)
         if self.top_logprobs and not self.logprobs:
             raise GenerationError("top_logprobs needs logprobs=true")
+        if len(self.bad_words) > MAX_BAD_WORDS:
+            raise GenerationError(f"at most {MAX_BAD_WORDS} bad_words per request, got {len(self.bad_words)}")
+        for word in self.bad_words:
+            if not isinstance(word, tuple) or not 1 <= len(word) <= MAX_BAD_WORD_TOKENS:
+                raise GenerationError(f"bad_words must be non-empty token-id sequences of at most {MAX_BAD_WORD_TOKENS} "
+                                      f"tokens, got {word!r}")
+            for t in word:
+                _check_id("bad_words", t, config)
         if (self.max_thinking_tokens is None) != (self.end_think_token_id is None):
             raise GenerationError("a thinking budget needs both max_thinking_tokens and end_think_token_id")
         if self.max_thinking_tokens is not None:

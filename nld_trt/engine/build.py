@@ -3,7 +3,10 @@
 
 Output layout: engine.json (what was built, limits, verification results), config.json and the tokenizer
 files of the checkpoint, model.onnx (+ model.onnx.data, the weights as external data) in the requested
-dtype, and nld.plan when TensorRT built it.
+dtype, and nld.plan when TensorRT built it. A vision-language checkpoint adds its vision encoder (tower +
+projector) as its own graph, vision.onnx (dynamic image size, nld_trt/vision/onnx_export.py), verified under
+ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan. (The text graph has no input for
+the image rows yet: engine builds serve text prompts until it does.)
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import torch
 from ..checkpoint import ENGINE_FILE, check_model_dir
 from ..errors import NLDError
 from ..fileutil import atomic_directory
+from ..kv.layout import DEFAULT_PAGE_SIZE
 
 GRAPH_FILE = "model.onnx"
 PLAN_FILE = "nld.plan"
+VISION_PLAN_FILE = "vision.plan"
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
-                "chat_template.jinja", "hf_quant_config.json")
+                "chat_template.jinja", "hf_quant_config.json", "preprocessor_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
 VERIFY_PROMPTS = [[1, 5, 17, 33, 40, 41, 60], [1, 90, 91], [1, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]]
 
@@ -44,6 +49,8 @@ class BuildOptions:
     max_batch: int = 8
     max_seq_len: int = 2048
     max_block: int = 32
+    page_size: int = DEFAULT_PAGE_SIZE  # KV-cache positions per page
+    kv_cache_tokens: int | None = None  # the TensorRT plan's page pool (default max_batch x max_seq_len positions)
     dtype: str = "bf16"
     onnx_only: bool = False
     verify: bool = True
@@ -62,14 +69,15 @@ class BuildReport:
     limits: dict
     verification: dict = field(default_factory=dict)
     plan: str | None = None
+    vision: dict | None = None  # a VLM's vision encoder graph: file, dtype, verification, plan
     seconds: float = 0.0
 
 
-def export_to(directory: Path, model, dtype: torch.dtype, name: str = GRAPH_FILE) -> Path:
+def export_to(directory: Path, model, dtype: torch.dtype, page_size: int, name: str = GRAPH_FILE) -> Path:
     """Write the graph with its weights as external data (graphs beyond 2 GB) and check it."""
     from .onnx_graph import export_graph
 
-    proto = export_graph(model, dtype)
+    proto = export_graph(model, dtype, page_size)
     path = directory / name
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                      location=name + ".data", size_threshold=1024)
@@ -77,13 +85,13 @@ def export_to(directory: Path, model, dtype: torch.dtype, name: str = GRAPH_FILE
     return path
 
 
-def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None]) -> dict:
+def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None], page_size: int) -> dict:
     """Greedy tokens of every mode through ONNX Runtime equal the PyTorch executor's."""
     from ..decoding import SEQUENCE_TYPES, GenerationParams, run
     from ..executors.onnx_executor import OnnxExecutor
 
     limits = dict(max_batch=len(VERIFY_PROMPTS), max_seq_len=256, max_chunk=nld.executor.max_chunk)
-    ort_ex = OnnxExecutor(graph, nld.config, has_lora=nld.executor.has_lora, **limits)
+    ort_ex = OnnxExecutor(graph, nld.config, has_lora=nld.executor.has_lora, page_size=page_size, **limits)
     vocab = nld.config.vocab_size
     prompts = [[t % vocab for t in p] for p in VERIFY_PROMPTS]
     results = {}
@@ -102,41 +110,75 @@ def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None])
     return results
 
 
+def build_vision_graph(nld, directory: Path, dtype: torch.dtype, options: BuildOptions,
+                       progress: Callable[[str], None]) -> dict:
+    """Step 1-2 for a VLM's vision encoder: its own graph in `dtype`, verified (through its float32 twin where
+    `dtype` is not float32) under ONNX Runtime against the PyTorch encoder."""
+    from ..vision.onnx_export import VISION_GRAPH, export_vision_graph, verify_vision_graph
+
+    encoder = nld.image_encoder.encoder
+    progress(f"step 1/3: export the vision encoder's {options.dtype} graph (dynamic image size)")
+    graph = export_vision_graph(encoder, directory, dtype)
+    proto = onnx.load(str(graph), load_external_data=False)
+    vision = {"graph": VISION_GRAPH, "dtype": options.dtype, "nodes": len(proto.graph.node),
+              "inputs": ["pixel_values [1, 3, H, W]"], "outputs": ["image_rows [H/28 * W/28, hidden]"]}
+    if options.verify:
+        progress("step 2/3: verify the vision graph with ONNX Runtime against the PyTorch encoder")
+        if dtype == torch.float32:
+            vision["verification"] = verify_vision_graph(graph, encoder, progress)
+        else:
+            scratch = directory / ".verify-vision"
+            scratch.mkdir()
+            vision["verification"] = verify_vision_graph(export_vision_graph(encoder, scratch, torch.float32),
+                                                         encoder, progress)
+            vision["verification"]["graph"] = f"float32 twin of the {options.dtype} graph"
+            shutil.rmtree(scratch)
+    return vision
+
+
 def build(options: BuildOptions, progress: Callable[[str], None] = print) -> BuildReport:
     from ..runtime import load
 
     start = time.perf_counter()
     if options.dtype not in DTYPES:
         raise NLDError(f"unknown dtype {options.dtype!r}: use one of {', '.join(DTYPES)}")
-    for name in ("max_batch", "max_seq_len", "max_block"):
+    for name in ("max_batch", "max_seq_len", "max_block", "page_size"):
         if getattr(options, name) < 1:
             raise NLDError(f"--{name.replace('_', '-')} must be a positive integer")
+    kv_tokens = options.kv_cache_tokens or options.max_batch * options.max_seq_len
+    if -(-kv_tokens // options.page_size) < -(-options.max_seq_len // options.page_size):
+        raise NLDError(f"--kv-cache-tokens {kv_tokens} holds fewer pages than one sequence of --max-seq-len "
+                       f"{options.max_seq_len} needs")
     check_model_dir(options.checkpoint)
     progress(f"load {options.checkpoint}")
-    nld = load(options.checkpoint, max_batch=len(VERIFY_PROMPTS), max_seq_len=256, dtype="float32")
+    nld = load(options.checkpoint, max_batch=len(VERIFY_PROMPTS), max_seq_len=256, dtype="float32",
+               page_size=options.page_size)
     dtype = DTYPES[options.dtype]
     with atomic_directory(options.output, overwrite=options.overwrite) as tmp:
         progress(f"step 1/3: export the {options.dtype} graph")
-        graph = export_to(tmp, nld.model, dtype)
+        graph = export_to(tmp, nld.model, dtype, options.page_size)
         proto = onnx.load(str(graph), load_external_data=False)
         custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
         report = BuildReport(
             graph=GRAPH_FILE, dtype=options.dtype, nodes=len(proto.graph.node), custom_nodes=custom,
             quantization=(nld.config.quantization_config or {}).get("quant_algo"),
             has_lora=nld.executor.has_lora,
-            limits={"max_batch": options.max_batch, "max_seq_len": options.max_seq_len, "max_block": options.max_block},
+            limits={"max_batch": options.max_batch, "max_seq_len": options.max_seq_len, "max_block": options.max_block,
+                    "page_size": options.page_size, "kv_cache_tokens": kv_tokens},
         )
         if options.verify:
             progress("step 2/3: verify the graph with ONNX Runtime against the PyTorch executor")
             if dtype == torch.float32:
-                report.verification = verify_graph(nld, graph, options.verify_tokens, progress)
+                report.verification = verify_graph(nld, graph, options.verify_tokens, progress, options.page_size)
             else:  # ONNX Runtime on CPU runs float32: verify the same builder's float32 graph
                 scratch = tmp / ".verify"
                 scratch.mkdir()
-                report.verification = verify_graph(nld, export_to(scratch, nld.model, torch.float32),
-                                                   options.verify_tokens, progress)
+                report.verification = verify_graph(nld, export_to(scratch, nld.model, torch.float32, options.page_size),
+                                                   options.verify_tokens, progress, options.page_size)
                 report.verification["graph"] = f"float32 twin of the {options.dtype} graph"
                 shutil.rmtree(scratch)
+        if nld.vlm is not None:
+            report.vision = build_vision_graph(nld, tmp, dtype, options, progress)
         for name in COPIED_FILES:
             if (options.checkpoint / name).is_file():
                 shutil.copy2(options.checkpoint / name, tmp / name)
@@ -146,10 +188,16 @@ def build(options: BuildOptions, progress: Callable[[str], None] = print) -> Bui
 
             if tensorrt_available():
                 progress("step 3/3: build the TensorRT plan")
-                from .trt_build import build_plan
+                from .trt_build import build_plan, build_vision_plan
 
                 build_plan(tmp / GRAPH_FILE, tmp / PLAN_FILE, options, progress)
                 report.plan = PLAN_FILE
+                if report.vision is not None:
+                    progress("step 3/3: build the vision encoder's TensorRT plan")
+                    processor = nld.prompts.processor.config
+                    build_vision_plan(tmp / report.vision["graph"], tmp / VISION_PLAN_FILE, processor.longest_edge,
+                                      processor.cell, progress)
+                    report.vision["plan"] = VISION_PLAN_FILE
             else:
                 tensorrt_message = TENSORRT_MISSING.format(graph=options.output / GRAPH_FILE, output=options.output)
         report.seconds = round(time.perf_counter() - start, 2)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from ..config import NLDConfig
 from ..errors import NLDError
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .build import ENGINE_FILE, GRAPH_FILE, PLAN_FILE
 
 
@@ -14,9 +15,18 @@ def is_engine_dir(path: Path) -> bool:
     return (path / ENGINE_FILE).is_file()
 
 
-def open_engine(path: Path, config: NLDConfig, device: str, max_batch: int, max_seq_len: int, max_chunk: int):
+def open_engine(path: Path, config: NLDConfig, device: str, max_batch: int, max_seq_len: int, max_chunk: int,
+                kv_cache_tokens: int | None = None, kv_cache_gb: float | None = None, page_size: int | None = None):
+    """The engine's executor. Its KV pages have the build's page size; a TensorRT plan also fixed the pool's
+    size at build, ONNX Runtime takes `kv_cache_tokens` / `kv_cache_gb` (default max_batch x max_seq_len)."""
     report = json.loads((path / ENGINE_FILE).read_text())
     limits = report["limits"]
+    built = limits.get("page_size")
+    if built is None:
+        raise NLDError(f"{path} was built for KV-cache slots by an older nld-trt: rebuild it (nld-trt build) for pages")
+    if page_size is not None and page_size != built and page_size != DEFAULT_PAGE_SIZE:
+        raise NLDError(f"{path} was built with KV pages of {built} positions, not {page_size}: leave --page-size "
+                       "out (an engine keeps its build's) or rebuild it")
     if device.startswith("cuda"):
         if not report.get("plan"):
             raise NLDError(f"{path} holds no TensorRT plan: build it on a GPU host with TensorRT (nld-trt build)")
@@ -33,4 +43,5 @@ def open_engine(path: Path, config: NLDConfig, device: str, max_batch: int, max_
         )
     return OnnxExecutor(path / GRAPH_FILE, config, min(max_batch, limits["max_batch"]),
                         min(max_seq_len, limits["max_seq_len"]), min(max_chunk, limits["max_block"]),
-                        has_lora=report["has_lora"])
+                        has_lora=report["has_lora"], page_size=built, kv_cache_tokens=kv_cache_tokens,
+                        kv_cache_gb=kv_cache_gb)

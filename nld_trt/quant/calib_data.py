@@ -8,6 +8,11 @@ checkpoint has one) or a partly masked `dlm` block. `block_mix` is the share of 
 
 Each pass is cache-free, batch 1 (no padding rows to skew activation ranges), with the exact mask a cached
 pass would see, built by `nld_trt.attention.chunk_attention_mask`.
+
+A vision-language checkpoint is also calibrated on image prompts (`image_passes`): a user turn with an image
+and a question, its image rows (the projector's output, which can be far from text embeddings in range) at
+the pad positions, then an answer; causal passes and draft passes after the image. The images are the
+user's (`--calib-images DIR`) or built-in synthetic pictures of coloured shapes whose answers describe them.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
@@ -192,6 +197,17 @@ class CalibPass:
     tokens: tuple[int, ...]
     context: int  # causal prefix length; the chunk is the rest
     lora: bool = False
+    # image prompts: (positions, rows [n, hidden]) replacing those positions' token embeddings
+    embeds: tuple[tuple[int, ...], torch.Tensor] | None = field(default=None, compare=False, repr=False)
+
+    def embedded(self, model, tokens: torch.Tensor) -> torch.Tensor | None:
+        """The pass's input embeddings when it has image rows (None: the model embeds the tokens itself)."""
+        if self.embeds is None:
+            return None
+        x = model.embed(tokens).clone()
+        positions, rows = self.embeds
+        x[0, list(positions)] = rows.to(x.device, x.dtype)
+        return x
 
     def inputs(self, device: str | torch.device = "cpu"):
         """(tokens, positions, mask, lora_rows) for NLDModel.forward."""
@@ -240,4 +256,95 @@ def build_passes(
             for k in hidden:
                 chunk[k] = mask_id
         passes.append(CalibPass(kind, tuple(full[:s] + chunk), s, lora and kind == "draft"))
+    return passes
+
+
+# Images (vision-language checkpoints) ------------------------------------------------------------------
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 70), "blue": (40, 80, 220), "yellow": (240, 210, 40),
+           "purple": (140, 60, 170), "orange": (245, 140, 30), "white": (250, 250, 250), "black": (15, 15, 15)}
+SHAPES = ("circle", "square", "triangle")
+SIZES = ((224, 224), (336, 224), (224, 308), (280, 280), (392, 252))
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    image: object  # a PIL image or a file path
+    question: str
+    answer: str
+
+
+def synthetic_images(n: int, seed: int = CALIB_SEED) -> list[ImageRecord]:
+    """Seeded pictures of one to three coloured shapes on a plain background, each with a question and an
+    answer that describes it (so the answer tokens follow the image as a real answer would)."""
+    from PIL import Image, ImageDraw
+
+    rng = random.Random(seed)
+    names = list(COLOURS)
+    out = []
+    for i in range(n):
+        w, h = SIZES[i % len(SIZES)]
+        background = rng.choice(names)
+        image = Image.new("RGB", (w, h), COLOURS[background])
+        draw = ImageDraw.Draw(image)
+        said = []
+        for _ in range(rng.randint(1, 3)):
+            colour = rng.choice([c for c in names if c != background])
+            shape = rng.choice(SHAPES)
+            r = rng.randint(min(w, h) // 8, min(w, h) // 4)
+            x, y = rng.randint(r, w - r), rng.randint(r, h - r)
+            box = (x - r, y - r, x + r, y + r)
+            if shape == "circle":
+                draw.ellipse(box, fill=COLOURS[colour])
+            elif shape == "square":
+                draw.rectangle(box, fill=COLOURS[colour])
+            else:
+                draw.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=COLOURS[colour])
+            said.append(f"a {colour} {shape}")
+        shapes = said[0] if len(said) == 1 else ", ".join(said[:-1]) + " and " + said[-1]
+        question = rng.choice(("Describe this image.", "What do you see in the picture?",
+                               "Which shapes and colours are in this image?"))
+        out.append(ImageRecord(image, question, f"The image shows {shapes} on a {background} background."))
+    return out
+
+
+def image_records(n: int, directory: str | Path | None = None) -> list[ImageRecord]:
+    """`n` image records: the directory's images (cycled, each asked to be described), or synthetic ones."""
+    if directory is None:
+        return synthetic_images(n)
+    root = Path(directory)
+    if not root.is_dir():
+        raise QuantizationError(f"--calib-images {root} is not a directory")
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    if not files:
+        raise QuantizationError(f"--calib-images {root} holds no image ({', '.join(IMAGE_EXTENSIONS)})")
+    return [ImageRecord(files[i % len(files)], "Describe this image.", "The image shows") for i in range(n)]
+
+
+def image_passes(
+    prompts: list[tuple[list[int], list[int], torch.Tensor, list[int]]],
+    size: int,
+    seq_len: int,
+    block_mix: float,
+    block_length: int,
+    mask_id: int,
+    lora: bool,
+    seed: int = 0,
+) -> list[CalibPass]:
+    """`size` passes over image prompts: (prompt ids, pad positions, image rows, answer ids) each. Causal
+    passes over prompt + answer, and round(size * block_mix) draft passes right after the image's prompt."""
+    rng = random.Random(seed + 1)
+    n_block = round(size * block_mix)
+    passes = []
+    for i in range(size):
+        ids, pads, rows, answer = prompts[i % len(prompts)]
+        full = (ids + answer)[:seq_len]
+        keep = [k for k, p in enumerate(pads) if p < len(full)]
+        embeds = (tuple(pads[k] for k in keep), rows[keep])
+        if i < size - n_block or len(full) <= len(ids) or len(ids) + block_length > seq_len:
+            passes.append(CalibPass("causal", tuple(full), 0, embeds=embeds))
+            continue
+        s = rng.randint(len(ids), min(len(ids + answer), seq_len - block_length + 1) - 1)
+        chunk = [full[s] if s < len(full) else mask_id] + [mask_id] * (block_length - 1)
+        passes.append(CalibPass("draft", tuple(full[:s] + chunk), s, lora, embeds=embeds))
     return passes

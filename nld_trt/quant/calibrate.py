@@ -36,10 +36,10 @@ class CalibrationModel(NLDModel):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
-    def forward(self, tokens, positions=None, mask=None, step=None, lora_rows=None, **_: Any):
+    def forward(self, tokens, positions=None, mask=None, step=None, lora_rows=None, inputs_embeds=None, **_: Any):
         if positions is None:
             positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
-        return super().forward(tokens, positions, mask, step, lora_rows)
+        return super().forward(tokens, positions, mask, step, lora_rows, inputs_embeds=inputs_embeds)
 
     def save_pretrained(self, save_directory, state_dict=None, max_shard_size="5GB", **_: Any) -> None:
         from .export import write_safetensors
@@ -96,7 +96,7 @@ def forward_loop(passes: Sequence[CalibPass], progress=None):
         with torch.no_grad():
             for i, p in enumerate(passes):
                 tokens, positions, mask, lora_rows = p.inputs(device)
-                model(tokens, positions, mask, None, lora_rows)
+                model(tokens, positions, mask, None, lora_rows, inputs_embeds=p.embedded(model, tokens))
                 if progress is not None:
                     progress(i + 1, len(passes))
 

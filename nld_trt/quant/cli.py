@@ -73,6 +73,18 @@ def _f(x, n: int) -> str:
     help="share of block passes (diffusion drafts: [t, MASK...] and partly masked blocks), 0..1 (default 0.5)",
 )
 @click.option(
+    "--image-mix",
+    type=float,
+    default=None,
+    help="vision-language checkpoints: share of calibration passes over image prompts, 0..1 (default 0.25)",
+)
+@click.option(
+    "--calib-images",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="vision-language checkpoints: a directory of calibration images (default: built-in synthetic pictures)",
+)
+@click.option(
     "--keep-lm-head/--quantize-lm-head",
     default=True,
     show_default=True,
@@ -115,6 +127,8 @@ def quantize_command(
     calib_size,
     calib_seq_len,
     block_mix,
+    image_mix,
+    calib_images,
     keep_lm_head,
     output,
     overwrite,
@@ -160,6 +174,8 @@ def quantize_command(
         calib_size=calib_size,
         calib_seq_len=calib_seq_len,
         block_mix=block_mix,
+        image_mix=image_mix,
+        calib_images=calib_images,
         quantize_lm_head=not keep_lm_head,
         device=device,
         dtype=dtype,
@@ -183,6 +199,6 @@ def quantize_command(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m nld_trt.quant`: the command alone, with nld-trt's one-line errors and exit codes."""
-    from ..cli import run_command
+    from ..cli_support import run_command
 
     run_command(quantize_command, argv, prog_name="nld-trt quantize")

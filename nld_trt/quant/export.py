@@ -63,6 +63,30 @@ def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_sha
     (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
+def add_tensors(directory: Path, tensors: dict[str, torch.Tensor], filename: str) -> None:
+    """Add unquantized tensors (a VLM's vision tower and projector) to an exported checkpoint as their own
+    file, listed with the export's own tensors in model.safetensors.index.json."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    index_path = directory / "model.safetensors.index.json"
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+    else:
+        with safe_open(directory / "model.safetensors", framework="pt") as f:
+            index = {"metadata": {}, "weight_map": {name: "model.safetensors" for name in f.keys()}}
+    clash = set(tensors) & set(index["weight_map"])
+    if clash:
+        raise ValueError(f"tensors already exported: {sorted(clash)[:3]}")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(directory / filename),
+              metadata={"format": "pt"})
+    index["weight_map"].update({name: filename for name in tensors})
+    total = index["metadata"].get("total_size")
+    if isinstance(total, int):
+        index["metadata"]["total_size"] = total + sum(t.numel() * t.element_size() for t in tensors.values())
+    index_path.write_text(json.dumps(index, indent=2) + "\n")
+
+
 def export_config(raw_config: dict[str, Any], dtype: torch.dtype) -> dict[str, Any]:
     """The original config.json for the quantized checkpoint: same fields, export dtype, no old quant info."""
     cfg = {k: v for k, v in raw_config.items() if k != "quantization_config"}

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..checkpoint import check_names, check_tensor, read_tensors, weight_files
+from ..vision.config import VLMConfig
 from ..config import NLDConfig
 from ..errors import CheckpointError
 from ..model import NLDModel, Rotary
@@ -166,7 +167,9 @@ def read_quantized_tensors(directory: str | Path, config: NLDConfig, spec: Quant
     files = weight_files(directory)
     expected = expected_names(config, spec, set(files))
     hint = "do config.json and hf_quant_config.json match the weights?"
-    check_names(where, expected, set(files), f"for a {spec.quant_algo} checkpoint; {hint}",
+    # a VLM's tower and projector stay unquantized beside the text tensors: checked here, read by the runtime
+    vision = set(VLMConfig.from_file(directory).vision_shapes()) if config.is_vlm else set()
+    check_names(where, expected | vision, set(files), f"for a {spec.quant_algo} checkpoint; {hint}",
                 f"for a {spec.quant_algo} checkpoint; {hint}")
     tensors = read_tensors(files, sorted(expected))
     linears = linear_shapes(config)

@@ -18,17 +18,19 @@ from typing import Any
 
 import torch
 
-from ..checkpoint import load_lora, load_weights
+from ..checkpoint import load_lora, load_vision_weights, load_weights
 from ..config import NLDConfig
 from ..fileutil import atomic_directory
 from ..runtime import build_model, default_model_path, resolve_dtype
 from ..tokenizer import NLDTokenizer
 from . import QuantizationError, is_quantized
-from .calib_data import build_passes, calibration_records, encode_record, evaluation_records, read_jsonl
+from .calib_data import (build_passes, calibration_records, encode_record, evaluation_records, image_passes,
+                         image_records, read_jsonl)
 from .loader import linear_shapes, load_quantized_model
 from .recipes import KV_CACHE_DTYPES, Recipe, load_recipe, modelopt_config
 
 REPORT_FILE = "quantization_report.json"
+IMAGE_MIX = 0.25  # a vision-language checkpoint's share of calibration passes over image prompts
 TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -51,6 +53,8 @@ class QuantizeOptions:
     eval_size: int = 32
     max_new_tokens: int = 128
     block_length: int | None = None  # default: the checkpoint's block_size
+    image_mix: float | None = None  # vision-language checkpoints: share of calibration passes with an image (0.25)
+    calib_images: str | Path | None = None  # a directory of images for them (default: built-in synthetic ones)
     max_batch: int = 8
     strict: bool = False  # a failed gate is an error (nothing written) instead of a warning
     overwrite: bool = False
@@ -93,6 +97,30 @@ def _export_dtype(config: NLDConfig) -> torch.dtype:
     return TORCH_DTYPES.get(config.torch_dtype, torch.bfloat16)
 
 
+def _image_prompts(model_dir: Path, vlm, tokenizer, pictures, device, seq_len: int):
+    """(prompt ids, pad positions, image rows, answer ids) of each calibration image, its rows from the tower."""
+    from ..prompt import PromptEncoder
+    from ..vision.processor import ImageProcessor, ProcessorConfig
+    from ..vision.tower import build_vision_encoder
+
+    processor = ImageProcessor(ProcessorConfig.from_checkpoint(model_dir, vlm.vision.patch_size, vlm.spatial_merge_size))
+    encoder = PromptEncoder(tokenizer, vlm.text, max(seq_len, 1 << 16), str(model_dir), processor)
+    tower = build_vision_encoder(vlm, load_vision_weights(model_dir, vlm), device, torch.float32)
+    out = []
+    for rec in pictures:
+        prompt = encoder.messages([{"role": "user", "content": [{"type": "image", "image": rec.image},
+                                                                {"type": "text", "text": rec.question}]}],
+                                  local_files=True, field="calibration image")
+        with torch.inference_mode():
+            rows = tower([img.pixels.to(device) for img in prompt.pixels])
+        pads = [p for span in prompt.images for p in span.pad_positions()]
+        answer = tokenizer.encode(rec.answer, add_special_tokens=False)
+        eos = [vlm.text.eos_token_id] if vlm.text.eos_token_id is not None else []
+        out.append((prompt.ids, pads, torch.cat(rows).cpu(), answer + eos))
+    del tower
+    return out
+
+
 def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lambda s: None) -> dict[str, Any]:
     """Quantize `opts.model_dir` into `opts.output`; returns the report (also written as quantization_report.json)."""
     # 1. every input check, before any heavy work --------------------------------------------------
@@ -126,6 +154,18 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
         raise QuantizationError(
             f"--calib-seq-len {seq_len} leaves no room for a context before a block of {block_length}"
         )
+    vlm = None
+    if config.is_vlm:
+        from ..vision.config import VLMConfig
+
+        vlm = VLMConfig.from_file(model_dir)
+    image_mix = (IMAGE_MIX if vlm is not None else 0.0) if opts.image_mix is None else opts.image_mix
+    if not isinstance(image_mix, (int, float)) or isinstance(image_mix, bool) or not 0.0 <= image_mix < 1.0:
+        raise QuantizationError(f"--image-mix must be a number in [0, 1), got {image_mix!r}")
+    if vlm is None and (image_mix > 0 or opts.calib_images is not None):
+        raise QuantizationError(f"--image-mix / --calib-images need a vision-language checkpoint; {model_dir} is text-only")
+    n_images = round(calib_size * image_mix)
+    pictures = image_records(n_images, opts.calib_images) if n_images else []
     if output.resolve() == model_dir.resolve():
         raise QuantizationError("--output must differ from --model: the original checkpoint is never overwritten")
     if output.exists() and not opts.overwrite:
@@ -146,8 +186,13 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
     texts = [encode_record(r, tokenizer, config.eos_token_id) for r in records]
     lora = load_lora(model_dir, config)
     passes = build_passes(
-        texts, calib_size, seq_len, block_mix, block_length, config.mask_token_id, lora is not None, opts.seed
+        texts, calib_size - n_images, seq_len, block_mix, block_length, config.mask_token_id, lora is not None,
+        opts.seed,
     )
+    if pictures:
+        log(f"encoding {len(pictures)} calibration images with the vision tower")
+        passes += image_passes(_image_prompts(model_dir, vlm, tokenizer, pictures, opts.device, seq_len), n_images,
+                               seq_len, block_mix, block_length, config.mask_token_id, lora is not None, opts.seed)
     quant_config = modelopt_config(recipe, opts.quantize_lm_head, opts.kv_cache_dtype)
     raw_config = json.loads((model_dir / "config.json").read_text())
 
@@ -166,7 +211,7 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
 
     # 3. calibrate -----------------------------------------------------------------------------------
     from .calibrate import build_calibration_model, calibrate
-    from .export import copy_side_files, export_checkpoint
+    from .export import add_tensors, copy_side_files, export_checkpoint
 
     kinds = Counter(p.kind for p in passes)
     log(f"calibrating {recipe.qformat} on {len(passes)} passes ({', '.join(f'{v} {k}' for k, v in kinds.items())})")
@@ -188,11 +233,25 @@ def quantize_checkpoint(opts: QuantizeOptions, log: Callable[[str], None] = lamb
             "data": str(opts.calib_data) if opts.calib_data else "built-in",
         },
     }
+    if vlm is not None:
+        report["calibration"]["image_passes"] = sum(p.embeds is not None for p in passes)
+        report["calibration"]["images"] = str(opts.calib_images) if opts.calib_images else "built-in synthetic"
+        report["vision"] = {
+            "quantized": False,
+            "dtype": str(_export_dtype(config)).removeprefix("torch."),
+            "tensors": len(vlm.vision_shapes()),
+            "note": "the vision tower and projector are not given to ModelOpt: they are written unquantized in the "
+                    "checkpoint's dtype, as TensorRT-LLM keeps multimodal encoders; only the text backbone is "
+                    "quantized (calibrated on text and image prompts)",
+        }
     with atomic_directory(output, overwrite=opts.overwrite) as tmp:
         log(f"exporting to {output}")
         export_checkpoint(model, tmp, raw_config, _export_dtype(config))
         del model
         gc.collect()
+        if vlm is not None:
+            add_tensors(tmp, {k: v.to(_export_dtype(config)) for k, v in load_vision_weights(model_dir, vlm).items()},
+                        "model-vision.safetensors")
         copy_side_files(model_dir, tmp)
         if reference is not None:
             log("measuring the quantized checkpoint as the runtime loads it")

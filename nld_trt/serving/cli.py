@@ -15,9 +15,10 @@ from typing import Any
 
 import click
 
+from ..cli_support import KV_OPTIONS, MODEL_HELP, kv_kwargs, nfe_phrase, run_command
 from ..errors import NLDError
+from .openai.media import MAX_BODY_BYTES
 
-MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 # One conversation of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py;
 # neither question is in its evaluation set): the second question is a follow-up that only makes sense after
 # the first answer. The demo checks that each answer carries its number.
@@ -33,7 +34,6 @@ def _err(message: str) -> None:
 
 def stats_line(stats: dict[str, Any]) -> str:
     """One line of per-request stats, as `nld-trt generate` prints them."""
-    from ..cli import nfe_phrase
 
     extra = f", mean accepted {stats['mean_accepted']:.2f}" if "mean_accepted" in stats else ""
     return (
@@ -56,60 +56,91 @@ def generation_options(f):
         click.option("--top-p", type=float, default=None, help="sampling: nucleus mass"),
         click.option("--min-p", type=float, default=None, help="sampling: drop tokens under min-p x the top one"),
         click.option("--stop", multiple=True, help="stop string (repeatable)"),
+        click.option("--bad-word", "bad_words", multiple=True, help="banned word (repeatable), encoded as it is"),
         click.option("--seed", type=int, default=0, show_default=True),
     ]):
         f = option(f)
     return f
 
 
-def sampling_fields(top_k, top_p, min_p, stop) -> dict[str, Any]:
+def sampling_fields(top_k, top_p, min_p, stop, bad_words) -> dict[str, Any]:
     """The model inputs of the sampling options (None: not sent)."""
-    return dict(top_k=top_k, top_p=top_p, min_p=min_p, stop_words=list(stop) or None)
+    return dict(top_k=top_k, top_p=top_p, min_p=min_p, stop_words=list(stop) or None, bad_words=list(bad_words) or None)
 
 
 # package --------------------------------------------------------------------------------------------
+# What a deployment holds and accepts (ServingOptions): options of `package`, and of `serve MODEL_DIR`.
+PACKAGE_OPTIONS = (
+    click.option("--max-batch", type=int, default=8, show_default=True,
+                 help="sequences a model instance decodes at once at most"),
+    click.option("--max-seq-len", type=int, default=2048, show_default=True, help="the longest sequence (KV positions)"),
+    click.option("--max-block-length", type=int, default=128, show_default=True),
+    click.option("--max-tokens-cap", type=int, default=1024, show_default=True, help="largest max_tokens accepted"),
+    click.option("--default-max-tokens", type=int, default=128, show_default=True),
+    click.option("--instances", type=int, default=1, show_default=True, help="model instances (processes) per model"),
+    click.option("--device", default="cpu", show_default=True, help="cpu or cuda"),
+    click.option("--dtype", default="", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)"),
+    click.option("--threads", type=int, default=1, show_default=True,
+                 help="PyTorch CPU threads per model instance (0: PyTorch's default, every core)"),
+    click.option("--default-mode", default="ar", show_default=True,
+                 help="mode of requests that do not name one: ar | dlm | linear_spec | auto"),
+    click.option("--max-prompt-bytes", type=int, default=0, help="prompt size cap, checked before tokenizing "
+                 "(default: 32 bytes per KV position, at least 64 KiB)"),
+    click.option("--compile", "compile_", type=click.Choice(["auto", "true", "false"]), default="auto",
+                 show_default=True, help="PyTorch executor: compiled (CPU) / graph-captured (CUDA) passes; auto: "
+                 "graphs on CUDA, eager on CPU"),
+    click.option("--max-image-bytes", type=int, default=10 * 1024 * 1024, show_default=True,
+                 help="a vision-language model: largest image accepted, encoded (a data URL's payload)"),
+    click.option("--max-image-pixels", type=int, default=32 * 1024 * 1024, show_default=True,
+                 help="largest image accepted, decoded (width x height), checked before its pixels are decoded"),
+    click.option("--max-images-per-request", type=int, default=8, show_default=True, help="images in one request"),
+    click.option("--image-workers", type=int, default=1, show_default=True,
+                 help="threads decoding and encoding images beside the decoding thread (0: in the prefill, on it)"),
+    *KV_OPTIONS,
+)
+PACKAGE_PARAMS = ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
+                  "device", "dtype", "threads", "default_mode", "max_prompt_bytes", "compile_", "max_image_bytes",
+                  "max_image_pixels", "max_images_per_request", "image_workers", "kv_cache_tokens", "kv_cache_gb",
+                  "page_size", "prefix_cache")
+
+
+def package_options(f):
+    for option in reversed(PACKAGE_OPTIONS):
+        f = option(f)
+    return f
+
+
+def serving_options(values: dict[str, Any]):
+    """The ServingOptions of the package options' values."""
+    from .package import ServingOptions
+
+    v = dict(values)
+    kv = kv_kwargs(v.pop("kv_cache_tokens"), v.pop("kv_cache_gb"), v.pop("page_size"), v.pop("prefix_cache"))
+    return ServingOptions(torch_threads=v.pop("threads"), compile=v.pop("compile_"),
+                          kv_cache_tokens=kv["kv_cache_tokens"] or 0, kv_cache_gb=kv["kv_cache_gb"] or 0.0,
+                          page_size=kv["page_size"], prefix_cache=kv["prefix_cache"], **v)
+
+
 @click.command("package")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @click.option("--output", "-o", required=True, type=click.Path(file_okay=False), help="repository to write")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots per model instance")
-@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per slot")
-@click.option("--max-block-length", type=int, default=128, show_default=True)
-@click.option("--max-tokens-cap", type=int, default=1024, show_default=True, help="largest max_tokens accepted")
-@click.option("--default-max-tokens", type=int, default=128, show_default=True)
-@click.option("--instances", type=int, default=1, show_default=True, help="model instances (processes) per model")
-@click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
-@click.option("--dtype", default="", help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
-@click.option("--threads", type=int, default=1, show_default=True,
-              help="PyTorch CPU threads per model instance (0: PyTorch's default, every core)")
+@package_options
 @click.option("--sync-model/--no-sync-model", default=True, show_default=True,
               help="also write nld_sync, the non-decoupled entry point (unary infer, HTTP generate)")
 @click.option("--engine", "engine_dir", type=click.Path(file_okay=False), default=None,
               help="serve an nld-trt build output instead of a checkpoint (TensorRT plan on cuda, ONNX graph on cpu)")
-@click.option("--default-mode", default="ar", show_default=True,
-              help="mode of requests that do not name one: ar | dlm | linear_spec | auto")
-@click.option("--max-prompt-bytes", type=int, default=0, help="prompt size cap, checked before tokenizing "
-              "(default: 32 bytes per KV position, at least 64 KiB)")
-@click.option("--compile", "compile_", type=click.Choice(["auto", "true", "false"]), default="auto", show_default=True,
-              help="PyTorch executor: compiled (CPU) / graph-captured (CUDA) passes; auto: graphs on CUDA, eager on CPU")
 @click.option("--overwrite", is_flag=True, help="replace an existing repository")
-def package_command(model_dir, output, max_batch, max_seq_len, max_block_length, max_tokens_cap,
-                    default_max_tokens, instances, device, dtype, threads, sync_model, engine_dir, default_mode,
-                    max_prompt_bytes, compile_, overwrite) -> None:
+def package_command(model_dir, output, sync_model, engine_dir, overwrite, **options) -> None:
     """Write a Triton model repository serving a checkpoint or an engine, every decoding mode chosen per request."""
-    from .package import ServingOptions, package_repository
+    from .package import package_repository
 
     if engine_dir and model_dir:
         raise click.UsageError("give --model (a checkpoint) or --engine (a build output), not both")
-
-    options = ServingOptions(max_batch=max_batch, max_seq_len=max_seq_len, max_block_length=max_block_length,
-                             max_tokens_cap=max_tokens_cap, default_max_tokens=default_max_tokens,
-                             instances=instances, device=device, dtype=dtype, torch_threads=threads,
-                             default_mode=default_mode, max_prompt_bytes=max_prompt_bytes, compile=compile_)
-    repo = package_repository(engine_dir or model_dir, output, options, sync_model=sync_model, overwrite=overwrite,
-                              engine=engine_dir is not None)
+    repo = package_repository(engine_dir or model_dir, output, serving_options(options), sync_model=sync_model,
+                              overwrite=overwrite, engine=engine_dir is not None)
     manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
     size = sum(f["size"] for f in manifest["files"].values())
-    models = "nld, nld_sync" if sync_model else "nld"
+    models = "nld, nld_sync, nld_tokenizer" if sync_model else "nld, nld_tokenizer"
     click.echo(f"wrote {repo}: models {models}; {len(manifest['files'])} artifacts ({size / 1e6:.1f} MB) with SHA-256 manifest")
     click.echo(f"serve it with: nld-trt serve {repo}")
 
@@ -120,15 +151,21 @@ def openai_options(f):
     for option in reversed([
         click.option("--served-model-name", default=None,
                      help="the model id OpenAI clients send (default: the Triton model's name, nld)"),
-        click.option("--max-body-bytes", type=int, default=4 * 1024 * 1024, show_default=True,
-                     help="largest request body the OpenAI front end accepts (HTTP 413 beyond)"),
+        click.option("--max-body-bytes", type=int, default=MAX_BODY_BYTES, show_default=True,
+                     help="largest request body the OpenAI front end accepts (HTTP 413 beyond); images come as base64 "
+                     "data URLs, 4/3 of their size"),
+        click.option("--allowed-media-domains", multiple=True, metavar="HOST",
+                     help="hosts whose http(s) image URLs the front end fetches (repeatable or comma-separated; "
+                     "default: none, so only data URLs are taken)"),
+        click.option("--media-fetch-timeout", type=float, default=10.0, show_default=True,
+                     help="seconds an allowed image URL may take to fetch"),
     ]):
         f = option(f)
     return f
 
 
 @click.command("serve")
-@click.argument("repo", type=click.Path(file_okay=False))
+@click.argument("path", type=click.Path(file_okay=False), required=False)
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
@@ -141,23 +178,38 @@ def openai_options(f):
 @click.option("--model-control-mode", type=click.Choice(["none", "explicit"]), default="none", show_default=True,
               help="explicit: load no model at start (load through the repository API)")
 @click.option("--ready-timeout", type=float, default=600.0, show_default=True, help="seconds to wait for ready")
-def serve_command(repo, host, http_port, grpc_port, metrics_port, openai_port, served_model_name, max_body_bytes,
-                  binary, model_control_mode, ready_timeout) -> None:
-    """Serve a model repository with the Triton Inference Server, and the OpenAI-compatible API in front of it,
-    until Ctrl-C or SIGTERM."""
-    from .server import ServerError, TritonServer
+@package_options
+@click.option("--cache-dir", type=click.Path(file_okay=False), default=None,
+              help="where `serve MODEL_DIR` keeps its packaged repositories (default: the user cache)")
+@click.pass_context
+def serve_command(ctx, path, host, http_port, grpc_port, metrics_port, openai_port, served_model_name, max_body_bytes,
+                  allowed_media_domains, media_fetch_timeout, binary, model_control_mode, ready_timeout, cache_dir,
+                  **options) -> None:
+    """Serve PATH with the Triton Inference Server, and the OpenAI-compatible API in front of it, until Ctrl-C or
+    SIGTERM. PATH is a model repository (`nld-trt package` output), or a model directory (a checkpoint, a
+    quantized checkpoint or an `nld-trt build` output; the embedded model when omitted), which is packaged with
+    the package options into a cached repository first (reused while the model and the options are unchanged)."""
+    from .server import ServerError, TritonServer, client_host, free_port
 
     if openai_port < 0:
         raise click.BadParameter("must be a port number, or 0 for no OpenAI front end", param_hint="--openai-port")
+    grpc_port = grpc_port or free_port()
+    front = None
+    if openai_port:  # its port first: a port in use fails before packaging or tritonserver starts
+        from .openai.frontend import FrontEnd
+
+        front = FrontEnd(f"{client_host(host)}:{grpc_port}", host=host, port=openai_port,
+                         served_model=served_model_name, max_body_bytes=max_body_bytes,
+                         media=media_options(allowed_media_domains, media_fetch_timeout)).bind()
+    try:
+        repo = _repository(ctx, path, cache_dir, options)
+    except BaseException:
+        if front is not None:
+            front.stop()
+        raise
     extra = ["--model-control-mode=explicit"] if model_control_mode == "explicit" else []
     server = TritonServer(Path(repo), host=host, http_port=http_port, grpc_port=grpc_port,
                           metrics_port=metrics_port, binary=binary, extra_args=extra, log=_err)
-    front = None
-    if openai_port:  # its port first: a port in use fails before tritonserver starts
-        from .openai.frontend import FrontEnd
-
-        front = FrontEnd(server.grpc_url, host=host, port=openai_port, served_model=served_model_name,
-                         max_body_bytes=max_body_bytes).bind()
     # both stop the server; SIGINT too, as a shell starts background jobs with SIGINT ignored
     previous = {sig: signal.signal(sig, _interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -191,14 +243,46 @@ def serve_command(repo, host, http_port, grpc_port, metrics_port, openai_port, s
 @click.option("--host", default="127.0.0.1", show_default=True, help="address to bind (0.0.0.0: every interface)")
 @click.option("--port", type=int, default=9000, show_default=True)
 @openai_options
-def openai_command(triton_url, triton_model, host, port, served_model_name, max_body_bytes) -> None:
+def openai_command(triton_url, triton_model, host, port, served_model_name, max_body_bytes, allowed_media_domains,
+                   media_fetch_timeout) -> None:
     """Serve only the OpenAI-compatible API and the chat page, in front of a tritonserver started elsewhere."""
     from .openai.frontend import FrontEnd
 
     front = FrontEnd(triton_url, host=host, port=port, triton_model=triton_model, served_model=served_model_name,
-                     max_body_bytes=max_body_bytes)
+                     max_body_bytes=max_body_bytes, media=media_options(allowed_media_domains, media_fetch_timeout))
     front.serve_forever(lambda url: _err(f"nld-trt: OpenAI API {url}/v1, chat page {url}/, for tritonserver "
                                          f"{triton_url} (model {triton_model}); Ctrl-C stops"))
+
+
+def media_options(domains: tuple[str, ...], timeout: float):
+    """The front end's image fetching: the allowed hosts (each option may list several, comma-separated)."""
+    from .openai.media import MediaOptions
+
+    hosts = tuple(h.strip().lower() for d in domains for h in d.split(",") if h.strip())
+    if timeout <= 0:
+        raise click.BadParameter("must be a positive number of seconds", param_hint="--media-fetch-timeout")
+    return MediaOptions(allowed_domains=hosts, timeout_s=timeout)
+
+
+def _repository(ctx: click.Context, path: str | None, cache_dir: str | None, options: dict[str, Any]) -> Path:
+    """The repository to serve: PATH itself, or PATH (a model directory) packaged into the cache."""
+    from ..engine.loader import is_engine_dir
+    from ..runtime import default_model_path
+    from .cache import cached_repository, is_repository
+
+    if path is not None and is_repository(Path(path)):
+        given = [name for name in (*PACKAGE_PARAMS, "cache_dir")
+                 if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+        if given:
+            flags = ", ".join("--" + n.rstrip("_").replace("_", "-") for n in given)
+            raise click.UsageError(f"{flags}: {path} is a packaged repository, whose options are fixed; they apply "
+                                   "when serving a model directory (or re-run nld-trt package)")
+        return Path(path)
+    model = default_model_path() if path is None else Path(path)
+    repo, reused = cached_repository(model, serving_options(options), engine=is_engine_dir(model),
+                                     cache=Path(cache_dir) if cache_dir else None, progress=lambda m: _err(f"nld-trt: {m}"))
+    _err(f"nld-trt: {'reusing' if reused else 'packaged'} {repo} for {model}")
+    return repo
 
 
 def _interrupt(signum, frame) -> None:
@@ -217,17 +301,22 @@ def _interrupt(signum, frame) -> None:
 @click.option("--logprobs", is_flag=True, help="return each token's log-probability (in --json output)")
 @click.option("--top-logprobs", type=int, default=None, help="with --logprobs: the N likeliest others")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object: text, token_ids, finish_reason, stats")
+@click.option("--image", "images", multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="an image file for a vision-language model (repeatable), sent inline as a data URL "
+              "(image_url_input); PROMPT may hold <|image_start|> where each goes, else they come first")
 def client_command(prompt, url, protocol, model_name, mode, max_tokens, block_length, threshold, temperature,
-                   top_k, top_p, min_p, stop, seed, stream, raw, logprobs, top_logprobs, as_json) -> None:
+                   top_k, top_p, min_p, stop, bad_words, seed, stream, raw, logprobs, top_logprobs, as_json,
+                   images) -> None:
     """Send PROMPT to a running server; print the tokens as they arrive, then the stats."""
     from . import client as c
 
     url = url or ("127.0.0.1:8001" if protocol == "grpc" else "127.0.0.1:8000")
     model_name = model_name or (c.STREAM_MODEL if stream else c.SYNC_MODEL)
-    fields = dict(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length,
+    fields = dict(text_input=prompt, image_url_input=[c.data_url(Path(i)) for i in images] or None, mode=mode,
+                  max_tokens=max_tokens, block_length=block_length,
                   threshold=threshold, temperature=temperature, seed=seed, chat=not raw,
                   return_log_probs=logprobs or None, top_logprobs=top_logprobs,
-                  **sampling_fields(top_k, top_p, min_p, stop))
+                  **sampling_fields(top_k, top_p, min_p, stop, bad_words))
     if stream:
         chunks = (c.GrpcClient(url).stream(model_name, **fields) if protocol == "grpc"
                   else c.http_generate_stream(url, model_name, **fields))
@@ -262,7 +351,7 @@ CHAT_HELP = "/mode ar|dlm|linear_spec switches the decoding mode, /reset forgets
 @generation_options
 @click.option("--system", default=None, help="a system prompt")
 def chat_command(url, model_name, mode, max_tokens, block_length, threshold, temperature, top_k, top_p, min_p, stop,
-                 seed, system) -> None:
+                 bad_words, seed, system) -> None:
     """Multi-turn chat over gRPC streaming, reading user turns from stdin (one per line).
 
     /mode ar|dlm|linear_spec switches the decoding mode mid-conversation; /reset; /quit."""
@@ -304,7 +393,7 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
         try:
             for chunk in client.stream(model_name, messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
                                        block_length=block_length, threshold=threshold, temperature=temperature,
-                                       seed=seed, **sampling_fields(top_k, top_p, min_p, stop)):
+                                       seed=seed, **sampling_fields(top_k, top_p, min_p, stop, bad_words)):
                 chunks.append(chunk)
                 click.echo(chunk.text, nl=False)
                 sys.stdout.flush()
@@ -399,7 +488,6 @@ for _command in COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import run_command
 
     run_command(serving_cli, argv)
 

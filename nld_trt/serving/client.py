@@ -23,7 +23,7 @@ from .protocol import INPUT_TYPES
 
 STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
 NUMPY_TYPES = {"BYTES": np.object_, "BOOL": np.bool_, "INT32": np.int32, "INT64": np.int64,
-               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16}
+               "UINT64": np.uint64, "FP32": np.float32, "FP16": np.float16, "UINT8": np.uint8}
 
 
 class ClientError(NLDError):
@@ -43,6 +43,7 @@ class Chunk:
     stats: dict[str, Any] | None = None
     logprobs: list[dict[str, Any]] | None = None  # with return_log_probs: one entry per token id
     sequence_index: int = 0
+    prompt_logprobs: list[dict[str, Any]] | None = None  # with prompt_logprobs: one entry per prompt token
 
     @property
     def final(self) -> bool:
@@ -57,14 +58,16 @@ class Result:
     stats: dict[str, Any]
     chunks: list[Chunk] = field(default_factory=list)
     logprobs: list[dict[str, Any]] | None = None
+    prompt_logprobs: list[dict[str, Any]] | None = None
 
     @classmethod
     def join(cls, chunks: list[Chunk]) -> Result:
         if not chunks or not chunks[-1].final:
             raise ClientError("the stream ended without a final response")
         logprobs = None if chunks[-1].logprobs is None else [e for c in chunks for e in c.logprobs or []]
+        prompt = next((c.prompt_logprobs for c in chunks if c.prompt_logprobs is not None), None)
         return cls("".join(c.text for c in chunks), [t for c in chunks for t in c.token_ids],
-                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks, logprobs)
+                   chunks[-1].finish_reason, chunks[-1].stats or {}, chunks, logprobs, prompt)
 
 
 def _value(name: str, array: Any) -> Any:
@@ -83,6 +86,7 @@ def chunk_from(get: Any) -> Chunk:
     """A Chunk from an accessor name -> array (tritonclient's as_numpy) or JSON value."""
     stats = _value("stats", get("stats"))
     logprobs = _value("logprobs", get("logprobs"))
+    prompt = _value("prompt_logprobs", get("prompt_logprobs"))
     return Chunk(
         text=_value("text_output", get("text_output")) or "",
         token_ids=_value("output_ids", get("output_ids")) or [],
@@ -93,7 +97,22 @@ def chunk_from(get: Any) -> Chunk:
         stats=json.loads(stats) if stats else None,
         logprobs=json.loads(logprobs) if logprobs else None,
         sequence_index=int(_value("sequence_index", get("sequence_index")) or 0),
+        prompt_logprobs=json.loads(prompt) if prompt else None,
     )
+
+
+IMAGE_TYPES = {".png": "image/png", ".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp"}
+
+
+def data_url(path: Any) -> str:
+    """An image file as a data URL (what `image_url_input` carries; the server decodes and checks it)."""
+    import base64
+    from pathlib import Path
+
+    path = Path(path)
+    media = IMAGE_TYPES.get(path.suffix.lower(), "image/png")
+    return f"data:{media};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
 
 
 def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
@@ -107,9 +126,12 @@ def grpc_inputs(fields: dict[str, Any]) -> list[Any]:
             raise ClientError(f"unknown input {name!r}: choose from {', '.join(INPUT_TYPES)}")
         spec = INPUT_TYPES[name]
         wire = spec.wire_type
-        items = list(value) if spec.kind == "list" else [value]
-        items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
-        array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input
+        if spec.kind == "array":  # image pixels [images, H, W, 3], image sizes [images, 2]: one request's, as they are
+            array = np.asarray(value, dtype=NUMPY_TYPES[wire])[None]
+        else:
+            items = list(value) if spec.kind in ("list", "words") else [value]
+            items = [v.encode("utf-8") if wire == "BYTES" and isinstance(v, str) else v for v in items]
+            array = np.array([items], dtype=NUMPY_TYPES[wire])  # [1, 1], or [1, N] for a list input, [1, 2, N] words
         tensor = grpcclient.InferInput(name, list(array.shape), wire)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -123,7 +145,8 @@ def requested(fields: dict[str, Any]) -> list[Any]:
     """The outputs a Chunk reads (the server builds only what is asked for)."""
     import tritonclient.grpc as grpcclient
 
-    names = list(CHUNK_OUTPUTS) + (["logprobs"] if fields.get("return_log_probs") else [])
+    names = list(CHUNK_OUTPUTS) + (["logprobs"] if fields.get("return_log_probs") else []) + (
+        ["prompt_logprobs"] if fields.get("prompt_logprobs") is not None else [])
     return [grpcclient.InferRequestedOutput(n) for n in names]
 
 

@@ -3,7 +3,8 @@ triton_model_repo/).
 
 The repository is written whole or not at all (`atomic_directory`); the checkpoint (weights, LoRA drafter,
 tokenizer, chat template) or the `nld-trt build` output (graph, plan, config, tokenizer) is copied into
-`nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which both models reference by relative path.
+`nld/1/artifacts/` and hashed into `nld/1/manifest.json`, which every model references by relative path:
+`nld` (streaming), `nld_sync` (one response per request) and `nld_tokenizer` (the tokenizer alone: tokenize.py).
 """
 
 from __future__ import annotations
@@ -19,11 +20,14 @@ from ..checkpoint import check_model_dir
 from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .manifest import write_manifest
+from . import tokenize
 from .protocol import INPUTS, OUTPUTS, TensorSpec
 
 TEMPLATE_ENV = "NLD_TRT_TEMPLATE"
-STREAM_MODEL, SYNC_MODEL = "nld", "nld_sync"
+STREAM_MODEL, SYNC_MODEL, TOKENIZER_MODEL = "nld", "nld_sync", tokenize.MODEL
+TEMPLATE_FILES = ("config.pbtxt.template", "model.py", "tokenizer_model.py")
 
 
 def template_dir() -> Path:
@@ -32,7 +36,7 @@ def template_dir() -> Path:
     candidates = [Path(os.environ[TEMPLATE_ENV])] if os.environ.get(TEMPLATE_ENV) else [
         here.parents[2] / "triton_model_repo", here.parents[1] / "triton_model_repo"]
     for path in candidates:
-        if (path / "config.pbtxt.template").is_file() and (path / "model.py").is_file():
+        if all((path / name).is_file() for name in TEMPLATE_FILES):
             return path
     raise NLDError(f"the Triton model template is not at {candidates[0]}: set {TEMPLATE_ENV} to nld-trt's triton_model_repo/")
 
@@ -44,8 +48,8 @@ COMPILE_CHOICES = {"auto": None, "true": True, "false": False}  # config.pbtxt v
 class ServingOptions:
     """What a deployment holds and accepts; written into config.pbtxt parameters."""
 
-    max_batch: int = 8  # KV-cache slots per model instance
-    max_seq_len: int = 2048
+    max_batch: int = 8  # sequences a model instance decodes at once at most
+    max_seq_len: int = 2048  # the longest sequence
     max_block_length: int = 128
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -58,12 +62,26 @@ class ServingOptions:
     exclude_input_in_output: bool = True  # when a request does not say (TensorRT-LLM's own default is false)
     default_mode: str = "ar"  # the mode of a request that does not say: ar | dlm | linear_spec | auto
     compile: str = "auto"  # PyTorch executor: "true" compiled/graph-captured passes, "false" eager, "auto" (see nld_trt.load)
+    # images (a vision-language checkpoint): caps checked before an image is decoded, apart from max_prompt_bytes
+    max_image_bytes: int = 10 * 1024 * 1024  # one image, encoded
+    max_image_pixels: int = 32 * 1024 * 1024  # one image, decoded (width x height)
+    max_images_per_request: int = 8
+    image_workers: int = 1  # threads decoding and encoding images beside the scheduler (0: in the prefill, on it)
+    kv_cache_tokens: int = 0  # KV-cache positions (0: the default, max_batch x max_seq_len; a GPU's free memory caps it)
+    kv_cache_gb: float = 0.0  # or its size in GiB (0: by tokens)
+    page_size: int = DEFAULT_PAGE_SIZE  # positions per KV-cache page
+    prefix_cache: bool = True  # reuse cached prefixes' KV
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
-        for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances"):
+        for name in ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
+                     "max_image_bytes", "max_image_pixels", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
+        if self.kv_cache_tokens < 0 or self.kv_cache_gb < 0 or self.page_size < 1:
+            raise NLDError("kv-cache-tokens and kv-cache-gb must be positive (0: the default) and page-size at least 1")
+        if self.kv_cache_tokens and self.kv_cache_gb:
+            raise NLDError("give kv-cache-tokens or kv-cache-gb, not both")
         if self.compile not in COMPILE_CHOICES:
             raise NLDError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         seq = min(self.max_seq_len, config.max_position_embeddings)
@@ -76,7 +94,14 @@ class ServingOptions:
             raise NLDError(f"default-mode {self.default_mode!r} is not one of {', '.join(MODES)}")
         if self.max_prompt_bytes < 0:
             raise NLDError("max-prompt-bytes must be a positive integer (0: the default)")
+        if self.image_workers < 0:
+            raise NLDError("image-workers must be 0 (images encoded in the prefill) or a positive integer")
         prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
+        if self.kv_cache_tokens:  # a pool too small for one sequence is refused at packaging, not at load
+            pages = -(-self.kv_cache_tokens // self.page_size)
+            if pages * self.page_size < seq:
+                raise NLDError(f"kv-cache-tokens {self.kv_cache_tokens} holds {pages} pages of {self.page_size}, less "
+                               f"than one sequence of max-seq-len {seq}: give at least {-(-seq // self.page_size) * self.page_size}")
         return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
                                  "default_max_tokens": min(self.default_max_tokens, cap),
                                  "max_prompt_bytes": prompt_bytes})
@@ -98,25 +123,44 @@ def parameters_block(params: dict[str, object]) -> str:
     )
 
 
-def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions) -> str:
-    from .. import __version__
+def image_support(config: NLDConfig, engine: bool) -> str:
+    """The `images` parameter of a repository: "true" when its model takes images, else why not (what the OpenAI
+    front end answers an image request with, before sending anything)."""
+    from ..prompt import engine_text_only, text_only
 
+    if not config.is_vlm:
+        return text_only("the served model")
+    return engine_text_only("the served model") if engine else "true"
+
+
+def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions, images: str = "true") -> str:
+    """config.pbtxt of `nld` or `nld_sync`; `images`: `image_support`'s answer."""
     calibration = str(Path(manifest).parent / "calibration")  # beside the artifacts, shared by both models
-    params = {"manifest": manifest, "calibration_dir": calibration,
-              **{k: v for k, v in asdict(options).items() if k != "instances"}}
+    params = {"manifest": manifest, "calibration_dir": calibration, "tokenizer_model": TOKENIZER_MODEL,
+              **{k: v for k, v in asdict(options).items() if k != "instances"}, "images": images}
     purpose = ("decoupled: one response per decoding step when stream=true (gRPC stream, HTTP generate_stream)"
                if decoupled else "one response per request: unary gRPC/HTTP infer and HTTP generate")
+    return _render(name, purpose, decoupled, INPUTS, OUTPUTS, options.max_batch, options.instances,
+                   "KIND_GPU" if options.device.startswith("cuda") else "KIND_CPU", params)
+
+
+def render_tokenizer_config(manifest: str, options: ServingOptions) -> str:
+    """config.pbtxt of `nld_tokenizer`: one CPU instance, whatever the device of the model."""
+    params = {"manifest": manifest, "max_prompt_bytes": options.max_prompt_bytes, "max_seq_len": options.max_seq_len}
+    return _render(TOKENIZER_MODEL, "the checkpoint's tokenizer: tokenize, detokenize, tokenizer_info "
+                   "(nld_trt/serving/tokenize.py)", False, tokenize.INPUTS, tokenize.OUTPUTS, options.max_batch, 1,
+                   "KIND_CPU", params)
+
+
+def _render(name: str, purpose: str, decoupled: bool, inputs: tuple[TensorSpec, ...], outputs: tuple[TensorSpec, ...],
+            max_batch: int, instances: int, instance_kind: str, params: dict[str, object]) -> str:
+    from .. import __version__
+
     text = (template_dir() / "config.pbtxt.template").read_text()
     return string.Template(text).substitute(
-        version=__version__,
-        purpose=purpose,
-        name=name,
-        max_batch=options.max_batch,
-        decoupled="true" if decoupled else "false",
-        inputs=tensors_block("input", INPUTS),
-        outputs=tensors_block("output", OUTPUTS),
-        instances=options.instances,
-        instance_kind="KIND_GPU" if options.device.startswith("cuda") else "KIND_CPU",
+        version=__version__, purpose=purpose, name=name, max_batch=max_batch,
+        decoupled="true" if decoupled else "false", inputs=tensors_block("input", inputs),
+        outputs=tensors_block("output", outputs), instances=instances, instance_kind=instance_kind,
         parameters=parameters_block(params),
     )
 
@@ -145,7 +189,8 @@ def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, 
     limits = report["limits"]
     clamped = replace(options, max_batch=min(options.max_batch, limits["max_batch"]),
                       max_seq_len=min(options.max_seq_len, limits["max_seq_len"]),
-                      max_block_length=min(options.max_block_length, limits["max_block"]))
+                      max_block_length=min(options.max_block_length, limits["max_block"]),
+                      page_size=limits.get("page_size", options.page_size))  # an engine keeps its build's pages
     return check_checkpoint(engine_dir), clamped
 
 
@@ -183,5 +228,10 @@ def package_repository(
         for name, (decoupled, manifest) in models.items():
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
-            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options))
+            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options,
+                                                                   image_support(config, engine)))
+        (tmp / TOKENIZER_MODEL / "1").mkdir(parents=True)
+        shutil.copy(template / "tokenizer_model.py", tmp / TOKENIZER_MODEL / "1" / "model.py")
+        (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(
+            render_tokenizer_config(f"../{STREAM_MODEL}/1/manifest.json", options))
     return output

@@ -107,6 +107,11 @@ def stub_shm_regions(server_pid: int) -> list[str]:
     return [n for n in names if n.startswith("triton_python_backend_shm_region")]
 
 
+def client_host(host: str) -> str:
+    """The address a local client reaches a server bound to `host` at (every interface: loopback)."""
+    return "127.0.0.1" if host in ("0.0.0.0", "") else host
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -125,6 +130,7 @@ class TritonServer:
     binary: Path | None = None
     extra_args: list[str] = field(default_factory=list)
     log: Callable[[str], None] | None = None  # each server log line; None: keep the last lines only
+    env: dict[str, str] = field(default_factory=dict)  # added to its environment (CUDA_VISIBLE_DEVICES, say)
     process: subprocess.Popen | None = None
     lines: list[str] = field(default_factory=list)
 
@@ -148,7 +154,7 @@ class TritonServer:
         return f"http://{self._client_host()}:{self.metrics_port}/metrics"
 
     def _client_host(self) -> str:
-        return "127.0.0.1" if self.host in ("0.0.0.0", "") else self.host
+        return client_host(self.host)
 
     def command(self, backend_dir: Path | None) -> list[str]:
         cmd = [
@@ -167,7 +173,7 @@ class TritonServer:
     def environment(self, stub_bin: Path) -> dict[str, str]:
         """PATH starts with the stub environment's bin/ (the stub runs its `python3`); libpython on the
         loader path, so the stub links the same libpython as this interpreter."""
-        env = dict(os.environ)
+        env = {**os.environ, **self.env}
         env["PATH"] = str(stub_bin) + os.pathsep + env.get("PATH", "")
         libdir = sysconfig.get_config_var("LIBDIR") or ""
         env["LD_LIBRARY_PATH"] = os.pathsep.join(x for x in (libdir, env.get("LD_LIBRARY_PATH", "")) if x)

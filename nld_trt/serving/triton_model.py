@@ -3,7 +3,8 @@
 Runs inside the backend stub only (it imports `triton_python_backend_utils`). It is glue: config.pbtxt
 parameters -> `load_artifacts` after the manifest check; each request -> `protocol.prepare` -> the
 `Scheduler`, whose updates become Triton responses sent from the scheduler thread. `execute` never blocks on
-generation, so requests arrive while others decode and join the running batch.
+generation, so requests arrive while others decode and join the running batch; nor on images, which the
+scheduler's image worker decodes and encodes (a request with images is only checked here).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..errors import NLDError
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .backend import Scheduler, Update, load_artifacts
 from .manifest import verify_manifest
 from .package import COMPILE_CHOICES
@@ -103,6 +105,8 @@ class TritonSink:
             add("output_log_probs", lambda: np.array([e["logprob"] for e in u.logprobs], dtype=np.float32).reshape(1, 1, -1))
             add("cum_log_probs", lambda: np.array([[u.cum_logprob]], dtype=np.float32))
             add("logprobs", lambda: _strings(json.dumps(u.logprobs)))
+        if u.prompt_logprobs is not None:
+            add("prompt_logprobs", lambda: _strings(json.dumps(u.prompt_logprobs)))
         if p is not None and p.separate_reasoning:
             add("reasoning_output", lambda: _text(u.reasoning))
         if p is not None and p.send_counts:
@@ -123,6 +127,29 @@ class TritonSink:
     def close_cancelled(self) -> None:
         # the bare final flag: nobody is left to read an error, Triton just needs the request completed
         self.sender.send(flags=FINAL)
+
+
+class TritonEventSink:
+    """A KV-event subscription's response sender (serving/kv_events.py): one response per batch of events, each
+    with the `kv_events` output only."""
+
+    def __init__(self, sender: Any) -> None:
+        self.sender = sender
+
+    def send_events(self, text: str) -> bool:
+        self.sender.send(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("kv_events", _strings(text))]))
+        return True
+
+    def cancelled(self) -> bool:
+        return bool(self.sender.is_cancelled())
+
+    def close(self) -> None:
+        self.sender.send(flags=FINAL)
+
+
+def _wants_kv_events(request: Any) -> bool:
+    tensor = pb_utils.get_input_tensor_by_name(request, "kv_events")
+    return tensor is not None and bool(tensor.as_numpy().reshape(-1)[:1].any())
 
 
 class TritonPythonModel:
@@ -163,6 +190,10 @@ class TritonPythonModel:
             max_batch=int(params["max_batch"]),
             max_seq_len=int(params["max_seq_len"]),
             max_block_length=int(params["max_block_length"]),
+            kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
+            kv_cache_gb=float(params.get("kv_cache_gb") or 0) or None,
+            page_size=int(params.get("page_size") or DEFAULT_PAGE_SIZE),
+            prefix_cache=params.get("prefix_cache", "true") == "true",
             lora=params.get("lora", "true") == "true",
             calibration_dir=(model_dir / params["calibration_dir"]).resolve() if params.get("calibration_dir") else None,
             compile=COMPILE_CHOICES.get(params.get("compile") or "auto"),
@@ -175,24 +206,50 @@ class TritonPythonModel:
             max_sequences=self.nld.executor.max_batch,
             exclude_input_default=params.get("exclude_input_in_output", "true") == "true",
             default_mode=params.get("default_mode") or "ar",
+            **{k: int(params[p]) for k, p in (("max_image_bytes", "max_image_bytes"), ("max_image_pixels",
+               "max_image_pixels"), ("max_images", "max_images_per_request")) if params.get(p)},
         )
+        self.nld.prompts.limit_images(self.limits.max_image_bytes, self.limits.max_image_pixels)
         self._metrics(args.get("model_instance_name", self.name))
         start = time.perf_counter()
         self.nld.planner.cost = self.nld.calibrate(progress=log.info)  # the scheduler reuses it
         log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
-        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix)
-        self._occupancy(0, self.nld.executor.max_batch, 0)
+        self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix,
+                                   image_workers=int(params.get("image_workers") or 1))
+        self._occupancy(self.scheduler.occupancy())
+        layout = self.nld.executor.layout
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
-            f"{self.nld.executor.max_batch} KV slots x {self.nld.executor.max_seq_len} positions, "
+            f"up to {self.nld.executor.max_batch} sequences of up to {self.nld.executor.max_seq_len} positions in a "
+            f"KV cache of {layout.describe()}, prefix cache {'on' if self.nld.pages.prefix_cache else 'off'}, "
             f"max_tokens cap {self.limits.max_tokens_cap}, {len(manifest['files'])} artifacts verified)"
         )
 
+    # name, kind, help, Occupancy field (gauges show it, counters add its increase)
+    METRICS = (
+        ("nld_kv_slots_in_use", "gauge", "sequences decoding (each holds its KV pages)", "sequences"),
+        ("nld_kv_slots_total", "gauge", "sequences the model instance decodes at once at most (max_batch)",
+         "max_sequences"),
+        ("nld_requests_waiting", "gauge", "sequences waiting for KV pages (new or preempted)", "waiting"),
+        ("nld_kv_pages_used", "gauge", "KV-cache pages held by sequences", "pages_used"),
+        ("nld_kv_pages_free", "gauge", "KV-cache pages a sequence can take now (free, or cached and unreferenced)",
+         "pages_free"),
+        ("nld_kv_pages_cached", "gauge", "KV-cache pages in the prefix index", "pages_cached"),
+        ("nld_kv_pages_total", "gauge", "KV-cache pages of the model instance", "pages_total"),
+        ("nld_prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache", "prefix_queries"),
+        ("nld_prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not computed)",
+         "prefix_hits"),
+        ("nld_preemptions_total", "counter", "sequences that gave their KV pages back for older ones and waited",
+         "preemptions"),
+    )
+
     def _metrics(self, instance: str) -> None:
-        """Prometheus gauges on Triton's metrics port: KV-slot occupancy and the waiting queue."""
+        """Prometheus metrics on Triton's metrics port: sequences, the waiting queue, KV pages, the prefix
+        cache, preemptions, and auto's steps per option."""
         self._families = []
-        self._gauges: dict[str, Any] = {}
+        self._gauges: dict[str, tuple[Any, str, str]] = {}
+        self._counted: dict[str, int] = {}
         labels = self._labels = {"model": self.name, "instance": instance}
         self._mix_metrics: dict[str, Any] = {}
         try:
@@ -202,15 +259,13 @@ class TritonPythonModel:
         except Exception as e:  # metrics disabled on this server
             log.warning(f"metric nld_auto_steps_total unavailable: {e}")
             self._mix_family = None
-        for key, name, doc in (
-            ("in_use", "nld_kv_slots_in_use", "KV-cache slots held by requests"),
-            ("total", "nld_kv_slots_total", "KV-cache slots of the model instance"),
-            ("waiting", "nld_requests_waiting", "requests waiting for a KV-cache slot"),
-        ):
+        for name, kind, doc, key in self.METRICS:
             try:
-                family = pb_utils.MetricFamily(name=name, description=doc, kind=pb_utils.MetricFamily.GAUGE)
+                family = pb_utils.MetricFamily(
+                    name=name, description=doc,
+                    kind=pb_utils.MetricFamily.GAUGE if kind == "gauge" else pb_utils.MetricFamily.COUNTER)
                 self._families.append(family)
-                self._gauges[key] = family.Metric(labels=labels)
+                self._gauges[name] = (family.Metric(labels=labels), kind, key)
             except Exception as e:  # metrics disabled on this server: the stats output still reports it
                 log.warning(f"metric {name} unavailable: {e}")
 
@@ -223,21 +278,28 @@ class TritonPythonModel:
                 self._mix_metrics[option] = self._mix_family.Metric(labels={**self._labels, "option": option})
             self._mix_metrics[option].increment(n)
 
-    def _occupancy(self, in_use: int, total: int, waiting: int) -> None:
-        for key, value in (("in_use", in_use), ("total", total), ("waiting", waiting)):
-            if key in self._gauges:
-                self._gauges[key].set(value)
+    def _occupancy(self, now: Any) -> None:
+        for name, (metric, kind, key) in self._gauges.items():
+            value = getattr(now, key)
+            if kind == "gauge":
+                metric.set(value)
+            elif value > self._counted.get(name, 0):
+                metric.increment(value - self._counted.get(name, 0))
+                self._counted[name] = value
 
     def execute(self, requests: list[Any]) -> None:
         """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""
         for request in requests:
+            if _wants_kv_events(request):
+                self._subscribe(request)
+                continue
             sink = TritonSink(request.get_response_sender(), requested=request.requested_output_names())
             try:
                 inputs = {}
                 for spec in INPUTS:
                     tensor = pb_utils.get_input_tensor_by_name(request, spec.name)
                     inputs[spec.name] = None if tensor is None else tensor.as_numpy()
-                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits)
+                prepared = prepare(self.nld, gather(inputs, request.parameters()), self.limits, defer_images=True)
                 sink.prepared = prepared
             except NLDError as e:
                 _forget_frames(e)
@@ -250,6 +312,17 @@ class TritonPythonModel:
                 continue
             self.scheduler.submit(prepared, sink)
         return None
+
+    def _subscribe(self, request: Any) -> None:
+        """A KV-event subscription: the prefix cache's changes streamed until the client leaves."""
+        sink = TritonSink(request.get_response_sender())
+        if not self.limits.streaming:
+            sink.error("kv_events needs the decoupled model `nld` (a gRPC stream)")
+            return
+        try:
+            self.scheduler.subscribe_kv_events(TritonEventSink(sink.sender))
+        except NLDError as e:
+            sink.error(str(e))
 
     def finalize(self) -> None:
         self.scheduler.stop()

@@ -451,7 +451,8 @@ class Rendered:
 def render(tokenizer, messages: list[dict], loss_on: str = "all") -> Rendered:
     """Token ids of `messages` (ending with an assistant turn) through the checkpoint's chat template, exactly
     as serving renders a conversation: every loss span starts where `tokenizer.encode_chat(messages[:i])`,
-    the call the OpenAI front end, the Triton model and `generate` make for the turn's prompt, ends.
+    the call the prompt encoder (nld_trt/prompt.py: the OpenAI front end, the Triton model and `generate`
+    all go through it) makes for the turn's text prompt, ends.
 
     `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `loss_on` is "all" (every assistant turn) or "last".
     A template that does not render a conversation as a prefix of its continuation (one that rewrites

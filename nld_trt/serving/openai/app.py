@@ -1,13 +1,19 @@
 """The OpenAI-compatible HTTP front end: FastAPI routes over the Triton bridge, and the web chat page.
 
 `GET /v1/models`, `POST /v1/chat/completions`, `POST /v1/completions`, `GET /health` (and `/v1/health`),
-and the chat page at `/`. Each request is validated (schema.py), becomes one gRPC stream per prompt to the
-decoupled model (triton.py), and its responses are reshaped into OpenAI's objects: one JSON answer, or
+vLLM's `POST /tokenize`, `POST /detokenize` and `GET /tokenizer_info` (answered by the repository's tokenizer
+model, so lm-eval's `local-completions` needs no tokenizer files), and the chat page at `/`. Each request is
+validated (schema.py), becomes one gRPC stream per prompt to the decoupled model (triton.py), and its
+responses are reshaped into OpenAI's objects: one JSON answer, or
 Server-Sent Events `chat.completion.chunk` / `text_completion` chunks ending with `data: [DONE]`.
 
 A streaming request waits for the model's first response before it answers, so a request the model
 refuses still gets an HTTP error status. A client that goes away (mid-stream or while waiting for a unary
 answer) cancels its gRPC streams, which frees its KV slots. Request bodies are capped.
+
+A chat request with images (OpenAI's `image_url` parts) is checked against what the served model's config says,
+its allowed http(s) images are fetched (media.py), and they go to the model inline
+(schema.chat_request_with_images).
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncIterator
@@ -27,13 +34,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .schema import (ChatRequest, CompletionRequest, RequestError, TritonRequest, chat_request, completion_requests,
-                     parse)
-from .triton import ModelError, ModelInfo, Piece, TritonBridge, TritonUnavailable
+from .media import MAX_BODY_BYTES, MediaOptions
+from .schema import (ChatRequest, CompletionRequest, DetokenizeRequest, RequestError, TritonRequest,
+                     chat_request_with_images, completion_requests, parse, parse_tokenize, tokenize_fields)
+from .triton import ModelError, ModelInfo, NoTokenizer, Piece, TritonBridge, TritonUnavailable, first_string
 
 log = logging.getLogger("nld_trt.serving.openai")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
+PART = re.compile(r"^(messages\[\d+\]\.content\[\d+\])")
 FINISH = {"eos": "stop", "stop": "stop", "length": "length"}
 # a model error's first word -> the OpenAI field it is about
 PARAMS = {"max_tokens": "max_tokens", "block_length": "block_length", "threshold": "threshold",
@@ -50,6 +58,9 @@ def model_error(e: ModelError, chat: bool) -> RequestError:
         return RequestError(message, status=500, type="server_error")
     if "being unloaded" in message:
         return RequestError(message, status=503, type="server_error", code="service_unavailable")
+    part = PART.match(message)
+    if part:  # an image part the model refused (bad image, too large, ...)
+        return RequestError(message, param=part.group(1))
     words = message.replace("(", " ").split()
     param = next((PARAMS[w] for w in words[:2] if w in PARAMS), None)
     if param is None and message.startswith(("the prompt", "unknown mode", "prompt token")):
@@ -76,8 +87,14 @@ class Choice:
     nfe: int = 0
     finish_reason: str | None = None
     prompt_tokens: int | None = None
+    echo: str = ""  # completions with echo: the prompt's text, before the generated text
+    prompt_logprobs: list[dict[str, Any]] | None = None  # every prompt token (the first without a logprob)
+    started: bool = False  # streaming: its first chunk went out
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (final stats)
 
     def add(self, piece: Piece) -> None:
+        if piece.prompt_logprobs is not None:
+            self.prompt_logprobs = piece.prompt_logprobs
         self.text.append(piece.text)
         if piece.reasoning:
             self.reasoning.append(piece.reasoning)
@@ -91,19 +108,26 @@ class Choice:
             stats = piece.stats or {}
             self.tokens, self.nfe = int(stats.get("tokens", self.tokens)), int(stats.get("nfe", self.nfe))
             self.prompt_tokens = stats.get("prompt_tokens", self.prompt_tokens)
+            self.cached_tokens = stats.get("cached_tokens", self.cached_tokens)
 
 
 def usage(choices: list[Choice], n: int) -> dict[str, Any]:
     """OpenAI usage plus NLD's nfe (forward passes, summed over sequences) and tpf (tokens per pass).
 
-    The prompt counts once per prompt however many sequences it has (n of them per prompt)."""
+    The prompt counts once per prompt however many sequences it has (n of them per prompt), and so do its
+    cached tokens (`prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache supplied to the
+    prompt's first sequence; the others share its pages), known once the sequences finish."""
     prompt = [c.prompt_tokens for c in choices[::n]]
+    cached = [c.cached_tokens for c in choices[::n]]
     completion = sum(c.tokens for c in choices)
     nfe = sum(c.nfe for c in choices)
     prompt_tokens = None if None in prompt else sum(prompt)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": None if prompt_tokens is None else prompt_tokens + completion,
-            "nfe": nfe, "tpf": round(completion / nfe, 4) if nfe else 0.0}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+           "total_tokens": None if prompt_tokens is None else prompt_tokens + completion,
+           "nfe": nfe, "tpf": round(completion / nfe, 4) if nfe else 0.0}
+    if None not in cached:
+        out["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    return out
 
 
 async def pieces(bridge: TritonBridge, requests: list[TritonRequest]) -> AsyncIterator[tuple[int, Piece]]:
@@ -154,15 +178,31 @@ def chat_logprobs(entries: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def completion_logprobs(entries: list[dict[str, Any]], offset: int, top: int) -> dict[str, Any]:
-    """The legacy completions layout; text_offset counts characters from the start of the choice's text."""
+    """The legacy completions layout; text_offset counts characters from the start of the choice's text. An
+    echoed prompt's first token has no log-probability (null, as OpenAI and vLLM send it)."""
     offsets = []
     for e in entries:
         offsets.append(offset)
         offset += len(e["token"])
     return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-            "top_logprobs": [{t["token"]: t["logprob"] for t in e.get("top_logprobs") or []} for e in entries]
+            "top_logprobs": [None if e["logprob"] is None else
+                             {t["token"]: t["logprob"] for t in (e.get("top_logprobs") or [])[:top]} for e in entries]
             if top else None,
             "text_offset": offsets}
+
+
+def vllm_prompt_logprobs(entries: list[dict[str, Any]] | None, top: int) -> list[dict[str, Any] | None] | None:
+    """vLLM's `prompt_logprobs`: per prompt token (None for the first) {token id: {logprob, rank, decoded_token}}
+    for the token itself and the `top` most likely ones."""
+    if entries is None:
+        return None
+    out: list[dict[str, Any] | None] = [None]
+    for e in entries[1:]:
+        d = {str(t["token_id"]): {"logprob": t["logprob"], "rank": r + 1, "decoded_token": t["token"]}
+             for r, t in enumerate((e.get("top_logprobs") or [])[:top])}
+        d[str(e["token_id"])] = {"logprob": e["logprob"], "rank": e.get("rank"), "decoded_token": e["token"]}
+        out.append(d)
+    return out
 
 
 @dataclass
@@ -174,6 +214,8 @@ class Shape:
     n: int
     top_logprobs: int  # completions: the logprobs count; chat: top_logprobs
     logprobs: bool
+    echo: bool = False  # completions: the prompt comes first (its log-probabilities too, with logprobs)
+    prompt_top: int | None = None  # vLLM's prompt_logprobs: asked for, with this many alternatives
     id: str = ""
     created: int = 0
 
@@ -195,10 +237,30 @@ class Shape:
                 lp = chat_logprobs(c.logprobs) if self.logprobs else None
                 out.append({"index": c.index, "message": message, "logprobs": lp, "finish_reason": c.finish_reason})
             else:
-                lp = completion_logprobs(c.logprobs, 0, self.top_logprobs) if self.logprobs else None
-                out.append({"index": c.index, "text": text, "logprobs": lp, "finish_reason": c.finish_reason})
-        return {**self.head("chat.completion" if self.chat else "text_completion"), "choices": out,
-                "usage": usage(choices, self.n), "system_fingerprint": None}
+                entries = (c.prompt_logprobs or []) + c.logprobs if self.echo else c.logprobs
+                lp = completion_logprobs(entries, 0, self.top_logprobs) if self.logprobs else None
+                out.append({"index": c.index, "text": c.echo + text if self.echo else text, "logprobs": lp,
+                            "finish_reason": c.finish_reason})
+                if self.prompt_top is not None:
+                    out[-1]["prompt_logprobs"] = vllm_prompt_logprobs(c.prompt_logprobs, self.prompt_top)
+        answer = {**self.head("chat.completion" if self.chat else "text_completion"), "choices": out,
+                  "usage": usage(choices, self.n), "system_fingerprint": None}
+        if self.chat and self.prompt_top is not None:  # vLLM puts the chat prompt's once, beside the choices
+            answer["prompt_logprobs"] = vllm_prompt_logprobs(choices[0].prompt_logprobs, self.prompt_top)
+        return answer
+
+    def first_chunk(self, choice: Choice) -> dict[str, Any] | None:
+        """Completions streaming, before a choice's first text: the echoed prompt and its log-probabilities, and
+        vLLM's prompt_logprobs (None when neither is asked for)."""
+        if self.chat or not (self.echo or self.prompt_top is not None):
+            return None
+        lp = (completion_logprobs(choice.prompt_logprobs or [], 0, self.top_logprobs)
+              if self.echo and self.logprobs else None)
+        body: dict[str, Any] = {"index": choice.index, "text": choice.echo if self.echo else "", "logprobs": lp,
+                                "finish_reason": None}
+        if self.prompt_top is not None:
+            body["prompt_logprobs"] = vllm_prompt_logprobs(choice.prompt_logprobs, self.prompt_top)
+        return {**self.head("text_completion"), "choices": [body], "system_fingerprint": None}
 
     def chunk(self, choice: Choice, piece: Piece | None, offset: int) -> dict[str, Any]:
         """One choice's chunk: the piece's delta, or (piece None) its finish."""
@@ -255,8 +317,10 @@ async def until_disconnect(request: Request) -> None:
 
 
 # the app ------------------------------------------------------------------------------------------------
-def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_bytes: int = MAX_BODY_BYTES) -> FastAPI:
-    """The front end for one Triton model; `served_model` is the OpenAI model id (default: its Triton name)."""
+def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_bytes: int = MAX_BODY_BYTES,
+               media_options: MediaOptions = MediaOptions()) -> FastAPI:
+    """The front end for one Triton model; `served_model` is the OpenAI model id (default: its Triton name);
+    `media_options`: which image URLs it may fetch."""
     served = served_model or bridge.model
     started = int(time.time())
     page = resources.files(__package__).joinpath("page.html").read_text(encoding="utf-8")
@@ -276,7 +340,8 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
         message = {404: f"no route {request.method} {request.url.path}: this server has /v1/models, "
-                        "/v1/chat/completions, /v1/completions, /health and the chat page at /",
+                        "/v1/chat/completions, /v1/completions, /tokenize, /detokenize, /tokenizer_info, /health and "
+                        "the chat page at /",
                    405: f"{request.method} is not allowed on {request.url.path}"}.get(e.status_code, str(e.detail))
         return JSONResponse(RequestError(message, status=e.status_code, code="not_found" if e.status_code == 404
                                          else None).body(), status_code=e.status_code)
@@ -322,8 +387,8 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
     async def chat(request: Request) -> Response:
         req = parse(ChatRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
-        triton = [chat_request(req, await info())]
-        shape = Shape(True, served, req.n, req.top_logprobs or 0, req.logprobs)
+        triton = [await chat_request_with_images(req, await info(), media_options)]
+        shape = Shape(True, served, req.n, req.top_logprobs or 0, req.logprobs, prompt_top=req.prompt_logprobs)
         return await respond(request, req, triton, shape)
 
     @app.post("/v1/completions")
@@ -331,12 +396,56 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
         req = parse(CompletionRequest, await read_body(request, max_body_bytes))
         check_model(req.model)
         triton = completion_requests(req, await info())
-        shape = Shape(False, served, req.n, req.logprobs or 0, req.logprobs is not None)
-        return await respond(request, req, triton, shape)
+        shape = Shape(False, served, req.n, req.logprobs or 0, req.logprobs is not None, req.echo, req.prompt_logprobs)
+        echoes = [await echo_text(p) for p in req.prompts()] if req.echo else None
+        return await respond(request, req, triton, shape, echoes)
+
+    async def echo_text(prompt: str | list[int]) -> str:
+        """The text an echoed prompt starts the answer with: a text prompt as sent, token ids decoded by the
+        model's tokenizer (never re-tokenized: the model still gets the ids)."""
+        if isinstance(prompt, str):
+            return prompt
+        out = await tokenizer_call({"input_ids": list(prompt)}, ["text_output"], "prompt")
+        return first_string(out.get("text_output"))
+
+    async def tokenizer_call(fields: dict[str, Any], wanted: list[str], param: str | None) -> dict[str, list]:
+        try:
+            return await bridge.tokenizer(fields, wanted)
+        except NoTokenizer as e:
+            raise RequestError(str(e), param=param, status=501, type="server_error", code="not_implemented") from None
+        except ModelError as e:
+            raise RequestError(str(e), param=param) from None
+        except TritonUnavailable as e:
+            raise unavailable(e) from None
+
+    @app.post("/tokenize")
+    async def tokenize(request: Request) -> JSONResponse:
+        req = parse_tokenize(await read_body(request, max_body_bytes))
+        check_model(req.model)
+        wanted = ["token_ids"] + (["token_strs"] if req.return_token_strs else [])
+        out = await tokenizer_call(tokenize_fields(req), wanted, "messages" if hasattr(req, "messages") else "prompt")
+        tokens = [int(t) for t in out.get("token_ids", [])]
+        strs = [t.decode("utf-8", errors="replace") for t in out.get("token_strs", [])] if req.return_token_strs else None
+        return JSONResponse({"count": len(tokens), "max_model_len": (await info()).limit("max_seq_len", 0) or None,
+                             "tokens": tokens, "token_strs": strs})
+
+    @app.post("/detokenize")
+    async def detokenize(request: Request) -> JSONResponse:
+        req = parse(DetokenizeRequest, await read_body(request, max_body_bytes))
+        check_model(req.model)
+        out = await tokenizer_call({"input_ids": req.tokens}, ["text_output"], "tokens")
+        return JSONResponse({"prompt": first_string(out.get("text_output"))})
+
+    @app.get("/tokenizer_info")
+    async def tokenizer_info() -> JSONResponse:
+        out = await tokenizer_call({"add_special_tokens": False}, ["tokenizer_info"], None)
+        return JSONResponse(json.loads(first_string(out.get("tokenizer_info")) or "{}"))
 
     async def respond(request: Request, req: ChatRequest | CompletionRequest, triton: list[TritonRequest],
-                      shape: Shape) -> Response:
+                      shape: Shape, echoes: list[str] | None = None) -> Response:
         choices = [Choice(i) for i in range(len(triton) * req.n)]
+        for c in choices if echoes is not None else ():
+            c.echo = echoes[c.index // req.n]
         stream = pieces(bridge, triton)
         if req.stream:
             return await stream_answer(stream, choices, shape, req)
@@ -396,6 +505,12 @@ def create_app(bridge: TritonBridge, served_model: str | None = None, max_body_b
                         index, piece = item
                         choice = choices[index]
                         choice.add(piece)
+                        if not choice.started:
+                            choice.started = True
+                            opening = shape.first_chunk(choice)
+                            if opening is not None:
+                                yield event(opening)
+                                offsets[index] += len(opening["choices"][0]["text"])
                         if piece.text or piece.reasoning or piece.logprobs:
                             yield event(shape.chunk(choice, piece, offsets[index]))
                             offsets[index] += len(piece.text)

@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...errors import NLDError
-from .app import MAX_BODY_BYTES, create_app
+from .app import create_app
+from .media import MAX_BODY_BYTES, MediaOptions
 from .triton import MODEL, TritonBridge
 
 
@@ -27,6 +28,7 @@ class FrontEnd:
     triton_model: str = MODEL
     served_model: str | None = None
     max_body_bytes: int = MAX_BODY_BYTES
+    media: MediaOptions = field(default_factory=MediaOptions)  # which image URLs it may fetch
     _server: Any = None
     _thread: threading.Thread | None = None
     _socket: socket.socket | None = field(default=None, repr=False)
@@ -58,7 +60,8 @@ class FrontEnd:
         import uvicorn
 
         self.bind()
-        app = create_app(TritonBridge(self.triton_url, self.triton_model), self.served_model, self.max_body_bytes)
+        app = create_app(TritonBridge(self.triton_url, self.triton_model), self.served_model, self.max_body_bytes,
+                         self.media)
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", timeout_keep_alive=30)
         return uvicorn.Server(config)
 

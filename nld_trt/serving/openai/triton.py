@@ -5,6 +5,10 @@ with stream=true, so Triton stays the serving engine and the front end only resh
 bridge reads the served model's config once (which inputs it has, its limits) and sends each field with the
 type the config declares, so a model that gains inputs (top_p, stop_words, ...) needs no change here.
 
+The bridge also calls the repository's tokenizer model (`nld_tokenizer`, named by the model's
+`tokenizer_model` parameter) for `/tokenize`, `/detokenize`, `/tokenizer_info` and echoed token-id prompts: the
+front end needs only Triton's gRPC address, never the model's files.
+
 A request the caller abandons (its HTTP client went away, or the task was cancelled) cancels its gRPC
 stream, which frees its KV slot on the server. A finished request is never cancelled: tritonserver 2.51 may
 then keep it forever (see client.py); its stream is drained in the background instead.
@@ -32,6 +36,10 @@ class TritonUnavailable(Exception):
 
 class ModelError(Exception):
     """The model refused or failed a request; the message is the model's."""
+
+
+class NoTokenizer(Exception):
+    """The served repository has no tokenizer model (packaged by an older nld-trt)."""
 
 
 @dataclass(frozen=True)
@@ -75,6 +83,7 @@ class Piece:
     reasoning: str = ""  # reasoning_output (separate_reasoning=true)
     logprobs: list[dict[str, Any]] | None = None
     prompt_tokens: int | None = None  # num_input_tokens (return_num_input_tokens=true)
+    prompt_logprobs: list[dict[str, Any]] | None = None  # the sequence's first response, with prompt_logprobs
 
 
 WIRE = {"INT32": "<i4", "INT64": "<i8", "UINT64": "<u8", "FP32": "<f4", "BOOL": "?"}
@@ -101,7 +110,7 @@ def outputs(result: Any) -> dict[str, list]:
     return {o.name: result.as_numpy(o.name).reshape(-1).tolist() for o in response.outputs}
 
 
-def _string(values: list | None) -> str:
+def first_string(values: list | None) -> str:
     if not values:
         return ""
     v = values[0]
@@ -111,19 +120,21 @@ def _string(values: list | None) -> str:
 def piece_from(result: Any) -> Piece:
     """A Piece from a tritonclient InferResult."""
     out = outputs(result)
-    stats, logprobs = _string(out.get("stats")), _string(out.get("logprobs"))
+    stats, logprobs = first_string(out.get("stats")), first_string(out.get("logprobs"))
+    prompt = first_string(out.get("prompt_logprobs"))
     return Piece(
         index=int(out["sequence_index"][0]) if out.get("sequence_index") else 0,
-        text=_string(out.get("text_output")),
+        text=first_string(out.get("text_output")),
         token_ids=[int(t) for t in out.get("output_ids", [])],
         num_tokens=int(out["num_tokens"][0]) if out.get("num_tokens") else 0,
         nfe=int(out["nfe"][0]) if out.get("nfe") else 0,
         tpf=float(out["tpf"][0]) if out.get("tpf") else 0.0,
-        finish_reason=_string(out.get("finish_reason")),
+        finish_reason=first_string(out.get("finish_reason")),
         stats=json.loads(stats) if stats else None,
-        reasoning=_string(out.get("reasoning_output")),
+        reasoning=first_string(out.get("reasoning_output")),
         logprobs=json.loads(logprobs) if logprobs else None,
         prompt_tokens=int(out["num_input_tokens"][0]) if out.get("num_input_tokens") else None,
+        prompt_logprobs=json.loads(prompt) if prompt else None,
     )
 
 
@@ -135,6 +146,7 @@ class TritonBridge:
     model: str = MODEL
     _client: Any = None
     _info: ModelInfo | None = None
+    _tokenizer_info: ModelInfo | None = None
     _draining: set[asyncio.Task] = field(default_factory=set)
 
     def client(self) -> Any:
@@ -167,6 +179,35 @@ class TritonBridge:
                                         f"({_reason(e)}): start it with `nld-trt serve REPO` or wait for it") from None
             self._info = ModelInfo.from_config(config["config"])
         return self._info
+
+    async def tokenizer(self, fields: dict[str, Any], wanted: list[str]) -> dict[str, list]:
+        """One unary request to the repository's tokenizer model: its outputs `wanted`, decoded.
+
+        Raises NoTokenizer (a repository without one), ModelError (it refused the request), TritonUnavailable."""
+        name = (await self.info()).parameters.get("tokenizer_model")
+        if not name:
+            raise NoTokenizer(f"the model {self.model!r} of this deployment names no tokenizer model: re-package it "
+                              "with a newer nld-trt (nld-trt package) for /tokenize, /detokenize and echo of token ids")
+        if self._tokenizer_info is None:
+            try:
+                config = await self.client().get_model_config(name, as_json=True, client_timeout=10)
+            except Exception as e:  # noqa: BLE001
+                raise TritonUnavailable(f"tritonserver at {self.url} does not serve the tokenizer model {name!r} "
+                                        f"({_reason(e)})") from None
+            self._tokenizer_info = ModelInfo.from_config(config["config"])
+        import tritonclient.grpc as grpcclient
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            result = await self.client().infer(name, self.tensors(self._tokenizer_info, fields),
+                                               outputs=[grpcclient.InferRequestedOutput(o) for o in wanted],
+                                               client_timeout=60)
+        except InferenceServerException as e:
+            message = e.message() or str(e)
+            if "unavailable" in message.lower() or "connect" in message.lower():
+                raise TritonUnavailable(f"tritonserver at {self.url} failed the request: {message}") from None
+            raise ModelError(message) from None
+        return outputs(result)
 
     def tensors(self, info: ModelInfo, fields: dict[str, Any]) -> list[Any]:
         """One InferInput per field, typed as the model's config declares; lists become [1, N] tensors."""
