@@ -5,8 +5,9 @@ Output layout: engine.json (what was built, limits, verification results), confi
 files of the checkpoint, model.onnx (+ model.onnx.data, the weights as external data) in the requested
 dtype, and nld.plan when TensorRT built it. A vision-language checkpoint adds its vision encoder (tower +
 projector) as its own graph, vision.onnx (dynamic image size, nld_trt/vision/onnx_export.py), verified under
-ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan. (The text graph has no input for
-the image rows yet: engine builds serve text prompts until it does.)
+ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan; its text graph then takes the
+encoder's rows through its `image_rows` input (nld_trt/engine/onnx_graph.py), so `nld_trt.load` of the build
+runs image prompts through both graphs (nld_trt/engine/loader.py).
 """
 
 from __future__ import annotations
