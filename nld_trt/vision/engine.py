@@ -87,9 +87,12 @@ class TensorRTVisionEncoder:
         if not self.context.set_input_shape(PIXELS, tuple(pixels.shape)):
             raise NLDError(f"the vision plan takes images from {lo[2]} x {lo[3]} to {hi[2]} x {hi[3]} pixels, not "
                            f"{pixels.shape[2]} x {pixels.shape[3]}: rebuild it for the processor's longest edge")
-        shape = tuple(self.context.get_tensor_shape(ROWS))
-        if any(d < 0 for d in shape):
-            raise NLDError(f"TensorRT could not infer the shape of {ROWS} ({shape})")
+        cell = self.config.cell
+        shape = ((pixels.shape[2] // cell) * (pixels.shape[3] // cell), self.config.text.hidden_size)
+        inferred = tuple(self.context.get_tensor_shape(ROWS))
+        if len(inferred) != 2 or any(0 <= d != x for d, x in zip(inferred, shape)):
+            raise NLDError(f"the vision plan returns {ROWS} of shape {inferred} for a {pixels.shape[2]} x "
+                           f"{pixels.shape[3]} image, not {shape}: it is not this model's vision encoder; rebuild it")
         rows = torch.empty(shape, dtype=self.dtypes[ROWS], device=self._device)
         self.context.set_tensor_address(PIXELS, pixels.data_ptr())
         self.context.set_tensor_address(ROWS, rows.data_ptr())
