@@ -102,7 +102,8 @@ def test_text_only_passes_feed_one_zero_row_and_match_the_checkpoint(engine, pla
     monkeypatch.setattr(engine.executor.session, "run", spy)
     for mode in ("ar", "dlm"):
         kw = dict(mode=mode, max_new_tokens=12, block_length=8, eos_token_ids=())
-        assert engine.generate("A plain question.", **kw).token_ids == plain.generate("A plain question.", **kw).token_ids
+        want = plain.generate("A plain question.", **kw).token_ids
+        assert engine.generate("A plain question.", **kw).token_ids == want
     assert rows and set(rows) == {((1, engine.config.hidden_size), False, False)}
     rows.clear()
     engine.generate(chat(picture(56, 56, 42), "Hm?"), mode="ar", max_new_tokens=2)

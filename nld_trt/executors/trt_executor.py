@@ -2,11 +2,11 @@
 
 Thin and standard (deserialize, pick the optimization profile that holds the pass's shapes, bind torch CUDA
 tensors by name, execute_async_v3). It feeds the graph exactly what the ONNX Runtime executor feeds it
-(`graph_io.input_feeds`, and a VLM plan's image rows, `graph_io.image_feeds`). The paged cache is one set of tensors whose shape the plan fixed at build (its
-pages, page size and dtype: the executor's layout); `nld::write_kv` writes each pass's K/V into it in place
-(its present_* outputs are aliased to the past_* inputs), so past_* and present_* are bound to the same
-memory and nothing is copied. The nld:: plugins are AOT plugins: their kernels are inside the plan, so
-nothing is registered at run time.
+(`graph_io.input_feeds`, and a VLM plan's image rows, `graph_io.image_feeds`). The paged cache is one set
+of tensors whose shape the plan fixed at build (its pages, page size and dtype: the executor's layout);
+`nld::write_kv` writes each pass's K/V into it in place (its present_* outputs are aliased to the past_*
+inputs), so past_* and present_* are bound to the same memory and nothing is copied. The nld:: plugins are
+AOT plugins: their kernels are inside the plan, so nothing is registered at run time.
 
 It needs TensorRT >= 10.9 and a GPU, neither of which our CI machines have: this file has run only against
 the stand-in `tensorrt` of tests/test_trt_stand_in.py (README, "What has run where").

@@ -5,7 +5,8 @@ An engine build of a vision-language model (`nld-trt build`) holds the tower + p
 [cells, text hidden]) beside the text graph, which takes those rows through its `image_rows` input. These
 classes stand where the PyTorch `VisionEncoder` stands for a checkpoint, with the same face for
 `ImageEncoder` (its cache by content digest, its batching, the prompt binding): `config`, `device`, `dtype`
-(of the pixels they take), `rows_dtype` (of the rows they return) and a call from a list of [3, H, W] pixel tensors to a list of [cells, hidden] rows.
+(of the pixels they take), `rows_dtype` (of the rows they return) and a call from a list of [3, H, W] pixel
+tensors to a list of [cells, hidden] rows.
 The graphs take one image per run, so a batch runs image by image. The TensorRT one is thin (deserialize, set
 the image's shape, bind, execute) and imports TensorRT lazily; it has run only against the stand-in of
 tests/test_trt_stand_in.py.
