@@ -14,7 +14,9 @@ the stand-in `tensorrt` of tests/test_trt_stand_in.py (README, "What has run whe
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -59,6 +61,35 @@ def pick_profile(ranges: list[dict[str, tuple[tuple, tuple]]], shapes: dict[str,
                    f"{shapes['logit_positions']} ({have}); rebuild with larger --max-batch / --max-block")
 
 
+@dataclass
+class LoadedPlan:
+    """A deserialized plan with the TensorRT objects it needs alive (its runtime and logger)."""
+
+    trt: Any
+    logger: Any
+    runtime: Any
+    engine: Any
+
+    @classmethod
+    def load(cls, plan: str | Path, device: torch.device) -> LoadedPlan:
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise NLDError(CUDA_MISSING)
+        from ..engine.trt_build import import_tensorrt
+
+        trt = import_tensorrt()
+        logger = trt.Logger(trt.Logger.WARNING)
+        runtime = trt.Runtime(logger)
+        engine = runtime.deserialize_cuda_engine(Path(plan).read_bytes())
+        if engine is None:
+            raise NLDError(f"TensorRT could not deserialize {plan}: plans are tied to the TensorRT version and GPU "
+                           "they were built with; rebuild it here (nld-trt build)")
+        return cls(trt, logger, runtime, engine)
+
+    @property
+    def names(self) -> list[str]:
+        return [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+
+
 class TensorRTExecutor(Executor):
     full_tables = True  # the plan's page_table input has the layout's width
     def __init__(self, plan: str | Path, config: NLDConfig, max_batch: int, max_seq_len: int, max_chunk: int,
@@ -66,18 +97,9 @@ class TensorRTExecutor(Executor):
         """`device` is cuda for any real plan; tests/test_trt_stand_in.py passes cpu with its stand-in TensorRT."""
         self._device = torch.device(device)
         cuda = self._device.type == "cuda"
-        if cuda and not torch.cuda.is_available():
-            raise NLDError(CUDA_MISSING)
-        from ..engine.trt_build import import_tensorrt
-
-        trt = import_tensorrt()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self._logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
-        if self.engine is None:
-            raise NLDError(f"TensorRT could not deserialize {plan}: plans are tied to the TensorRT version and GPU "
-                           "they were built with; rebuild it here (nld-trt build)")
-        names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
+        self.plan = LoadedPlan.load(plan, self._device)
+        trt, self.engine = self.plan.trt, self.plan.engine
+        names = self.plan.names
         inputs = {n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT}
         self.outputs = [n for n in names if n not in inputs]
         self.past = cache_names(config.num_hidden_layers)

@@ -50,20 +50,12 @@ class TensorRTVisionEncoder:
     for any real plan; the stand-in TensorRT of the tests runs on cpu."""
 
     def __init__(self, plan: str | Path, config: VLMConfig, device: str = "cuda") -> None:
-        from ..engine.trt_build import import_tensorrt
-        from ..executors.trt_executor import CUDA_MISSING, torch_dtype
+        from ..executors.trt_executor import LoadedPlan, torch_dtype
 
         self._device = torch.device(device)
-        if self._device.type == "cuda" and not torch.cuda.is_available():
-            raise NLDError(CUDA_MISSING)
-        trt = import_tensorrt()
-        self._logger = trt.Logger(trt.Logger.WARNING)
-        self.runtime = trt.Runtime(self._logger)
-        self.engine = self.runtime.deserialize_cuda_engine(Path(plan).read_bytes())
-        if self.engine is None:
-            raise NLDError(f"TensorRT could not deserialize {plan}: plans are tied to the TensorRT version and GPU "
-                           "they were built with; rebuild it here (nld-trt build)")
-        names = {self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)}
+        self.plan = LoadedPlan.load(plan, self._device)
+        self.engine = self.plan.engine
+        names = set(self.plan.names)
         if names != {PIXELS, ROWS}:
             raise NLDError(f"{plan} is not a plan of the vision encoder's graph (its tensors are {sorted(names)}, not "
                            f"{PIXELS} and {ROWS})")
