@@ -21,6 +21,7 @@ from nld_trt.engine import loader
 from nld_trt.engine.loader import image_refusal
 from nld_trt.engine.trt_build import build_plan, build_vision_plan, profile_shapes
 from nld_trt.errors import GenerationError
+from nld_trt.executors.base import Chunk, ChunkEmbeds, PassBatch, PassRow
 from nld_trt.executors.graph_io import IMAGE_ROWS
 from nld_trt.executors.onnx_executor import OnnxExecutor
 from nld_trt.executors.trt_executor import TensorRTExecutor
@@ -136,6 +137,9 @@ def test_an_older_build_loads_serves_text_and_refuses_images_saying_why(old_buil
                                               r"prompts only: its text graph has no input for image rows \(an older "
                                               r"nld-trt built it\); rebuild it"):
         old.generate(chat(A, "What is it?"))
+    rows = ChunkEmbeds((1,), torch.zeros(1, old.config.hidden_size))  # and its executor, asked directly
+    with pytest.raises(GenerationError, match="OnnxExecutor has no input for image embeddings .* rebuild it"):
+        old.executor.forward(PassBatch([PassRow(Chunk([1, 2], embeds=rows), 0, [0])]))
 
 
 def test_image_refusal_names_what_a_build_lacks(engine_dir, old_build, tmp_path):
