@@ -84,7 +84,7 @@ def test_a_second_turn_with_the_same_image_is_served_from_the_prefix_cache(engin
     assert first.token_ids == plain.generate(turn1, mode="ar", max_new_tokens=10).token_ids
     encoded = engine.image_encoder.encoded_images
     turn2 = turn1 + [{"role": "assistant", "content": first.text}, {"role": "user", "content": "And its colour?"}]
-    for mode in ("ar", "linear_spec"):
+    for mode in ("ar", "dlm", "linear_spec"):
         second = engine.generate(turn2, mode=mode, max_new_tokens=10, block_length=8)
         assert second.stats.cached_tokens >= second.images[0]["end"]  # the image's pages came from the cache
         assert second.token_ids == plain.generate(turn2, mode=mode, max_new_tokens=10, block_length=8).token_ids
