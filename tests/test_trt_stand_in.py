@@ -428,6 +428,7 @@ def test_executor_runs_the_plan_like_onnx_runtime_writing_the_pages_in_place(trt
     assert trt_ex.device == torch.device("cpu") and trt_ex.has_lora and trt_ex.cache["past_key_0"].shape == (
         b * s // 16 + 1, 16, 2, 16)
     assert trt_ex.layout == ort_ex.layout
+    assert not trt_ex.takes_embeds  # a text model's plan has no image_rows input (tests/test_vlm_engine.py: a VLM's)
     prompts = [Chunk(list(range(1, 21))), Chunk([1, 9, 10])]  # 20 > max_block: the prefill profile
     steps = [[Chunk([7, 100, 100, 100], block=True, lora=True), Chunk([5, 6, 7, 8])],
              [Chunk([3]), Chunk([4])]]
