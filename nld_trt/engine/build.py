@@ -26,10 +26,7 @@ from ..checkpoint import ENGINE_FILE, check_model_dir
 from ..errors import NLDError
 from ..fileutil import atomic_directory
 from ..kv.layout import DEFAULT_PAGE_SIZE
-
-GRAPH_FILE = "model.onnx"
-PLAN_FILE = "nld.plan"
-VISION_PLAN_FILE = "vision.plan"
+from .loader import GRAPH_FILE, PLAN_FILE, VISION_PLAN_FILE
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "hf_quant_config.json", "preprocessor_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}

@@ -9,8 +9,13 @@ from pathlib import Path
 
 from ..config import NLDConfig
 from ..errors import NLDError
+from ..checkpoint import ENGINE_FILE
 from ..kv.layout import DEFAULT_PAGE_SIZE
-from .build import ENGINE_FILE, GRAPH_FILE, PLAN_FILE, VISION_PLAN_FILE
+
+# the files of a build (engine/build.py writes them; the build's manifest is checkpoint.ENGINE_FILE)
+GRAPH_FILE = "model.onnx"
+PLAN_FILE = "nld.plan"
+VISION_PLAN_FILE = "vision.plan"
 
 
 def is_engine_dir(path: Path) -> bool:

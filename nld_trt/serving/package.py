@@ -174,7 +174,7 @@ def check_checkpoint(model_dir: Path) -> NLDConfig:
 
 def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:
     """An `nld-trt build` output that the chosen device can run, and options clamped to its limits."""
-    from ..engine.build import ENGINE_FILE
+    from ..checkpoint import ENGINE_FILE
     from ..engine.loader import is_engine_dir
 
     if not engine_dir.is_dir():
