@@ -260,3 +260,21 @@ def test_a_request_larger_than_the_pool_fails_alone_with_a_clear_error():
             SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar"), CONFIG, 0)]
     run(ex, seqs, pages=PageManager(ex.layout.pages, ex.layout.page_size))
     assert "needs 18 KV-cache pages" in seqs[0].error and seqs[1].error is None and len(seqs[1].out) == 24
+
+
+def test_a_max_seq_len_prompt_with_one_new_token_fits_the_smallest_pool():
+    # check_fits accepts prompt + max_new_tokens - 1 <= max_seq_len, and the smallest pool holds one max_seq_len
+    # sequence: an ar request taking its one token from the prefill writes nothing past its prompt
+    prompt = [1] + [i % 50 + 5 for i in range(63)]
+    p = params("ar", max_new_tokens=1)
+    assert p.cache_positions(len(prompt)) == 64
+    small = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64, kv_cache_tokens=64)
+    hot = SEQUENCE_TYPES["ar"](prompt, p, CONFIG, 0)
+    pages = PageManager(small.layout.pages, small.layout.page_size)
+    run(small, [hot], pages=pages)
+    big = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64)
+    ref = SEQUENCE_TYPES["ar"](prompt, p, CONFIG, 0)
+    run(big, [ref], pages=plain(big))
+    assert hot.error is None and ref.error is None and hot.out == ref.out and len(hot.out) == 1
+    assert pages.in_use == 0
+    pages.check()
