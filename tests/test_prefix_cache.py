@@ -278,3 +278,27 @@ def test_a_max_seq_len_prompt_with_one_new_token_fits_the_smallest_pool():
     assert hot.error is None and ref.error is None and hot.out == ref.out and len(hot.out) == 1
     assert pages.in_use == 0
     pages.check()
+
+
+def test_a_sequence_whose_rule_fails_gives_its_pages_back_before_the_others_reserve_theirs():
+    """A failure is kept to the sequence it touches: its pages are back in the pool before the step reserves
+    the others' (else a sequence that fits the pool alone failed 'out of KV-cache pages' beside it)."""
+    from nld_trt.decoding.ar import ARSequence
+    from nld_trt.errors import GenerationError
+
+    class FailsAt(ARSequence):
+        def next_chunk(self):
+            if len(self.out) == 22:
+                raise GenerationError("this request's own rule failed")
+            return super().next_chunk()
+
+    ex = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64, kv_cache_tokens=68)
+    pages = PageManager(ex.layout.pages, ex.layout.page_size, prefix_cache=False)
+    failing = FailsAt([1] + list(range(10, 30)), params("ar", max_new_tokens=26), CONFIG, 0)
+    other = SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar", max_new_tokens=40), CONFIG, 1)
+    run(ex, [failing, other], pages=pages)
+    alone = decode(ToyExecutor(CONFIG, max_batch=2), [[1, 5, 6]], "ar", max_new_tokens=40)[0]
+    assert "own rule failed" in failing.error
+    assert other.error is None and other.out == alone.out
+    assert pages.in_use == 0
+    pages.check()

@@ -280,6 +280,7 @@ class Batcher:
                 chunks[id(s)] = (s, s.next_chunk())
             except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
                 _failed(s, e)
+                self._release(s)  # now: its pages must not make `_reserve` preempt or fail the others
         self._reserve(chunks)
         by_len: dict[int, list[tuple[Sequence, Chunk]]] = {}
         for s, c in chunks.values():
