@@ -302,3 +302,28 @@ def test_a_sequence_whose_rule_fails_gives_its_pages_back_before_the_others_rese
     assert other.error is None and other.out == alone.out
     assert pages.in_use == 0
     pages.check()
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_even_behind_one_waiting_for_pages():
+    """Waiting requests hold no pages, but their clients wait for the answer: one cancelled behind a request that
+    waits for pages (first in the queue) is completed at the next step, not once that request gets its pages."""
+    ex = ToyExecutor(CONFIG, max_batch=4, max_seq_len=64, kv_cache_tokens=64)
+    pages = PageManager(ex.layout.pages, ex.layout.page_size)
+    batcher = Batcher(ex, pages=pages)
+    running = SEQUENCE_TYPES["ar"]([1] + list(range(10, 40)), params("ar", max_new_tokens=30), CONFIG, 0)
+    blocked = SEQUENCE_TYPES["ar"]([1] + list(range(20, 50)), params("ar", max_new_tokens=30), CONFIG, 1)
+    behind = SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar", max_new_tokens=30), CONFIG, 2)
+    batcher.submit(running)
+    batcher.step()
+    batcher.submit(blocked)
+    batcher.submit(behind)
+    batcher.step()
+    assert batcher.active == [running] and list(batcher.waiting) == [blocked, behind]  # blocked waits for pages
+    batcher.cancel(behind)
+    left = batcher.step()
+    assert left == [behind] and behind.finish_reason == "cancelled" and list(batcher.waiting) == [blocked]
+    while not batcher.idle:
+        batcher.step()
+    assert running.error is None and blocked.error is None and len(blocked.out) == 30
+    assert pages.in_use == 0
+    pages.check()

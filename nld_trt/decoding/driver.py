@@ -175,15 +175,16 @@ class Batcher:
         """Waiting sequences that join now, in order, their page tables set up (cached prefix adopted, pages
         for the rest taken) and `todo` the tokens to prefill."""
         pages = self.pages
+        # cancelled ones leave wherever they wait (they hold no pages, but their clients wait for the answer)
+        for s in [s for s in list(self.waiting) if s.cancelled]:  # list(): one C-level copy (submit may run meanwhile)
+            self.waiting.remove(s)
+            left.append(s)
         budget = pages.available - sum(pages.shortfall(s.kv, reach(s, s.kv.length)) for s in self.active)
         watermark = max(1, pages.total // 100)
         joining: list[Sequence] = []
         inflight: set[int] = set()  # hashes of full pages joining sequences will compute
         while self.waiting and len(self.active) + len(joining) < self.executor.max_batch:
             s = self.waiting[0]
-            if s.cancelled:
-                left.append(self.waiting.popleft())
-                continue
             resuming = s.kv is not None
             tokens = list(s.kv.tokens) if resuming else s.prompt
             extra = s.kv.extra if resuming else s.extra_keys
