@@ -112,7 +112,8 @@ class KVLayout:
         return -(-positions // self.page_size)
 
     def describe(self) -> str:
-        q = " (FP8 scales)" if self.quantized else " (scales in the engine)" if self.dtype == torch.float8_e4m3fn else ""
+        fp8 = self.dtype == torch.float8_e4m3fn
+        q = " (FP8 scales)" if self.quantized else " (scales in the engine)" if fp8 else ""
         return (f"{self.pages} pages x {self.page_size} positions = {self.tokens} KV positions, "
                 f"{str(self.dtype).removeprefix('torch.')}{q}, {self.nbytes / 2**20:.1f} MiB")
 
