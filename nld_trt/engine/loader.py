@@ -37,6 +37,12 @@ def open_engine(path: Path, config: NLDConfig, device: str, max_batch: int, max_
     if device.startswith("cuda"):
         if not report.get("plan"):
             raise NLDError(f"{path} holds no TensorRT plan: build it on a GPU host with TensorRT (nld-trt build)")
+        if kv_cache_tokens is not None or kv_cache_gb is not None:  # the plan's cache shape is fixed: say so
+            given = (f"--kv-cache-tokens {kv_cache_tokens}" if kv_cache_tokens is not None
+                     else f"--kv-cache-gb {kv_cache_gb}")
+            raise NLDError(f"{path}'s TensorRT plan fixed its KV pool at build ({limits.get('kv_cache_tokens', '?')} "
+                           f"positions), so {given} cannot apply: leave it out, or rebuild with nld-trt build "
+                           "--kv-cache-tokens N")
         from ..executors.trt_executor import TensorRTExecutor
 
         return TensorRTExecutor(path / PLAN_FILE, config, limits["max_batch"], limits["max_seq_len"],
