@@ -140,7 +140,7 @@ class NLD:
             )
         self.dtype = resolve_dtype(dtype, device)
         max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
-        from .engine.loader import is_engine_dir, open_engine
+        from .engine.loader import image_refusal, is_engine_dir, open_engine
 
         self.model: NLDModel | None = None
         self.lora: LoRAAdapter | None = None
@@ -152,7 +152,10 @@ class NLD:
         if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
             self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length, **kv)
             self._set_pages(prefix_cache)
-            self.prompts = self._prompt_encoder(engine_text_only(str(self.path)) if self.config.is_vlm else None)
+            refusal = image_refusal(self.path, device) if self.config.is_vlm else None
+            if self.config.is_vlm and refusal is None:
+                self._load_engine_vision(device, image_cache_bytes)
+            self.prompts = self._prompt_encoder(None if refusal is None else engine_text_only(str(self.path), refusal))
             return
         if self.config.quantization_config is not None:  # a ModelOpt FP8 / INT4 AWQ export
             from .quant.loader import load_quantized_model
@@ -184,6 +187,17 @@ class NLD:
         tower = build_vision_encoder(self.vlm, load_vision_weights(self.path, self.vlm), device,
                                      self.dtype if self.dtype in (torch.float32, torch.float64) else torch.bfloat16)
         self.image_encoder = ImageEncoder(tower, p.dtype, p.device,
+                                          DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+
+    def _load_engine_vision(self, device: str, cache_bytes: int | None) -> None:
+        """An engine build's vision encoder: its vision plan (GPU) or graph (ONNX Runtime), rows in its dtype."""
+        from .engine.loader import open_vision
+        from .vision.config import VLMConfig
+        from .vision.encoder import DEFAULT_CACHE_BYTES, ImageEncoder
+
+        self.vlm = VLMConfig.from_file(self.path)
+        encoder = open_vision(self.path, self.vlm, device)
+        self.image_encoder = ImageEncoder(encoder, encoder.rows_dtype, encoder.device,
                                           DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
     def _prompt_encoder(self, no_images: str | None = None) -> PromptEncoder:

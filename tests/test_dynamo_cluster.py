@@ -384,7 +384,7 @@ def instance_id(cluster, worker: int) -> int:
 
 
 def test_a_killed_worker_loses_no_request_and_the_other_serves_the_next(cluster, client):
-    doomed, survivor = instance_id(cluster, 0), instance_id(cluster, 1)
+    doomed = instance_id(cluster, 0)
     streams = []
     while not any(worker == doomed for _, worker, _ in streams):  # until one stream is on the worker to kill
         assert len(streams) < 8, "no stream went to worker 0"
@@ -400,11 +400,13 @@ def test_a_killed_worker_loses_no_request_and_the_other_serves_the_next(cluster,
             tokens += len(chunk.model_extra["nvext"].get("completion_token_ids") or [])
         assert (finish, tokens) == ("length", CAP)
     assert "migration retry scheduled" in (cluster.logs / "frontend.log").read_text()
-    served = set()
-    for _ in range(8):
-        r = client.chat.completions.create(model="nld", messages=MESSAGES, max_tokens=6, extra_body=annotate("ar"))
-        served.add(r.model_extra["nvext"]["worker_id"]["decode_worker_id"])
-    assert served == {survivor}
+    # the next requests all succeed, on the survivor's tritonserver (until the dead worker's discovery entry
+    # expires, ~26 s, the router may still pick it and nvext names that first pick: the request then migrates)
+    before = cluster.metric(1, "nv_inference_request_success")
+    answers = {client.chat.completions.create(model="nld", messages=MESSAGES, max_tokens=6,
+                                              extra_body=annotate("ar")).choices[0].message.content for _ in range(8)}
+    assert len(answers) == 1 and answers != {""}
+    assert cluster.metric(1, "nv_inference_request_success") - before == 8
     deadline = time.monotonic() + 10
     while "worker-0 exited" not in (cluster.logs.parent / "cluster.out").read_text():
         assert time.monotonic() < deadline, "the cluster did not report the dead worker"

@@ -154,6 +154,21 @@ def test_cpu_refuses_a_half_precision_build_with_a_clear_message(tiny_dir, tmp_p
         load(out)
 
 
+def test_a_tensorrt_plan_refuses_a_kv_pool_size_it_cannot_apply(tiny, engine, tmp_path):
+    """A plan's page pool is fixed at build: a --kv-cache-tokens / --kv-cache-gb at load is an error naming it,
+    not silently dropped. (The check comes before TensorRT is needed; the report is the build's own, with a plan.)"""
+    from nld_trt.engine.loader import open_engine
+
+    report = json.loads((engine[0] / "engine.json").read_text())
+    built = tmp_path / "with-plan"
+    built.mkdir()
+    (built / "engine.json").write_text(json.dumps({**report, "plan": "nld.plan"}))
+    for kv in ({"kv_cache_tokens": 4096}, {"kv_cache_gb": 1.0}):
+        name = "--" + next(iter(kv)).replace("_", "-")
+        with pytest.raises(NLDError, match=f"fixed its KV pool at build .* so {name} .*rebuild"):
+            open_engine(built, tiny.config, "cuda", 4, 256, 32, **kv)
+
+
 def test_tensorrt_profiles_cover_decode_and_prefill_chunks(tiny):
     from nld_trt.engine.trt_build import profile_shapes
 

@@ -260,3 +260,70 @@ def test_a_request_larger_than_the_pool_fails_alone_with_a_clear_error():
             SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar"), CONFIG, 0)]
     run(ex, seqs, pages=PageManager(ex.layout.pages, ex.layout.page_size))
     assert "needs 18 KV-cache pages" in seqs[0].error and seqs[1].error is None and len(seqs[1].out) == 24
+
+
+def test_a_max_seq_len_prompt_with_one_new_token_fits_the_smallest_pool():
+    # check_fits accepts prompt + max_new_tokens - 1 <= max_seq_len, and the smallest pool holds one max_seq_len
+    # sequence: an ar request taking its one token from the prefill writes nothing past its prompt
+    prompt = [1] + [i % 50 + 5 for i in range(63)]
+    p = params("ar", max_new_tokens=1)
+    assert p.cache_positions(len(prompt)) == 64
+    small = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64, kv_cache_tokens=64)
+    hot = SEQUENCE_TYPES["ar"](prompt, p, CONFIG, 0)
+    pages = PageManager(small.layout.pages, small.layout.page_size)
+    run(small, [hot], pages=pages)
+    big = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64)
+    ref = SEQUENCE_TYPES["ar"](prompt, p, CONFIG, 0)
+    run(big, [ref], pages=plain(big))
+    assert hot.error is None and ref.error is None and hot.out == ref.out and len(hot.out) == 1
+    assert pages.in_use == 0
+    pages.check()
+
+
+def test_a_sequence_whose_rule_fails_gives_its_pages_back_before_the_others_reserve_theirs():
+    """A failure is kept to the sequence it touches: its pages are back in the pool before the step reserves
+    the others' (else a sequence that fits the pool alone failed 'out of KV-cache pages' beside it)."""
+    from nld_trt.decoding.ar import ARSequence
+    from nld_trt.errors import GenerationError
+
+    class FailsAt(ARSequence):
+        def next_chunk(self):
+            if len(self.out) == 22:
+                raise GenerationError("this request's own rule failed")
+            return super().next_chunk()
+
+    ex = ToyExecutor(CONFIG, max_batch=2, max_seq_len=64, kv_cache_tokens=68)
+    pages = PageManager(ex.layout.pages, ex.layout.page_size, prefix_cache=False)
+    failing = FailsAt([1] + list(range(10, 30)), params("ar", max_new_tokens=26), CONFIG, 0)
+    other = SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar", max_new_tokens=40), CONFIG, 1)
+    run(ex, [failing, other], pages=pages)
+    alone = decode(ToyExecutor(CONFIG, max_batch=2), [[1, 5, 6]], "ar", max_new_tokens=40)[0]
+    assert "own rule failed" in failing.error
+    assert other.error is None and other.out == alone.out
+    assert pages.in_use == 0
+    pages.check()
+
+
+def test_a_cancelled_request_leaves_at_the_next_step_even_behind_one_waiting_for_pages():
+    """Waiting requests hold no pages, but their clients wait for the answer: one cancelled behind a request that
+    waits for pages (first in the queue) is completed at the next step, not once that request gets its pages."""
+    ex = ToyExecutor(CONFIG, max_batch=4, max_seq_len=64, kv_cache_tokens=64)
+    pages = PageManager(ex.layout.pages, ex.layout.page_size)
+    batcher = Batcher(ex, pages=pages)
+    running = SEQUENCE_TYPES["ar"]([1] + list(range(10, 40)), params("ar", max_new_tokens=30), CONFIG, 0)
+    blocked = SEQUENCE_TYPES["ar"]([1] + list(range(20, 50)), params("ar", max_new_tokens=30), CONFIG, 1)
+    behind = SEQUENCE_TYPES["ar"]([1, 5, 6], params("ar", max_new_tokens=30), CONFIG, 2)
+    batcher.submit(running)
+    batcher.step()
+    batcher.submit(blocked)
+    batcher.submit(behind)
+    batcher.step()
+    assert batcher.active == [running] and list(batcher.waiting) == [blocked, behind]  # blocked waits for pages
+    batcher.cancel(behind)
+    left = batcher.step()
+    assert left == [behind] and behind.finish_reason == "cancelled" and list(batcher.waiting) == [blocked]
+    while not batcher.idle:
+        batcher.step()
+    assert running.error is None and blocked.error is None and len(blocked.out) == 30
+    assert pages.in_use == 0
+    pages.check()

@@ -428,6 +428,7 @@ def test_executor_runs_the_plan_like_onnx_runtime_writing_the_pages_in_place(trt
     assert trt_ex.device == torch.device("cpu") and trt_ex.has_lora and trt_ex.cache["past_key_0"].shape == (
         b * s // 16 + 1, 16, 2, 16)
     assert trt_ex.layout == ort_ex.layout
+    assert not trt_ex.takes_embeds  # a text model's plan has no image_rows input (tests/test_vlm_engine.py: a VLM's)
     prompts = [Chunk(list(range(1, 21))), Chunk([1, 9, 10])]  # 20 > max_block: the prefill profile
     steps = [[Chunk([7, 100, 100, 100], block=True, lora=True), Chunk([5, 6, 7, 8])],
              [Chunk([3]), Chunk([4])]]
@@ -468,3 +469,21 @@ def test_executor_refuses_shapes_and_plans_it_cannot_run(trt, plan, tiny):
     with pytest.raises(NLDError, match=r"no optimization profile .* input_ids \(1, 9\) with logit_positions \(1, 9\)"):
         ex.forward(PassBatch([PassRow(Chunk(list(range(1, 10))), 0, [0])]))  # every logit of 9 > max_block
     assert not calls(trt, "execute_async_v3")
+
+
+def test_a_plan_with_an_fp8_kv_cache_loads_with_fp8_pages(trt, plan, tiny):
+    # a 16-bit graph of an FP8 KV-cache checkpoint binds FP8 caches (tests/test_fp8_kv_cache.py): its scales
+    # are attributes of the plan's nld::write_kv / nld::block_attention, which quantize and dequantize there
+    text = json.loads(plan.read_bytes())
+    text["io"] = [[name, mode, "FP8" if name.startswith(("past_", "present_")) else dtype, dims]
+                  for name, mode, dtype, dims in text["io"]]
+    fp8 = plan.with_name("fp8.plan")
+    fp8.write_bytes(json.dumps(text).encode())
+    ex = TensorRTExecutor(fp8, tiny.config, 2, 64, 8, True, device="cpu")
+    assert ex.layout.dtype == torch.float8_e4m3fn and ex.cache["past_key_0"].dtype == torch.float8_e4m3fn
+    assert ex.layout.bytes_per_token == 2 * tiny.config.num_hidden_layers * tiny.config.num_key_value_heads * \
+        tiny.config.head_dim
+    from nld_trt.kv.attend import PagedCache
+
+    with pytest.raises(NLDError, match="FP8 KV cache needs the checkpoint's k/v scales"):
+        PagedCache(ex.layout, "cpu")  # the reference path applies scales itself: it still needs them

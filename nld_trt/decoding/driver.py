@@ -71,6 +71,14 @@ def lookahead(seq: Sequence) -> int:
     return 1 if seq.params.mode == "ar" else seq.params.block_length
 
 
+def reach(seq: Sequence, committed: int) -> int:
+    """Positions a sequence with `committed` positions may hold through its next pass: its committed ones and
+    one pass of look-ahead, never more than the request can ever touch (`cache_positions`: an ar request with
+    max_new_tokens 1 takes its token from the prefill and writes nothing past its prompt), so a request that
+    check_fits accepts always fits a pool of one max_seq_len sequence."""
+    return max(committed, min(committed + lookahead(seq), seq.params.cache_positions(len(seq.prompt))))
+
+
 def wants_prompt_logprobs(seq: Sequence) -> bool:
     """A sequence that asks for its prompt's log-probabilities (any count, 0 included) computes its whole
     prompt (no cached prefix) in a pass that returns every position's logits."""
@@ -167,15 +175,16 @@ class Batcher:
         """Waiting sequences that join now, in order, their page tables set up (cached prefix adopted, pages
         for the rest taken) and `todo` the tokens to prefill."""
         pages = self.pages
-        budget = pages.available - sum(pages.shortfall(s.kv, s.kv.length + lookahead(s)) for s in self.active)
+        # cancelled ones leave wherever they wait (they hold no pages, but their clients wait for the answer)
+        for s in [s for s in list(self.waiting) if s.cancelled]:  # list(): one C-level copy (submit may run meanwhile)
+            self.waiting.remove(s)
+            left.append(s)
+        budget = pages.available - sum(pages.shortfall(s.kv, reach(s, s.kv.length)) for s in self.active)
         watermark = max(1, pages.total // 100)
         joining: list[Sequence] = []
         inflight: set[int] = set()  # hashes of full pages joining sequences will compute
         while self.waiting and len(self.active) + len(joining) < self.executor.max_batch:
             s = self.waiting[0]
-            if s.cancelled:
-                left.append(self.waiting.popleft())
-                continue
             resuming = s.kv is not None
             tokens = list(s.kv.tokens) if resuming else s.prompt
             extra = s.kv.extra if resuming else s.extra_keys
@@ -184,7 +193,7 @@ class Batcher:
             full = len(tokens) // pages.page_size if reuse and pages.prefix_cache else 0
             if full > len(matched) and pages.chain(tokens, extra, len(matched) + 1)[-1] in inflight:
                 break  # another joining sequence computes this page now: reuse it next round
-            cost = pages.pages_for(len(tokens) + lookahead(s)) - len(matched) + pages.adoption_cost(matched)
+            cost = pages.pages_for(reach(s, len(tokens))) - len(matched) + pages.adoption_cost(matched)
             # beside others, keep a watermark free for their growth (fewer preemptions, as vLLM does)
             if cost > budget - (watermark if self.active or joining else 0):
                 if not self.active and not joining:  # the pool is empty and it still does not fit: never will
@@ -272,6 +281,7 @@ class Batcher:
                 chunks[id(s)] = (s, s.next_chunk())
             except Exception as e:  # noqa: BLE001 - this sequence's rule failed, not the batch
                 _failed(s, e)
+                self._release(s)  # now: its pages must not make `_reserve` preempt or fail the others
         self._reserve(chunks)
         by_len: dict[int, list[tuple[Sequence, Chunk]]] = {}
         for s, c in chunks.values():

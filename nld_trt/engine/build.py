@@ -5,8 +5,9 @@ Output layout: engine.json (what was built, limits, verification results), confi
 files of the checkpoint, model.onnx (+ model.onnx.data, the weights as external data) in the requested
 dtype, and nld.plan when TensorRT built it. A vision-language checkpoint adds its vision encoder (tower +
 projector) as its own graph, vision.onnx (dynamic image size, nld_trt/vision/onnx_export.py), verified under
-ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan. (The text graph has no input for
-the image rows yet: engine builds serve text prompts until it does.)
+ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan; its text graph then takes the
+encoder's rows through its `image_rows` input (nld_trt/engine/onnx_graph.py), so `nld_trt.load` of the build
+runs image prompts through both graphs (nld_trt/engine/loader.py).
 """
 
 from __future__ import annotations
@@ -25,10 +26,7 @@ from ..checkpoint import ENGINE_FILE, check_model_dir
 from ..errors import NLDError
 from ..fileutil import atomic_directory
 from ..kv.layout import DEFAULT_PAGE_SIZE
-
-GRAPH_FILE = "model.onnx"
-PLAN_FILE = "nld.plan"
-VISION_PLAN_FILE = "vision.plan"
+from .loader import GRAPH_FILE, PLAN_FILE, VISION_PLAN_FILE
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "hf_quant_config.json", "preprocessor_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -85,24 +83,43 @@ def export_to(directory: Path, model, dtype: torch.dtype, page_size: int, name: 
     return path
 
 
+def verify_prompts(nld) -> list:
+    """The verification prompts: token ids and, for a vision-language model, the first of them after a random
+    image (so the text graph's image-rows input is verified too)."""
+    vocab = nld.config.vocab_size
+    ids = [[t % vocab for t in p] for p in VERIFY_PROMPTS]
+    prompts = [nld.prompts.token_ids(p) for p in ids]
+    if nld.vlm is not None:
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+        prompts.append(nld.prompts.with_images(ids[0], [("the verification image", Image.fromarray(pixels))],
+                                               chat=False))
+    return prompts
+
+
 def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None], page_size: int) -> dict:
-    """Greedy tokens of every mode through ONNX Runtime equal the PyTorch executor's."""
+    """Greedy tokens of every mode through ONNX Runtime equal the PyTorch executor's (image prompts with the
+    PyTorch encoder's rows)."""
     from ..decoding import SEQUENCE_TYPES, GenerationParams, run
     from ..executors.onnx_executor import OnnxExecutor
 
-    limits = dict(max_batch=len(VERIFY_PROMPTS), max_seq_len=256, max_chunk=nld.executor.max_chunk)
+    prompts = verify_prompts(nld)
+    limits = dict(max_batch=len(prompts), max_seq_len=256, max_chunk=nld.executor.max_chunk)
     ort_ex = OnnxExecutor(graph, nld.config, has_lora=nld.executor.has_lora, page_size=page_size, **limits)
-    vocab = nld.config.vocab_size
-    prompts = [[t % vocab for t in p] for p in VERIFY_PROMPTS]
     results = {}
     for mode in ("ar", "dlm", "linear_spec"):
         params = GenerationParams(mode=mode, max_new_tokens=tokens, block_length=8).resolved(nld.config)
-        ref = nld.generate(prompts, mode=mode, max_new_tokens=tokens, block_length=8)
-        seqs = run(ort_ex, [SEQUENCE_TYPES[mode](p, params, nld.config, 0) for p in prompts])
-        same = [s.out == r.token_ids for s, r in zip(seqs, ref)]
-        results[mode] = {"prompts": len(prompts), "identical": sum(same)}
+        ref, seqs = ([SEQUENCE_TYPES[mode](p.ids, params, nld.config, 0, images=nld.bind_images(p)) for p in prompts]
+                     for _ in range(2))
+        run(nld.executor, ref, pages=nld.pages)
+        run(ort_ex, seqs)
+        same = [s.error is None and s.out == r.out for s, r in zip(seqs, ref)]
+        results[mode] = {"prompts": len(prompts), "identical": sum(same),
+                         "with_images": sum(1 for p in prompts if p.images)}
         progress(f"verify {mode}: {sum(same)}/{len(prompts)} greedy outputs identical to the PyTorch executor")
-        if not all(same):
+        if not all(same) or any(r.error for r in ref):
             raise NLDError(
                 f"ONNX Runtime and PyTorch disagree in mode {mode} ({sum(same)}/{len(prompts)} identical): "
                 "the exported graph is wrong; nothing was written"

@@ -12,6 +12,12 @@ table):
   input_ids [B, T] int32, page_table [B, W] int32 (row b's position p is at offset p % P of page
   page_table[b, p // P]), committed / chunk_lens [B] int32, block / lora [B] int32 (0 or 1),
   logit_positions [B, L] int32 (chunk positions whose logits are returned),
+  image_rows [R, hidden] (a vision-language model's graph only; the graph's dtype): embedding rows for image
+  positions, TensorRT-LLM's prompt-table convention: an input id v >= vocab_size stands for row
+  v - vocab_size of this table (an image's projector rows at its `<|image_pad|>` positions, rows of every
+  chunk of the pass in one table). A pass without images feeds one zero row (R >= 1, as TensorRT-LLM feeds
+  a one-row table when there is no prompt table), so the profiles need no empty tensor and the graph no branch;
+  a text-only pass pays one gather from that row and a select, the size of the token-embedding gather.
   past_key_{i} / past_value_{i} [N + 1, P, Hkv, D] for every layer i (FP8 for a quantized layout in a 16-bit
   graph; a float32 graph holds the same e4m3 values in float32, as ONNX Runtime runs it).
 Outputs: logits [B, L, V] float32, present_key_{i} / present_value_{i}: the caches with the chunk's K/V
@@ -34,6 +40,7 @@ import torch
 from onnx import TensorProto, helper, numpy_helper
 
 from ..config import NLDConfig
+from ..executors.graph_io import IMAGE_ROWS
 from ..kv.layout import DEFAULT_PAGE_SIZE, KVScales
 from ..model import NLDModel
 from ..quant.kv import kv_scales
@@ -195,6 +202,8 @@ def graph_inputs(g: Graph, config: NLDConfig, cache: CacheSpec) -> list[onnx.Val
         helper.make_tensor_value_info("lora", i32, ["batch"]),
         helper.make_tensor_value_info("logit_positions", i32, ["batch", "n_logits"]),
     ]
+    if config.is_vlm:  # before the caches: the executors read the cache type from the last input
+        inputs.append(helper.make_tensor_value_info(IMAGE_ROWS, g.onnx_dtype, ["image_rows", config.hidden_size]))
     for i in range(config.num_hidden_layers):
         for kv in ("key", "value"):
             inputs.append(helper.make_tensor_value_info(f"past_{kv}_{i}", cache.onnx_type, cache_dims(config, cache)))
@@ -203,6 +212,19 @@ def graph_inputs(g: Graph, config: NLDConfig, cache: CacheSpec) -> list[onnx.Val
 
 def cache_dims(config: NLDConfig, cache: CacheSpec) -> list:
     return ["cache_pages", cache.page_size, config.num_key_value_heads, config.head_dim]
+
+
+def embeddings(g: Graph, model: NLDModel) -> str:
+    """[B, T, hidden]: the token embeddings of input_ids; in a VLM's graph an id v >= vocab_size takes row
+    v - vocab_size of `image_rows` instead (gathered at index 0 elsewhere, then selected away)."""
+    table = g.weight("encoder.embed_tokens.weight", model.encoder.embed_tokens.weight)
+    if not model.config.is_vlm:
+        return g.op("Gather", [table, "input_ids"], axis=0)
+    vocab, zero = g.const(model.config.vocab_size, np.int32), g.const(0, np.int32)
+    is_row = g.op("GreaterOrEqual", ["input_ids", vocab])  # [B, T]
+    tokens = g.op("Gather", [table, g.op("Where", [is_row, zero, "input_ids"])], axis=0)
+    rows = g.op("Gather", [IMAGE_ROWS, g.op("Where", [is_row, g.op("Sub", ["input_ids", vocab]), zero])], axis=0)
+    return g.op("Where", [g.op("Unsqueeze", [is_row, g.const([2])]), rows, tokens])
 
 
 def rotary(g: Graph, model: NLDModel) -> Rope:
@@ -287,7 +309,8 @@ def head(g: Graph, model: NLDModel, x: str) -> None:
 def selections(g: Graph, config: NLDConfig) -> None:
     """On-GPU selection over the returned positions (the chunk tokens there are the draft / the block)."""
     i32 = TensorProto.INT32
-    chunk_at = g.op("GatherElements", ["input_ids", "logit_positions"], axis=1)  # [B, L] int32
+    # [B, L] int32; image-row ids (>= vocab_size) come only in prefill chunks, and are compared, never indexed
+    chunk_at = g.op("GatherElements", ["input_ids", "logit_positions"], axis=1)
     g.nodes.append(helper.make_node(ACCEPT_OP, [chunk_at, "logits"], ["accept_count", "accept_next"],
                                     name=g.name("spec_accept"), domain=PLUGIN_DOMAIN, plugin_namespace="nld"))
     masked = g.cast(g.op("Equal", [chunk_at, g.const(config.mask_token_id, np.int32)]), i32)
@@ -317,8 +340,7 @@ def export_graph(model: NLDModel, dtype: torch.dtype = torch.float32,
     inputs = graph_inputs(g, config, cache)
     rope = rotary(g, model)
     lora_rows = g.op("Unsqueeze", [g.cast("lora", g.onnx_dtype), g.const([1, 2])])  # [B, 1, 1]
-    x = g.op("Gather", [g.weight("encoder.embed_tokens.weight", model.encoder.embed_tokens.weight), "input_ids"],
-             axis=0)
+    x = embeddings(g, model)
     presents: list[str] = []
     for i, layer in enumerate(model.encoder.layers):
         p = f"encoder.layers.{i}."

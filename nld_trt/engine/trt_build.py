@@ -62,7 +62,10 @@ def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]
     """(min, opt, max) shapes per graph input for the decode profile (chunks of 1..max_block tokens, every
     position's logits) and the prefill profile (chunks up to max_seq_len, the last position's logits only).
     Page tables are as wide as a max_seq_len sequence needs; the paged caches are bound whole, so their shape
-    is fixed. Plain Python, so tests check it without TensorRT."""
+    is fixed. A vision-language model's graph also takes image rows (nld_trt/engine/onnx_graph.py).
+    Plain Python, so tests check it without TensorRT."""
+    from ..executors.graph_io import IMAGE_ROWS
+
     b, s, blk = options.max_batch, options.max_seq_len, options.max_block
     layout = cache_layout(options, config)
     kv, width = layout.shape, layout.table_width  # [pages + 1 (the scratch page), P, Hkv, D]
@@ -75,6 +78,9 @@ def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]
         shapes["page_table"] = ((1, width), (b, width), (b, width))
         for name in ("committed", "chunk_lens", "block", "lora"):
             shapes[name] = ((1,), (b,), (b,))
+        if config.is_vlm:  # image rows: one (a pass without images feeds one zero row) up to a row per position
+            h = config.hidden_size
+            shapes[IMAGE_ROWS] = ((1, h), (1, h), (b * chunk_max, h))
         for i in range(config.num_hidden_layers):
             for k in ("key", "value"):
                 shapes[f"past_{k}_{i}"] = (kv, kv, kv)

@@ -141,8 +141,9 @@ class Executor(ABC):
             if c.embeds is None:
                 continue
             if not self.takes_embeds:
-                raise GenerationError(f"{type(self).__name__} has no input for image embeddings yet: prompts with "
-                                      "images run on the PyTorch executor (a checkpoint, not an engine build)")
+                raise GenerationError(f"{type(self).__name__} has no input for image embeddings (a text model's graph, "
+                                      "or an engine build of an older nld-trt): rebuild it with nld-trt build, or run "
+                                      "the checkpoint")
             if c.embeds.rows.shape != (len(c.embeds.positions), self.config.hidden_size) or not all(
                     0 <= p < n for p in c.embeds.positions):
                 raise GenerationError(f"embedding rows {list(c.embeds.rows.shape)} at chunk positions "

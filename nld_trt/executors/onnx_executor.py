@@ -1,6 +1,7 @@
 """The ONNX Runtime executor: runs the exported engine graph (float32) on CPU through the same decoding
 loops and page tables, which is how the graph handed to TensorRT is proven right on machines without
-TensorRT."""
+TensorRT. A vision-language model's graph takes image rows (graph_io.image_feeds); a graph without that
+input (an older build) takes text chunks only."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from ..config import NLDConfig
 from ..errors import NLDError
 from ..kv.layout import DEFAULT_PAGE_SIZE, KVLayout
 from .base import Executor
-from .graph_io import cache_names, input_feeds, present_name
+from .graph_io import IMAGE_ROWS, cache_names, image_feeds, input_feeds, present_name
 
 
 class OnnxExecutor(Executor):
@@ -55,6 +56,7 @@ class OnnxExecutor(Executor):
             for_onnxruntime(model).SerializeToString(), options, providers=["CPUExecutionProvider"]
         )
         self._has_lora = has_lora
+        self._image_rows = any(i.name == IMAGE_ROWS for i in model.graph.input)
         self.names = cache_names(config.num_hidden_layers)
         self.cache = {n: np.zeros(layout.shape, np.float32) for n in self.names}
 
@@ -62,9 +64,18 @@ class OnnxExecutor(Executor):
     def has_lora(self) -> bool:
         return self._has_lora
 
-    def _forward(self, tokens, tables, chunk_lens, block, lora, committed, all_logits):
+    @property
+    def takes_embeds(self) -> bool:
+        return self._image_rows
+
+    def _forward(self, tokens, tables, chunk_lens, block, lora, committed, all_logits, embeds=()):
+        rows = None
+        if self._image_rows:
+            tokens, rows = image_feeds(tokens, embeds, self.config.vocab_size, self.config.hidden_size, torch.float32)
         feeds = {k: v.numpy() for k, v in input_feeds(tokens, tables, chunk_lens, block, lora, committed,
                                                       all_logits).items()}
+        if rows is not None:
+            feeds[IMAGE_ROWS] = rows.numpy()
         feeds.update(self.cache)
         # ONNX Runtime's custom operators return new arrays: the updated pages come back as present_*
         logits, *present = self.session.run(["logits", *map(present_name, self.names)], feeds)

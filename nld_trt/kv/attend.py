@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 
 from ..attention import attention, chunk_attention_mask
+from ..errors import NLDError
 from .layout import FP8_MAX, KVLayout
 
 
@@ -28,6 +29,8 @@ class PagedCache:
     """Every layer's K and V pages of a layout, on one device."""
 
     def __init__(self, layout: KVLayout, device: torch.device | str) -> None:
+        if layout.dtype == torch.float8_e4m3fn and layout.scales is None:
+            raise NLDError("an FP8 KV cache needs the checkpoint's k/v scales")
         self.layout = layout
         # zeros, not empty: masked keys still enter SDPA's products (0 * NaN would poison a row)
         self.k = [torch.zeros(layout.shape, dtype=layout.dtype, device=device) for _ in range(layout.layers)]

@@ -63,7 +63,9 @@ class KVLayout:
     page_size: int
     max_seq_len: int  # the longest sequence: its page table has table_width entries
     dtype: torch.dtype = torch.float32
-    scales: tuple[KVScales, ...] | None = None  # per layer: a quantized (FP8 KV-cache) layout
+    # per layer: a quantized (FP8 KV-cache) layout whose scales the reference path and kernels apply. An engine's
+    # FP8 cache has none here: its plan's write and attention nodes carry them (nld_trt/engine/onnx_graph.py)
+    scales: tuple[KVScales, ...] | None = None
 
     def __post_init__(self) -> None:
         if self.page_size < 1 or self.pages < 1 or self.max_seq_len < 2:
@@ -71,8 +73,6 @@ class KVLayout:
                            f"{self.page_size}, {self.max_seq_len}")
         if self.scales is not None and len(self.scales) != self.layers:
             raise NLDError(f"an FP8 KV layout needs one scale pair per layer ({self.layers}), got {len(self.scales)}")
-        if self.dtype == torch.float8_e4m3fn and self.scales is None:
-            raise NLDError("an FP8 KV cache needs the checkpoint's k/v scales")
 
     # sizes ------------------------------------------------------------------------------------------
     @property
@@ -112,7 +112,8 @@ class KVLayout:
         return -(-positions // self.page_size)
 
     def describe(self) -> str:
-        q = " (FP8 scales)" if self.quantized else ""
+        fp8 = self.dtype == torch.float8_e4m3fn
+        q = " (FP8 scales)" if self.quantized else " (scales in the engine)" if fp8 else ""
         return (f"{self.pages} pages x {self.page_size} positions = {self.tokens} KV positions, "
                 f"{str(self.dtype).removeprefix('torch.')}{q}, {self.nbytes / 2**20:.1f} MiB")
 

@@ -45,21 +45,6 @@ def extra_keys_of(extra: Sequence[ExtraKey], start: int, end: int) -> tuple[Extr
     return tuple(k for k in extra if k.start < end and k.end > start)
 
 
-def check_extra_keys(extra: Sequence[ExtraKey]) -> tuple[ExtraKey, ...]:
-    """Extra keys as a tuple, each checked: ExtraKey(start, end, digest) with 0 <= start < end and bytes."""
-    out = []
-    for key in extra:
-        if isinstance(key, tuple) and not isinstance(key, ExtraKey):
-            key = ExtraKey(*key)
-        ok = (isinstance(key, ExtraKey) and isinstance(key.start, int) and isinstance(key.end, int)
-              and 0 <= key.start < key.end and isinstance(key.digest, bytes) and key.digest)
-        if not ok:
-            raise NLDError(f"an extra KV key must be (start, end, digest) with 0 <= start < end and a non-empty "
-                           f"bytes digest, got {key!r}")
-        out.append(key)
-    return tuple(out)
-
-
 @dataclass
 class PageTable:
     """One sequence's pages and committed tokens. `tokens` are the committed token ids (the cache's committed

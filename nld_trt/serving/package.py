@@ -123,14 +123,16 @@ def parameters_block(params: dict[str, object]) -> str:
     )
 
 
-def image_support(config: NLDConfig, engine: bool) -> str:
+def image_support(config: NLDConfig, engine: Path | None, device: str) -> str:
     """The `images` parameter of a repository: "true" when its model takes images, else why not (what the OpenAI
-    front end answers an image request with, before sending anything)."""
+    front end answers an image request with, before sending anything). `engine`: the build packaged, if any."""
+    from ..engine.loader import image_refusal
     from ..prompt import engine_text_only, text_only
 
     if not config.is_vlm:
         return text_only("the served model")
-    return engine_text_only("the served model") if engine else "true"
+    refusal = image_refusal(engine, device) if engine is not None else None
+    return "true" if refusal is None else engine_text_only("the served model", refusal)
 
 
 def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions, images: str = "true") -> str:
@@ -172,7 +174,7 @@ def check_checkpoint(model_dir: Path) -> NLDConfig:
 
 def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:
     """An `nld-trt build` output that the chosen device can run, and options clamped to its limits."""
-    from ..engine.build import ENGINE_FILE
+    from ..checkpoint import ENGINE_FILE
     from ..engine.loader import is_engine_dir
 
     if not engine_dir.is_dir():
@@ -225,11 +227,11 @@ def package_repository(
         models = {STREAM_MODEL: (True, "1/manifest.json")}
         if sync_model:
             models[SYNC_MODEL] = (False, f"../{STREAM_MODEL}/1/manifest.json")
+        images = image_support(config, model_dir if engine else None, options.device)
         for name, (decoupled, manifest) in models.items():
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
-            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options,
-                                                                   image_support(config, engine)))
+            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options, images))
         (tmp / TOKENIZER_MODEL / "1").mkdir(parents=True)
         shutil.copy(template / "tokenizer_model.py", tmp / TOKENIZER_MODEL / "1" / "model.py")
         (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(
