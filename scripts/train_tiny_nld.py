@@ -1,14 +1,24 @@
 #!/usr/bin/env python
 """Train the embedded default model (`nld_trt/assets/tiny-nld`) on a CPU, reproducibly.
 
+The data are conversations (`nld_trt.training.data.conversations`): seeded synthetic GSM-style problems, a
+share of them alone and the rest as 2 to 5 question / answer turns, some opening with a system prompt, some
+asking a follow-up about the previous answer. Each is rendered through the checkpoint's own chat template
+exactly as serving renders a conversation (`data.render`), and every assistant turn carries the loss.
 Phase 1 trains the whole model on NLD's joint objective (AR loss on a clean copy + block-diffusion loss on
-a noisy copy, one pass; `nld_trt.training.objective`), on seeded synthetic GSM-style problems, with a block
-size drawn per batch so every block length works at inference. Phase 2 freezes the model and trains the
-`linear_spec_lora/` draft adapter (o_proj, rank 16) on fully masked drafts. The result is written in the
-release layout with `nld_trt.checkpoint.save_checkpoint`, plus `training_summary.json`.
+a noisy copy, one pass; `nld_trt.training.objective`), with a block size drawn per batch so every block
+length works at inference. Phase 2 freezes the model and trains the `linear_spec_lora/` draft adapter
+(o_proj, rank 16) on mostly fully masked drafts. The result is written in the release layout with
+`nld_trt.checkpoint.save_checkpoint`, plus `training_summary.json`.
 
-    python scripts/train_tiny_nld.py --out nld_trt/assets/tiny-nld           # the full recipe (<= 60 min)
+    python scripts/train_tiny_nld.py --out nld_trt/assets/tiny-nld           # the full recipe (about an hour)
     python scripts/train_tiny_nld.py --tiny --out /tmp/t                     # seconds, for CI
+
+The schedule is fixed in steps (`--steps`, `--lora-steps`), so the weights do not depend on how busy the
+machine is; `--time-budget` is only a safety cap (each phase then anneals early rather than run over, and
+the summary says so). Batches are sized in tokens (`--batch-tokens`: clean-copy slots per step, padding
+included), from length-sorted pools of conversations, so every step costs about the same whatever its
+conversations' lengths.
 
 Both cores by data parallelism: `--workers 2` processes of one thread each (torch.distributed, gloo,
 gradients averaged every step) train at about twice the rate of one, whereas two threads in one process
@@ -24,6 +34,7 @@ import argparse
 import itertools
 import json
 import math
+import os
 import random
 import sys
 import tempfile
@@ -39,21 +50,36 @@ from nld_trt.checkpoint import LoRAAdapter, save_checkpoint
 from nld_trt.config import NLDConfig, RopeConfig
 from nld_trt.model import NLDModel, init_weights
 from nld_trt.tiny import BOS_ID, EOS_ID, MASK_ID, PAD_ID, tokenizer_files, train_tokenizer
+from nld_trt.tokenizer import NLDTokenizer
 from nld_trt.training import data
 from nld_trt.training.objective import Example, MaskSchedule, draft_loss, joint_loss, make_batch
 
 TOKENIZER_SAMPLES = 50_000
+# The full recipe's schedule (see the README's training section for how they were chosen).
+STEPS, LORA_STEPS, BATCH_TOKENS = 4900, 650, 3840
+PAD_TO = 32  # batch shapes in multiples of 32 slots (see objective.make_batch)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="checkpoint directory to write (replaced if it exists)")
-    ap.add_argument("--steps", type=int, default=100_000, help="phase-1 steps (joint objective); the default leaves the schedule to --time-budget")
-    ap.add_argument("--lora-steps", type=int, default=100_000, help="phase-2 steps (draft adapter); the default leaves the schedule to --time-budget")
-    ap.add_argument("--time-budget", type=float, default=58.0,
-                    help="minutes for the whole run; each phase's schedule ends early rather than run over")
-    ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time budget kept for phase 2")
-    ap.add_argument("--batch-size", type=int, default=48, help="problems per step, split among the workers")
+    ap.add_argument("--steps", type=int, default=STEPS, help="phase-1 steps (joint objective)")
+    ap.add_argument("--lora-steps", type=int, default=LORA_STEPS, help="phase-2 steps (draft adapter)")
+    ap.add_argument("--time-budget", type=float, default=240.0,
+                    help="safety cap in minutes for the whole run: a phase that would run over anneals early")
+    ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time cap kept for phase 2")
+    ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
+                    help="clean-copy token slots per step (rows x longest row, padding included), split among the workers")
+    ap.add_argument("--p-single", type=float, default=data.ConversationMix.p_single,
+                    help="share of conversations that are one question")
+    ap.add_argument("--max-history", type=int, default=data.ConversationMix.max_history,
+                    help="most question / answer turns before the last question")
+    ap.add_argument("--p-followup", type=float, default=data.ConversationMix.p_followup,
+                    help="chance that a question is followed by a follow-up about it")
+    ap.add_argument("--p-system", type=float, default=data.ConversationMix.p_system,
+                    help="share of conversations opening with a system prompt")
+    ap.add_argument("--loss-on", choices=("all", "last"), default="all",
+                    help="which assistant turns carry the loss")
     ap.add_argument("--workers", type=int, default=2, help="data-parallel processes, one thread each")
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--lora-lr", type=float, default=2e-3)
@@ -71,6 +97,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=2048, help="BPE target size (the config rounds up to 128)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--log-every", type=int, default=25)
+    ap.add_argument("--save-every", type=int, default=0,
+                    help="also write the weights every N phase-1 steps to OUT.step-N (no drafter yet), to evaluate "
+                         "a long run early; 0: never")
     ap.add_argument("--threads", type=int, default=1, help="threads per worker")
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
                     help="bf16: autocast; auto: bf16 where the CPU has native bf16 (see above)")
@@ -78,10 +107,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.precision == "auto":
         args.precision = "bf16" if cpu_has_native_bf16() else "fp32"
-    if args.workers < 1 or args.batch_size < args.workers:
-        ap.error(f"--workers must be >= 1 and --batch-size >= --workers (got {args.workers} and {args.batch_size})")
+    if args.workers < 1 or args.batch_tokens < args.workers:
+        ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
     if args.tiny:
-        args.steps, args.lora_steps, args.batch_size = 6, 3, 8 * args.workers
+        args.steps, args.lora_steps, args.batch_tokens = 6, 3, 600 * args.workers
         args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
         args.vocab, args.lora_rank, args.log_every = 512, 4, 2
     return args
@@ -114,39 +143,49 @@ def model_config(args: argparse.Namespace, vocab_size: int) -> NLDConfig:
 
 
 class Batches:
-    """The seeded training stream (evaluation questions excluded), tokenized, in batches of similar
-    length: a pool of `pool` batches is sorted by length and cut, so little of each pass is padding."""
+    """The seeded training conversations (evaluation questions excluded), rendered through the checkpoint's
+    chat template, in batches of about `tokens` clean slots: a pool of `pool` conversations is sorted by
+    length and cut, so little of each pass is padding and every step costs about the same. Lengths count
+    in multiples of `pad_to` (`make_batch` pads to them), so batches come in few shapes."""
 
-    def __init__(self, tokenizer, seed: int, exclude: set[str], batch_size: int, pool: int = 16) -> None:
-        self.tok = tokenizer
-        self.stream = data.generate(seed, exclude)
+    def __init__(self, tokenizer: NLDTokenizer, seed: int, exclude: set[str], tokens: int,
+                 mix: data.ConversationMix, loss_on: str, pad_to: int = PAD_TO, pool: int = 256) -> None:
+        self.tok, self.loss_on, self.pad_to = tokenizer, loss_on, pad_to
+        self.stream = data.conversations(seed, exclude, mix)
         self.rng = random.Random(seed)
-        self.batch_size, self.pool = batch_size, pool
+        self.tokens, self.pool = tokens, pool
         self.ready: list[list[Example]] = []
 
     def next(self) -> list[Example]:
         if not self.ready:
-            problems = list(itertools.islice(self.stream, self.batch_size * self.pool))
-            prompts = self.tok.encode_batch([data.chat_prompt(p.question) for p in problems], add_special_tokens=False)
-            answers = self.tok.encode_batch([p.answer + "</s>" for p in problems], add_special_tokens=False)
-            examples = sorted((Example(p.ids, a.ids) for p, a in zip(prompts, answers)),
-                              key=lambda e: (len(e.answer), len(e.prompt)))
-            n = self.batch_size
-            self.ready = [examples[i : i + n] for i in range(0, len(examples), n)]
+            rendered = [data.render(self.tok, m, self.loss_on) for m in itertools.islice(self.stream, self.pool)]
+            examples = sorted((Example(r.ids, r.spans) for r in rendered), key=lambda e: len(e.tokens))
+            batch: list[Example] = []
+            for e in examples:  # ascending, so the newest example is the longest row
+                if batch and (len(batch) + 1) * (-(-len(e.tokens) // self.pad_to) * self.pad_to) > self.tokens:
+                    self.ready.append(batch)
+                    batch = []
+                batch.append(e)
+            self.ready.append(batch)
             self.rng.shuffle(self.ready)
         return self.ready.pop()
 
 
-def check_prompt_format(tokenizer, directory: Path) -> None:
-    """`data.chat_prompt` must render exactly like the checkpoint's chat template."""
-    from nld_trt.tokenizer import NLDTokenizer
+def check_rendering(tokenizer: NLDTokenizer, directory: Path, sample: list[dict]) -> None:
+    """The written checkpoint renders a training conversation to the very ids the model was trained on."""
+    want, got = data.render(tokenizer, sample), data.render(NLDTokenizer(directory), sample)
+    if want != got:
+        raise SystemExit(f"the written checkpoint renders conversations differently from training: {got} != {want}")
 
-    tok = NLDTokenizer(directory)
-    q = "Tom has 3 apples. How many apples does Tom have?"
-    expected = tok.encode_chat([{"role": "user", "content": q}])
-    got = tokenizer.encode(data.chat_prompt(q), add_special_tokens=False).ids
-    if expected != got:
-        raise SystemExit(f"chat_prompt does not match the chat template: {got} != {expected}")
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
 
 
 def is_main() -> bool:
@@ -185,22 +224,26 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 
 def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr: float, log_every: int,
-                wd: float, bf16: bool) -> list[dict]:
-    """Run `step_fn(step) -> (loss tensor, logged dict)` with AdamW; the schedule follows whichever of
-    steps and wall time runs out first, so a slow machine still anneals instead of stopping mid-way.
-    With several workers, gradients are averaged and the slowest clock sets everyone's progress."""
+                wd: float, bf16: bool, snapshot=None) -> tuple[list[dict], dict]:
+    """Run `step_fn(step) -> (loss tensor, logged dict)` with AdamW for `steps` steps; should the time cap
+    `seconds` come first, the schedule follows it instead, so a slow machine still anneals rather than stop
+    mid-way. With several workers, gradients are averaged and the slowest clock sets everyone's progress.
+    `snapshot(step)`, if given, is called after every step (on every worker: it decides itself whether to write).
+    Returns the log and what ran: steps, seconds, and whether the time cap cut the schedule short."""
     opt = torch.optim.AdamW(params, lr=peak_lr, betas=(0.9, 0.95), weight_decay=wd)
     start = time.perf_counter()
     log: list[dict] = []
     running: dict[str, float] = {}
-    step = 0
+    step, capped = 0, False
     while True:
-        progress = max(step / steps, (time.perf_counter() - start) / seconds)
+        by_time = (time.perf_counter() - start) / seconds
+        progress = max(step / steps, by_time)
         if dist.is_initialized():  # every worker takes the same schedule and stops at the same step
             shared = torch.tensor([progress], dtype=torch.float64)
             dist.all_reduce(shared, op=dist.ReduceOp.MAX)
             progress = float(shared)
         if progress >= 1:
+            capped = step < steps
             break
         lr = lr_at(progress, peak_lr)
         for group in opt.param_groups:
@@ -214,6 +257,8 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         step += 1
+        if snapshot is not None:
+            snapshot(step)
         for k, v in logged.items():
             running[k] = running.get(k, 0.0) + v
         if step % log_every == 0:
@@ -226,15 +271,34 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
             running = {}
     if dist.is_initialized():
         check_in_sync(params, name)
+    seconds_run = time.perf_counter() - start
     if is_main():
-        print(f"[{name}] done: {step} steps in {time.perf_counter() - start:.1f}s"
-              + (f", {dist.get_world_size()} workers in sync" if dist.is_initialized() else ""), flush=True)
-    return log
+        print(f"[{name}] done: {step} steps in {seconds_run:.1f}s"
+              + (f", {dist.get_world_size()} workers in sync" if dist.is_initialized() else "")
+              + (f"; the time cap ({seconds:.0f}s) cut it short of {steps} steps" if capped else ""), flush=True)
+    return log, {"steps": step, "planned_steps": steps, "seconds": round(seconds_run, 1), "time_cap_hit": capped}
+
+
+def recipe_line(argv: list[str]) -> str:
+    """The command line, with the output directory (a path on this machine) written as OUT."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            out.append("OUT")
+            skip = False
+        elif a == "--out":
+            out.append(a)
+            skip = True
+        elif a.startswith("--out="):
+            out.append("--out=OUT")
+        else:
+            out.append(a)
+    return " ".join(["scripts/train_tiny_nld.py", *out])
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    recipe = "scripts/train_tiny_nld.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    recipe = recipe_line(sys.argv[1:] if argv is None else argv)
     t0 = time.monotonic()  # system-wide, so every worker measures the same budget
 
     eval_questions = {p.question for p in data.evaluation_set()}
@@ -262,30 +326,52 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     torch.manual_seed(args.seed)
     random.seed(args.seed)
     budget = args.time_budget * 60
-    per_worker = args.batch_size // args.workers
+    per_worker = args.batch_tokens // args.workers
     tokenizer = Tokenizer.from_str(tokenizer_json)
     config = model_config(args, tokenizer.get_vocab_size())
     files = tokenizer_files(tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:  # the checkpoint's own tokenizer files and chat template
+        for name, text in files.items():
+            (Path(tmp) / name).write_text(text)
+        chat = NLDTokenizer(tmp)
     if is_main():
         print(f"tokenizer: {tokenizer.get_vocab_size()} tokens; config vocab {config.vocab_size}; "
-              f"{config.num_parameters() / 1e6:.2f}M parameters; {args.workers} worker(s) x {per_worker} problems "
-              "per step", flush=True)
+              f"{config.num_parameters() / 1e6:.2f}M parameters; {args.workers} worker(s) x {per_worker} token "
+              "slots per step", flush=True)
 
     model = init_weights(NLDModel(config), std=0.02, seed=args.seed).train()
-    stream = Batches(tokenizer, args.seed + 2 + 1000 * rank, eval_questions, per_worker)
+    mix = data.ConversationMix(p_single=args.p_single, max_history=args.max_history, p_followup=args.p_followup,
+                               p_system=args.p_system)
+    stream = Batches(chat, args.seed + 2 + 1000 * rank, eval_questions, per_worker, mix, args.loss_on)
+    seen = torch.zeros(3, dtype=torch.float64)  # conversations, trained answers, answer tokens (this worker)
+
+    def take() -> list[Example]:
+        examples = stream.next()
+        seen.add_(torch.tensor([len(examples), sum(len(e.spans) for e in examples),
+                                sum(b - a for e in examples for a, b in e.spans)], dtype=torch.float64))
+        return examples
     block_sizes = [int(b) for b in args.block_sizes.split(",")]
     g = torch.Generator().manual_seed(args.seed + 3 + 1000 * rank)
     joint_schedule = MaskSchedule(p_full=args.p_full)
 
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(stream.next(), b, MASK_ID, EOS_ID, g, joint_schedule)
+        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule, PAD_TO)
         losses = joint_loss(model, batch, args.dlm_weight)
         return losses.total, {"ar": losses.ar, "dlm": losses.dlm}
 
+    def weights() -> dict[str, torch.Tensor]:
+        return {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+
+    def snapshot(step: int) -> None:
+        if args.save_every and step % args.save_every == 0 and is_main():
+            where = save_checkpoint(f"{args.out}.step-{step}", config, weights(), files, overwrite=True)
+            print(f"[joint] snapshot {where}", flush=True)
+
     phase1_s = budget * (1 - args.lora_share) - (time.monotonic() - t0)
-    log = train_phase("joint", args.steps, phase1_s, joint_step, list(model.parameters()), args.lr,
-                      args.log_every, wd=0.1, bf16=args.precision == "bf16")
+    log, joint_run = train_phase("joint", args.steps, phase1_s, joint_step, list(model.parameters()), args.lr,
+                                 args.log_every, wd=0.1, bf16=args.precision == "bf16", snapshot=snapshot)
+    joint_seen = seen.clone()
 
     # Phase 2: the draft adapter, base frozen, on fully masked blocks (the draft linear_spec feeds).
     for p in model.parameters():
@@ -302,24 +388,39 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
 
     def lora_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(stream.next(), b, MASK_ID, EOS_ID, g, draft_schedule)
+        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, draft_schedule, PAD_TO)
         loss = draft_loss(model, batch, layers, alpha / r)
         return loss, {"draft": loss.item()}
 
     phase2_s = budget - (time.monotonic() - t0) - 20
-    log += train_phase("lora", args.lora_steps, max(phase2_s, 1.0), lora_step,
-                       [t for ab in layers.values() for t in ab], args.lora_lr, args.log_every, wd=0.0,
-                       bf16=args.precision == "bf16")
+    lora_log, lora_run = train_phase("lora", args.lora_steps, max(phase2_s, 1.0), lora_step,
+                                     [t for ab in layers.values() for t in ab], args.lora_lr, args.log_every,
+                                     wd=0.0, bf16=args.precision == "bf16")
+    log += lora_log
+    lora_seen = seen - joint_seen
+    if dist.is_initialized():
+        dist.all_reduce(joint_seen)
+        dist.all_reduce(lora_seen)
 
     if is_main():
-        tensors = {k: v.detach().to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+        tensors = weights()
         lora = LoRAAdapter({i: (a.detach().to(torch.bfloat16), b_.detach().to(torch.bfloat16))
                             for i, (a, b_) in layers.items()}, r, alpha)
         out = save_checkpoint(args.out, config, tensors, files, lora=lora, overwrite=True)
-        check_prompt_format(tokenizer, out)
+        check_rendering(chat, out, data.qa_messages(data.evaluation_set(3), data.SYSTEM_PROMPTS[0]))
+
+        def counts(t: torch.Tensor) -> dict:
+            return dict(zip(("conversations", "answers", "answer_tokens"), (int(x) for x in t.tolist())))
+
         summary = {
             "recipe": recipe,
-            "args": vars(args),
+            "args": {k: v for k, v in vars(args).items() if k != "out"},  # where it was written is not the recipe
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16()},
+            "schedule": {
+                "rule": "fixed steps (--steps, --lora-steps); --time-budget is a safety cap only",
+                "joint": {**joint_run, **counts(joint_seen)},
+                "lora": {**lora_run, **counts(lora_seen)},
+            },
             "config": config.to_dict(),
             "parameters": config.num_parameters(),
             "tokenizer_vocab": tokenizer.get_vocab_size(),

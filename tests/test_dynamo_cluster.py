@@ -307,7 +307,7 @@ def test_a_client_that_leaves_frees_the_kv_on_the_worker_that_held_it(cluster, c
     before = [cluster.metric(w, "nld_kv_slots_in_use") for w in (0, 1)]
     assert before == [0, 0]
     stream = client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                       extra_body=annotate("ar"))
+                                       extra_body={"min_tokens": CAP, **annotate("ar")})
     chunks = iter(stream)
     for _ in range(3):
         assert next(chunks).choices[0].finish_reason is None
@@ -389,7 +389,7 @@ def test_a_killed_worker_loses_no_request_and_the_other_serves_the_next(cluster,
     while not any(worker == doomed for _, worker, _ in streams):  # until one stream is on the worker to kill
         assert len(streams) < 8, "no stream went to worker 0"
         it = iter(client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                            extra_body=annotate("ar")))
+                                            extra_body={"min_tokens": CAP, **annotate("ar")}))
         first = next(it)
         streams.append((it, first.model_extra["nvext"]["worker_id"]["decode_worker_id"], first))
     os.kill(cluster.info["workers"][0]["pid"], signal.SIGKILL)

@@ -15,6 +15,7 @@ from nld_trt.evaluate import (
     gold_answer,
     is_correct,
     last_boxed,
+    limit_task,
     load_task,
     normalize,
     read_jsonl,
@@ -141,3 +142,64 @@ def test_eval_defaults_to_the_embedded_model_and_its_evaluation_set():
     assert result.exit_code == 0, result.output
     summaries = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert [(s["task"], s["problems"], s["mode"]) for s in summaries] == [("gsm_synth", 2, "ar")]
+
+
+# Conversations --------------------------------------------------------------------------------------
+
+def test_conversation_set_and_its_limit_keep_every_group_on_the_same_questions():
+    problems = load_task("gsm_synth_chat")
+    groups = ["turn 1", "turn 2", "turn 3", "turn 4", "followup"]
+    assert [p.group for p in problems] == [g for g in groups for _ in range(data.EVAL_SIZE)]
+    limited = limit_task(problems, 3)
+    assert [(p.group, p.index) for p in limited] == [(g, i) for g in groups for i in range(3)]
+    plain = load_task("gsm_synth")
+    for p in limited:
+        assert p.messages[-1] == {"role": "user", "content": p.question}
+        if p.group != "followup":  # turn k asks evaluation question `index`
+            assert (p.question, p.gold) == (plain[p.index].question, plain[p.index].gold)
+    assert limit_task(plain, 3) == plain[:3]
+
+
+def test_jsonl_conversations(tmp_path):
+    f = tmp_path / "chat.jsonl"
+    messages = [{"role": "user", "content": "1+1?"}, {"role": "assistant", "content": "2"},
+                {"role": "user", "content": "and 2+2?"}]
+    f.write_text(json.dumps({"messages": messages, "answer": "4", "group": "turn 2"}) + "\n")
+    (p,) = read_jsonl(f)
+    assert (p.question, p.gold, p.messages, p.group) == ("and 2+2?", "4", tuple(messages), "turn 2")
+
+
+@pytest.mark.parametrize(
+    ("row", "message"),
+    [
+        ({"messages": [], "answer": "1"}, "non-empty list"),
+        ({"messages": [{"role": "user", "content": 3}], "answer": "1"}, "non-empty list"),
+        ({"messages": [{"role": "tool", "content": "x"}], "answer": "1"}, "system|user|assistant"),
+        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "answer": "1"},
+         "must end with the user turn"),
+        ({"messages": [{"role": "user", "content": "q"}], "answer": "1", "group": 2}, "'group' must be a string"),
+    ],
+)
+def test_bad_conversation_rows(tmp_path, row, message):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    with pytest.raises(NLDError, match=message):
+        read_jsonl(f)
+
+
+def test_eval_command_reports_every_group_of_a_conversation_set(tiny_dir, tmp_path):
+    out = tmp_path / "records.jsonl"
+    result = CliRunner().invoke(eval_command, [
+        "--model", str(tiny_dir), "--tasks", "gsm_synth_chat", "--mode", "linear_spec", "--limit", "2",
+        "--max-new-tokens", "4", "--json", "--output", str(out)])
+    assert result.exit_code == 0, result.output
+    (summary,) = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert summary["problems"] == 10
+    assert {g: s["problems"] for g, s in summary["groups"].items()} == {
+        "turn 1": 2, "turn 2": 2, "turn 3": 2, "turn 4": 2, "followup": 2}
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["group"] for r in records][::2] == ["turn 1", "turn 2", "turn 3", "turn 4", "followup"]
+    assert all(r["messages"][-1]["content"] == r["question"] for r in records)
+    text = CliRunner().invoke(eval_command, ["--model", str(tiny_dir), "--tasks", "gsm_synth_chat", "--limit", "1",
+                                             "--max-new-tokens", "2"]).stdout
+    assert "turn 3: accuracy" in text and "followup: accuracy" in text

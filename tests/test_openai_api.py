@@ -458,7 +458,7 @@ def _wait_for_cancel(stack, before: int) -> dict:
 def test_a_client_that_drops_its_stream_frees_its_kv_slot(stack, client):
     before = probe(stack)["cancelled_total"]
     stream = client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                       extra_body={"mode": "ar"})
+                                       extra_body={"mode": "ar", "min_tokens": CAP})
     chunks = [next(iter(stream)) for _ in range(3)]
     assert all(c.choices[0].finish_reason is None for c in chunks)
     assert stack.metric("nld_kv_slots_in_use") == 1  # the stream holds its slot
@@ -470,7 +470,7 @@ def test_a_client_that_drops_its_stream_frees_its_kv_slot(stack, client):
 
 def test_a_unary_client_that_gives_up_frees_its_kv_slot(stack, client):
     before = probe(stack)["cancelled_total"]
-    body = {"model": "nld", "prompt": ENDLESS, "max_tokens": CAP, "mode": "ar"}
+    body = {"model": "nld", "prompt": ENDLESS, "max_tokens": CAP, "min_tokens": CAP, "mode": "ar"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=0.3)
     _wait_for_cancel(stack, before)

@@ -2,8 +2,9 @@
 selenium) against a real deployment (`nld-trt serve` of the embedded model).
 
 A person types a question, sees the answer stream in and the stats appear under it, switches the decoding
-mode and asks again in the same conversation, and can stop an answer (which frees its KV slot). The
-answers must be the in-process greedy tokens of the same conversation. A screenshot is saved and its path
+mode and asks a follow-up about that answer in the same conversation, and can stop an answer (which frees its
+KV slot). The answers must be the in-process greedy tokens of the same conversation, and both must carry the
+right number (the follow-up can only be answered from the first turn). A screenshot is saved and its path
 printed (run with -s to see it).
 """
 
@@ -20,10 +21,13 @@ from page_driver import By, Keys, answers, ask, chromium, content, set_field, wa
 from selenium.webdriver.support.ui import Select  # noqa: E402
 
 import nld_trt  # noqa: E402
-from nld_trt.evaluate import load_task  # noqa: E402
+from nld_trt.evaluate import extract_answer, load_task  # noqa: E402
 from nld_trt.serving.client import GrpcClient  # noqa: E402
 
-QUESTIONS = [p.question for p in load_task("gsm_synth")[:2]]
+# The first evaluation question, then its follow-up from the conversation set (asked after the solved question)
+FIRST, FOLLOWUP = (next(p for p in load_task("gsm_synth_chat") if p.index == 0 and p.group == g)
+                   for g in ("turn 1", "followup"))
+QUESTIONS = [FIRST.question, FOLLOWUP.question]
 RAMBLE = "12 12 12 12 12 12 12 12"  # the embedded model answers this for hundreds of tokens (no EOS)
 
 
@@ -54,7 +58,7 @@ def test_a_person_chats_sees_streamed_answers_and_stats_and_switches_modes(stack
 
     first = ask(browser, QUESTIONS[0], 0)
     want = nld.generate(QUESTIONS[0], mode="linear_spec", max_new_tokens=256)
-    assert content(first) == want.text
+    assert content(first) == want.text and extract_answer(want.text) == FIRST.gold
     assert int(first.get_attribute("data-chunks")) > 1  # the answer arrived in several streamed events
     assert first.find_element(By.CSS_SELECTOR, ".label").text == "linear_spec · T=0"
     stats = first.find_element(By.CSS_SELECTOR, ".stats").text
@@ -69,6 +73,7 @@ def test_a_person_chats_sees_streamed_answers_and_stats_and_switches_modes(stack
                     {"role": "user", "content": QUESTIONS[1]}]
     want2 = nld.generate(nld.tokenizer.encode_chat(conversation), mode="dlm", block_length=8, max_new_tokens=256)
     assert content(second) == want2.text  # the page sent the whole conversation, in the new mode
+    assert extract_answer(want2.text) == FOLLOWUP.gold, want2.text  # answered from the first turn
     assert second.find_element(By.CSS_SELECTOR, ".label").text == "dlm · B=8 · T=0"
     assert f"{want2.stats.nfe} forward passes" in second.find_element(By.CSS_SELECTOR, ".stats").text
 

@@ -3,8 +3,10 @@ few steps of `scripts/train_tiny_nld.py --tiny` writing a checkpoint that loads 
 
 from __future__ import annotations
 
+import collections
 import itertools
 import json
+import random
 import re
 import subprocess
 import sys
@@ -56,10 +58,138 @@ def test_training_stream_excludes_the_evaluation_questions():
     assert not any(p.question in exclude for p in itertools.islice(data.generate(3, exclude), 20_000))
 
 
+_STEP = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
+
+
+def _arithmetic_is_right(solution: str, value: int) -> bool:
+    ops = {"+": lambda x, y: x + y, "-": lambda x, y: x - y, "*": lambda x, y: x * y, "/": lambda x, y: x // y}
+    steps = _STEP.findall(solution)
+    return bool(steps) and all(ops[op](int(x), int(y)) == int(z) for x, op, y, z in steps) and \
+        solution.endswith(f"The answer is \\boxed{{{value}}}.") and int(steps[-1][3]) == value
+
+
+def test_followups_are_worked_out_from_the_previous_problem():
+    """Every template has follow-ups; each is solved in the trained style, its steps are right, and it
+    uses the previous problem's numbers without restating the problem."""
+    rng = random.Random(0)
+    kinds = set()
+    for p in itertools.islice(data.generate(11), 3000):
+        f = data.followup(p, rng)
+        assert f is not None, p.question
+        kinds.add(f.kind)
+        assert _arithmetic_is_right(f.answer, f.value), f.answer
+        assert 0 <= f.value <= 400 and p.question not in f.question
+        first = {int(x) for x in re.findall(r"\d+", f.answer.split(".")[0])}
+        assert first & {int(x) for x in re.findall(r"\d+", p.question + p.answer)}, (p.question, f.answer)
+        assert data.followup(f, rng) is None  # follow-ups are asked about a problem, not about a follow-up
+    assert kinds == {f"followup:{make.__name__[3:]}" for makers in data.FOLLOWUPS.values() for make in makers}
+
+
+def test_training_conversations_mix_turns_system_prompts_and_followups_and_hold_out_the_evaluation_set():
+    held_out = data.evaluation_set()
+    exclude = {p.question for p in held_out}
+    convs = list(itertools.islice(data.conversations(3, exclude), 3000))
+    assert convs == list(itertools.islice(data.conversations(3, exclude), 3000))  # seeded
+    turns = collections.Counter(sum(m["role"] == "user" for m in c) for c in convs)
+    assert set(turns) == {1, 2, 3, 4, 5} and 0.15 < turns[1] / len(convs) < 0.25
+    assert 0.25 < sum(c[0]["role"] == "system" for c in convs) / len(convs) < 0.35
+    followups = [m["content"] for c in convs for m in c if m["role"] == "user" and m["content"].startswith(("And", "Then", "How many more"))]
+    assert len(followups) > 1000
+    for c in convs:
+        roles = [m["role"] for m in c if m["role"] != "system"]
+        assert roles == ["user", "assistant"] * (len(roles) // 2) and c[-1]["role"] == "assistant"
+        assert not any(m["content"] in exclude for m in c)
+
+
+def test_a_rendered_conversation_is_what_serving_sends_token_for_token():
+    """The training text of every answer starts exactly where the prompt that serving builds for that turn
+    ends: an OpenAI chat request's messages, through the front end's mapping and the Triton model's
+    rendering (the checkpoint's chat template), give the ids before each loss span; the span is the answer's
+    tokens and EOS, as the model must generate them."""
+    from nld_trt.serving.openai.schema import ChatRequest, chat_request, parse
+    from nld_trt.serving.openai.triton import ModelInfo
+    from nld_trt.serving.protocol import Limits, prompt_ids
+    import nld_trt
+
+    served = nld_trt.load(max_batch=1, max_seq_len=1024)  # the embedded model, as the Triton model loads it
+    tok = served.tokenizer
+    info = ModelInfo("nld", {"messages": "BYTES", "text_input": "BYTES"}, {}, batched=True)
+    limits = Limits(max_tokens_cap=512, default_max_tokens=128, streaming=True)
+    convs = [c for c in itertools.islice(data.conversations(4), 60)]
+    assert any(c[0]["role"] == "system" for c in convs) and any(len(c) >= 9 for c in convs)
+    for c in convs:
+        r = data.render(tok, c)
+        assert r.ids == tok.encode(tok.apply_chat_template(c, add_generation_prompt=False), add_special_tokens=False)
+        answers = [i for i, m in enumerate(c) if m["role"] == "assistant"]
+        assert len(r.spans) == len(answers)
+        for i, (s0, s1) in zip(answers, r.spans):
+            request = parse(ChatRequest, json.dumps({"model": "nld", "messages": c[:i]}).encode())
+            prompt = prompt_ids(served, chat_request(request, info).fields, limits)
+            assert r.ids[:s0] == prompt.ids
+            assert r.ids[s0:s1] == tok.encode(c[i]["content"], add_special_tokens=False) + [EOS_ID]
+        assert data.render(tok, c, loss_on="last").spans == r.spans[-1:]
+
+
+def test_conversation_evaluation_set_asks_each_question_at_every_turn_and_as_a_followup():
+    size = 40
+    problems = data.evaluation_set(size)
+    rows = data.conversation_evaluation_set(size)
+    groups = collections.defaultdict(list)
+    for r in rows:
+        groups[r["group"]].append(r)
+    assert list(groups) == ["turn 1", "turn 2", "turn 3", "turn 4", "followup"]
+    solved = {p.question: p.answer for p in problems}
+    for k in range(1, 5):
+        for i, r in enumerate(groups[f"turn {k}"]):
+            m = [x for x in r["messages"] if x["role"] != "system"]
+            assert r["index"] == i and m[-1] == {"role": "user", "content": problems[i].question}
+            assert r["answer"] == problems[i].answer and len(m) == 2 * k - 1
+            for q, a in zip(m[:-1:2], m[1:-1:2]):  # the earlier turns: other evaluation problems, solved
+                assert q["role"] == "user" and q["content"] != problems[i].question
+                assert a == {"role": "assistant", "content": solved[q["content"]]}
+            if k < 4:  # the histories grow turn by turn: turn k's earlier turns open turn k + 1's
+                history = r["messages"][:-1]
+                assert groups[f"turn {k + 1}"][i]["messages"][: len(history)] == history
+    for i, r in enumerate(groups["followup"]):
+        m = [x for x in r["messages"] if x["role"] != "system"]
+        assert m[:2] == [{"role": "user", "content": problems[i].question}, {"role": "assistant", "content": problems[i].answer}]
+        value = int(re.search(r"boxed\{(\d+)\}", r["answer"]).group(1))
+        assert _arithmetic_is_right(r["answer"], value)
+    systems = [r["messages"][0]["role"] == "system" for r in groups["turn 1"]]
+    assert 0 < sum(systems) < size and all(
+        [r["messages"][0]["role"] == "system" for r in groups[g]] == systems for g in groups)
+    assert rows == data.conversation_evaluation_set(size)
+
+
 # The objective ------------------------------------------------------------------------------------
 
 def _examples() -> list[Example]:
-    return [Example([1, 3, 50, 51, 4], [60, 61, 62, 63, 64, 65, EOS_ID]), Example([1, 3, 52, 4], [70, 71, EOS_ID])]
+    return [Example.single([1, 3, 50, 51, 4], [60, 61, 62, 63, 64, 65, EOS_ID]),
+            Example.single([1, 3, 52, 4], [70, 71, EOS_ID])]
+
+
+def _conversation_examples() -> list[Example]:
+    """Two answers each; in the first, a short user turn (a follow-up) puts the second answer's first block
+    inside the range of the first answer's last block when the phase is random."""
+    a = [1, 3, 50, 51, 4, 60, 61, 62, 63, 64, 65, EOS_ID, 3, 52, 4, 70, 71, EOS_ID]
+    b = [1, 17, 90, 18, 3, 52, 4, 72, EOS_ID, 3, 53, 54, 4, 73, 74, 75, 76, EOS_ID]
+    return [Example(a, [(5, 12), (15, 18)]), Example(b, [(7, 9), (13, 18)])]
+
+
+def _check_mask(mask, kind, pos, start) -> None:
+    """The attention rules of the objective's docstring, slot by slot."""
+    s = len(kind)
+    for q in range(s):
+        for k in range(s):
+            if kind[q] == CLEAN:
+                want = bool(kind[k] == CLEAN and pos[k] <= pos[q])
+            elif kind[q] == NOISY:
+                own_block = kind[k] == NOISY and start[k] == start[q]
+                want = bool(own_block or (kind[k] == CLEAN and pos[k] < start[q]))
+            else:
+                assert kind[q] == PAD
+                want = q == k
+            assert bool(mask[q, k]) == want, (q, k)
 
 
 def test_joint_batch_layout_and_attention_mask():
@@ -73,22 +203,13 @@ def test_joint_batch_layout_and_attention_mask():
         kind, pos, start = batch.kind[i], batch.positions[i], batch.block_start[i]
         clean = (kind == CLEAN).nonzero()[:, 0]
         noisy = (kind == NOISY).nonzero()[:, 0]
-        seq = e.prompt + e.answer
+        seq = e.tokens
+        ((p, _),) = e.spans
         assert batch.tokens[i, clean].tolist() == seq and pos[clean].tolist() == list(range(len(seq)))
         # noisy copy: whole blocks at the clean copy's absolute positions, covering the whole answer
         assert len(noisy) % b == 0 and pos[noisy].tolist() == list(range(int(pos[noisy[0]]), int(pos[noisy[-1]]) + 1))
-        assert int(pos[noisy[0]]) <= len(e.prompt) and int(pos[noisy[-1]]) >= len(seq) - 1
-        for q in range(s):
-            for k in range(s):
-                if kind[q] == CLEAN:
-                    want = bool(kind[k] == CLEAN and pos[k] <= pos[q])
-                elif kind[q] == NOISY:
-                    own_block = kind[k] == NOISY and start[k] == start[q]
-                    want = bool(own_block or (kind[k] == CLEAN and pos[k] < start[q]))
-                else:
-                    assert kind[q] == PAD
-                    want = q == k
-                assert bool(mask[i, q, k]) == want, (i, q, k)
+        assert int(pos[noisy[0]]) <= p and int(pos[noisy[-1]]) >= len(seq) - 1
+        _check_mask(mask[i], kind, pos, start)
         # llada targets: a masked noisy slot predicts its own token; clean slot j predicts token j + 1
         for slot in noisy.tolist():
             block_offset = int(pos[slot] - start[slot])
@@ -96,11 +217,53 @@ def test_joint_batch_layout_and_attention_mask():
             if batch.tokens[i, slot] == MASK_ID:
                 truth = (seq + [EOS_ID] * b)[int(pos[slot])]
                 assert t == truth and batch.dlm_weights[i, slot] >= 1.0 and block_offset > 0
-                assert int(pos[slot]) >= len(e.prompt)
+                assert int(pos[slot]) >= p
             else:
                 assert t == IGNORE and batch.dlm_weights[i, slot] == 0
         ar = batch.ar_targets[i, clean].tolist()
-        assert ar == [IGNORE] * (len(e.prompt) - 1) + e.answer + [IGNORE]
+        assert ar == [IGNORE] * (p - 1) + seq[p:] + [IGNORE]
+
+
+def test_every_answer_of_a_conversation_gets_its_own_blocks_and_targets():
+    """Loss on every assistant turn: AR targets on the answers only; each answer covered by its own run of
+    noisy blocks (told apart by their starts, also when a short user turn puts the next answer's first
+    block inside the previous answer's last one), which see the clean conversation before them only."""
+    b = 8
+    overlapped = 0
+    for seed in range(8):
+        g = torch.Generator().manual_seed(seed)
+        batch = make_batch(_conversation_examples(), b, MASK_ID, EOS_ID, g, MaskSchedule(p_full=0.5, p_aligned=0.5))
+        mask = batch.mask[:, 0]
+        for i, e in enumerate(_conversation_examples()):
+            kind, pos, start = batch.kind[i], batch.positions[i], batch.block_start[i]
+            clean = (kind == CLEAN).nonzero()[:, 0]
+            noisy = (kind == NOISY).nonzero()[:, 0].tolist()
+            want_ar = [IGNORE] * len(e.tokens)
+            for s0, s1 in e.spans:
+                want_ar[s0 - 1 : s1 - 1] = e.tokens[s0:s1]
+            assert batch.ar_targets[i, clean].tolist() == want_ar
+            _check_mask(mask[i], kind, pos, start)
+            # blocks in the order the row holds them; a span's blocks follow each other until it is covered
+            starts = list(dict.fromkeys(int(start[j]) for j in noisy))
+            runs: list[list[int]] = []
+            for s in starts:
+                if runs and s == runs[-1][-1] + b and s < e.spans[len(runs) - 1][1]:
+                    runs[-1].append(s)
+                else:
+                    runs.append([s])
+            assert len(runs) == len(e.spans) and starts == sorted(starts)
+            overlapped += runs[1][0] < runs[0][-1] + b
+            for (s0, s1), run in zip(e.spans, runs):
+                assert s0 - b < run[0] <= s0 and run[-1] < s1 <= run[-1] + b
+                for j in (j for j in noisy if int(start[j]) in run):
+                    p = int(pos[j])
+                    assert run[0] <= p < run[-1] + b
+                    if batch.tokens[i, j] == MASK_ID:  # the answer's own token, then EOS (decoding stops there)
+                        assert p >= s0 and int(batch.dlm_targets[i, j]) == (e.tokens[p] if p < s1 else EOS_ID)
+                        assert int(batch.teacher[i, j]) == (p - 1 if p < s1 else -1)
+                    else:
+                        assert int(batch.dlm_targets[i, j]) == IGNORE and int(batch.teacher[i, j]) == -1
+    assert overlapped  # the case the block starts must keep apart did occur
 
 
 def test_full_masking_is_the_linear_spec_draft():
@@ -110,7 +273,7 @@ def test_full_masking_is_the_linear_spec_draft():
     for i, e in enumerate(_examples()):
         noisy = (batch.kind[i] == NOISY).nonzero()[:, 0]
         tokens = batch.tokens[i, noisy].view(-1, 4)
-        assert int(batch.positions[i, noisy[0]]) == len(e.prompt)  # aligned with the answer's start
+        assert int(batch.positions[i, noisy[0]]) == e.spans[0][0]  # aligned with the answer's start
         assert tokens[:, 0].ne(MASK_ID).all() and tokens[:, 1:].eq(MASK_ID).all()
 
 

@@ -19,8 +19,13 @@ from ..cli_support import KV_OPTIONS, MODEL_HELP, kv_kwargs, nfe_phrase, run_com
 from ..errors import NLDError
 from .openai.media import MAX_BODY_BYTES
 
-# A problem of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py).
-DEMO_PROMPT = "Sam runs 12 miles every day for 5 days. Then he runs 7 more miles. How many miles does Sam run in total?"
+# One conversation of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py;
+# neither question is in its evaluation set): the second question is a follow-up that only makes sense after
+# the first answer. The demo checks that each answer carries its number.
+DEMO_CONVERSATION = (
+    ("Sam runs 12 miles every day for 5 days. Then he runs 7 more miles. How many miles does Sam run in total?", "67"),
+    ("And if he kept going for 3 more days?", "103"),
+)
 
 
 def _err(message: str) -> None:
@@ -406,14 +411,31 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
 # demo -----------------------------------------------------------------------------------------------
 @click.command("demo")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
-@click.option("--prompt", default=DEMO_PROMPT, show_default=True)
+@click.option("--prompt", default=None,
+              help="ask this instead of the built-in conversation (its answers are then not checked)")
+@click.option("--followup", default=None, help="with --prompt: a second question in the same conversation")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
-def demo_command(model_dir, prompt, max_tokens, block_length) -> None:
-    """Package a model, serve it with Triton, send one request in each mode, print answers and stats, stop."""
+def demo_command(model_dir, prompt, followup, max_tokens, block_length) -> None:
+    """Package a model, serve it with Triton, hold a two-question conversation in each mode, print answers and
+    stats, stop. With the built-in conversation, fail unless every answer carries the right number."""
+    from ..evaluate import extract_answer
     from .client import GrpcClient, Result, http_generate
     from .package import ServingOptions, package_repository
     from .server import TritonServer
+
+    if followup is not None and prompt is None:
+        raise NLDError("--followup needs --prompt (the built-in conversation has its own follow-up)")
+    turns = list(DEMO_CONVERSATION) if prompt is None else [(q, None) for q in (prompt, followup) if q is not None]
+    wrong: list[str] = []
+
+    def check(label: str, text: str, gold: str | None) -> None:
+        if gold is None:
+            return
+        got = extract_answer(text)
+        click.echo(f"  answer {got}: " + ("right" if got == gold else f"WRONG, expected {gold}"))
+        if got != gold:
+            wrong.append(f"{label} answered {got}, expected {gold}")
 
     with tempfile.TemporaryDirectory(prefix="nld-trt-demo-") as tmp:
         repo = package_repository(model_dir, Path(tmp) / "repo", ServingOptions(max_batch=4, max_seq_len=1024))
@@ -423,22 +445,34 @@ def demo_command(model_dir, prompt, max_tokens, block_length) -> None:
             click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s "
                        f"(HTTP {server.http_url}, gRPC {server.grpc_url})")
             grpc = GrpcClient(server.grpc_url)
-            click.echo(f"prompt: {prompt}")
             for mode in ("ar", "dlm", "linear_spec"):
-                click.echo(f"\n[{mode}, gRPC stream] ", nl=False)
-                chunks = []
-                for chunk in grpc.stream(text_input=prompt, mode=mode, max_tokens=max_tokens, block_length=block_length):
-                    chunks.append(chunk)
-                    click.echo(chunk.text, nl=False)
-                click.echo()
-                click.echo(f"  {stats_line(Result.join(chunks).stats)}")
-            unary = http_generate(server.http_url, text_input=prompt, mode="linear_spec", max_tokens=max_tokens,
-                                  block_length=block_length)
-            click.echo(f"\n[linear_spec, HTTP generate on nld_sync] {unary.text}\n  {stats_line(unary.stats)}")
+                messages: list[dict[str, str]] = []
+                for n, (question, gold) in enumerate(turns, 1):
+                    messages.append({"role": "user", "content": question})
+                    click.echo(f"\n[{mode}, gRPC stream, turn {n}] user: {question}\n  assistant: ", nl=False)
+                    chunks = []
+                    for chunk in grpc.stream(messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
+                                             block_length=block_length):
+                        chunks.append(chunk)
+                        click.echo(chunk.text, nl=False)
+                    click.echo()
+                    result = Result.join(chunks)
+                    click.echo(f"  {stats_line(result.stats)}")
+                    check(f"{mode} turn {n}", result.text, gold)
+                    messages.append({"role": "assistant", "content": result.text})
+            messages.pop()  # the whole conversation once more, unary, its last question unanswered
+            unary = http_generate(server.http_url, messages=json.dumps(messages), mode="linear_spec",
+                                  max_tokens=max_tokens, block_length=block_length)
+            click.echo(f"\n[linear_spec, HTTP generate on nld_sync, turn {len(turns)}] {unary.text}\n  {stats_line(unary.stats)}")
+            check(f"HTTP linear_spec turn {len(turns)}", unary.text, turns[-1][1])
             code = server.stop()
         click.echo(f"\ntritonserver stopped (exit code {code})")
         if code != 0:
             raise NLDError(f"tritonserver exited with code {code}")
+    if wrong:
+        raise NLDError("the demo conversation got wrong answers: " + "; ".join(wrong))
+    if prompt is None:
+        click.echo("every answer of the conversation carries the right number, in every mode")
 
 
 COMMANDS = (package_command, serve_command, openai_command, client_command, chat_command, demo_command)

@@ -1,19 +1,26 @@
 """NLD's joint training objective in one forward pass: a clean copy (causal, AR loss) and a noisy copy
 (block diffusion, masked-token loss) of every sequence, concatenated along time.
 
+A sequence is a rendered conversation (`nld_trt.training.data.render`): its token ids and the spans that
+carry the loss, one per trained assistant turn (the answer and its EOS). A single question is the case of
+one span at the end.
+
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
-sequence (prompt, solution ending in EOS). The noisy copy holds only the blocks that cover the solution
-(the last one filled up with EOS), at the same absolute positions as the clean copy; in each block some
-tokens (never the block's first, which decoding always knows) are replaced by the mask token. Who sees whom:
+whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with
+EOS after the span's end), at the same absolute positions as the clean copy; in each block some tokens (never
+the block's first, which decoding always knows) are replaced by the mask token. Who sees whom:
 - a clean token sees the clean tokens at or before its position (causal);
 - a noisy token sees every noisy token of its own block (bidirectional) and the clean tokens before its
-  block: exactly what a block pass sees at inference, with the committed KV cache as the clean prefix;
+  block: exactly what a block pass sees at inference, with the committed KV cache (the conversation so
+  far) as the clean prefix;
 - a padding slot sees only itself (so attention never has an empty row).
 Alignment is llada: noisy logits at position j predict the token at j; clean logits at j predict j + 1.
 
-Block boundaries take a random phase per sequence (half the time aligned with the solution's start, as in
+Block boundaries take a random phase per span (half the time aligned with the answer's start, as in
 `dlm`; otherwise anywhere, as in `linear_spec`, whose drafts start wherever the accepted text ends), and
 often every token after the block's first is masked: that is the `linear_spec` draft `[t, MASK x (B-1)]`.
+Blocks are told apart by their start position, so a span's first block always starts after the previous
+span's last block started.
 """
 
 from __future__ import annotations
@@ -41,8 +48,13 @@ class MaskSchedule:
 
 @dataclass
 class Example:
-    prompt: list[int]  # chat-formatted prompt ids (BOS ... [/INST])
-    answer: list[int]  # solution ids, ending with EOS
+    tokens: list[int]  # the rendered conversation
+    spans: list[tuple[int, int]]  # [start, end) of each trained answer (ending with its EOS), in order
+
+    @classmethod
+    def single(cls, prompt: list[int], answer: list[int]) -> Example:
+        """One question: the chat-formatted prompt ids and the answer ids (ending with EOS)."""
+        return cls(prompt + answer, [(len(prompt), len(prompt) + len(answer))])
 
 
 @dataclass
@@ -82,11 +94,14 @@ def make_batch(
     eos_id: int,
     generator: torch.Generator,
     schedule: MaskSchedule = MaskSchedule(),
+    pad_to: int = 1,
 ) -> JointBatch:
-    """Tokens, targets and weights of the joint pass for one batch (one block size for the batch)."""
+    """Tokens, targets and weights of the joint pass for one batch (one block size for the batch). Each copy
+    is padded up to a multiple of `pad_to` slots: with few distinct shapes the allocator reuses its memory
+    (a new shape every step fragments glibc's heap: a training worker grew by about 0.5 GB per 100 steps)."""
     rows = [_row(e, block_size, mask_id, eos_id, generator, schedule) for e in examples]
-    tc = max(len(r["clean"]) for r in rows)
-    tn = max(len(r["noisy"]) for r in rows)
+    tc = -(-max(len(r["clean"]) for r in rows) // pad_to) * pad_to
+    tn = -(-max(len(r["noisy"]) for r in rows) // pad_to) * pad_to
     n, s = len(rows), tc + tn
     out = {
         "tokens": torch.full((n, s), eos_id, dtype=torch.long),
@@ -107,51 +122,59 @@ def make_batch(
         out["kind"][i, c] = CLEAN
         out["ar_targets"][i, c] = torch.tensor(r["ar_targets"])
         out["tokens"][i, z] = torch.tensor(r["noisy"])
-        out["positions"][i, z] = torch.arange(r["start"], r["start"] + ln)
+        out["positions"][i, z] = torch.tensor(r["positions"])
         out["kind"][i, z] = NOISY
         out["block_start"][i, z] = torch.tensor(r["block_start"])
         out["dlm_targets"][i, z] = torch.tensor(r["dlm_targets"])
         out["dlm_weights"][i, z] = torch.tensor(r["dlm_weights"])
-        # the verifier's view of a masked solution token (none past EOS: decoding stops there)
-        real = (out["dlm_targets"][i, z] != IGNORE) & (out["positions"][i, z] < lc)
-        out["teacher"][i, z] = torch.where(real, out["positions"][i, z] - 1, -1)
+        out["teacher"][i, z] = torch.tensor(r["teacher"])
         count += r["maskable"]
     return JointBatch(dlm_count=count, **out)
 
 
 def _row(e: Example, b: int, mask_id: int, eos_id: int, g: torch.Generator, sch: MaskSchedule) -> dict:
-    """One sequence: its clean tokens and AR targets, its noisy blocks, their targets and weights."""
-    p, a = len(e.prompt), len(e.answer)
-    if _uniform(g) < sch.p_aligned:
-        start = p
-    else:  # a random phase: the block holding the first solution token starts up to b - 1 before it
-        start = max(p - int(torch.randint(0, b, (1,), generator=g)), 1)
-    blocks = -(-(p + a - start) // b)
-    end = start + blocks * b
-    clean = e.prompt + e.answer  # no noisy block looks past its own start, so no padding here
-    ar_targets = [IGNORE] * (p - 1) + e.answer + [IGNORE]
-    padded = clean + [eos_id] * (end - p - a)  # the last block ends with EOS, as decoding sees it
-    noisy, targets, weights, block_start = [], [], [], []
+    """One sequence: its clean tokens and AR targets, the noisy blocks of each span, their targets and
+    weights, and the clean slot whose logits the verifier reads for each masked answer token."""
+    n = len(e.tokens)
+    ar_targets = [IGNORE] * n
+    noisy, positions, targets, weights, block_start, teacher = [], [], [], [], [], []
     maskable_total = 0
-    for s in range(start, end, b):
-        chunk = padded[s : s + b]
-        maskable = [j for j in range(1, b) if s + j >= p]
-        maskable_total += len(maskable)
-        if _uniform(g) < sch.p_full:
-            ratio, hide = 1.0, set(maskable)
-        else:
-            ratio = sch.r_min + (1 - sch.r_min) * _uniform(g)
-            draw = torch.rand(len(maskable), generator=g) < ratio
-            hide = {j for j, d in zip(maskable, draw.tolist()) if d}
-            if not hide and maskable:
-                hide = {maskable[int(torch.randint(0, len(maskable), (1,), generator=g))]}
-        for j, tok in enumerate(chunk):
-            noisy.append(mask_id if j in hide else tok)
-            targets.append(tok if j in hide else IGNORE)
-            weights.append(1.0 / ratio if j in hide else 0.0)
-            block_start.append(s)
-    return dict(clean=clean, ar_targets=ar_targets, noisy=noisy, dlm_targets=targets, dlm_weights=weights,
-                block_start=block_start, start=start, maskable=maskable_total)
+    last_start = 0  # the previous span's last block start (blocks are told apart by their start)
+    for s0, s1 in e.spans:
+        if not 0 < s0 < s1 <= n:
+            raise ValueError(f"span {(s0, s1)} is not inside a sequence of {n} tokens after its first")
+        ar_targets[s0 - 1 : s1 - 1] = e.tokens[s0:s1]
+        if _uniform(g) < sch.p_aligned:
+            start = s0
+        else:  # a random phase: the block holding the first answer token starts up to b - 1 before it
+            start = s0 - int(torch.randint(0, b, (1,), generator=g))
+        start = max(start, last_start + 1, 1)
+        blocks = -(-(s1 - start) // b)
+        # the answer, then EOS to the end of its last block, as decoding sees it (nothing follows an EOS)
+        padded = e.tokens[:s1] + [eos_id] * (start + blocks * b - s1)
+        for s in range(start, start + blocks * b, b):
+            chunk = padded[s : s + b]
+            maskable = [j for j in range(1, b) if s + j >= s0]
+            maskable_total += len(maskable)
+            if _uniform(g) < sch.p_full:
+                ratio, hide = 1.0, set(maskable)
+            else:
+                ratio = sch.r_min + (1 - sch.r_min) * _uniform(g)
+                draw = torch.rand(len(maskable), generator=g) < ratio
+                hide = {j for j, d in zip(maskable, draw.tolist()) if d}
+                if not hide and maskable:
+                    hide = {maskable[int(torch.randint(0, len(maskable), (1,), generator=g))]}
+            for j, tok in enumerate(chunk):
+                noisy.append(mask_id if j in hide else tok)
+                positions.append(s + j)
+                targets.append(tok if j in hide else IGNORE)
+                weights.append(1.0 / ratio if j in hide else 0.0)
+                block_start.append(s)
+                # the verifier's view of a masked answer token (none past EOS: decoding stops there)
+                teacher.append(s + j - 1 if j in hide and s + j < s1 else -1)
+            last_start = s
+    return dict(clean=list(e.tokens), ar_targets=ar_targets, noisy=noisy, positions=positions, dlm_targets=targets,
+                dlm_weights=weights, block_start=block_start, teacher=teacher, maskable=maskable_total)
 
 
 def _uniform(g: torch.Generator) -> float:
