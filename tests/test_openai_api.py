@@ -190,8 +190,10 @@ def test_nld_fields_as_extra_body_reach_the_model(nld, client):
 
 
 def test_sampling_without_a_seed_varies_between_requests(client):
-    # OpenAI semantics: no seed, a fresh sample each time (greedy requests are unaffected)
-    texts = {client.completions.create(model="nld", prompt="Mia has", max_tokens=24, temperature=1.5).choices[0].text
+    # OpenAI semantics: no seed, a fresh sample each time (greedy requests are unaffected). min_tokens: the
+    # embedded model may end a bare "Mia has" at once (an EOS is a sample too), which would leave nothing to compare
+    texts = {client.completions.create(model="nld", prompt="Mia has", max_tokens=24, temperature=1.5,
+                                       extra_body={"min_tokens": 8}).choices[0].text
              for _ in range(4)}
     assert len(texts) > 1
 
