@@ -382,19 +382,16 @@ def write_weight_files(directory: Path, shards: list[dict[str, torch.Tensor]]) -
     model.safetensors.index.json that maps each tensor to its file."""
     from safetensors.torch import save_file
 
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file({n: t.detach().contiguous().cpu() for n, t in shards[0].items()}, str(directory / "model.safetensors"),
-                  metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file({n: t.detach().contiguous().cpu() for n, t in shard.items()}, str(directory / fname), metadata=meta)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        save_file({n: t.detach().contiguous().cpu() for n, t in shard.items()}, str(directory / fname),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _bytes(size: int | str) -> int:

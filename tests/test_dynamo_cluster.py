@@ -393,7 +393,7 @@ def test_a_killed_worker_loses_no_request_and_the_other_serves_the_next(cluster,
         first = next(it)
         streams.append((it, first.model_extra["nvext"]["worker_id"]["decode_worker_id"], first))
     os.kill(cluster.info["workers"][0]["pid"], signal.SIGKILL)
-    for it, worker, first in streams:  # every stream finishes, the dead worker's on the survivor (migration)
+    for it, _, first in streams:  # every stream finishes, the dead worker's on the survivor (migration)
         finish, tokens = None, 0
         for chunk in itertools.chain([first], it):  # a chunk may carry several tokens (a busy worker batches them)
             finish = chunk.choices[0].finish_reason or finish
