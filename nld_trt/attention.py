@@ -30,19 +30,10 @@ def chunk_attention_mask(
     return visible.unsqueeze(1)
 
 
-def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:
-    """[B, Hkv, S, D] -> [B, Hkv * groups, S, D] (each KV head serves `groups` query heads)."""
-    if groups == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, groups, s, d).reshape(b, h * groups, s, d)
-
-
 def attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float
 ) -> torch.Tensor:
-    """Grouped-query attention. q [B, Hq, T, D]; k, v [B, Hkv, S, D]; mask [B, 1, T, S] bool or None."""
-    groups = q.shape[1] // k.shape[1]
-    return F.scaled_dot_product_attention(
-        q, repeat_kv(k, groups), repeat_kv(v, groups), attn_mask=mask, scale=scale
-    )
+    """Grouped-query attention. q [B, Hq, T, D]; k, v [B, Hkv, S, D] (query head h reads KV head h // (Hq / Hkv));
+    mask [B, 1, T, S] bool or None. SDPA's own GQA (`enable_gqa`): the same numbers as repeating each KV head
+    for its queries first (checked bit for bit on CPU), without materialising the repeated K/V."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=q.shape[1] != k.shape[1])

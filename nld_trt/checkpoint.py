@@ -377,6 +377,47 @@ def weight_files_single(path: Path) -> dict[str, Path]:
 
 # Writing ------------------------------------------------------------------------------------------
 
+def write_weight_files(directory: Path, shards: list[dict[str, torch.Tensor]]) -> None:
+    """The release's weight files: model.safetensors for one shard, else model-0000i-of-0000n.safetensors and the
+    model.safetensors.index.json that maps each tensor to its file."""
+    from safetensors.torch import save_file
+
+    names = (["model.safetensors"] if len(shards) == 1
+             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for fname, shard in zip(names, shards):
+        save_file({n: t.detach().contiguous().cpu() for n, t in shard.items()}, str(directory / fname),
+                  metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {name: fname for fname, shard in zip(names, shards) for name in shard}
+        total = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+def _bytes(size: int | str) -> int:
+    if isinstance(size, int):
+        return size
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
+    if not m:
+        raise ValueError(f"bad shard size {size!r}")
+    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
+
+
+def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> None:
+    """The weight files of `tensors`, split into shards of at most `max_shard_size` (transformers' convention)."""
+    limit = _bytes(max_shard_size)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > limit:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    write_weight_files(directory, shards)
+
+
 def save_checkpoint(
     directory: str | Path,
     config: NLDConfig | VLMConfig,
@@ -391,8 +432,6 @@ def save_checkpoint(
     `extra_files` are written as text next to config.json (tokenizer files, chat template). A VLMConfig writes
     the vision-language layout (its tensors: the text model's and the vision encoder's).
     """
-    from safetensors.torch import save_file
-
     from .fileutil import atomic_directory
 
     expected = config.expected_shapes()
@@ -402,18 +441,7 @@ def save_checkpoint(
         config.save(tmp)
         names = list(expected)
         groups = [names[i::shards] for i in range(shards)] if shards > 1 else [names]
-        meta = {"format": "pt"}
-        if shards == 1:
-            save_file({n: tensors[n].contiguous() for n in names}, str(tmp / "model.safetensors"), metadata=meta)
-        else:
-            weight_map = {}
-            for i, group in enumerate(groups):
-                fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
-                save_file({n: tensors[n].contiguous() for n in group}, str(tmp / fname), metadata=meta)
-                weight_map.update({n: fname for n in group})
-            index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())},
-                     "weight_map": weight_map}
-            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_weight_files(tmp, [{n: tensors[n] for n in group} for group in groups])
         for name, text in (extra_files or {}).items():
             (tmp / name).write_text(text)
         if lora is not None:

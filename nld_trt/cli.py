@@ -3,21 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
+from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
+from .kv.layout import DEFAULT_PAGE_SIZE
 
-MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"
-
-
-def _console():
-    from rich.console import Console
-
-    return Console(stderr=True, highlight=False)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -65,9 +59,11 @@ def cli() -> None:
 @click.option("--compile/--no-compile", "compile_", default=None,
               help="compiled decode passes (CUDA graphs on a GPU, torch.compile on CPU) or the eager reference "
                    "[default: compiled on CUDA, eager on CPU]")
+@kv_options
 def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, temperature, top_k, top_p, min_p, stop,
              bad_words, prompt_logprobs, min_tokens, logprobs, top_logprobs, seed, lora, acceptance, draft, allow_lossy,
-             max_thinking_tokens, end_think_token, think, raw, images, as_json, device, dtype, compile_) -> None:
+             max_thinking_tokens, end_think_token, think, raw, images, as_json, device, dtype, compile_, kv_cache_tokens,
+             kv_cache_gb, page_size, prefix_cache) -> None:
     """Generate a completion for PROMPT in one decoding mode."""
     from pathlib import Path
 
@@ -78,7 +74,8 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
     check_model_dir(path, lora=lora)
     console = _console()
     model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora, compile=compile_,
-                 progress=lambda line: console.print(f"[dim]{line}[/dim]"))
+                 progress=lambda line: console.print(f"[dim]{line}[/dim]"),
+                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
     end_think_id = None
     if max_thinking_tokens is not None:
         if end_think_token is None and model.prompts.thinking is None:
@@ -140,15 +137,6 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
         f"prefill {s.prefill_s * 1e3:.1f} ms, decode {s.decode_s * 1e3:.1f} ms{extra}, "
         f"finish {result.finish_reason}{stop_reason}[/dim]"
     )
-
-
-def nfe_phrase(stats: dict) -> str:
-    """NFE and TPF as printed everywhere, with the reference's count beside ours where they differ (dlm:
-    the reference leaves the prefill out)."""
-    phrase = f"{stats.get('nfe', 0)} forwards, TPF {stats.get('tpf', 0):.2f}"
-    if stats.get("nfe_reference", stats.get("nfe")) != stats.get("nfe"):
-        phrase += f" (as the reference counts: {stats['nfe_reference']} forwards, TPF {stats['tpf_reference']:.2f})"
-    return phrase
 
 
 def _print_logprobs(console, tokenizer, logprobs) -> None:
@@ -215,13 +203,17 @@ def info(model_dir, as_json) -> None:
 @click.option("--max-batch", type=int, default=8, show_default=True, help="sequences per engine call")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per sequence")
 @click.option("--max-block", type=int, default=32, show_default=True, help="longest decode chunk (block length)")
+@click.option("--page-size", type=int, default=DEFAULT_PAGE_SIZE, show_default=True, help="positions per KV-cache page")
+@click.option("--kv-cache-tokens", type=int, default=None,
+              help="the TensorRT plan's KV page pool in positions [default: max-batch x max-seq-len]")
 @click.option("--dtype", type=click.Choice(["bf16", "fp16", "float32"]), default="bf16", show_default=True,
               help="graph precision (float32 for the ONNX Runtime executor on CPU)")
 @click.option("--onnx-only", is_flag=True, help="stop after the ONNX graph and its verification")
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="check the graph with ONNX Runtime against the PyTorch executor (greedy, every mode)")
 @click.option("--overwrite", is_flag=True, help="replace an existing output directory")
-def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_only, verify, overwrite) -> None:
+def build(checkpoint, output, max_batch, max_seq_len, max_block, page_size, kv_cache_tokens, dtype, onnx_only, verify,
+          overwrite) -> None:
     """Export the (quantized) checkpoint to an ONNX graph, verify it, and build a TensorRT engine."""
     from pathlib import Path
 
@@ -231,8 +223,8 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
     console = _console()
     options = BuildOptions(
         checkpoint=Path(checkpoint) if checkpoint else default_model_path(), output=Path(output),
-        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, dtype=dtype, onnx_only=onnx_only,
-        verify=verify, overwrite=overwrite,
+        max_batch=max_batch, max_seq_len=max_seq_len, max_block=max_block, page_size=page_size,
+        kv_cache_tokens=kv_cache_tokens, dtype=dtype, onnx_only=onnx_only, verify=verify, overwrite=overwrite,
     )
     report = run_build(options, progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     click.echo(f"wrote {output}: {report.graph} ({report.dtype}, {report.nodes} nodes, custom {', '.join(report.custom_nodes)})"
@@ -243,19 +235,23 @@ def build(checkpoint, output, max_batch, max_seq_len, max_block, dtype, onnx_onl
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda")
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
-@click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots, as the deployment has")
+@click.option("--max-batch", type=int, default=8, show_default=True,
+              help="sequences decoding at once at most, as the deployment has")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True)
 @click.option("--max-block-length", type=int, default=128, show_default=True)
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None,
               help="where to save it (default: the user cache; a served repository keeps its own)")
 @click.option("--force", is_flag=True, help="measure again even if a calibration for this executor is saved")
-def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length, output_dir, force) -> None:
+@kv_options
+def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length, output_dir, force, kv_cache_tokens,
+              kv_cache_gb, page_size, prefix_cache) -> None:
     """Measure what a forward pass costs on this executor and device (mode auto's cost model); print it."""
     from .executors.cost import calibration_file
     from .runtime import load
 
     model = load(model_dir, device=device, dtype=dtype, max_batch=max_batch, max_seq_len=max_seq_len,
-                 max_block_length=max_block_length, calibration_dir=output_dir)
+                 max_block_length=max_block_length, calibration_dir=output_dir,
+                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
     if force:
         from .executors.cost import default_directory
 
@@ -320,23 +316,6 @@ def _add_commands() -> None:
 
 
 _add_commands()
-
-
-def run_command(command: click.Command, argv: list[str] | None, prog_name: str = "nld-trt") -> None:
-    """Run a click command with nld-trt's exit codes: one-line errors for bad input, never a traceback."""
-    try:
-        command.main(args=argv, prog_name=prog_name, standalone_mode=False)
-    except click.exceptions.Exit as e:
-        sys.exit(e.exit_code)
-    except click.Abort:
-        click.echo("Aborted.", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        click.echo(f"Error: {e.format_message()}", err=True)
-        sys.exit(2)
-    except NLDError as e:
-        click.echo(f"Error: {e}", err=True)
-        sys.exit(1)
 
 
 def main(argv: list[str] | None = None) -> None:

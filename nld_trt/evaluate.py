@@ -29,6 +29,8 @@ from pathlib import Path
 
 import click
 
+from .cli_support import kv_kwargs, kv_options
+
 from .errors import NLDError
 from .fileutil import read_jsonl_rows
 
@@ -294,13 +296,14 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Generate (greedy, chat template) for every problem in batches and score the outputs. A conversation
-    (with images or not) goes through the model's prompt encoder, as a served `messages` request does."""
+    (with images or not) goes to `generate` as its messages: the prompt encoder (nld_trt/prompt.py) renders it
+    as it renders a served `messages` request."""
     used_lora = lora and model.lora is not None
     report = EvalReport(task, mode, used_lora)
     chunk = max(batch_size, PROGRESS_EVERY)
     for begin in range(0, len(problems), chunk):
         part = problems[begin : begin + chunk]
-        prompts = [p.question if p.messages is None else list(p.messages) for p in part]
+        prompts = [p.question if p.messages is None else [dict(m) for m in p.messages] for p in part]
         start = time.perf_counter()
         results = model.generate(prompts, mode=mode, lora=lora, block_length=block_length,
                                  threshold=threshold, max_new_tokens=max_new_tokens)
@@ -345,8 +348,10 @@ def evaluate(
 @click.option("--dtype", default=None, help="float32 | bfloat16 | float16 (default: float32 on CPU, bfloat16 on CUDA)")
 @click.option("--json", "as_json", is_flag=True, help="print one JSON object per task instead of the summary line")
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="write per-problem records (JSONL)")
+@kv_options
 def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, batch_size, max_new_tokens,
-                 question_field, answer_field, device, dtype, as_json, output) -> None:
+                 question_field, answer_field, device, dtype, as_json, output, kv_cache_tokens, kv_cache_gb, page_size,
+                 prefix_cache) -> None:
     """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
     from .checkpoint import check_model_dir
     from .runtime import load
@@ -362,7 +367,8 @@ def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, b
     records = []
     for name, problems in sets.items():
         if paths[name] not in models:  # each model once, in the order its tasks come
-            models[paths[name]] = load(paths[name], device=device, dtype=dtype, max_batch=batch_size, lora=lora)
+            models[paths[name]] = load(paths[name], device=device, dtype=dtype, max_batch=batch_size, lora=lora,
+                                       **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
         model = models[paths[name]]
         report = evaluate(model, problems, task=name, mode=mode, lora=lora, block_length=block_length,
                           threshold=threshold, max_new_tokens=max_new_tokens, batch_size=batch_size,

@@ -5,23 +5,29 @@ pins it to 1e-4). The rotary frequencies and the YaRN attention factor come from
 initialisation, so the two cannot drift apart. Parameter names are those of the release checkpoint
 (`encoder.*`, `diffusion_head.weight`), so a checkpoint's safetensors load with `load_state_dict`.
 
-Three ways of attending share this code: a causal or block pass over a chunk against the KV cache
-(`KVCache` + `attention.chunk_attention_mask`), and a cache-free pass under any explicit mask (training).
-A pass against the cache is described by a step object: `CacheStep` (the reference: exact shapes, computed
-on the host) or `StaticStep` (shapes fixed by batch bucket and chunk length, every length and mask on the
-device: what nld_trt/executors/static_pass.py compiles and captures in CUDA graphs).
+Two ways of attending share this code: a causal or block pass over a chunk against the paged KV cache,
+and a cache-free pass under any explicit mask (training, calibration). A pass against the cache is described
+by a step object from nld_trt/kv/attend.py (`PagedStep`, the reference, or `StaticPagedStep`, what
+nld_trt/executors/static_pass.py compiles and captures in CUDA graphs): each layer hands it its K/V and
+queries (`step.attend`), and the step writes them into the pages and attends.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import attention, chunk_attention_mask
+from .attention import attention
 from .config import NLDConfig
+
+if TYPE_CHECKING:
+    from .kv.attend import PagedStep, StaticPagedStep
+
+    Step = PagedStep | StaticPagedStep
 
 
 class RMSNorm(nn.Module):
@@ -91,117 +97,6 @@ class LoRA:
         return (x @ self.A.t() @ self.B.t()) * self.scale
 
 
-class KVCache:
-    """Keys and values of `slots` sequences, preallocated to `max_len` positions.
-
-    The cache does not know committed lengths: the executor owns them. `write` stores a chunk's K/V at
-    positions L..L+n-1 of each row's slot; `read` returns every slot's first `keys` positions.
-    """
-
-    def __init__(self, config: NLDConfig, slots: int, max_len: int, dtype: torch.dtype, device) -> None:
-        shape = (slots, config.num_key_value_heads, max_len, config.head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(config.num_hidden_layers)]
-        self.max_len = max_len
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
-
-
-def kernel_attend(cache: KVCache, layer: int, q, k, v, slots, committed, chunk_lens, block, scale: float):
-    """Write k, v [B, Hkv, T, D] at committed..committed+n-1 of each row's slot and attend q [B, Hq, T, D] with
-    the fused Triton kernels (the CUDA path). Lengths are read on the device: no host synchronisation."""
-    from nld_trt.plugins.block_attention.ops import block_attention, write_kv
-
-    kc, vc = cache.k[layer], cache.v[layer]
-    write_kv(k, v, kc, vc, slots, committed, chunk_lens)
-    return block_attention(q, kc, vc, slots, committed, chunk_lens, block, scale)
-
-
-@dataclass
-class CacheStep:
-    """One forward pass against a KVCache (computed once, used by every layer): where the chunk's K/V go
-    and how its queries attend. The reference path writes with index_put and attends with SDPA under the
-    chunk mask; with `kernels` it runs the fused Triton kernels of nld_trt.plugins (the CUDA path)."""
-
-    cache: KVCache
-    slots: torch.Tensor  # [B] slot per batch row
-    committed: torch.Tensor  # [B] committed length L per row
-    chunk_lens: torch.Tensor  # [B] real chunk tokens per row
-    block: torch.Tensor  # [B] bool: bidirectional chunk
-    mask: torch.Tensor  # [B, 1, T, keys] bool, the reference path's attention mask
-    write_rows: torch.Tensor  # [N] batch row of each real chunk token
-    write_cols: torch.Tensor  # [N] chunk index of each real chunk token
-    write_pos: torch.Tensor  # [N] absolute position of each real chunk token
-    keys: int  # how many positions to read (max over rows of L + n)
-    contiguous_from: int | None  # slots are start..start+B-1: read through a view
-    kernels: bool = False
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        dest = self.slots[self.write_rows]
-        kc[dest, :, self.write_pos] = k[self.write_rows, :, self.write_cols]
-        vc[dest, :, self.write_pos] = v[self.write_rows, :, self.write_cols]
-        if self.contiguous_from is not None:
-            s = self.contiguous_from
-            b = self.slots.shape[0]
-            return kc[s : s + b, :, : self.keys], vc[s : s + b, :, : self.keys]
-        return kc[self.slots, :, : self.keys], vc[self.slots, :, : self.keys]
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        """Write the chunk's k, v [B, Hkv, T, D] into the cache, then attend q [B, Hq, T, D]."""
-        if not self.kernels:
-            k_all, v_all = self.update(layer, k, v)
-            return attention(q, k_all, v_all, self.mask, scale)
-        return kernel_attend(self.cache, layer, q, k, v, self.slots, self.committed, self.chunk_lens, self.block, scale)
-
-
-@dataclass
-class StaticStep:
-    """One pass whose shapes depend only on (batch B, chunk length T) and which reads no tensor on the host,
-    so it can be compiled once per shape and captured in a CUDA graph.
-
-    Every row writes all T chunk positions: real tokens at committed..committed+n-1 of their slot, padding
-    (chunk positions past n, and whole padding rows) to the scratch slot of the cache, which nothing reads
-    as context. Without kernels, attention reads the first `keys` positions of each row's slot under the
-    reference chunk mask (`keys` is the one size that varies between passes of a shape: the compiled pass
-    takes it as a dynamic dimension); with kernels, the Triton kernels read the lengths on the device.
-    """
-
-    cache: KVCache
-    slots: torch.Tensor  # [B] slot per batch row (padding rows: the scratch slot)
-    committed: torch.Tensor  # [B]
-    chunk_lens: torch.Tensor  # [B] real chunk tokens per row (padding rows: T, in the scratch slot)
-    block: torch.Tensor  # [B] bool
-    dest_slot: torch.Tensor  # [B, T] cache slot of each chunk position's K/V (padding: the scratch slot)
-    dest_pos: torch.Tensor  # [B, T] cache position of each chunk position's K/V
-    mask: torch.Tensor | None  # [B, 1, T, keys] bool (reference attention), None with kernels
-    kernels: bool = False
-
-    @classmethod
-    def build(cls, cache: KVCache, scratch: int, slots, committed, chunk_lens, block, chunk: int, keys,
-              kernels: bool = False) -> StaticStep:
-        """From the pass's device tensors; `keys` (an int, or a symbolic size when compiled) is how many cache
-        positions the reference attention reads: at least max(committed + chunk_lens)."""
-        j = torch.arange(chunk, device=slots.device)
-        real = j[None, :] < chunk_lens[:, None]
-        dest_slot = torch.where(real, slots[:, None], scratch)
-        dest_pos = torch.where(real, committed[:, None] + j, j)
-        mask = None if kernels else chunk_attention_mask(committed, chunk_lens, block, chunk, keys)
-        return cls(cache, slots, committed, chunk_lens, block, dest_slot, dest_pos, mask, kernels)
-
-    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-        if self.kernels:
-            return kernel_attend(self.cache, layer, q, k, v, self.slots, self.committed, self.chunk_lens, self.block,
-                                 scale)
-        kc, vc = self.cache.k[layer], self.cache.v[layer]
-        kc[self.dest_slot, :, self.dest_pos] = k.transpose(1, 2)
-        vc[self.dest_slot, :, self.dest_pos] = v.transpose(1, 2)
-        keys = self.mask.shape[-1]
-        return attention(q, kc[self.slots, :, :keys], vc[self.slots, :, :keys], self.mask, scale)
-
-
 class Attention(nn.Module):
     def __init__(self, config: NLDConfig) -> None:
         super().__init__()
@@ -213,9 +108,12 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, self.n_kv * d, bias=False)
         self.o_proj = nn.Linear(self.n_heads * d, h, bias=False)
         self.lora: LoRA | None = None
+        # FP8 KV-cache emulation on cache-free passes (calibration, comparisons): (k, v) -> fake-quantized
+        # (k, v). Passes against the cache quantize through the cache's layout instead (nld_trt/kv).
+        self.kv_quant = None
         self.qkv_weight: torch.Tensor | None = None  # [q; k; v] rows, set by fuse_projections
 
-    def forward(self, x, cos, sin, qscale, mask, layer: int, step: CacheStep | StaticStep | None, lora_rows,
+    def forward(self, x, cos, sin, qscale, mask, layer: int, step: Step | None, lora_rows,
                 fused: bool = False):
         b, t, _ = x.shape
         if fused and self.qkv_weight is not None:
@@ -228,7 +126,12 @@ class Attention(nn.Module):
         v = v.view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
         q = apply_rope(q, cos, sin) * qscale[:, None, :, None]
         k = apply_rope(k, cos, sin)
-        out = step.attend(layer, q, k, v, self.scale) if step is not None else attention(q, k, v, mask, self.scale)
+        if step is not None:
+            out = step.attend(layer, q, k, v, self.scale)
+        else:
+            if self.kv_quant is not None:
+                k, v = self.kv_quant(k, v)
+            out = attention(q, k, v, mask, self.scale)
         out = out.transpose(1, 2).reshape(b, t, -1)
         y = self.o_proj(out)
         if self.lora is not None and lora_rows is not None:
@@ -289,7 +192,7 @@ class NLDModel(nn.Module):
         tokens: torch.Tensor,
         positions: torch.Tensor,
         mask: torch.Tensor | None,
-        step: CacheStep | StaticStep | None = None,
+        step: Step | None = None,
         lora_rows: torch.Tensor | None = None,
         fused: bool = False,
         inputs_embeds: torch.Tensor | None = None,
@@ -302,7 +205,7 @@ class NLDModel(nn.Module):
                              lora_rows, fused)
 
     def backbone(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
-                 step: CacheStep | StaticStep | None = None, lora_rows: torch.Tensor | None = None,
+                 step: Step | None = None, lora_rows: torch.Tensor | None = None,
                  fused: bool = False) -> torch.Tensor:
         """The decoder layers and final norm over input embeddings x [B, T, H]."""
         cos, sin, qscale = self.rotary(positions, x.dtype)

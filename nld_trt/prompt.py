@@ -335,10 +335,11 @@ def text_only(model_name: str) -> str:
             "Nemotron-Labs-Diffusion-VLM checkpoint has one)")
 
 
-def engine_text_only(model_name: str) -> str:
-    """Why an engine build of a vision-language model refuses images (for now)."""
-    return (f"{model_name} is an engine build: its text graph has no input for image rows yet, so it takes text "
-            "prompts only (serve the checkpoint, or its quantized checkpoint, for images)")
+def engine_text_only(model_name: str, reason: str) -> str:
+    """Why an engine build of a vision-language model refuses images; `reason`: what the build lacks
+    (nld_trt/engine/loader.py, `image_refusal`)."""
+    return (f"{model_name} is an engine build that takes text prompts only: {reason}; rebuild it with this "
+            "nld-trt (nld-trt build) to take images, or serve the checkpoint")
 
 
 def _short(value: Any, limit: int = 80) -> str:

@@ -14,11 +14,13 @@ from .checkpoint import LoRAAdapter, load_lora, load_vision_weights, load_weight
 from .config import NLDConfig
 from .decoding import SEQUENCE_TYPES, GenerationParams, Stats, run
 from .decoding.auto import AutoPlanner
+from .decoding.driver import page_manager
 from .decoding.sequence import TokenLogprob
 from .errors import CheckpointError, GenerationError
 from .executors import TorchExecutor
 from .executors.cost import CostModel
 from .executors.torch_executor import compile_blocker, kernels_available
+from .kv.layout import DEFAULT_PAGE_SIZE
 from .model import NLDModel, Rotary
 from .prompt import Prompt, PromptEncoder, engine_text_only
 from .tokenizer import NLDTokenizer
@@ -110,12 +112,22 @@ class NLD:
         compile: bool | None = None,
         progress: Callable[[str], None] | None = None,
         image_cache_bytes: int | None = None,
+        kv_cache_tokens: int | None = None,
+        kv_cache_gb: float | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        prefix_cache: bool = True,
     ) -> None:
         """`compile`: run the decode passes compiled (CPU: torch.compile) or as CUDA graphs (GPU), captured
         at load; False: the eager reference; None: CUDA graphs on a GPU (when Triton is installed and the
         checkpoint is not quantized), eager on CPU, where compiling costs more at load than a short run
         saves (README, "Benchmarks"). `progress` gets the load-time progress lines (default: stderr).
-        `image_cache_bytes`: a vision-language checkpoint's cache of encoded images (default 256 MiB)."""
+        `image_cache_bytes`: a vision-language checkpoint's cache of encoded images (default 256 MiB).
+
+        The KV cache is a pool of pages (nld_trt/kv): `max_batch` is the most sequences decoding at once,
+        `max_seq_len` the longest one, and the pool holds `kv_cache_tokens` positions or `kv_cache_gb` GiB
+        (default: max_batch x max_seq_len positions; on a GPU at most 80% of its free memory) in pages of
+        `page_size`. `prefix_cache`: reuse the K/V of cached prefixes (prompts, earlier turns' answers; an image
+        prompt's pages are keyed by its images' content too)."""
         self.path = Path(path) if path is not None else default_model_path()
         if not self.path.is_dir():
             raise CheckpointError(f"model directory {self.path} does not exist")
@@ -130,7 +142,7 @@ class NLD:
             )
         self.dtype = resolve_dtype(dtype, device)
         max_seq_len = min(max_seq_len, self.config.max_position_embeddings)
-        from .engine.loader import is_engine_dir, open_engine
+        from .engine.loader import image_refusal, is_engine_dir, open_engine
 
         self.model: NLDModel | None = None
         self.lora: LoRAAdapter | None = None
@@ -138,9 +150,14 @@ class NLD:
         self._planner: AutoPlanner | None = None
         self.vlm = None  # a vision-language checkpoint's VLMConfig
         self.image_encoder = None  # its vision encoder (nld_trt/vision/encoder.py)
+        kv = dict(kv_cache_tokens=kv_cache_tokens, kv_cache_gb=kv_cache_gb, page_size=page_size)
         if is_engine_dir(self.path):  # a `nld-trt build` output: its graph or plan runs the passes
-            self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length)
-            self.prompts = self._prompt_encoder(engine_text_only(str(self.path)) if self.config.is_vlm else None)
+            self.executor = open_engine(self.path, self.config, device, max_batch, max_seq_len, max_block_length, **kv)
+            self._set_pages(prefix_cache)
+            refusal = image_refusal(self.path, device) if self.config.is_vlm else None
+            if self.config.is_vlm and refusal is None:
+                self._load_engine_vision(device, image_cache_bytes)
+            self.prompts = self._prompt_encoder(None if refusal is None else engine_text_only(str(self.path), refusal))
             return
         if self.config.quantization_config is not None:  # a ModelOpt FP8 / INT4 AWQ export
             from .quant.loader import load_quantized_model
@@ -155,7 +172,8 @@ class NLD:
             compile = self.model.encoder.embed_tokens.weight.device.type == "cuda" and kernels_available() \
                 and compile_blocker(self.model) is None
         self.executor = TorchExecutor(self.model, max_batch, max_seq_len, max_block_length, compile=compile,
-                                      progress=progress or _stderr)
+                                      progress=progress or _stderr, **kv)
+        self._set_pages(prefix_cache)
         if self.config.is_vlm:
             self._load_vision(device, image_cache_bytes)
         self.prompts = self._prompt_encoder()
@@ -173,6 +191,17 @@ class NLD:
         self.image_encoder = ImageEncoder(tower, p.dtype, p.device,
                                           DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
 
+    def _load_engine_vision(self, device: str, cache_bytes: int | None) -> None:
+        """An engine build's vision encoder: its vision plan (GPU) or graph (ONNX Runtime), rows in its dtype."""
+        from .engine.loader import open_vision
+        from .vision.config import VLMConfig
+        from .vision.encoder import DEFAULT_CACHE_BYTES, ImageEncoder
+
+        self.vlm = VLMConfig.from_file(self.path)
+        encoder = open_vision(self.path, self.vlm, device)
+        self.image_encoder = ImageEncoder(encoder, encoder.rows_dtype, encoder.device,
+                                          DEFAULT_CACHE_BYTES if cache_bytes is None else cache_bytes)
+
     def _prompt_encoder(self, no_images: str | None = None) -> PromptEncoder:
         processor = None
         if self.vlm is not None:
@@ -182,6 +211,12 @@ class NLD:
                                                                        self.vlm.spatial_merge_size))
         return PromptEncoder(self.tokenizer, self.config, self.executor.max_seq_len, f"the model at {self.path}",
                              processor, no_images)
+
+    def _set_pages(self, prefix_cache: bool) -> None:
+        if not isinstance(prefix_cache, bool):
+            raise GenerationError(f"prefix_cache must be true or false, got {prefix_cache!r}")
+        self.pages = page_manager(self.executor)  # who holds which page, the prefix index (nld_trt/kv)
+        self.pages.prefix_cache = prefix_cache
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -195,7 +230,7 @@ class NLD:
         """The executor's pass-cost model: the saved one for this executor and device, else measured now."""
         from .executors.cost import load_or_calibrate
 
-        model, path, measured = load_or_calibrate(self.executor, self.calibration_dir, progress)
+        model, path, measured = load_or_calibrate(self.executor, self.pages, self.calibration_dir, progress)
         self.calibration_file = path
         self.calibration_measured = measured
         return model
@@ -206,9 +241,10 @@ class NLD:
 
     def check_fits(self, prompt_len: int, params: GenerationParams, remedy: str,
                    tokens_name: str = "max_new_tokens", detail: str = "") -> None:
-        """Refuse a request whose prompt and generation would overrun a KV-cache slot (before it takes one);
-        `tokens_name` is what the caller calls max_new_tokens (serving: max_tokens); `detail` says more about
-        the prompt's tokens (Prompt.describe: how many are image positions)."""
+        """Refuse a request whose prompt and generation would overrun the longest sequence the KV cache takes
+        (before it takes pages: such a request always fits the pool alone); `tokens_name` is what the caller
+        calls max_new_tokens (serving: max_tokens); `detail` says more about the prompt's tokens
+        (Prompt.describe: how many are image positions)."""
         need = params.cache_positions(prompt_len)
         if need > self.executor.max_seq_len:
             raise GenerationError(
@@ -250,8 +286,8 @@ class NLD:
         seqs = [seq_type(x.ids, p, self.config, p.seed + i, self.tokenizer.decode, images=self.bind_images(x))
                 for i, x in enumerate(encoded)]
         if p.mode == "auto":
-            self.planner.model  # calibrated (or loaded) while every slot is free
-        run(self.executor, seqs, planner=self.planner if p.mode == "auto" else None)
+            self.planner.model  # calibrated (or loaded) before this call takes pages
+        run(self.executor, seqs, planner=self.planner if p.mode == "auto" else None, pages=self.pages)
         failed = [s for s in seqs if s.error is not None]
         if failed:
             raise GenerationError(f"generation failed: {failed[0].error}")

@@ -6,7 +6,8 @@ from __future__ import annotations
 from .block_attention import trt as block_attention_trt
 from .spec_accept import trt as spec_accept_trt
 
-PLUGINS = (block_attention_trt.PLUGIN, spec_accept_trt.ACCEPT_PLUGIN, spec_accept_trt.SELECT_PLUGIN)
+PLUGINS = (block_attention_trt.WRITE_PLUGIN, block_attention_trt.PLUGIN, spec_accept_trt.ACCEPT_PLUGIN,
+           spec_accept_trt.SELECT_PLUGIN)
 
 
 def register_all() -> tuple[str, ...]:

@@ -88,9 +88,13 @@ def median_ms(fn, device: str, reps: int) -> float:
     return statistics.median(times)
 
 
-def time_pass(executor, slots, chunks, device: str, reps: int) -> float:
-    """Median milliseconds of one uncommitted pass (the cache is unchanged by it, so reps are identical)."""
-    return median_ms(lambda: executor.forward(slots, chunks, all_logits=False), device, reps)
+def time_pass(executor, tables, chunks, device: str, reps: int) -> float:
+    """Median milliseconds of one uncommitted pass after each table's committed tokens (the cache is unchanged
+    by it, so reps are identical)."""
+    from nld_trt.executors.base import PassBatch, PassRow
+
+    batch = PassBatch([PassRow(c, t.length, t.pages) for t, c in zip(tables, chunks)], all_logits=False)
+    return median_ms(lambda: executor.forward(batch), device, reps)
 
 
 def weight_read_bound_ms(model) -> tuple[float, float, float]:
@@ -135,6 +139,8 @@ def transformers_ms_per_token(model, batch: int, context: int, new: int, compile
 
 def main(argv: list[str] | None = None) -> int:
     from nld_trt.executors import Chunk, TorchExecutor
+    from nld_trt.executors.base import PassBatch, PassRow
+    from nld_trt.kv import PageManager, PageTable
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="8B")
@@ -196,12 +202,15 @@ def main(argv: list[str] | None = None) -> int:
                                      batch_buckets=(batch,), **VARIANTS[variant])
             if executor.compile_report:
                 summary.append(f"batch {batch} {variant}: {executor.compile_report}")
-            slots = [executor.allocate() for _ in prompts]
-            executor.forward(slots, [Chunk(p) for p in prompts], all_logits=False)
-            for s in slots:
-                executor.commit(s, args.context)
+            pages = PageManager(executor.layout.pages, executor.layout.page_size)
+            tables = [PageTable() for _ in prompts]
+            for t, p in zip(tables, prompts):  # room for the prompt and the longest chunk after it
+                pages.grow(t, len(p) + args.block)
+            executor.forward(PassBatch([PassRow(Chunk(p), 0, t.pages) for t, p in zip(tables, prompts)], False))
+            for t, p in zip(tables, prompts):
+                pages.commit(t, p)
             for kind, chunks in passes.items():
-                times[variant, kind] = time_pass(executor, slots, chunks, args.device, args.reps)
+                times[variant, kind] = time_pass(executor, tables, chunks, args.device, args.reps)
             del executor
             if cuda:
                 torch.cuda.empty_cache()

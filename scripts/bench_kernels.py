@@ -1,8 +1,9 @@
 #!/usr/bin/env python
 """Benchmark the plugin kernels on a CUDA GPU against PyTorch.
 
-Attention: nld_trt.plugins block_attention vs the reference path (nld_trt.attention: repeat_kv + SDPA with
-a boolean chunk mask) and vs flex_attention (compiled, block mask, GQA), for cache lengths 1k/4k/16k,
+Attention on the paged cache (pages of 16, each row's pages scattered): nld_trt.plugins block_attention vs
+the executor's reference path (gather the pages, SDPA with GQA and a boolean chunk mask) and vs
+flex_attention on a dense copy (compiled, block mask, GQA), for cache lengths 1k/4k/16k,
 chunk lengths 1/8/32 and batch 1/8 (half the rows causal, half block). Selection: spec_accept and
 dlm_select vs torch on the GPU (argmax / softmax there, decision on the host). Prints microseconds and the
 achieved memory bandwidth (bytes the kernel must read and write / time) as a fraction of the GPU's peak:
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Callable
 
 import torch
@@ -42,9 +44,9 @@ BATCHES = (1, 8)
 @dataclass
 class AttentionCase:
     q: torch.Tensor
-    k_cache: torch.Tensor
+    k_cache: torch.Tensor  # [pages, P, Hkv, D]: the paged cache
     v_cache: torch.Tensor
-    slots: torch.Tensor
+    tables: torch.Tensor  # [B, W] each row's pages
     committed: torch.Tensor
     chunk_lens: torch.Tensor
     block: torch.Tensor
@@ -57,22 +59,34 @@ class AttentionCase:
     def bytes_moved(self) -> int:
         """K and V of every row's visible keys, q read and the output written."""
         b, hq, t, d = self.q.shape
-        hkv = self.k_cache.shape[1]
+        hkv = self.k_cache.shape[2]
         kv = 2 * int((self.committed + self.chunk_lens).sum()) * hkv * d * self.k_cache.element_size()
         return kv + 2 * self.q.numel() * self.q.element_size()
 
+    def contiguous(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's first `keys` positions as contiguous [B, Hkv, keys, D] K and V (for the dense baselines;
+        built outside the timed calls)."""
+        from nld_trt.kv.attend import gather, read_index
+
+        cache = SimpleNamespace(k=[self.k_cache], v=[self.v_cache],
+                                layout=SimpleNamespace(page_size=self.k_cache.shape[1], scales=None))
+        index = read_index(self.tables.long(), torch.arange(self.keys, device=self.q.device), self.k_cache.shape[1])
+        k, v = gather(cache, 0, *index, self.q.dtype)
+        return k.contiguous(), v.contiguous()
+
 
 def attention_case(batch: int, cache_len: int, chunk: int, heads: int, kv_heads: int, head_dim: int,
-                   dtype: torch.dtype, device: str) -> AttentionCase:
-    """Row b uses slot b, has `cache_len` committed keys and a full chunk; even rows causal, odd block."""
-    max_len = cache_len + chunk
+                   dtype: torch.dtype, device: str, page_size: int = 16) -> AttentionCase:
+    """Each row has `cache_len` committed keys and a full chunk on its own pages (in reverse order, so no row
+    reads contiguous memory); even rows causal, odd block."""
+    width = -(-(cache_len + chunk) // page_size)
     g = torch.Generator(device=device).manual_seed(0)
     randn = lambda *shape: torch.randn(*shape, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
     return AttentionCase(
         q=randn(batch, heads, chunk, head_dim),
-        k_cache=randn(batch, kv_heads, max_len, head_dim),
-        v_cache=randn(batch, kv_heads, max_len, head_dim),
-        slots=torch.arange(batch, device=device, dtype=torch.int32),
+        k_cache=randn(batch * width, page_size, kv_heads, head_dim),
+        v_cache=randn(batch * width, page_size, kv_heads, head_dim),
+        tables=torch.arange(batch * width - 1, -1, -1, device=device, dtype=torch.int32).view(batch, width),
         committed=torch.full((batch,), cache_len, device=device, dtype=torch.int32),
         chunk_lens=torch.full((batch,), chunk, device=device, dtype=torch.int32),
         block=torch.arange(batch, device=device) % 2 == 1,
@@ -83,19 +97,28 @@ def attention_case(batch: int, cache_len: int, chunk: int, heads: int, kv_heads:
 def ours(case: AttentionCase) -> Callable[[], torch.Tensor]:
     from nld_trt.plugins.block_attention import block_attention
 
-    return lambda: block_attention(case.q, case.k_cache, case.v_cache, case.slots, case.committed,
+    return lambda: block_attention(case.q, case.k_cache, case.v_cache, case.tables, case.committed,
                                    case.chunk_lens, case.block, case.scale)
 
 
 def sdpa_reference(case: AttentionCase) -> Callable[[], torch.Tensor]:
-    """The PyTorch executor's path: slots are contiguous here, so K/V are views (no gather); the mask is
-    built once per forward pass in the executor, so outside the timed call."""
+    """The PyTorch executor's reference path: gather each row's pages (timed: the executor pays it every
+    pass), then SDPA under the chunk mask (built once per forward pass in the executor, so outside)."""
     from nld_trt.attention import attention, chunk_attention_mask
+    from nld_trt.kv.attend import gather_pages
 
-    keys, b = case.keys, case.q.shape[0]
-    k, v = case.k_cache[:b, :, :keys], case.v_cache[:b, :, :keys]
+    keys, b, page = case.keys, case.q.shape[0], case.k_cache.shape[1]
+    head_dim, kv_heads = case.k_cache.shape[3], case.k_cache.shape[2]
+    cache = SimpleNamespace(k=[case.k_cache], v=[case.v_cache],
+                            layout=SimpleNamespace(page_size=page, scales=None, kv_heads=kv_heads, head_dim=head_dim))
+    pages = case.tables.long()[:, : -(-keys // page)].reshape(-1)
     mask = chunk_attention_mask(case.committed.long(), case.chunk_lens.long(), case.block, case.q.shape[2], keys)
-    return lambda: attention(case.q, k, v, mask, case.scale)
+
+    def run() -> torch.Tensor:
+        k, v = gather_pages(cache, 0, pages, b, keys, case.q.dtype)
+        return attention(case.q, k, v, mask, case.scale)
+
+    return run
 
 
 def flex(case: AttentionCase, compiled: bool = True) -> Callable[[], torch.Tensor]:
@@ -110,7 +133,7 @@ def flex(case: AttentionCase, compiled: bool = True) -> Callable[[], torch.Tenso
         return (rel < 0) | ((rel < lens[bi]) & (block[bi] | (rel <= j)))
 
     mask = create_block_mask(visible, b, None, t, keys, device=case.q.device, _compile=compiled)
-    k, v = case.k_cache[:b, :, :keys], case.v_cache[:b, :, :keys]
+    k, v = case.contiguous()  # dense: flex_attention does not read page tables
     fn = torch.compile(flex_attention, dynamic=False) if compiled else flex_attention
     return lambda: fn(case.q, k, v, block_mask=mask, scale=case.scale, enable_gqa=True)
 

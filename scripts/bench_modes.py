@@ -59,9 +59,12 @@ def sync(device: str) -> None:
 @click.option("--top-p", type=float, default=1.0, show_default=True)
 @click.option("--min-p", type=float, default=0.0, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="reuse cached prompt pages (each prompt runs in every mode, so later modes reuse it); off: "
+                   "nothing is shared between runs")
 @click.option("--json", "as_json", is_flag=True)
 def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, device, threads, compiled, engine_dir,
-         temperature, top_k, top_p, min_p, seed, as_json) -> None:
+         temperature, top_k, top_p, min_p, seed, prefix_cache, as_json) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -71,7 +74,7 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
     torch.set_num_threads(threads)
     console = Console(stderr=True)
     say = lambda line: console.print(f"[dim]{line}[/dim]")  # noqa: E731
-    options = dict(device=device, max_batch=batch_size, max_seq_len=1024, progress=say)
+    options = dict(device=device, max_batch=batch_size, max_seq_len=1024, progress=say, prefix_cache=prefix_cache)
     runtimes = {"eager": nld_trt.load(model_dir, compile=False, **options)}
     nld = runtimes["eager"]
     load_report = {}
@@ -82,6 +85,7 @@ def main(model_dir, tasks, n_prompts, max_new_tokens, block_length, batch_size, 
                        "compile_report": runtimes["compiled"].executor.compile_report}
     if engine_dir:
         runtimes["engine"] = nld_trt.load(engine_dir, **{k: v for k, v in options.items() if k != "progress"})
+    say(f"KV cache: {nld.executor.layout.describe()}, prefix cache {'on' if prefix_cache else 'off'}")
     prompts = [nld.encode(p.question) for p in load_task(tasks)[:n_prompts]]
     batches = [prompts[i : i + batch_size] for i in range(0, len(prompts), batch_size)]
     common = dict(max_new_tokens=max_new_tokens, block_length=block_length, temperature=temperature, top_k=top_k,

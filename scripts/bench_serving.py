@@ -18,7 +18,8 @@ scripts/bench_images.py builds them) measures instead:
    and on an image worker (`image_workers=1`), in-process (the serving scheduler, no Triton).
 2. Latency and throughput at each concurrency for requests with an image (each a picture not seen before, so
    each pays its encoding) and without, in-process and served (gRPC streams with `image_url_input`).
-3. Time to first token with a fresh image and with one already encoded (served and in-process).
+3. Time to first token with a fresh image and with the same request again (its image already encoded; with the
+   prefix cache on, `--prefix-cache`, its prompt's KV pages reused too, keyed by the image's content).
 """
 
 from __future__ import annotations
@@ -115,11 +116,14 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--modes", default="ar,dlm,linear_spec", show_default=True, help="comma-separated; auto too")
 @click.option("--concurrency", default="1,4,16", show_default=True)
 @click.option("--requests", "n_requests", type=int, default=32, show_default=True, help="requests per concurrency level")
-@click.option("--max-batch", type=int, default=16, show_default=True, help="KV slots, in-process and served")
+@click.option("--max-batch", type=int, default=16, show_default=True,
+              help="sequences at once, in-process and served (a KV pool of max-batch x 1024 positions)")
 @click.option("--threads", type=int, default=1, show_default=True,
               help="PyTorch CPU threads, in-process and per served instance (the same on both sides)")
 @click.option("--fresh-streams", is_flag=True,
               help="open a gRPC stream per request (as `nld-trt client` does) instead of keeping one per connection")
+@click.option("--prefix-cache/--no-prefix-cache", default=True, show_default=True,
+              help="reuse cached prompt pages (the prompts repeat across modes and levels); off: nothing is shared")
 @click.option("--json", "json_out", type=click.Path(dir_okay=False), default=None, help="also write the figures here")
 @click.option("--images", is_flag=True, help="image requests instead (a vision-language model; see the docstring)")
 @click.option("--random", "random_kind", default="tiny", show_default=True,
@@ -128,13 +132,13 @@ def model_dir(path: str | None) -> tuple[Path, str]:
 @click.option("--stall-size", default="840x840", show_default=True, help="--images: the large image of the stall run")
 @click.option("--sections", default="stall,load,ttft", show_default=True, help="--images: which measurements to run")
 def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurrency, n_requests, max_batch, threads,
-         fresh_streams, json_out, images, random_kind, image_size, stall_size, sections) -> None:
+         fresh_streams, prefix_cache, json_out, images, random_kind, image_size, stall_size, sections) -> None:
     import torch
 
     if images:
         return images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_length,
                            [int(c) for c in concurrency.split(",")], n_requests, max_batch, threads, image_size,
-                           stall_size, sections.split(","), json_out)
+                           stall_size, sections.split(","), prefix_cache, json_out)
 
     import nld_trt
     from nld_trt.serving.client import GrpcClient
@@ -147,13 +151,13 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
     with tempfile.TemporaryDirectory(prefix="bench-serving-") as tmp:
         path, what = model_dir(model_path)
         texts = prompts(n_prompts, tasks)
-        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024)
+        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=1024, prefix_cache=prefix_cache)
         block = block_length or nld.config.block_size
         print(f"model: {what} ({path}); {n_prompts} prompts, max_tokens {max_tokens}, block {block}", file=sys.stderr)
 
         repo = package_repository(path, Path(tmp) / "repo",
                                   ServingOptions(max_batch=max_batch, max_seq_len=1024, max_tokens_cap=max_tokens,
-                                                 torch_threads=threads))
+                                                 torch_threads=threads, prefix_cache=prefix_cache))
         results: dict = {"model": what, "prompts": n_prompts, "max_tokens": max_tokens, "block_length": block,
                          "threads": threads, "modes": {}}
         with TritonServer(repo) as server:
@@ -203,8 +207,8 @@ def main(model_path, tasks, n_prompts, max_tokens, block_length, modes, concurre
             client.close()  # its open streams would hold the server until its exit timeout
             server.stop()
 
-    print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, {max_batch} KV slots, "
-          f"{threads} thread(s)")
+    print(f"\n{what}: {n_prompts} prompts, max_tokens {max_tokens}, block {block}, up to {max_batch} sequences "
+          f"(KV: {nld.executor.layout.describe()}, prefix cache {'on' if prefix_cache else 'off'}), {threads} thread(s)")
     print(f"{'mode':12} {'in-process ms':>14} {'stream ms':>10} {'ratio':>6} {'unary ms':>9} {'ratio':>6} "
           f"{'same tokens':>12}")
     for mode, row in results["modes"].items():
@@ -338,7 +342,7 @@ def load_run(run_one, jobs: list[dict], concurrency: int) -> dict:
 
 
 def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_length, levels, n_requests, max_batch,
-                threads, image_size, stall_size, sections, json_out) -> None:
+                threads, image_size, stall_size, sections, prefix_cache, json_out) -> None:
     import torch
 
     import nld_trt
@@ -356,13 +360,14 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
     with tempfile.TemporaryDirectory(prefix="bench-serving-images-") as tmp:
         path = Path(model_path) if model_path else random_checkpoint(random_kind, Path(tmp), lambda m: print(m, file=sys.stderr))
         what = model_path or f"random {random_kind} VLM"
-        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=4096)
+        nld = nld_trt.load(path, max_batch=max_batch, max_seq_len=4096, prefix_cache=prefix_cache)
         block = block_length or nld.config.block_size
         limits = Limits(400, max_tokens, streaming=True, max_image_bytes=64 * 1024 * 1024,
                         max_image_pixels=64 * 1024 * 1024)
         nld.prompts.limit_images(limits.max_image_bytes, limits.max_image_pixels)
         texts = prompts(n_prompts, tasks)
         results: dict = {"model": what, "threads": threads, "image_size": list(size), "stall_size": list(big),
+                         "prefix_cache": prefix_cache,
                          "max_tokens": max_tokens, "block_length": block, "stall": [], "load": {}, "ttft": {}}
 
         for rep in range(2 if "stall" in sections else 0):  # interleaved: the scheduler thread, then the worker, twice
@@ -391,7 +396,7 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
 
         repo = package_repository(path, Path(tmp) / "repo", ServingOptions(
             max_batch=max_batch, max_seq_len=4096, max_tokens_cap=400, torch_threads=threads,
-            max_image_bytes=64 * 1024 * 1024, max_image_pixels=64 * 1024 * 1024))
+            max_image_bytes=64 * 1024 * 1024, max_image_pixels=64 * 1024 * 1024, prefix_cache=prefix_cache))
         with TritonServer(repo) as server:
             client = GrpcClient(server.grpc_url, keep_streams=True)
 
@@ -434,7 +439,8 @@ def images_main(model_path, random_kind, n_prompts, tasks, max_tokens, block_len
 def report(results: dict, what: str, size, big, threads: int, max_tokens: int, block: int, max_batch: int,
            json_out: str | None) -> None:
     print(f"\n{what}; image {size[0]}x{size[1]} per request, stall image {big[0]}x{big[1]}; {threads} torch thread(s) "
-          f"per thread that computes; linear_spec, max_tokens {max_tokens}, block {block}, {max_batch} KV slots")
+          f"per thread that computes; linear_spec, max_tokens {max_tokens}, block {block}, up to {max_batch} sequences, "
+          f"prefix cache {'on' if results['prefix_cache'] else 'off'}")
     print("\n1. a text request's inter-token latency (ms per token, p50) while a large image is prepared and encoded")
     print(f"{'encoder on':22} {'before':>8} {'during':>8} {'longest gap during':>19} {'responses during':>17} "
           f"{'encode s':>9} {'image TTFT s':>13}")
@@ -448,9 +454,10 @@ def report(results: dict, what: str, size, big, threads: int, max_tokens: int, b
         kind, c, where = key.split()
         print(f"{kind:8} {int(c):4d} {where:>11} {row['tokens_per_s']:8.1f} {row['p50_ms']:8.1f} {row['p99_ms']:8.1f} "
               f"{row['ttft_p50_ms']:12.1f}")
-    print("\n3. time to first token, image request (mean of 5)")
+    print("\n3. time to first token, image request (mean of 5)" + (": the same request again reuses the encoded image and "
+          "its prompt's KV pages" if results["prefix_cache"] else ": the same request again reuses the encoded image"))
     for where, row in results["ttft"].items():
-        print(f"  {where:11} fresh image {row['fresh_ms']:8.1f} ms, already encoded {row['cached_ms']:8.1f} ms "
+        print(f"  {where:11} fresh image {row['fresh_ms']:8.1f} ms, the same request again {row['cached_ms']:8.1f} ms "
               f"({row['fresh_ms'] / row['cached_ms']:.1f}x)")
     if json_out:
         Path(json_out).write_text(json.dumps(results, indent=2) + "\n")

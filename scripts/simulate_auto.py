@@ -14,6 +14,13 @@ evaluation set; --acceptance measured), or set so that block-32 TPF is the 5.9 N
 Closed loop: `concurrency` requests are always in flight, each generating --tokens tokens after a prompt of
 --prompt tokens; a finished one is replaced. Prints a table (tokens/s of ar, linear_spec at each block, auto)
 and writes a plot.
+
+Memory bounds the sweep as it bounds a deployment: the KV cache gets what the GPU (--gpu-gb, 141 GB for an
+H200) leaves after the weights and a reserve for activations and CUDA graphs (--reserve-gb). With slots
+(before pages) every sequence takes --max-seq-len positions, so only `slot capacity` requests run at once and
+the rest wait; with pages of 16 a request takes what it uses (prompt + tokens + a block of look-ahead, rounded
+up to pages), so the paged capacity is many times larger. Each level runs at min(concurrency, capacity);
+the last column is auto with slots.
 """
 
 from __future__ import annotations
@@ -44,6 +51,16 @@ class Roofline:
         memory = (self.params * BYTES_PER_PARAM + keys * self.kv_bytes_per_key) / self.bandwidth
         compute = (2 * self.params * tokens + self.attention_flops * attention) / self.flops
         return max(memory, compute) + self.floor
+
+
+def kv_capacity(gpu_gb: float, reserve_gb: float, max_seq_len: int, prompt: int, tokens: int, block: int = 32,
+                page: int = 16) -> tuple[int, int, float, float]:
+    """(requests at once with slots, with pages, KV GB, GB per slot) for the 8B on a GPU of gpu_gb."""
+    roofline = Roofline()
+    kv_bytes = (gpu_gb - reserve_gb) * 1e9 - roofline.params * BYTES_PER_PARAM
+    slot = max_seq_len * roofline.kv_bytes_per_key
+    pages = -(-(prompt + tokens + block) // page)
+    return int(kv_bytes // slot), int(kv_bytes // (pages * page * roofline.kv_bytes_per_key)), kv_bytes / 1e9, slot / 1e9
 
 
 def measured_acceptance(limit: int) -> list[float]:
@@ -149,7 +166,11 @@ def simulate(cost, rates: list[float], concurrency: int, option: tuple[str, int]
 @click.option("--tokens", type=int, default=512, show_default=True)
 @click.option("--steps", type=int, default=400, show_default=True)
 @click.option("--plot", type=click.Path(dir_okay=False), default="docs/simulate_auto.png", show_default=True)
-def main(source, limit, cost_file, concurrency, prompt, tokens, steps, plot) -> None:
+@click.option("--gpu-gb", type=float, default=141.0, show_default=True, help="GPU memory (H200: 141 GB)")
+@click.option("--reserve-gb", type=float, default=10.0, show_default=True,
+              help="left for activations, CUDA graphs and the allocator")
+@click.option("--max-seq-len", type=int, default=32768, show_default=True, help="a slot's positions (before pages)")
+def main(source, limit, cost_file, concurrency, prompt, tokens, steps, plot, gpu_gb, reserve_gb, max_seq_len) -> None:
     if cost_file:
         from nld_trt.executors.cost import CostModel
 
@@ -163,21 +184,31 @@ def main(source, limit, cost_file, concurrency, prompt, tokens, steps, plot) -> 
         rates = [rate_for_tpf(5.9)]
         origin = f"NLD-8B's reported block-32 TPF 5.9 (a = {rates[0]:.3f})"
     levels = [int(c) for c in concurrency.split(",")]
+    slot_cap, page_cap, kv_gb, slot_gb = kv_capacity(gpu_gb, reserve_gb, max_seq_len, prompt, tokens)
     options = {"ar": ("ar", 1), **{f"linear_spec/{b}": ("linear_spec", b) for b in (4, 8, 16, 32)}, "auto": None}
     table = {name: [] for name in options}
+    table["auto, slots"] = []
     mixes = []
     for c in levels:
         for name, option in options.items():
-            rate, mix = simulate(cost, rates, c, option, prompt, tokens, steps, seed=c)
+            rate, mix = simulate(cost, rates, min(c, page_cap), option, prompt, tokens, steps, seed=c)
             table[name].append(rate)
             if option is None:
                 mixes.append(mix)
-    print(f"cost: {what}\nacceptance: {origin}\nprompt {prompt}, {tokens} tokens per request, closed loop\n")
-    print(f"{'concurrency':>11} " + " ".join(f"{n:>15}" for n in options) + "  auto / best fixed  auto's mix")
+        running = min(c, slot_cap)  # with slots the rest wait
+        table["auto, slots"].append(table["auto"][-1] if running == min(c, page_cap) else
+                                    simulate(cost, rates, running, None, prompt, tokens, steps, seed=c)[0])
+    print(f"cost: {what}\nacceptance: {origin}\nprompt {prompt}, {tokens} tokens per request, closed loop")
+    print(f"KV memory: {gpu_gb:g} GB - {Roofline().params * BYTES_PER_PARAM / 1e9:.1f} GB of weights - {reserve_gb:g} GB "
+          f"reserve = {kv_gb:.1f} GB, {Roofline().kv_bytes_per_key / 1e3:.0f} KB per position: slots of {max_seq_len} "
+          f"positions ({slot_gb:.2f} GB) hold {slot_cap} requests at once; pages of 16 hold {page_cap} "
+          f"({page_cap / slot_cap:.1f}x)\n")
+    columns = [*options, "auto, slots"]
+    print(f"{'concurrency':>11} " + " ".join(f"{n:>15}" for n in columns) + "  auto / best fixed  auto's mix")
     for i, c in enumerate(levels):
         best = max(table[n][i] for n in options if n != "auto")
         mix = ", ".join(f"{k} {100 * v / sum(mixes[i].values()):.0f}%" for k, v in sorted(mixes[i].items()))
-        print(f"{c:>11} " + " ".join(f"{table[n][i]:15.0f}" for n in options) + f"  {table['auto'][i] / best:17.2f}  {mix}")
+        print(f"{c:>11} " + " ".join(f"{table[n][i]:15.0f}" for n in columns) + f"  {table['auto'][i] / best:17.2f}  {mix}")
     def crossing(names: list[str]) -> str:
         c = next((c for i, c in enumerate(levels) if table["ar"][i] >= max(table[n][i] for n in names)), None)
         return f"at concurrency {c}" if c else "at no concurrency simulated"
@@ -191,8 +222,9 @@ def main(source, limit, cost_file, concurrency, prompt, tokens, steps, plot) -> 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
-    for name in options:
-        ax.plot(levels, table[name], marker="o", lw=2.5 if name == "auto" else 1.2, label=name)
+    for name in columns:
+        ax.plot(levels, table[name], marker="o", lw=2.5 if name == "auto" else 1.2, label=name,
+                ls="--" if name == "auto, slots" else "-")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("concurrent requests")
     ax.set_ylabel("generated tokens/s")

@@ -22,7 +22,8 @@ from nld_trt.serving.stubenv import stub_site
 
 CAP = 400  # max_tokens cap of the test deployment
 SLOTS = 8
-# a raw prompt on which the embedded model runs to the cap without an EOS (for disconnects)
+# a stream that runs to the cap (for disconnects and migration): a raw prompt, sent with min_tokens = CAP (the
+# embedded model, trained to finish its answers, ends this one with an EOS after about 60 tokens otherwise)
 ENDLESS = "Tom has 12 apples. Tom has 12 apples. Tom has"
 
 

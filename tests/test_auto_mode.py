@@ -146,18 +146,35 @@ def test_the_fit_is_flat_then_linear():
     assert m.pass_time(1) == pytest.approx(0.005) and m.pass_time(512) == pytest.approx(0.005 + 0.0448)
 
 
+def test_the_fit_separates_the_cost_of_reading_each_rows_context():
+    """A decode pass pays per cache position each row reads (its pages), whatever its chunk: the fit finds
+    that term apart from the query-key pairs."""
+    points = []
+    for rows in (1, 4, 16):
+        for chunk in (1, 8, 32):
+            for cache in (64, 512):
+                tokens, keys = rows * chunk, rows * (cache + chunk)
+                attention = tokens * (cache + chunk)
+                points.append({"rows": rows, "chunk": chunk, "cache": cache, "tokens": tokens, "keys": keys,
+                               "attention": attention,
+                               "seconds": 0.005 + 1e-4 * max(0, tokens - 32) + 2e-9 * attention + 5e-8 * keys})
+    m = fit(points)
+    assert m.max_error < 1e-6 and m.read_cost == pytest.approx(5e-8, rel=1e-4)
+    assert m.attention_cost == pytest.approx(2e-9, rel=1e-4) and m.knee == 32
+
+
 def test_calibration_is_saved_reused_and_remeasured_when_the_executor_changes(tiny_dir, tmp_path):
     first = nld_trt.load(tiny_dir, max_batch=2, max_seq_len=128, max_block_length=8)
-    model, path, measured = load_or_calibrate(first.executor, tmp_path)
+    model, path, measured = load_or_calibrate(first.executor, first.pages, tmp_path)
     assert measured and path.is_file() and model.points and "fit:" in model.table()
-    again, path2, measured2 = load_or_calibrate(first.executor, tmp_path)
+    again, path2, measured2 = load_or_calibrate(first.executor, first.pages, tmp_path)
     assert not measured2 and path2 == path and again.to_json() == model.to_json()
     other = nld_trt.load(tiny_dir, max_batch=4, max_seq_len=128, max_block_length=8)  # another executor shape
     assert calibration_file(other.executor, tmp_path) != path
-    _, path3, measured3 = load_or_calibrate(other.executor, tmp_path)
+    _, path3, measured3 = load_or_calibrate(other.executor, other.pages, tmp_path)
     assert measured3 and path3 != path
     path.write_text('{"format": 0}')  # stale format: measured again
-    assert load_or_calibrate(first.executor, tmp_path)[2]
+    assert load_or_calibrate(first.executor, first.pages, tmp_path)[2]
     assert CostModel.from_json(__import__("json").loads(path.read_text())).identity == model.identity
 
 

@@ -34,12 +34,13 @@ def test_mixed_modes_in_one_batch_equal_their_solo_results(tiny):
     while not batcher.idle:
         batcher.step()
         widths.append(len(batcher.active))
-    assert max(widths) == 4 and executor.free_slots == 4
+    assert max(widths) == 4 and batcher.pages.in_use == 0
+    batcher.pages.check()
     for s in seqs:
         assert s.done and s.out == solo(tiny, s), s.mode
 
 
-def test_join_mid_flight_and_cancel_free_the_slot(tiny):
+def test_join_mid_flight_and_cancel_free_the_pages(tiny):
     executor = TorchExecutor(tiny.model, max_batch=2, max_seq_len=256)
     batcher = Batcher(executor)
     first, second, third = sequences(tiny)[2:5]
@@ -48,12 +49,14 @@ def test_join_mid_flight_and_cancel_free_the_slot(tiny):
         batcher.step()
     batcher.submit(second)
     batcher.step()
-    assert executor.free_slots == 0
+    held = batcher.pages.in_use
+    assert len(batcher.active) == 2 and held == len(first.kv.pages) + len(second.kv.pages)
     batcher.cancel(second)
     left = batcher.step()
-    assert left == [second] and second.finish_reason == "cancelled" and executor.free_slots == 1
+    assert left == [second] and second.finish_reason == "cancelled"
+    assert batcher.pages.in_use == len(first.kv.pages) and not second.kv.pages
     batcher.submit(third)
     while not batcher.idle:
         batcher.step()
     assert first.out == solo(tiny, first) and third.out == solo(tiny, third)
-    assert executor.free_slots == 2
+    assert batcher.pages.in_use == 0

@@ -24,8 +24,9 @@ from nld_trt.decoding import SEQUENCE_TYPES, GenerationParams, run
 from nld_trt.errors import NLDError
 from nld_trt.evaluate import load_task
 from nld_trt.executors import Chunk, TorchExecutor
-from nld_trt.executors.base import Executor
+from nld_trt.executors.base import Executor, PassBatch, PassRow
 from nld_trt.executors.static_pass import MIN_KEYS, PassInputs, PassShape, batch_buckets, pick_bucket
+from paged import Pager
 from nld_trt.executors.torch_executor import compile_blocker
 from nld_trt.model import fuse_projections
 
@@ -34,12 +35,13 @@ MODES = ("ar", "dlm", "linear_spec")
 
 
 class Lockstep(Executor):
-    """Every call on `ref` and on `fast`; returns the fast executor's logits, records how far apart they are."""
+    """Every pass on `ref` and on `fast` (same page tables, each on its own cache); returns the fast executor's
+    logits, records how far apart they are."""
 
     def __init__(self, ref: TorchExecutor, fast: TorchExecutor) -> None:
-        super().__init__(ref.config, ref.max_batch, ref.max_seq_len, ref.max_chunk)
+        assert ref.layout == fast.layout
+        super().__init__(ref.config, ref.layout, ref.max_batch, ref.max_chunk)
         self.ref, self.fast = ref, fast
-        self.slots: dict[int, tuple[int, int]] = {}
         self.max_diff = 0.0
         self.flips: list[float] = []  # the reference's top-2 margin where the argmax differed
         self.fast_passes = 0  # calls the static passes served (the rest took the eager path)
@@ -48,35 +50,16 @@ class Lockstep(Executor):
     def has_lora(self) -> bool:
         return self.ref.has_lora
 
-    def allocate(self) -> int:
-        slot = super().allocate()
-        self.slots[slot] = (self.ref.allocate(), self.fast.allocate())
-        return slot
-
-    def release(self, slot: int) -> None:
-        super().release(slot)
-        if slot in self.slots:
-            r, f = self.slots.pop(slot)
-            self.ref.release(r)
-            self.fast.release(f)
-
-    def commit(self, slot: int, count: int) -> None:
-        super().commit(slot, count)
-        r, f = self.slots[slot]
-        self.ref.commit(r, count)
-        self.fast.commit(f, count)
-
-    def forward(self, slots, chunks, all_logits=True):
-        a = self.ref.forward([self.slots[s][0] for s in slots], chunks, all_logits)
-        b = self.fast.forward([self.slots[s][1] for s in slots], chunks, all_logits)
-        lens = [len(c.tokens) for c in chunks]
-        self.fast_passes += self.fast.passes.shape_for(len(chunks), max(lens)) is not None
-        for r, (c, n) in enumerate(zip(chunks, lens)):
-            if not all_logits:
-                x, y = a[r : r + 1], b[r : r + 1]
+    def forward(self, batch: PassBatch):
+        a, b = self.ref.forward(batch), self.fast.forward(batch)
+        lens = [len(r.chunk.tokens) for r in batch.rows]
+        self.fast_passes += self.fast.passes.shape_for(len(lens), max(lens)) is not None
+        for i, (r, n) in enumerate(zip(batch.rows, lens)):
+            if not batch.all_logits:
+                x, y = a[i : i + 1], b[i : i + 1]
             else:
-                keep = slice(n - 1, n) if c.last_logits_only else slice(0, n)
-                x, y = a[r, keep], b[r, keep]
+                keep = slice(n - 1, n) if r.chunk.last_logits_only else slice(0, n)
+                x, y = a[i, keep], b[i, keep]
             x, y = x.float().cpu(), y.float().cpu()
             self.max_diff = max(self.max_diff, float((x - y).abs().max()))
             top = x.topk(2, dim=-1).values
@@ -98,7 +81,7 @@ def decode(executor: Executor, config, prompts, batch: int, **params) -> list[li
 
 
 def reference(model, like: TorchExecutor) -> TorchExecutor:
-    return TorchExecutor(model, like.max_batch, like.max_seq_len, like.max_chunk, kernels=False)
+    return TorchExecutor(model, like.max_batch, like.max_seq_len, like.max_chunk, kernels=False, layout=like.layout)
 
 
 def check_against_reference(model, fast: TorchExecutor, prompts, batch: int, tol: float, **params) -> Lockstep:
@@ -139,55 +122,58 @@ def test_each_call_is_served_by_the_smallest_bucket_of_its_chunk_length(tiny_dir
     assert [str(s) for s in p.shapes] == ["1x1", "2x1", "4x1", "6x1", "1x8", "2x8", "4x8", "6x8"]
     assert p.shape_for(3, 8) == PassShape(4, 8) and p.shape_for(5, 1) == PassShape(6, 1)
     assert p.shape_for(1, 5) is None  # a prefill, or a chunk length not prepared: the eager path
-    assert ex.cache.k[0].shape[0] == 7 and ex.cache.max_len == 65  # a scratch slot and one spare position
+    # the cache: 6 x 64 positions in pages of 16, and the scratch page
+    assert ex.layout.pages == 24 and ex.cache.k[0].shape == (25, 16, 2, 16) and ex.layout.scratch == 24
     eager = TorchExecutor(model, max_batch=6, max_seq_len=64)
-    assert eager.passes is None and eager.cache.k[0].shape[0] == 6
+    assert eager.passes is None and eager.layout == ex.layout
 
 
-def test_padding_rows_go_to_the_scratch_slot():
-    host = PassInputs.pack(PassShape(4, 3), scratch=9, slots=[5, 2], committed=[10, 0],
-                           chunks=[Chunk([7, 8, 9], block=True, lora=True), Chunk([4])])
+def test_padding_rows_and_tables_go_to_the_scratch_page(tiny_dir):
+    layout = nld_trt.load(tiny_dir, max_batch=2, max_seq_len=64, kv_cache_tokens=128, page_size=16).executor.layout
+    assert layout.pages == 8 and layout.table_width == 4
+    rows = [PassRow(Chunk([7, 8, 9], block=True, lora=True), 10, [5]), PassRow(Chunk([4]), 0, [2, 6])]
+    host = PassInputs.pack(PassShape(4, 3), layout, rows)
     assert host.tokens.tolist() == [[7, 8, 9], [4, 0, 0], [0, 0, 0], [0, 0, 0]]
-    assert host.slots.tolist() == [5, 2, 9, 9]
+    assert host.tables.tolist() == [[5, 8, 8, 8, 8], [2, 6, 8, 8, 8], [8] * 5, [8] * 5]  # + one scratch column
     assert host.committed.tolist() == [10, 0, 0, 0]
     assert host.chunk_lens.tolist() == [3, 1, 3, 3]
     assert host.block.tolist() == [1, 0, 0, 0] and host.lora.tolist() == [1, 0, 0, 0]
     assert host.keys == 13
-    assert PassInputs.pack(PassShape(1, 1), 9, [0], [Chunk([3])], [0]).keys == MIN_KEYS
+    assert PassInputs.pack(PassShape(1, 1), layout, [PassRow(Chunk([3]), 0, [0])]).keys == MIN_KEYS
     with pytest.raises(ValueError, match="do not fit"):
-        PassInputs.pack(PassShape(1, 2), 9, [0, 1], [Chunk([3]), Chunk([4])], [0, 0])
+        PassInputs.pack(PassShape(1, 2), layout, rows[:1] * 2)
 
 
 def test_a_padded_static_pass_writes_the_cache_as_the_reference_does(tiny_dir):
-    """Real rows' K/V land where the reference puts them; padding (rows and chunk tail) only in the scratch slot."""
+    """Real rows' K/V land where the reference puts them; padding (rows and chunk tail) only on the scratch page."""
     model = nld_trt.load(tiny_dir, compile=False).model
-    ref = TorchExecutor(model, max_batch=3, max_seq_len=32)
-    fast = TorchExecutor(model, max_batch=3, max_seq_len=32, compile="static", chunk_lens=(1, 4), batch_buckets=(3,))
+    kw = dict(max_batch=3, max_seq_len=32, page_size=4)
+    ref = TorchExecutor(model, **kw)
+    fast = TorchExecutor(model, **kw, compile="static", chunk_lens=(1, 4), batch_buckets=(3,))
+    tables = {0: [3, 7, 1], 1: [0, 5, 2]}  # pages in no particular order
     for ex in (ref, fast):
-        for s in (ex.allocate(), ex.allocate()):
-            ex.forward([s], [Chunk([1, 140 + s, 150, 160 + s])], all_logits=False)
-            ex.commit(s, 4)
-    chunks = [Chunk([200, 201, 202, 203], block=True), Chunk([210, 211])]
-    a, b = ref.forward([1, 0], chunks), fast.forward([1, 0], chunks)
+        for s, pages in tables.items():
+            ex.forward(PassBatch([PassRow(Chunk([1, 140 + s, 150, 160 + s]), 0, pages)], all_logits=False))
+    rows = [PassRow(Chunk([200, 201, 202, 203], block=True), 4, tables[1]), PassRow(Chunk([210, 211]), 4, tables[0])]
+    a, b = ref.forward(PassBatch(rows)), fast.forward(PassBatch(rows))
     # float noise only: a padded bucket changes the GEMM row count (3 x 4 rows here against 2 x 4), which on
     # CPUs with AVX-512/AMX changes how oneDNN blocks the sums (bit-equal on AVX2 machines)
     assert (a[0] - b[0]).abs().max() <= 1e-5 and (a[1, :2] - b[1, :2]).abs().max() <= 1e-5
+    scratch = ref.layout.scratch
     for layer in range(model.config.num_hidden_layers):
         for kc_ref, kc_fast in ((ref.cache.k[layer], fast.cache.k[layer]), (ref.cache.v[layer], fast.cache.v[layer])):
-            assert (kc_ref[:3, :, :32] - kc_fast[:3, :, :32]).abs().max() <= 1e-5  # real slots: the same K/V
-            assert torch.equal(kc_ref[:3, :, :32] == 0, kc_fast[:3, :, :32] == 0)  # ... at the same positions
-            assert kc_fast[3].abs().sum() > 0  # the scratch slot took the padding
-            assert kc_fast[:3, :, 32].abs().sum() == 0  # the spare position is never written
+            assert (kc_ref[:scratch] - kc_fast[:scratch]).abs().max() <= 1e-5  # real pages: the same K/V
+            assert torch.equal(kc_ref[:scratch] == 0, kc_fast[:scratch] == 0)  # ... at the same positions
+            assert kc_fast[scratch].abs().sum() > 0 and kc_ref[scratch].abs().sum() == 0  # padding: scratch only
 
 
 def test_last_logits_only_computes_the_head_for_the_last_position(tiny_dir):
     model = nld_trt.load(tiny_dir, compile=False).model
     ref = TorchExecutor(model, max_batch=2, max_seq_len=32)
     fast = TorchExecutor(model, max_batch=2, max_seq_len=32, compile="static", chunk_lens=(4,), batch_buckets=(2,))
-    chunks = [Chunk([1, 140, 141, 142], last_logits_only=True), Chunk([1, 150, 151], last_logits_only=True)]
-    for ex in (ref, fast):
-        ex.allocate(), ex.allocate()
-    a, b = ref.forward([0, 1], chunks), fast.forward([0, 1], chunks)
+    batch = PassBatch([PassRow(Chunk([1, 140, 141, 142], last_logits_only=True), 0, [0]),
+                       PassRow(Chunk([1, 150, 151], last_logits_only=True), 0, [1])])
+    a, b = ref.forward(batch), fast.forward(batch)
     assert b.shape == a.shape == (2, 4, model.config.vocab_size)
     assert torch.allclose(a[0, 3], b[0, 3], atol=1e-5) and torch.allclose(a[1, 2], b[1, 2], atol=1e-5)
     assert b.stride(1) == 0  # one row per sequence, shown at every position: no [B, T, V] head
@@ -218,11 +204,11 @@ def test_a_static_pass_reads_nothing_back_from_the_device(tiny_dir):
     model = nld_trt.load(tiny_dir, compile=False).model
     fast = TorchExecutor(model, max_batch=2, max_seq_len=32, compile="static", chunk_lens=(1, 4), batch_buckets=(2,))
     ref = TorchExecutor(model, max_batch=2, max_seq_len=32)
-    chunks = [Chunk([1, 140, 141, 142], block=True, lora=True), Chunk([1, 150])]
+    batch = PassBatch([PassRow(Chunk([1, 140, 141, 142], block=True, lora=True), 0, [0]),
+                       PassRow(Chunk([1, 150]), 0, [1])])
     for ex in (fast, ref):
-        ex.allocate(), ex.allocate()
         with HostReads() as reads:
-            ex.forward([0, 1], chunks)
+            ex.forward(batch)
         if ex is fast:
             assert reads.seen == []  # the whole call: packing, the pass, the head
         else:  # the check can fail: the reference path does read lengths back
@@ -277,6 +263,42 @@ def test_compiled_passes_decode_the_embedded_model_like_the_reference(compiled_e
         check_against_reference(nld.model, fast, prompts, batch, TOL, mode=mode, lora=lora, max_new_tokens=48)
 
 
+def prefix_reuse_against_plain(model, fast: TorchExecutor, prompts, mode: str, **params) -> int:
+    """Two turns (the second = first prompt + its answer + the next prompt's tail) on the fast executor with
+    the prefix cache, against the eager reference without it: the same tokens, or a first difference at a
+    near-tie of the plain run. Returns the prompt tokens reused."""
+    from nld_trt.decoding.auto import AR, AutoPlanner
+    from nld_trt.decoding.driver import page_manager
+    from nld_trt.kv import PageManager
+
+    cold = reference(model, fast)
+    hot_pages, cold_pages = page_manager(fast), PageManager(cold.layout.pages, cold.layout.page_size, prefix_cache=False)
+    p = GenerationParams(mode=mode, logprobs=True, top_logprobs=2, **params).resolved(model.config)
+    forced = [AR, ("linear_spec", 8), AR, ("linear_spec", 4)]
+
+    def decode_on(executor, pages, batch):
+        planner = AutoPlanner(cost=None, force=lambda seq, n: forced[len(seq.out) % len(forced)]) if mode == "auto" else None
+        return run(executor, [SEQUENCE_TYPES[mode](x, p, model.config, 0) for x in batch], planner=planner, pages=pages)
+
+    reused = 0
+    for _ in range(2):
+        hot, plain = decode_on(fast, hot_pages, prompts), decode_on(cold, cold_pages, prompts)
+        for h, c in zip(hot, plain):
+            if h.out != c.out:
+                i = next(i for i, (x, y) in enumerate(zip(h.out, c.out)) if x != y)
+                top = c.logprobs[i].top
+                assert top[0][1] - top[1][1] <= 2 * TOL, (mode, i, top)
+        reused += sum(s.stats.cached_tokens for s in hot)
+        prompts = [x + s.out + prompts[(i + 1) % len(prompts)][-5:] for i, (x, s) in enumerate(zip(prompts, hot))]
+    return reused
+
+
+@pytest.mark.parametrize("mode", MODES + ("auto",))
+def test_compiled_passes_with_prefix_reuse_give_the_plain_tokens(compiled_embedded, mode):
+    nld, fast, prompts = compiled_embedded
+    assert prefix_reuse_against_plain(nld.model, fast, prompts[:4], mode, max_new_tokens=32) > 4 * 32
+
+
 @pytest.fixture(scope="module")
 def compiled_random(tiny_dir):
     model = nld_trt.load(tiny_dir, compile=False).model
@@ -295,17 +317,26 @@ def test_compiled_passes_decode_a_random_model_like_the_reference(compiled_rando
                                 block_length=8, eos_token_ids=())
 
 
+@pytest.mark.parametrize("mode", MODES + ("auto",))
+def test_compiled_passes_with_prefix_reuse_give_a_random_models_plain_tokens(compiled_random, mode):
+    model, fast, _ = compiled_random
+    prompts = random_prompts(model.config.vocab_size, 4, seed=17)
+    assert prefix_reuse_against_plain(model, fast, prompts, mode, max_new_tokens=24, block_length=8,
+                                      eos_token_ids=()) > 0
+
+
 def test_a_compiled_pass_never_recompiles_at_run_time(compiled_random):
     """Shapes are compiled at load; a pass of another cache length reuses them (the length is dynamic)."""
     model, fast, _ = compiled_random
-    s = fast.allocate()
+    pager = Pager(fast)
+    s = pager.allocate()
     try:
-        for n in (3, 17, 40):  # different committed lengths, hence different numbers of keys
-            fast.forward([s], [Chunk(list(range(130, 130 + n)))], all_logits=False)  # eager prefill
-            fast.commit(s, n)
-            fast.forward([s], [Chunk([131])])  # would raise RecompileError if a guard failed
+        for n in (3, 17, 40):  # different committed lengths, hence different numbers of keys and pages
+            pager.forward([s], [Chunk(list(range(130, 130 + n)))], all_logits=False)  # eager prefill
+            pager.commit(s, n)
+            pager.forward([s], [Chunk([131])])  # would raise RecompileError if a guard failed
     finally:
-        fast.release(s)
+        pager.release(s)
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ loses no request (migration) and the other serves what follows; SIGTERM stops ev
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -306,7 +307,7 @@ def test_a_client_that_leaves_frees_the_kv_on_the_worker_that_held_it(cluster, c
     before = [cluster.metric(w, "nld_kv_slots_in_use") for w in (0, 1)]
     assert before == [0, 0]
     stream = client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                       extra_body=annotate("ar"))
+                                       extra_body={"min_tokens": CAP, **annotate("ar")})
     chunks = iter(stream)
     for _ in range(3):
         assert next(chunks).choices[0].finish_reason is None
@@ -363,9 +364,11 @@ def test_kv_routing_gets_more_prefix_cache_hits_than_round_robin(cluster):
     if cluster.metric(0, "nld_prefix_cache_queries_total") is None:
         pytest.skip("the served model has no prefix cache (the paged KV cache is not in this build)")
     figures = {}
+    # an odd number of conversations: round-robin over two workers then sends each turn to the other worker than
+    # the turn before (with an even number it would keep every conversation on one worker, by accident)
     for name, url, first in (("kv", cluster.url, 0), ("round-robin", cluster.extra_url, 100)):
         hits0, queries0 = prefix_counters(cluster)
-        ttft = chats(url, first, count=6, turns=4)
+        ttft = chats(url, first, count=5, turns=4)
         hits, queries = prefix_counters(cluster)
         figures[name] = ((hits - hits0) / max(queries - queries0, 1), 1e3 * sum(ttft) / len(ttft))
     print("\nprefix-cache hit rate / mean TTFT of later turns: "
@@ -381,27 +384,29 @@ def instance_id(cluster, worker: int) -> int:
 
 
 def test_a_killed_worker_loses_no_request_and_the_other_serves_the_next(cluster, client):
-    doomed, survivor = instance_id(cluster, 0), instance_id(cluster, 1)
+    doomed = instance_id(cluster, 0)
     streams = []
-    while not any(worker == doomed for _, worker in streams):  # until one stream is on the worker to kill
+    while not any(worker == doomed for _, worker, _ in streams):  # until one stream is on the worker to kill
         assert len(streams) < 8, "no stream went to worker 0"
         it = iter(client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                            extra_body=annotate("ar")))
+                                            extra_body={"min_tokens": CAP, **annotate("ar")}))
         first = next(it)
-        streams.append((it, first.model_extra["nvext"]["worker_id"]["decode_worker_id"]))
+        streams.append((it, first.model_extra["nvext"]["worker_id"]["decode_worker_id"], first))
     os.kill(cluster.info["workers"][0]["pid"], signal.SIGKILL)
-    for it, worker in streams:  # every stream finishes, the dead worker's on the survivor (migration)
-        finish, tokens = None, 1
-        for chunk in it:
+    for it, _, first in streams:  # every stream finishes, the dead worker's on the survivor (migration)
+        finish, tokens = None, 0
+        for chunk in itertools.chain([first], it):  # a chunk may carry several tokens (a busy worker batches them)
             finish = chunk.choices[0].finish_reason or finish
             tokens += len(chunk.model_extra["nvext"].get("completion_token_ids") or [])
         assert (finish, tokens) == ("length", CAP)
     assert "migration retry scheduled" in (cluster.logs / "frontend.log").read_text()
-    served = set()
-    for _ in range(8):
-        r = client.chat.completions.create(model="nld", messages=MESSAGES, max_tokens=6, extra_body=annotate("ar"))
-        served.add(r.model_extra["nvext"]["worker_id"]["decode_worker_id"])
-    assert served == {survivor}
+    # the next requests all succeed, on the survivor's tritonserver (until the dead worker's discovery entry
+    # expires, ~26 s, the router may still pick it and nvext names that first pick: the request then migrates)
+    before = cluster.metric(1, "nv_inference_request_success")
+    answers = {client.chat.completions.create(model="nld", messages=MESSAGES, max_tokens=6,
+                                              extra_body=annotate("ar")).choices[0].message.content for _ in range(8)}
+    assert len(answers) == 1 and answers != {""}
+    assert cluster.metric(1, "nv_inference_request_success") - before == 8
     deadline = time.monotonic() + 10
     while "worker-0 exited" not in (cluster.logs.parent / "cluster.out").read_text():
         assert time.monotonic() < deadline, "the cluster did not report the dead worker"

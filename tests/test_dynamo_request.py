@@ -14,6 +14,8 @@ import json
 import numpy as np
 import pytest
 
+from nld_trt import load
+from nld_trt.errors import NLDError
 from nld_trt.runtime import default_model_path
 from nld_trt.serving import kv_events
 from nld_trt.serving.dynamo.kv import KVPublisher, signed64
@@ -238,30 +240,7 @@ def test_a_late_subscriber_gets_the_index_parents_first_without_unreachable_page
     assert mirror.snapshot() == [{"type": "cleared"}]
 
 
-try:
-    from nld_trt.kv.events import CacheCleared, PagesRemoved, PagesStored, StoredPage
-except ImportError:  # before the paged KV cache: stand-ins with its event types' names and fields
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class StoredPage:  # type: ignore[no-redef]
-        hash: int
-        parent_hash: int | None
-        token_ids: tuple[int, ...]
-        extra_keys: tuple = ()
-
-    @dataclass(frozen=True)
-    class PagesStored:  # type: ignore[no-redef]
-        pages: tuple
-        page_size: int
-
-    @dataclass(frozen=True)
-    class PagesRemoved:  # type: ignore[no-redef]
-        hashes: tuple
-
-    @dataclass(frozen=True)
-    class CacheCleared:  # type: ignore[no-redef]
-        pass
+from nld_trt.kv.events import CacheCleared, ExtraKey, PagesRemoved, PagesStored, StoredPage
 
 
 class EventSink:
@@ -295,7 +274,7 @@ def test_the_model_side_hub_sends_a_snapshot_then_the_changes_to_each_subscriber
     assert first.got == [[{"type": "cleared"}, {"type": "stored", "page_size": 2, "pages": [
         {"hash": 1, "parent": None, "tokens": [1, 2], "extra": False},
         {"hash": 2, "parent": 1, "tokens": [3, 4], "extra": False}]}]]
-    hub.on_event(PagesStored((StoredPage(3, 2, (5, 6), extra_keys=("image",)),), 2))
+    hub.on_event(PagesStored((StoredPage(3, 2, (5, 6), extra_keys=(ExtraKey(0, 4, b"image"),)),), 2))
     hub.on_event(PagesRemoved((1,)))
     second = EventSink()
     run(hub.subscribe(second))  # the first gets what was pending, the second the index as it is now
@@ -309,3 +288,41 @@ def test_the_model_side_hub_sends_a_snapshot_then_the_changes_to_each_subscriber
     assert first.closed and len(first.got) == 2 and second.got[-1] == [{"type": "cleared"}]
     hub.close_all()
     assert second.closed and hub.subscribers == []
+
+
+def test_the_scheduler_streams_the_page_managers_own_events(tiny_vlm):
+    """Through the serving scheduler (no Triton): a subscriber's index, built from the events alone, is the page
+    manager's prefix index after a text and an image request, the image's pages marked as keyed by more than
+    token ids; a model with its prefix cache off refuses the subscription, naming the reason."""
+    from nld_trt.serving.backend import Scheduler
+    from nld_trt.serving.protocol import gather, prepare
+    from test_image_worker import LIMITS, image_request
+    from test_serving_protocol import ListSink
+
+    sink = EventSink()
+    scheduler = Scheduler(tiny_vlm, image_workers=1)
+    try:
+        scheduler.subscribe_kv_events(sink)
+        replies = [ListSink(), ListSink()]
+        scheduler.submit(image_request(tiny_vlm, max_tokens=12), replies[0])
+        scheduler.submit(prepare(tiny_vlm, gather({}, {"text_input": "A plain question, long enough to fill a page "
+                                                       "or two of the cache.", "max_tokens": 12}), LIMITS), replies[1])
+        assert all(r.done.wait(60) and not r.errors for r in replies)
+    finally:
+        scheduler.stop()
+    mirror = kv_events.IndexMirror()
+    for events in sink.got:
+        for event in events:
+            mirror.apply(event)
+    assert sink.got[0] == [{"type": "cleared"}] and sink.closed
+    assert set(mirror.pages) == set(tiny_vlm.pages.index) and len(mirror.pages) >= 4
+    assert {page["extra"] for page in mirror.pages.values()} == {True, False}
+    assert tiny_vlm.pages.on_event is None  # the stopped scheduler's hub no longer listens
+
+    off = load(tiny_vlm.path, max_batch=2, max_seq_len=256, prefix_cache=False)
+    scheduler = Scheduler(off, image_workers=0)
+    try:
+        with pytest.raises(NLDError, match="no prefix cache"):
+            scheduler.subscribe_kv_events(EventSink())
+    finally:
+        scheduler.stop()

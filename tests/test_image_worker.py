@@ -95,6 +95,7 @@ def test_the_batch_steps_while_a_request_waits_for_its_images(tiny_vlm):
 
 
 def test_a_client_that_leaves_while_its_images_are_prepared_is_never_admitted(tiny_vlm):
+    queries = tiny_vlm.pages.stats.queries
     scheduler = Scheduler(tiny_vlm, image_workers=1)
     try:
         held, gate, started = gated(image_request(tiny_vlm))
@@ -107,7 +108,8 @@ def test_a_client_that_leaves_while_its_images_are_prepared_is_never_admitted(ti
         assert scheduler.cancelled_total == 1 and scheduler.preparing == 0
     finally:
         scheduler.stop()
-    assert tiny_vlm.executor.free_slots == tiny_vlm.executor.max_batch
+    tiny_vlm.pages.check()
+    assert tiny_vlm.pages.in_use == 0 and tiny_vlm.pages.stats.queries == queries  # no prefix lookup: never admitted
 
 
 def test_stopping_answers_the_requests_still_being_prepared(tiny_vlm):

@@ -8,8 +8,10 @@ import torch
 
 from nld_trt.attention import chunk_attention_mask
 from nld_trt.executors import Chunk, TorchExecutor
+from nld_trt.executors.base import PassBatch, PassRow
 from nld_trt.model import NLDModel, init_weights
 from nld_trt.tiny import random_lora, tiny_config
+from paged import Pager
 
 TOL = 1e-5
 
@@ -47,27 +49,27 @@ def test_mask_semantics_match_the_spec():
 
 
 def test_incremental_causal_decoding_equals_full_recompute(model):
-    ex = TorchExecutor(model, max_batch=1, max_seq_len=160)
+    ex = Pager(TorchExecutor(model, max_batch=1, max_seq_len=160, page_size=16))
     slot = ex.allocate()
     seq = torch.randint(0, 512, (150,), generator=torch.Generator().manual_seed(0)).tolist()
     full = reference(model, [], seq, block=False)
     ex.forward([slot], [Chunk(seq[:5])])
     ex.commit(slot, 5)
-    for i in range(5, 150):  # crosses original_max_position_embeddings (64) twice
+    for i in range(5, 150):  # crosses original_max_position_embeddings (64) twice, and page boundaries
         logits = ex.forward([slot], [Chunk([seq[i]])])[0, 0]
         ex.commit(slot, 1)
         assert (logits - full[i]).abs().max().item() <= TOL
 
 
 def test_block_pass_sees_whole_chunk_and_leaves_committed_state_unchanged(model):
-    ex = TorchExecutor(model, max_batch=1, max_seq_len=64)
+    ex = Pager(TorchExecutor(model, max_batch=1, max_seq_len=64, page_size=8))
     slot = ex.allocate()
     prefix, probe = list(range(3, 20)), [200, 201]
     ex.forward([slot], [Chunk(prefix)])
     ex.commit(slot, len(prefix))
     before = ex.forward([slot], [Chunk(probe)])[0]
     block_logits = ex.forward([slot], [Chunk([7, 100, 100, 100, 9], block=True)])[0]
-    assert ex.lengths[slot] == len(prefix)
+    assert slot.length == len(prefix)
     after = ex.forward([slot], [Chunk(probe)])[0]
     assert torch.equal(before, after)
     expected = reference(model, prefix, [7, 100, 100, 100, 9], block=True)
@@ -77,7 +79,7 @@ def test_block_pass_sees_whole_chunk_and_leaves_committed_state_unchanged(model)
 
 
 def test_commit_fewer_rolls_back_the_rest(model):
-    ex = TorchExecutor(model, max_batch=1, max_seq_len=64)
+    ex = Pager(TorchExecutor(model, max_batch=1, max_seq_len=64, page_size=4))
     slot = ex.allocate()
     ex.forward([slot], [Chunk([1, 5, 6, 7, 8, 9])])
     ex.commit(slot, 3)  # keep 1 5 6; 7 8 9 are overwritten by the next pass
@@ -88,11 +90,10 @@ def test_commit_fewer_rolls_back_the_rest(model):
 def test_batch_rows_with_own_lengths_patterns_and_lora_equal_single_rows(model):
     prefixes = [list(range(10, 40)), [3, 4], list(range(50, 59))]
     chunks = [Chunk([5, 100, 100, 100], block=True, lora=True), Chunk([6]), Chunk([8, 9, 10], block=False)]
-    ex = TorchExecutor(model, max_batch=4, max_seq_len=64)
+    ex = Pager(TorchExecutor(model, max_batch=4, max_seq_len=64, page_size=4))
     slots = [ex.allocate() for _ in prefixes]
-    slots = [slots[2], slots[0], slots[1]]  # not contiguous: exercises the gather path
     logits = None
-    for s, p in zip(slots, prefixes):
+    for s, p in zip(slots[::-1], prefixes[::-1]):  # pages taken in another order than the rows' order
         ex.forward([s], [Chunk(p)])
         ex.commit(s, len(p))
     logits = ex.forward(slots, chunks)
@@ -118,7 +119,7 @@ def test_lora_is_the_merged_o_proj_weight_and_only_where_asked(model):
 
 
 def test_last_only_logits_are_each_rows_last_real_position(model):
-    ex = TorchExecutor(model, max_batch=2, max_seq_len=64)
+    ex = Pager(TorchExecutor(model, max_batch=2, max_seq_len=64))
     a, b = ex.allocate(), ex.allocate()
     full = ex.forward([a, b], [Chunk([1, 2, 3, 4, 5]), Chunk([6, 7])])
     last = ex.forward([a, b], [Chunk([1, 2, 3, 4, 5]), Chunk([6, 7])], all_logits=False)
@@ -130,6 +131,5 @@ def test_chunk_past_the_cache_end_is_refused(model):
     from nld_trt.errors import GenerationError
 
     ex = TorchExecutor(model, max_batch=1, max_seq_len=8)
-    slot = ex.allocate()
     with pytest.raises(GenerationError, match="does not fit in the KV cache"):
-        ex.forward([slot], [Chunk(list(range(9)))])
+        ex.forward(PassBatch([PassRow(Chunk(list(range(9))), 0, list(range(ex.layout.pages)))]))

@@ -127,7 +127,11 @@ def test_chat_unary_and_streaming_give_the_in_process_tokens(nld, client, mode):
     assert len(deltas) > 1 and all(deltas) and "".join(deltas) == want.text  # streamed as decoded, in pieces
     assert all(c.usage is None for c in chunks[:-1])
     assert chunks[-2].choices[0].finish_reason == FINISH[want.finish_reason]
-    assert chunks[-1].choices == [] and chunks[-1].usage.model_dump() == r.usage.model_dump()
+    streamed, unary = chunks[-1].usage.model_dump(), r.usage.model_dump()
+    # the second request reuses the first one's prompt pages: all of them but the page of its last token
+    assert streamed.pop("prompt_tokens_details")["cached_tokens"] == (r.usage.prompt_tokens - 1) // 16 * 16 > 0
+    unary.pop("prompt_tokens_details")
+    assert chunks[-1].choices == [] and streamed == unary
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -186,8 +190,10 @@ def test_nld_fields_as_extra_body_reach_the_model(nld, client):
 
 
 def test_sampling_without_a_seed_varies_between_requests(client):
-    # OpenAI semantics: no seed, a fresh sample each time (greedy requests are unaffected)
-    texts = {client.completions.create(model="nld", prompt="Mia has", max_tokens=24, temperature=1.5).choices[0].text
+    # OpenAI semantics: no seed, a fresh sample each time (greedy requests are unaffected). min_tokens: the
+    # embedded model may end a bare "Mia has" at once (an EOS is a sample too), which would leave nothing to compare
+    texts = {client.completions.create(model="nld", prompt="Mia has", max_tokens=24, temperature=1.5,
+                                       extra_body={"min_tokens": 8}).choices[0].text
              for _ in range(4)}
     assert len(texts) > 1
 
@@ -454,7 +460,7 @@ def _wait_for_cancel(stack, before: int) -> dict:
 def test_a_client_that_drops_its_stream_frees_its_kv_slot(stack, client):
     before = probe(stack)["cancelled_total"]
     stream = client.completions.create(model="nld", prompt=ENDLESS, max_tokens=CAP, stream=True,
-                                       extra_body={"mode": "ar"})
+                                       extra_body={"mode": "ar", "min_tokens": CAP})
     chunks = [next(iter(stream)) for _ in range(3)]
     assert all(c.choices[0].finish_reason is None for c in chunks)
     assert stack.metric("nld_kv_slots_in_use") == 1  # the stream holds its slot
@@ -466,7 +472,7 @@ def test_a_client_that_drops_its_stream_frees_its_kv_slot(stack, client):
 
 def test_a_unary_client_that_gives_up_frees_its_kv_slot(stack, client):
     before = probe(stack)["cancelled_total"]
-    body = {"model": "nld", "prompt": ENDLESS, "max_tokens": CAP, "mode": "ar"}
+    body = {"model": "nld", "prompt": ENDLESS, "max_tokens": CAP, "min_tokens": CAP, "mode": "ar"}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{stack.base_url}/v1/completions", json=body, timeout=0.3)
     _wait_for_cancel(stack, before)

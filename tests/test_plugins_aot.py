@@ -23,6 +23,7 @@ from nld_trt.plugins.spec import FP8_MIN_ARCH, KernelSpec
 from nld_trt.plugins.spec_accept import launch as S
 
 HEAD_DIM = 128
+PAGE = 16
 SHARDS = 2  # worker processes (this machine kind has 2 cores)
 PTX_TYPE = {"i32": "u32", "fp32": "f32"}  # scalar signature type -> PTX param type; pointers are u64
 
@@ -34,25 +35,30 @@ def compile_matrix() -> list[tuple[str, int, KernelSpec]]:
     rows = []
     for arch in (80, 89, 90):
         rows += [
-            ("attention bf16 tactic 1", arch, A.attention_spec("bf16", "bf16", HEAD_DIM, bf16[1], specialize=scales)),
-            ("attention bf16 tactic 2", arch, A.attention_spec("bf16", "bf16", HEAD_DIM, bf16[2], specialize=scales)),
-            ("write_kv bf16", arch, A.write_spec("bf16", "bf16", HEAD_DIM, 32)),
+            ("attention bf16 tactic 1", arch,
+             A.attention_spec("bf16", "bf16", HEAD_DIM, PAGE, bf16[1], specialize=scales)),
+            ("attention bf16 tactic 2", arch,
+             A.attention_spec("bf16", "bf16", HEAD_DIM, PAGE, bf16[2], specialize=scales)),
+            ("write_kv bf16", arch, A.write_spec("bf16", "bf16", HEAD_DIM, PAGE, 32)),
             ("spec_accept bf16", arch, S.accept_spec("bf16", S.TRT_CONFIG)),
             ("dlm_select bf16", arch, S.select_spec("bf16", S.TRT_CONFIG, specialize={"threshold": 0.9})),
         ]
         if arch >= FP8_MIN_ARCH:
             rows += [
                 ("attention bf16 fp8-cache", arch,
-                 A.attention_spec("bf16", "fp8e4nv", HEAD_DIM, bf16[2], specialize=scales)),
-                ("write_kv bf16->fp8", arch, A.write_spec("bf16", "fp8e4nv", HEAD_DIM, 32)),
+                 A.attention_spec("bf16", "fp8e4nv", HEAD_DIM, PAGE, bf16[2], specialize=scales)),
+                ("write_kv bf16->fp8", arch, A.write_spec("bf16", "fp8e4nv", HEAD_DIM, PAGE, 32,
+                                                          specialize=A.write_scales(20.0, 50.0))),
             ]
     fp32 = A.attention_tactics("fp32")
     rows += [
-        ("attention fp16 tactic 1", 90, A.attention_spec("fp16", "fp16", HEAD_DIM, bf16[1], specialize=scales)),
-        ("attention fp32 tactic 1", 90, A.attention_spec("fp32", "fp32", HEAD_DIM, fp32[1], specialize=scales)),
-        ("attention fp32 tactic 2", 90, A.attention_spec("fp32", "fp32", HEAD_DIM, fp32[2], specialize=scales)),
-        ("attention torch-path bf16", 90, A.attention_spec("bf16", "bf16", HEAD_DIM, bf16[2])),
-        ("write_kv fp32", 90, A.write_spec("fp32", "fp32", HEAD_DIM, 32)),
+        ("attention fp16 tactic 1", 90, A.attention_spec("fp16", "fp16", HEAD_DIM, PAGE, bf16[1], specialize=scales)),
+        ("attention fp32 tactic 1", 90, A.attention_spec("fp32", "fp32", HEAD_DIM, PAGE, fp32[1], specialize=scales)),
+        ("attention fp32 tactic 2", 90, A.attention_spec("fp32", "fp32", HEAD_DIM, PAGE, fp32[2], specialize=scales)),
+        ("attention torch-path bf16", 90, A.attention_spec("bf16", "bf16", HEAD_DIM, PAGE, bf16[2])),
+        ("attention bf16 pages of 64", 90, A.attention_spec("bf16", "bf16", HEAD_DIM, 64, bf16[1], specialize=scales)),
+        ("write_kv fp32", 90, A.write_spec("fp32", "fp32", HEAD_DIM, PAGE, 32)),
+        ("write_kv fp32 quantized", 90, A.write_spec("fp32", "fp32", HEAD_DIM, PAGE, 32, quantize=True)),
         ("spec_accept fp32", 90, S.accept_spec("fp32", S.TRT_CONFIG)),
         ("dlm_select fp16", 90, S.select_spec("fp16", S.TRT_CONFIG, specialize={"threshold": 0.9})),
     ]
@@ -126,6 +132,11 @@ def _install_fake_tensorrt() -> dict:
         def like(self):
             return TensorDesc(self.shape_expr, self.dtype)
 
+        def aliased(self):
+            out = TensorDesc(self.shape_expr, self.dtype)
+            out.aliased_to = self
+            return out
+
     class AutoTuneCombination:
         def __init__(self, io_types=None, layouts=None, tactics=None):
             self.io_types, self.positions, self.tactic_ids = io_types, [], list(tactics or [])
@@ -170,12 +181,17 @@ def _trt_worker() -> dict:
     names = plugins_trt.register_all()
     DT = trt.DataType
     desc = trt.plugin.TensorDesc
-    b, hq, hkv, t, m, s, v = 3, 32, 8, 16, 4096, 8, 32000
-    meta = [desc([b], DT.INT32) for _ in range(4)]
+    b, hq, hkv, t, n, w, v = 3, 32, 8, 16, 257, 128, 32000
+    meta = [desc([b], DT.INT32) for _ in range(3)]
+    caches = [desc([n, PAGE, hkv, HEAD_DIM], DT.FP8) for _ in range(2)]
+    table = desc([b, w], DT.INT32)
     cases = {
+        "nld::write_kv": (
+            [*(desc([b, hkv, t, HEAD_DIM], DT.BF16) for _ in range(2)), *caches, table, *meta[:2]],
+            [20.0, 50.0, 1], None,
+        ),
         "nld::block_attention": (
-            [desc([b, hq, t, HEAD_DIM], DT.BF16), *(desc([s, hkv, m, HEAD_DIM], DT.FP8) for _ in range(2)), *meta],
-            [0.088, 0.05, 0.02], 2,
+            [desc([b, hq, t, HEAD_DIM], DT.BF16), *caches, table, *meta], [0.088, 0.05, 0.02], 2,
         ),
         "nld::spec_accept": ([desc([b, t], DT.INT32), desc([b, t, v], DT.BF16)], [], None),
         "nld::dlm_select": ([desc([b, t, v], DT.HALF), desc([b, t], DT.INT32), desc([b], DT.INT32)], [0.9], None),
@@ -191,6 +207,7 @@ def _trt_worker() -> dict:
         ptx = ptx.decode()
         report["plugins"][name] = dict(
             outputs=[(list(o.shape_expr), o.dtype.name) for o in outputs],
+            aliased=[inputs.index(o.aliased_to) if hasattr(o, "aliased_to") else None for o in outputs],
             tactics=[c.tactic_ids for c in combos],
             kernel_in_ptx=f".entry {kernel_name.decode()}(" in ptx,
             params=ptx_params(ptx),
@@ -240,34 +257,41 @@ def test_every_kernel_compiles_to_ptx_and_cubin(compiled):
 
 
 def test_every_kernel_is_compiled_for_every_arch(compiled):
-    for kernel in ("attention", "write_kv", "spec_accept", "dlm_select"):
+    for kernel in ("attention", "write_kv", "spec_accept", "dlm_select"):  # (other page sizes on sm_90 only)
         archs = {arch for (label, arch) in compiled if label.startswith(kernel)}
         assert archs == {80, 89, 90}, kernel
 
 
 def test_fp8_variants_refuse_sm80():
-    spec = A.attention_spec("bf16", "fp8e4nv", HEAD_DIM, A.attention_tactics("bf16")[1])
+    spec = A.attention_spec("bf16", "fp8e4nv", HEAD_DIM, PAGE, A.attention_tactics("bf16")[1])
     assert spec.min_arch == FP8_MIN_ARCH == 89
-    assert A.write_spec("bf16", "fp8e4nv", HEAD_DIM, 8).min_arch == 89
-    assert A.attention_spec("bf16", "bf16", HEAD_DIM, A.attention_tactics("bf16")[1]).min_arch == 80
+    assert A.write_spec("bf16", "fp8e4nv", HEAD_DIM, PAGE, 8).min_arch == 89
+    assert A.attention_spec("bf16", "bf16", HEAD_DIM, PAGE, A.attention_tactics("bf16")[1]).min_arch == 80
 
 
 def test_trt_wrappers_register_and_build_launches(trt_report):
-    assert trt_report["names"] == ["nld::block_attention", "nld::spec_accept", "nld::dlm_select"]
+    assert trt_report["names"] == ["nld::write_kv", "nld::block_attention", "nld::spec_accept", "nld::dlm_select"]
     for name, kinds in trt_report["kinds"].items():
         assert kinds == ["aot_impl", "autotune", "register"], name
-    b, hq, hkv, t, m, s, v = 3, 32, 8, 16, 4096, 8, 32000
+    b, hq, hkv, t, n, w, v = 3, 32, 8, 16, 257, 128, 32000
     for name, rep in trt_report["plugins"].items():
         assert rep["kernel_in_ptx"], name
         # TensorRT passes the inputs, the int32 extras, the outputs; Triton's scratch pointers come last
         expected = ["u64"] * rep["n_inputs"] + ["u32"] * len(rep["extras"]) + ["u64"] * (rep["n_outputs"] + 2)
         assert rep["params"] == expected, name
         assert rep["shared"] <= 48 * 1024
+    write = trt_report["plugins"]["nld::write_kv"]
+    # the caches come back as outputs aliased to the cache inputs (2 and 3): written in place, not copied
+    assert write["outputs"] == [[[n, PAGE, hkv, HEAD_DIM], "FP8"]] * 2 and write["aliased"] == [2, 3]
+    k_str, c_str = contiguous_strides([b, hkv, t, HEAD_DIM]), contiguous_strides([n, PAGE, hkv, HEAD_DIM])
+    c_str = [c_str[0], c_str[2], c_str[1]]  # the kernels take (page, head, position) strides
+    assert write["extras"] == [t, hkv, w * PAGE, *k_str[:3], *k_str[:3], *c_str, *c_str, w]
+    assert write["grid"] == [b * hkv, 1, 1]
     att = trt_report["plugins"]["nld::block_attention"]
-    assert att["outputs"] == [[[b, hq, t, HEAD_DIM], "BF16"]]
+    assert att["outputs"] == [[[b, hq, t, HEAD_DIM], "BF16"]] and att["aliased"] == [None]
     assert att["tactics"] == [[1, 2]]
-    q_str, k_str = contiguous_strides([b, hq, t, HEAD_DIM]), contiguous_strides([s, hkv, m, HEAD_DIM])
-    assert att["extras"] == [t, hkv, hq // hkv, m, *q_str[:3], *k_str[:3], *k_str[:3], *q_str[:3]]
+    q_str = contiguous_strides([b, hq, t, HEAD_DIM])
+    assert att["extras"] == [t, hkv, hq // hkv, w * PAGE, *q_str[:3], *c_str, *c_str, *q_str[:3], w]
     assert att["grid"] == [b * hkv, cdiv(t * hq // hkv, 64), 1] and att["block_x"] == 128
     acc = trt_report["plugins"]["nld::spec_accept"]
     assert acc["outputs"] == [[[b], "INT32"], [[b], "INT32"]]
@@ -295,23 +319,29 @@ def test_without_tensorrt_registration_says_what_to_install():
 
 def test_signatures_follow_the_kernel_parameter_order():
     scales = {"qk_scale": 1.0, "v_scale": 2.0}
-    spec = A.attention_spec("bf16", "fp8e4nv", 64, A.attention_tactics("bf16")[2], specialize=scales)
+    spec = A.attention_spec("bf16", "fp8e4nv", 64, PAGE, A.attention_tactics("bf16")[2], specialize=scales)
     names = list(spec.signature)
     assert names == [*A.ATTENTION_INPUTS, *A.ATTENTION_INTS, *A.ATTENTION_FLOATS, "O", *A.ATTENTION_CONSTEXPRS]
     assert spec.runtime_args == [*A.ATTENTION_INPUTS, *A.ATTENTION_INTS, "O"]
     assert spec.signature["K"] == "*fp8e4nv" and spec.signature["Q"] == spec.signature["O"] == "*bf16"
-    assert spec.constexprs["BLOCK_D"] == 64 and spec.constexprs["v_scale"] == 2.0
-    torch_path = A.attention_spec("fp32", "fp32", 8, A.INTERPRET_CONFIG, upcast=True)
+    assert spec.constexprs["BLOCK_D"] == 64 and spec.constexprs["v_scale"] == 2.0 and spec.constexprs["PAGE_SIZE"] == PAGE
+    assert spec.signature["TABLES"] == "*i32"
+    torch_path = A.attention_spec("fp32", "fp32", 8, PAGE, A.INTERPRET_CONFIG, upcast=True)
     assert torch_path.signature["qk_scale"] == "fp32" and torch_path.constexprs["BLOCK_D"] == 16
-    write = A.write_spec("fp16", "fp8e4nv", 128, 8)
+    write = A.write_spec("fp16", "fp8e4nv", 128, PAGE, 8)
     assert write.runtime_args == [*A.WRITE_INPUTS, *A.WRITE_INTS, *A.WRITE_FLOATS, "K_CACHE", "V_CACHE"]
-    assert write.constexprs["QUANT_MAX"] == 448.0 and A.write_spec("fp16", "fp16", 128, 8).constexprs["QUANT_MAX"] == 0
+    assert write.signature["K_IN"] == write.signature["K_CACHE"] == "*fp8e4nv"
+    assert write.constexprs["QUANT_MAX"] == 448.0
+    assert A.write_spec("fp16", "fp16", 128, PAGE, 8).constexprs["QUANT_MAX"] == 0
+    assert A.write_spec("fp16", "fp32", 128, PAGE, 8, quantize=True).constexprs["QUANT_MAX"] == 448.0
+    with pytest.raises(TypeError, match="quantize must be on"):
+        A.write_spec("fp16", "fp8e4nv", 128, PAGE, 8, quantize=False)
     accept = S.accept_spec("fp16", S.TRT_CONFIG)
     assert accept.runtime_args == [*S.ACCEPT_INPUTS, *S.ACCEPT_INTS, *S.ACCEPT_OUTPUTS]
     select = S.select_spec("fp32", S.TRT_CONFIG, specialize={"threshold": 0.9})
     assert select.runtime_args == [*S.SELECT_INPUTS, *S.SELECT_INTS, *S.SELECT_OUTPUTS]
     with pytest.raises(TypeError):
-        A.attention_spec("fp8e4nv", "bf16", 64, A.INTERPRET_CONFIG)
+        A.attention_spec("fp8e4nv", "bf16", 64, PAGE, A.INTERPRET_CONFIG)
 
 
 def test_grids_tiles_and_outputs():
@@ -333,19 +363,23 @@ def test_grids_tiles_and_outputs():
 def test_scales_fold_into_the_kernel_scalars():
     s = A.attention_scales(0.125, 0.5, 0.25)
     assert s["qk_scale"] == pytest.approx(0.125 * 0.5 * 1.4426950408889634) and s["v_scale"] == 0.25
-    assert A.write_scales(0.5, 0.25) == {"k_inv_scale": 2.0, "v_inv_scale": 4.0}
+    assert A.write_scales(2.0, 4.0) == {"k_inv_scale": 2.0, "v_inv_scale": 4.0}  # the layout's quant multipliers
 
 
 def test_shape_checks():
-    A.check_shapes((2, 8, 4, 64), (5, 2, 100, 64), (5, 2, 100, 64), [2, 2, 2, 2])
+    A.check_shapes((2, 8, 4, 64), (5, 16, 2, 64), (5, 16, 2, 64), (2, 7), [2, 2, 2])
     bad = [
-        ((2, 6, 4, 64), (5, 4, 100, 64), [2] * 4),  # Hq not a multiple of Hkv
-        ((2, 8, 4, 32), (5, 2, 100, 64), [2] * 4),  # head dims differ
-        ((2, 8, 4, 64), (5, 2, 100, 64), [2, 1, 2, 2]),  # a per-sequence tensor of the wrong size
+        ((2, 6, 4, 64), (5, 16, 4, 64), (2, 7), [2] * 3),  # Hq not a multiple of Hkv
+        ((2, 8, 4, 32), (5, 16, 2, 64), (2, 7), [2] * 3),  # head dims differ
+        ((2, 8, 4, 64), (5, 16, 2, 64), (2, 7), [2, 1, 2]),  # a per-sequence tensor of the wrong size
+        ((2, 8, 4, 64), (5, 16, 2, 64), (3, 7), [2] * 3),  # a page table per row
     ]
-    for q, kv, meta in bad:
+    for q, kv, table, meta in bad:
         with pytest.raises(ValueError):
-            A.check_shapes(q, kv, kv, meta)
+            A.check_shapes(q, kv, kv, table, meta)
+    A.check_write_shapes((2, 2, 4, 64), (5, 16, 2, 64), (2, 7))
+    with pytest.raises(ValueError):
+        A.check_write_shapes((2, 2, 4, 64), (5, 16, 2, 64), (1, 7))
     S.check_shapes((2, 4, 100), [(2, 4)], [2])
     with pytest.raises(ValueError):
         S.check_shapes((2, 4, 100), [(2, 5)], [])

@@ -9,6 +9,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+from paged import Pager
 from nld_trt.checkpoint import load_weights
 from nld_trt.config import NLDConfig
 from nld_trt.executors import Chunk, TorchExecutor
@@ -73,7 +74,7 @@ def test_a_calibration_pass_sees_what_the_cached_pass_sees(source, kind):
     tokens, positions, mask, _ = CalibPass(kind, tuple(ctx + chunk), len(ctx)).inputs()
     with torch.no_grad():
         free = model.logits(model(tokens, positions, mask))[0, len(ctx) :]
-    ex = TorchExecutor(model, 1, 64, 8)
+    ex = Pager(TorchExecutor(model, 1, 64, 8))
     slot = ex.allocate()
     ex.forward([slot], [Chunk(ctx)])
     ex.commit(slot, len(ctx))

@@ -8,6 +8,7 @@ import torch
 
 from law_executor import CONFIG, MASK, V, LawExecutor, ar_law, draft_logits, filtered
 from nld_trt.decoding import SEQUENCE_TYPES, GenerationParams, run
+from nld_trt.kv import PageManager
 
 from law_executor import PROMPT_LAW as PROMPT
 SEEDS = 4000
@@ -88,12 +89,12 @@ class RecordingExecutor(LawExecutor):
         super().__init__(**kw)
         self.passes: dict[int, list[tuple[list[int], torch.Tensor]]] = {}
 
-    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
-        logits = super()._forward(slots, tokens, chunk_lens, block, lora, committed, all_logits)
+    def _forward(self, tokens, tables, chunk_lens, block, lora, committed, all_logits):
+        logits = super()._forward(tokens, tables, chunk_lens, block, lora, committed, all_logits)
         for r in range(tokens.shape[0]):
             if block[r]:
                 n = int(chunk_lens[r])
-                self.passes.setdefault(int(slots[r]), []).append((tokens[r, :n].tolist(), logits[r, :n].clone()))
+                self.passes.setdefault(int(tables[r, 0]), []).append((tokens[r, :n].tolist(), logits[r, :n].clone()))
         return logits
 
 
@@ -102,10 +103,14 @@ def test_dlm_samples_only_inside_the_filtered_support():
     params = GenerationParams(mode="dlm", max_new_tokens=4, temperature=1.0, top_k=2, block_length=4,
                               threshold=0.5, eos_token_ids=()).resolved(CONFIG)
     seqs = [SEQUENCE_TYPES["dlm"](list(PROMPT), params, CONFIG, seed) for seed in range(300)]
-    run(executor, seqs)  # 300 slots: every sequence has its own, so each slot's passes are one sequence's
+    # 300 sequences admitted at once, no prefix sharing: each has its own first page, so the passes recorded
+    # under a first page are one sequence's
+    first_page: dict[int, int] = {}
+    run(executor, seqs, on_step=lambda s: first_page.setdefault(id(s), s.kv.pages[0]),
+        pages=PageManager(executor.layout.pages, executor.layout.page_size, prefix_cache=False))
     checked = 0
     for s in seqs:
-        passes = executor.passes[s.slot]
+        passes = executor.passes[first_page[id(s)]]
         for j in range(1, 4):  # block positions 1..3 = output 1..3, filled by the last pass that saw MASK there
             chunk, logits = [p for p in passes if p[0][j] == MASK][-1]
             top2 = set(logits[j].topk(2).indices.tolist())

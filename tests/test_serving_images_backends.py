@@ -4,8 +4,8 @@ OpenAI front end in front).
 A quantized VLM checkpoint (FP8 text backbone, the tower and projector kept beside it in
 model-vision.safetensors, a preprocessor_config.json that changes the longest edge) packages with every one of
 those files under the manifest and serves images with the tokens of the same quantized checkpoint in-process.
-An engine build of a VLM (`package --engine`) serves text and refuses images with a clear 400: its text graph
-has no image-rows input yet.
+An engine build of a VLM (`package --engine`) serves images through its own graphs (vision.onnx, the text graph's
+image_rows input) with the checkpoint's tokens; an older build without that input says why it refuses them.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 from openai_stack import require_stack, start_stack
 
 require_stack()
@@ -22,9 +23,10 @@ require_stack()
 import openai  # noqa: E402
 
 from nld_trt import load  # noqa: E402
-from nld_trt.engine.build import BuildOptions, build  # noqa: E402
+from nld_trt.config import NLDConfig  # noqa: E402
+from nld_trt.engine.build import BuildOptions, build, export_to  # noqa: E402
 from nld_trt.errors import CheckpointError  # noqa: E402
-from nld_trt.serving.client import ClientError, GrpcClient  # noqa: E402
+from nld_trt.serving.client import GrpcClient  # noqa: E402
 from nld_trt.serving.manifest import verify_manifest  # noqa: E402
 from nld_trt.serving.package import ServingOptions, package_repository  # noqa: E402
 
@@ -85,25 +87,42 @@ def test_a_quantized_vlm_repository_verifies_its_vision_files_and_serves_images(
         verify_manifest(manifest)
 
 
-def test_an_engine_repository_of_a_vlm_answers_text_and_refuses_images_with_a_clear_400(tiny_vlm_dir, tmp_path):
+def test_an_engine_repository_of_a_vlm_answers_image_requests_with_the_checkpoints_tokens(tiny_vlm, tiny_vlm_dir,
+                                                                                          tmp_path):
     engine = tmp_path / "engine"
     build(BuildOptions(checkpoint=tiny_vlm_dir, output=engine, max_batch=2, max_seq_len=256, max_block=32,
                        dtype="float32", onnx_only=True, verify=False), lambda _: None)
     repo = package_repository(engine, tmp_path / "repo", OPTIONS, engine=True)
-    assert "its text graph has no input for image rows yet" in (repo / "nld" / "config.pbtxt").read_text()
-    want = load(engine, max_batch=2, max_seq_len=256, max_block_length=32).generate("What is it?", max_new_tokens=6)
+    assert 'key: "images" value { string_value: "true" }' in (repo / "nld" / "config.pbtxt").read_text()
+    manifest = json.loads((repo / "nld" / "1" / "manifest.json").read_text())
+    assert {"vision.onnx", "vision.onnx.data"} <= set(manifest["files"])
     stack = start_stack(repo, tmp_path)
-    try:
+    try:  # the oracle: the PyTorch checkpoint in-process
         client = openai.OpenAI(base_url=f"{stack.base_url}/v1", api_key="unused", max_retries=0, timeout=120)
-        r = client.chat.completions.create(model="nld", messages=turn("What is it?"), max_tokens=6)
-        assert r.choices[0].message.content == want.text
-        with pytest.raises(openai.BadRequestError) as e:
-            client.chat.completions.create(model="nld", messages=turn("What is it?", image_part(URL_A)), max_tokens=6)
-        assert e.value.body["param"] == "messages[0].content[1]"
-        assert "is an engine build: its text graph has no input for image rows yet" in e.value.body["message"]
-        with GrpcClient(stack.grpc_url, timeout=120) as grpc:  # Triton's own inputs: the model says the same
-            with pytest.raises(ClientError, match=r"image_bytes_input\[0\]: .* is an engine build"):
-                grpc.generate(text_input="What is it?", image_bytes_input=np.asarray(A)[None], max_tokens=4)
-            assert grpc.generate(text_input="What is it?", max_tokens=6).token_ids == want.token_ids
+        for parts in (("What is it?",), (image_part(URL_A), "What is it?")):
+            want = tiny_vlm.generate(turn(*parts), max_new_tokens=6)
+            r = client.chat.completions.create(model="nld", messages=turn(*parts), max_tokens=6)
+            assert r.choices[0].message.content == want.text
+        with GrpcClient(stack.grpc_url, timeout=120) as grpc:  # Triton's own inputs
+            for mode in ("ar", "linear_spec"):
+                want = tiny_vlm.generate(turn(image_part(URL_A), "What is it?"), mode=mode, max_new_tokens=8,
+                                         block_length=8)
+                got = grpc.generate(text_input="What is it?", image_bytes_input=np.asarray(A)[None], mode=mode,
+                                    max_tokens=8, block_length=8)
+                assert got.token_ids == want.token_ids and got.stats["prompt_tokens"] == len(want.prompt_token_ids)
     finally:
         assert stack.stop() == 0, stack.log.read_text()[-3000:]
+
+
+def test_an_older_engine_repository_of_a_vlm_says_why_it_refuses_images(tiny_vlm, tiny_vlm_dir, tmp_path):
+    """A build whose text graph lacks the image-rows input (an older nld-trt's): its repository's `images`
+    parameter carries the reason, which the front end answers image requests with (a 400 naming the part)."""
+    engine = tmp_path / "engine"
+    build(BuildOptions(checkpoint=tiny_vlm_dir, output=engine, max_batch=2, max_seq_len=256, max_block=32,
+                       dtype="float32", onnx_only=True, verify=False), lambda _: None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(NLDConfig, "is_vlm", property(lambda self: False))
+        export_to(engine, tiny_vlm.model, torch.float32, 16)
+    repo = package_repository(engine, tmp_path / "repo", OPTIONS, engine=True)
+    assert ("is an engine build that takes text prompts only: its text graph has no input for image rows (an older "
+            "nld-trt built it)") in (repo / "nld" / "config.pbtxt").read_text()

@@ -27,7 +27,7 @@ def run(nld, *prepared: Prepared, timeout: float = 60) -> list[ListSink]:
         assert all(s.done.wait(timeout) for s in sinks)
     finally:
         scheduler.stop()
-    assert nld.executor.free_slots == nld.executor.max_batch
+    assert nld.pages.in_use == 0
     return sinks
 
 

@@ -10,6 +10,7 @@ import torch
 
 import nld_trt
 from law_executor import CONFIG, PROMPT_LAW, LawExecutor, causal_logits, filtered
+from paged import Pager
 from nld_trt.decoding import SEQUENCE_TYPES, GenerationParams, run
 from nld_trt.errors import GenerationError
 from nld_trt.executors.base import Chunk
@@ -91,7 +92,7 @@ def test_a_stop_string_inside_a_step_across_steps_and_across_a_block(embedded, q
             # it left the batch in the step that completed the stop string, freeing its slot
             expected_nfe = next(nfe for n, nfe in steps if n >= b)
             assert seq.stats.nfe == expected_nfe
-            assert embedded.executor.free_slots == embedded.executor.max_batch
+            assert embedded.pages.in_use == 0
             # streaming released only text the final answer keeps
             assert all(seq.text().startswith(r) for r in released)
             checked += 1
@@ -148,8 +149,8 @@ def test_bad_stop_fields_are_named(tiny):
 def test_greedy_logprobs_are_the_plain_softmax_and_linear_spec_matches_ar(tiny):
     prompt = [1, 40, 41, 42, 43]
     ar = tiny.generate(prompt, mode="ar", max_new_tokens=16, eos_token_ids=(), logprobs=True, top_logprobs=3)
-    # the reference: one causal pass over prompt + output on a fresh slot
-    ex = tiny.executor
+    # the reference: one causal pass over prompt + output on fresh pages
+    ex = Pager(tiny.executor)
     slot = ex.allocate()
     try:
         logits = ex.forward([slot], [Chunk(prompt + ar.token_ids)])[0]

@@ -60,17 +60,21 @@ def test_greedy_linear_spec_is_lossless(runs):
 
 
 def test_diffusion_modes_decide_several_tokens_per_forward(runs):
+    """Floors well under what these 20 problems measured when the model was committed (linear_spec TPF 7.12,
+    dlm 6.98; on all 500: 7.25 and 7.12, recorded in training_summary.json)."""
     assert runs["ar"].tpf == 1.0
-    assert runs["spec"].tpf >= 1.5, runs["spec"].as_dict()
-    assert runs["dlm"].tpf >= 1.2, runs["dlm"].as_dict()
+    assert runs["spec"].tpf >= 5.5, runs["spec"].as_dict()
+    assert runs["dlm"].tpf >= 5.5, runs["dlm"].as_dict()
     # the drafter adapter was trained for the draft pass: it does not make drafting worse
     assert runs["spec"].tpf >= runs["spec_plain"].tpf
 
 
-def test_the_model_has_learned_the_answer_format(runs):
+def test_the_model_has_learned_the_answer_format_and_the_arithmetic(runs):
     """Held-out problems (never in the training stream): every AR output is a worked solution in the
-    trained format, steps `a op b = c` ending with `The answer is \\boxed{N}.`; dlm keeps the format too.
-    (Accuracy is recorded in training_summary.json; the 60-minute CPU budget leaves the arithmetic weak.)"""
+    trained format, steps `a op b = c` ending with `The answer is \\boxed{N}.`; dlm keeps the format too;
+    both are mostly right (20/20 each when committed; on all 500: ar 99.8%, dlm 93.8%)."""
+    assert runs["ar"].accuracy >= 0.9, runs["ar"].as_dict()
+    assert runs["dlm"].accuracy >= 0.8, runs["dlm"].as_dict()
     final = re.compile(r"The answer is \\boxed\{\d+\}\.$")
     step = re.compile(r"\d+ [-+*/] \d+ = \d+")
     for r in runs["ar"].records:
@@ -90,14 +94,17 @@ def conversation_runs(model):
 def test_the_model_holds_a_conversation(conversation_runs):
     """Trained on conversations, the model answers a later turn and a follow-up as it answers a first one:
     losslessly in linear_spec, drafting several tokens per forward, and mostly right (the old single-turn
-    model got 2-3% of these; the training summary records the full per-turn figures)."""
+    model got 2-3% of these at TPF 0.7-1.0). Floors well under what these 20 questions measured when the model
+    was committed (turn 3 / follow-up: ar 100% / 95%, dlm 95% / 85%, TPF linear_spec 6.98 / 6.28, dlm 7.12 /
+    6.31); the training summary records the full per-turn figures."""
     ar, spec, dlm = (conversation_runs[m] for m in ("ar", "linear_spec", "dlm"))
     for a, s in zip(ar.records, spec.records):
         assert s["token_ids"] == a["token_ids"], a["messages"]
     for group in ("turn 3", "followup"):
-        assert spec.groups[group].tpf >= 3.0, spec.as_dict()
-        assert dlm.groups[group].tpf >= 3.0, dlm.as_dict()
-        assert ar.groups[group].accuracy >= 0.7, ar.as_dict()
+        assert spec.groups[group].tpf >= 5.0, spec.as_dict()
+        assert dlm.groups[group].tpf >= 5.0, dlm.as_dict()
+        assert ar.groups[group].accuracy >= 0.85, ar.as_dict()
+        assert dlm.groups[group].accuracy >= 0.7, dlm.as_dict()
 
 
 def test_the_demo_conversation_is_answered_right_in_every_mode(model):
@@ -112,6 +119,6 @@ def test_the_demo_conversation_is_answered_right_in_every_mode(model):
         messages = []
         for question, gold in DEMO_CONVERSATION:
             messages.append({"role": "user", "content": question})
-            r = model.generate(model.tokenizer.encode_chat(messages), mode=mode, max_new_tokens=64)
+            r = model.generate(messages, mode=mode, max_new_tokens=64)
             assert extract_answer(r.text) == gold, (mode, messages, r.text)
             messages.append({"role": "assistant", "content": r.text})

@@ -125,8 +125,7 @@ def test_a_rendered_conversation_is_what_serving_sends_token_for_token():
         for i, (s0, s1) in zip(answers, r.spans):
             request = parse(ChatRequest, json.dumps({"model": "nld", "messages": c[:i]}).encode())
             prompt = prompt_ids(served, chat_request(request, info).fields, limits)
-            ids = prompt.ids if hasattr(prompt, "ids") else prompt[0]  # a Prompt since the VLM's prompt encoder
-            assert r.ids[:s0] == ids
+            assert r.ids[:s0] == prompt.ids
             assert r.ids[s0:s1] == tok.encode(c[i]["content"], add_special_tokens=False) + [EOS_ID]
         assert data.render(tok, c, loss_on="last").spans == r.spans[-1:]
 

@@ -2,9 +2,10 @@
 
 TensorRT cannot be installed here, so a small fake module takes its place in sys.modules. It implements the
 calls that code makes, with TensorRT's names and the checks TensorRT itself applies (profile bounds, every
-dynamic input profiled, every I/O tensor bound, no output sharing memory with an input), records what it was
-asked, and "executes" a plan by running the same ONNX graph under ONNX Runtime on the bound CPU memory. What
-this cannot show: that the real TensorRT parses and builds the graph, and the plugins' kernels (GPU checks).
+dynamic input profiled, every I/O tensor bound, no output sharing memory with an input unless a plugin
+declares it aliased, which needs the preview feature for aliased plugin I/O), records what it was asked, and
+"executes" a plan by running the same ONNX graph under ONNX Runtime on the bound CPU memory. What this cannot
+show: that the real TensorRT parses and builds the graph, and the plugins' kernels (GPU checks).
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from nld_trt.engine.build import BuildOptions
 from nld_trt.engine.onnx_graph import export_graph
 from nld_trt.engine.trt_build import build_plan, profile_shapes
 from nld_trt.executors import Chunk
+from nld_trt.executors.base import PassBatch, PassRow
 from nld_trt.executors.onnx_executor import OnnxExecutor
+from paged import Pager
 from nld_trt.executors.trt_executor import INPUTS, TensorRTExecutor, input_feeds
 
 LIMITS = dict(max_batch=2, max_seq_len=64, max_block=8)
@@ -48,6 +51,7 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
         {"EXPLICIT_BATCH": 0, "STRONGLY_TYPED": 1, "PREFER_JIT_PYTHON_PLUGINS": 2, "PREFER_AOT_PYTHON_PLUGINS": 3})
     trt.DataType = enum.Enum("DataType", "FLOAT HALF BF16 INT8 INT32 INT64 BOOL UINT8 FP8")
     trt.TensorIOMode = enum.Enum("TensorIOMode", "NONE INPUT OUTPUT")
+    trt.PreviewFeature = enum.Enum("PreviewFeature", "PROFILE_SHARING_0806 ALIASED_PLUGIN_IO_10_03")
 
     class Logger:
         WARNING = 2
@@ -61,6 +65,7 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
     class Network:
         def __init__(self, flags):
             self.flags, self.inputs, self.outputs = flags, [], []
+            self.aliases = {}  # output -> the input a plugin declared it aliased to (nld::write_kv's caches)
 
         num_inputs = property(lambda self: len(self.inputs))
         num_outputs = property(lambda self: len(self.outputs))
@@ -96,6 +101,9 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
                 self.errors = [ParserError(e) for e in trt.parse_errors]
                 return False
             graph = onnx.load(path, load_external_data=False).graph
+            for node in graph.node:  # the registered nld::write_kv returns its cache inputs 2, 3 aliased
+                if node.op_type == "write_kv":
+                    self.network.aliases.update({node.output[0]: node.input[2], node.output[1]: node.input[3]})
             for values, into in ((graph.input, self.network.inputs), (graph.output, self.network.outputs)):
                 for v in values:
                     t = v.type.tensor_type
@@ -113,7 +121,11 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
 
     class BuilderConfig:
         def __init__(self):
-            self.profiles = []
+            self.profiles, self.preview = [], set()
+
+        def set_preview_feature(self, feature, enable):
+            trt.calls.append(("set_preview_feature", feature.name, enable))
+            (self.preview.add if enable else self.preview.discard)(feature)
 
         def add_optimization_profile(self, profile):
             for lo, opt, hi in profile.shapes.values():  # TensorRT returns -1 for an invalid profile
@@ -143,9 +155,11 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
             dynamic = [t.name for t in network.inputs if -1 in t.shape]
             if not config.profiles or any(n not in p for p in config.profiles for n in dynamic):
                 return None  # TensorRT logs "no optimization profile for input ..." and returns None
+            if network.aliases and trt.PreviewFeature.ALIASED_PLUGIN_IO_10_03 not in config.preview:
+                return None  # aliased plugin I/O is a preview feature in TensorRT 10
             io = [(t.name, mode, t.dtype.name, t.dims) for mode, ts in (("INPUT", network.inputs),
                                                                       ("OUTPUT", network.outputs)) for t in ts]
-            return json.dumps({"io": io, "profiles": config.profiles}).encode()
+            return json.dumps({"io": io, "profiles": config.profiles, "aliases": network.aliases}).encode()
 
     class Runtime:
         def __init__(self, logger):
@@ -162,6 +176,7 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
             self.io = {name: (trt.TensorIOMode[mode], trt.DataType[dtype], dims)
                        for name, mode, dtype, dims in plan["io"]}
             self.names, self.profiles = [n for n, *_ in plan["io"]], plan["profiles"]
+            self.aliases = plan["aliases"]
 
         num_io_tensors = property(lambda self: len(self.names))
         num_optimization_profiles = property(lambda self: len(self.profiles))
@@ -215,7 +230,10 @@ def fake_tensorrt(version: str = "10.9.0.34") -> types.ModuleType:
             assert set(self.shapes) == set(inputs), "an input shape is not set"
             assert set(self.addresses) == set(self.engine.names), "an I/O tensor has no address"
             outputs = set(self.engine.names) - set(inputs)
-            assert not {self.addresses[o] for o in outputs} & {self.addresses[i] for i in inputs}, "aliased I/O"
+            for out, inp in self.engine.aliases.items():  # written in place: bound to its input's memory
+                assert self.addresses[out] == self.addresses[inp], f"{out} is aliased to {inp}: bind it there"
+            plain = outputs - set(self.engine.aliases)
+            assert not {self.addresses[o] for o in plain} & {self.addresses[i] for i in inputs}, "aliased I/O"
             trt.calls.append(("execute_async_v3", dict(self.addresses), dict(self.shapes)))
             if trt.runner is not None:
                 trt.runner(self)
@@ -285,6 +303,7 @@ def test_build_plan_profiles_every_graph_input_strongly_typed_after_registering_
     assert calls(trt, "parse_from_file") == [(str(graph_dir / "model.onnx"),)]  # the path: external data is beside it
     (flags,), = calls(trt, "create_network")
     assert flags & (1 << 1) and flags & (1 << 3) and not flags & 1  # STRONGLY_TYPED, PREFER_AOT, no EXPLICIT_BATCH
+    assert calls(trt, "set_preview_feature") == [("ALIASED_PLUGIN_IO_10_03", True)]  # in-place KV writes
     (profiles,), = calls(trt, "build_serialized_network")
     assert profiles == profile_shapes(options(graph_dir), tiny.config)
     graph = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False).graph
@@ -293,9 +312,11 @@ def test_build_plan_profiles_every_graph_input_strongly_typed_after_registering_
     decode, prefill = profiles
     for p in profiles:
         for name, (lo, opt, hi) in p.items():
-            assert all(x <= y <= z for x, y, z in zip(lo, opt, hi)) and hi[0] <= b + 1, name
+            assert all(x <= y <= z for x, y, z in zip(lo, opt, hi)), name
             assert lo[0] >= 1 and (hi[0] == b or name.startswith("past_"))
-        assert p["past_key_1"] == ((b + 1, 2, s, 16),) * 3  # whole caches + the scratch slot, fixed
+        # the whole page pool, fixed: max_batch x max_seq_len positions in pages of 16, + the scratch page
+        assert p["past_key_1"] == ((b * s // 16 + 1, 16, 2, 16),) * 3
+        assert p["page_table"] == ((1, s // 16), (b, s // 16), (b, s // 16))
     assert decode["input_ids"][2] == (b, blk) and decode["logit_positions"][2] == (b, blk)
     assert prefill["input_ids"][2] == (b, s) and prefill["logit_positions"][2] == (b, 1)
     written = json.loads(plan.read_bytes())["profiles"]  # the stand-in's plan records what it was built with
@@ -375,10 +396,9 @@ def test_input_feeds_are_what_the_onnx_runtime_executor_feeds(graph_dir, tiny, a
         return original(self, **kw)
 
     monkeypatch.setattr(OnnxExecutor, "_forward", spy)
-    slots = [ort_ex.allocate() for _ in range(3)]
-    ort_ex.commit(slots[1], 5)
-    ort_ex.forward([slots[2], slots[1], slots[0]], [Chunk([3, 100, 100, 100], block=True, lora=True), Chunk([4, 5]),
-                                                    Chunk([9, 8, 7], block=True)], all_logits=all_logits)
+    rows = [PassRow(Chunk([3, 100, 100, 100], block=True, lora=True), 0, [5]), PassRow(Chunk([4, 5]), 5, [2]),
+            PassRow(Chunk([9, 8, 7], block=True), 0, [0])]
+    ort_ex.forward(PassBatch(rows, all_logits))
     (ours,), (theirs,) = [input_feeds(**kw) for kw in captured], ort_ex.session.feeds
     graph = onnx.load(str(graph_dir / "model.onnx"), load_external_data=False).graph
     assert list(ours) == list(INPUTS) == [i.name for i in graph.input if not i.name.startswith("past_")]
@@ -387,6 +407,8 @@ def test_input_feeds_are_what_the_onnx_runtime_executor_feeds(graph_dir, tiny, a
         assert value.numpy().tolist() == theirs[name].tolist(), name
     assert ours["logit_positions"].shape == ((3, 4) if all_logits else (3, 1))
     assert ours["committed"].tolist() == [0, 5, 0] and ours["lora"].tolist() == [1, 0, 0]
+    scratch = ort_ex.layout.scratch  # 3 x 64 positions in pages of 16: 12 pages, the scratch page is 12
+    assert scratch == 12 and ours["page_table"].tolist() == [[p] + [scratch] * 3 for p in (5, 2, 0)]  # full width
 
 
 @pytest.fixture
@@ -397,27 +419,30 @@ def plan(trt, graph_dir, tmp_path):
     return path
 
 
-def test_executor_runs_the_plan_like_onnx_runtime_with_ping_pong_caches(trt, plan, graph_dir, tiny):
+def test_executor_runs_the_plan_like_onnx_runtime_writing_the_pages_in_place(trt, plan, graph_dir, tiny):
     b, s, blk = LIMITS["max_batch"], LIMITS["max_seq_len"], LIMITS["max_block"]
     ort_ex = OnnxExecutor(graph_dir / "model.onnx", tiny.config, max_batch=b, max_seq_len=s, max_chunk=blk,
                           has_lora=True)
     trt.runner = onnx_runtime_runner(OnnxExecutor(graph_dir / "model.onnx", tiny.config, b, s, blk, True).session)
     trt_ex = TensorRTExecutor(plan, tiny.config, b, s, blk, True, device="cpu")
-    assert trt_ex.device == torch.device("cpu") and trt_ex.has_lora and trt_ex.cache[0]["past_key_0"].shape == (
-        b + 1, 2, s, 16)
+    assert trt_ex.device == torch.device("cpu") and trt_ex.has_lora and trt_ex.cache["past_key_0"].shape == (
+        b * s // 16 + 1, 16, 2, 16)
+    assert trt_ex.layout == ort_ex.layout
+    assert not trt_ex.takes_embeds  # a text model's plan has no image_rows input (tests/test_vlm_engine.py: a VLM's)
     prompts = [Chunk(list(range(1, 21))), Chunk([1, 9, 10])]  # 20 > max_block: the prefill profile
     steps = [[Chunk([7, 100, 100, 100], block=True, lora=True), Chunk([5, 6, 7, 8])],
              [Chunk([3]), Chunk([4])]]
     results = []
     for ex in (ort_ex, trt_ex):
-        slots = [ex.allocate() for _ in prompts]
-        out = [ex.forward(slots, prompts, all_logits=False)]
-        for s_, c in zip(slots, prompts):
-            ex.commit(s_, len(c.tokens))
+        pager = Pager(ex)
+        tables = [pager.allocate() for _ in prompts]
+        out = [pager.forward(tables, prompts, all_logits=False)]
+        for t, c in zip(tables, prompts):
+            pager.commit(t, len(c.tokens))
         for step in steps:
-            out.append(ex.forward(slots, step))
-            for s_, c in zip(slots, step):
-                ex.commit(s_, 1)
+            out.append(pager.forward(tables, step))
+            for t in tables:
+                pager.commit(t, 1)
         results.append(out)
     for a, t in zip(*results):
         assert a.shape == t.shape and a.dtype == t.dtype == torch.float32
@@ -426,14 +451,15 @@ def test_executor_runs_the_plan_like_onnx_runtime_with_ping_pong_caches(trt, pla
     runs = calls(trt, "execute_async_v3")
     assert [r[1]["input_ids"] for r in runs] == [(2, 20), (2, 4), (2, 1)]
     assert [r[1]["logit_positions"] for r in runs] == [(2, 1), (2, 4), (2, 1)]
-    for (before, _), (after, _) in zip(runs, runs[1:]):
+    for addresses, _ in runs:
         for i in range(tiny.config.num_hidden_layers):
-            for kv in ("key", "value"):  # what a pass writes is what the next pass reads, in the other buffer
-                assert after[f"past_{kv}_{i}"] == before[f"present_{kv}_{i}"] != before[f"past_{kv}_{i}"]
+            for kv in ("key", "value"):  # one cache, written in place: the same memory in and out, every pass
+                assert addresses[f"present_{kv}_{i}"] == addresses[f"past_{kv}_{i}"] == runs[0][0][f"past_{kv}_{i}"]
 
 
 def test_executor_refuses_shapes_and_plans_it_cannot_run(trt, plan, tiny):
-    with pytest.raises(NLDError, match=r"built for KV caches \(3, 2, 64, 16\), not \(3, 2, 128, 16\)"):
+    with pytest.raises(NLDError, match=r"page tables of 4 pages of 16: sequences of at most 64 positions, not "
+                                       r"max_seq_len 128"):
         TensorRTExecutor(plan, tiny.config, 2, 128, 8, True, device="cpu")
     with pytest.raises(NLDError, match="could not deserialize"):
         bad = plan.with_name("bad.plan")
@@ -441,5 +467,23 @@ def test_executor_refuses_shapes_and_plans_it_cannot_run(trt, plan, tiny):
         TensorRTExecutor(bad, tiny.config, 2, 64, 8, True, device="cpu")
     ex = TensorRTExecutor(plan, tiny.config, 2, 64, 8, True, device="cpu")
     with pytest.raises(NLDError, match=r"no optimization profile .* input_ids \(1, 9\) with logit_positions \(1, 9\)"):
-        ex.forward([ex.allocate()], [Chunk(list(range(1, 10)))], all_logits=True)  # every logit of 9 > max_block
+        ex.forward(PassBatch([PassRow(Chunk(list(range(1, 10))), 0, [0])]))  # every logit of 9 > max_block
     assert not calls(trt, "execute_async_v3")
+
+
+def test_a_plan_with_an_fp8_kv_cache_loads_with_fp8_pages(trt, plan, tiny):
+    # a 16-bit graph of an FP8 KV-cache checkpoint binds FP8 caches (tests/test_fp8_kv_cache.py): its scales
+    # are attributes of the plan's nld::write_kv / nld::block_attention, which quantize and dequantize there
+    text = json.loads(plan.read_bytes())
+    text["io"] = [[name, mode, "FP8" if name.startswith(("past_", "present_")) else dtype, dims]
+                  for name, mode, dtype, dims in text["io"]]
+    fp8 = plan.with_name("fp8.plan")
+    fp8.write_bytes(json.dumps(text).encode())
+    ex = TensorRTExecutor(fp8, tiny.config, 2, 64, 8, True, device="cpu")
+    assert ex.layout.dtype == torch.float8_e4m3fn and ex.cache["past_key_0"].dtype == torch.float8_e4m3fn
+    assert ex.layout.bytes_per_token == 2 * tiny.config.num_hidden_layers * tiny.config.num_key_value_heads * \
+        tiny.config.head_dim
+    from nld_trt.kv.attend import PagedCache
+
+    with pytest.raises(NLDError, match="FP8 KV cache needs the checkpoint's k/v scales"):
+        PagedCache(ex.layout, "cpu")  # the reference path applies scales itself: it still needs them

@@ -1,5 +1,6 @@
 """The vision encoder's own ONNX graph (dynamic image size) equals the PyTorch encoder under ONNX Runtime;
-`nld-trt build` of a VLM writes and verifies it beside the text graph; its TensorRT step (stand-in)."""
+`nld-trt build` of a VLM writes and verifies it beside the text graph (whose verification runs an image
+prompt); its TensorRT step (stand-in)."""
 
 from __future__ import annotations
 
@@ -12,10 +13,8 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from nld_trt import load
 from nld_trt.engine.build import BuildOptions, build
 from nld_trt.engine.trt_build import build_vision_plan, vision_profile
-from nld_trt.errors import GenerationError
 from nld_trt.vision.onnx_export import export_vision_graph
 
 from test_trt_stand_in import calls, fake_tensorrt
@@ -57,13 +56,12 @@ def test_build_of_a_vlm_writes_and_verifies_the_vision_graph(tiny_vlm_dir, tmp_p
     assert weights and all(t.data_type == onnx.TensorProto.BFLOAT16 for t in weights)
     assert (out / "vision.onnx.data").is_file() and not (out / ".verify-vision").exists()
     assert any("vision graph" in m for m in messages)
-    # a (float32) engine serves text prompts; its text graph has no input for image rows yet
-    build(BuildOptions(checkpoint=tiny_vlm_dir, output=tmp_path / "f32", max_batch=1, max_seq_len=128, max_block=32,
-                       dtype="float32", onnx_only=True, verify=False), messages.append)
-    engine = load(tmp_path / "f32", max_batch=1, max_seq_len=128, max_block_length=32)
-    assert engine.generate("What is it?", max_new_tokens=4).token_ids
-    with pytest.raises(GenerationError, match="is an engine build: its text graph has no input for image rows"):
-        engine.generate([{"role": "user", "content": [{"type": "image", "image": np.zeros((4, 4, 3), np.uint8).tobytes()}]}])
+    # the text graph's verification ran an image prompt too (its image_rows input; tests/test_vlm_engine.py)
+    assert all(v["identical"] == v["prompts"] == 4 and v["with_images"] == 1
+               for k, v in report.verification.items() if k != "graph")
+    text = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    (rows,) = [i for i in text.input if i.name == "image_rows"]
+    assert rows.type.tensor_type.elem_type == onnx.TensorProto.BFLOAT16
 
 
 def test_the_vision_plan_is_built_beside_the_text_engine_with_an_image_size_profile(vision_graph, tmp_path, monkeypatch):

@@ -149,7 +149,9 @@ def test_a_prefill_in_pieces_splits_the_image_rows_exactly(vlm64):
 
 
 def test_a_multi_turn_chat_encodes_the_same_image_once(tiny_vlm_dir):
-    nld = load(tiny_vlm_dir, max_batch=2, max_seq_len=512)
+    """The encoder's cache by content (the prefix cache off: with it on, later turns reuse the image's KV pages and
+    need no rows at all, tests/test_prefix_cache_images.py)."""
+    nld = load(tiny_vlm_dir, max_batch=2, max_seq_len=512, prefix_cache=False)
     image = picture(64, 48, 9)
     first = nld.generate(chat(image, "What is it?"), mode="ar", max_new_tokens=6)
     turn2 = chat(image, "What is it?") + [{"role": "assistant", "content": first.text},
@@ -160,7 +162,7 @@ def test_a_multi_turn_chat_encodes_the_same_image_once(tiny_vlm_dir):
     assert (enc.encoded_images, enc.misses, enc.hits) == (1, 1, 2)
     assert again.token_ids == first.token_ids  # cached rows give what fresh rows gave
     assert second.images[0]["digest"] == first.images[0]["digest"]
-    fresh = load(tiny_vlm_dir, max_batch=2, max_seq_len=512)
+    fresh = load(tiny_vlm_dir, max_batch=2, max_seq_len=512, prefix_cache=False)
     assert fresh.generate(turn2, mode="linear_spec", max_new_tokens=6).token_ids == second.token_ids
 
 

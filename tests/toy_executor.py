@@ -1,7 +1,8 @@
 """A scripted executor: logits from a deterministic rule instead of a network.
 
-It keeps each slot's tokens the way a KV cache keeps keys (written at L..L+n-1, committed by length), so
-it checks that the decoding loops use only the executor interface, and it makes drafts that are often but
+It keeps each sequence's tokens the way a paged KV cache keeps keys (written at L..L+n-1 of its pages), so
+it checks that the decoding loops use only the executor interface and that the batcher's pages hold what
+they should, and it makes drafts that are often but
 not always right, so linear_spec accepts runs of every length (random networks almost never agree).
 """
 
@@ -12,6 +13,7 @@ import random
 import torch
 
 from nld_trt.executors.base import Executor
+from nld_trt.kv.layout import KVLayout
 
 V = 64
 MASK = 63
@@ -24,15 +26,20 @@ def next_token(prefix: list[int]) -> int:
 
 
 class ScriptedExecutor(Executor):
-    """Logits from a rule over each slot's tokens, kept the way a KV cache keeps keys (written at L..L+n-1,
-    committed by length): `rows(context, chunk, block, lora)` gives the chunk's [n, vocab] logits, context
-    being the slot's committed tokens."""
+    """Logits from a rule over each row's committed tokens, kept the way a paged KV cache keeps keys (written
+    at L..L+n-1 of the row's pages, read back through its page table): `rows(context, chunk, block, lora)`
+    gives the chunk's [n, vocab] logits, context being the tokens the row's pages hold before L. A batcher
+    that hands out a wrong page, shares one it should not or reuses a prefix that is not there changes the
+    context and so the logits."""
 
     vocab = V
 
-    def __init__(self, config, max_batch: int, max_seq_len: int, max_chunk: int) -> None:
-        super().__init__(config, max_batch, max_seq_len, max_chunk=max_chunk)
-        self.history = [[0] * max_seq_len for _ in range(max_batch)]
+    def __init__(self, config, max_batch: int, max_seq_len: int, max_chunk: int, page_size: int = 4,
+                 kv_cache_tokens: int | None = None) -> None:
+        layout = KVLayout.build(config, max_seq_len, torch.float32, page_size=page_size,
+                                tokens=kv_cache_tokens or max_batch * max_seq_len)
+        super().__init__(config, layout, max_batch, max_chunk=max_chunk)
+        self.store = [[0] * page_size for _ in range(layout.pages + 1)]
 
     @property
     def has_lora(self) -> bool:
@@ -41,22 +48,25 @@ class ScriptedExecutor(Executor):
     def rows(self, context: list[int], chunk: list[int], block: bool, lora: bool) -> torch.Tensor:
         raise NotImplementedError
 
-    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits):
+    def _forward(self, tokens, tables, chunk_lens, block, lora, committed, all_logits):
         b, t = tokens.shape
+        p = self.layout.page_size
         logits = torch.zeros(b, t, self.vocab)
         for r in range(b):
-            s, L, n = int(slots[r]), int(committed[r]), int(chunk_lens[r])
+            table, L, n = tables[r].tolist(), int(committed[r]), int(chunk_lens[r])
             chunk = tokens[r, :n].tolist()
-            self.history[s][L : L + n] = chunk
-            logits[r, :n] = self.rows(self.history[s][:L], chunk, bool(block[r]), bool(lora[r]))
+            for j, tok in enumerate(chunk):
+                self.store[table[(L + j) // p]][(L + j) % p] = tok
+            context = [self.store[table[i // p]][i % p] for i in range(L)]
+            logits[r, :n] = self.rows(context, chunk, bool(block[r]), bool(lora[r]))
         if not all_logits:
             return logits[torch.arange(b), chunk_lens - 1]
         return logits
 
 
 class ToyExecutor(ScriptedExecutor):
-    def __init__(self, config, max_batch=4, max_seq_len=512, miss_rate=0.15, dream=False):
-        super().__init__(config, max_batch, max_seq_len, max_chunk=64)
+    def __init__(self, config, max_batch=4, max_seq_len=512, miss_rate=0.15, dream=False, kv_cache_tokens=None):
+        super().__init__(config, max_batch, max_seq_len, max_chunk=64, kv_cache_tokens=kv_cache_tokens)
         self.miss_rate = miss_rate
         self.dream = dream
 

@@ -25,6 +25,8 @@ import torch
 from ..config import NLDConfig
 from ..errors import GenerationError
 from ..executors.base import Chunk, ChunkEmbeds
+from ..kv.events import ExtraKey
+from ..kv.pages import PageTable
 from .bad_words import BadWords, tail
 from .params import GenerationParams
 from .select import candidates, law, top_logprobs
@@ -44,6 +46,10 @@ class Stats:
     draft_passes_per_step: list[int] = field(default_factory=list)  # linear_spec: draft passes per step
     passes_per_block: list[int] = field(default_factory=list)  # dlm: denoising passes per block
     auto: dict | None = None  # auto: steps per option and why they were chosen
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
+    prefill_tokens: int = 0  # prompt tokens the prefill computed
+    preemptions: int = 0  # times the sequence gave its KV pages back and waited (nld_trt/decoding/driver.py)
+    recomputed_tokens: int = 0  # committed tokens re-prefilled after preemptions
 
     @property
     def tpf(self) -> float:
@@ -68,7 +74,12 @@ class Stats:
             "prefill_s": round(self.prefill_s, 6),
             "decode_s": round(self.decode_s, 6),
             "tokens_per_s": round(self.tokens / self.decode_s, 2) if self.decode_s > 0 else None,
+            "cached_tokens": self.cached_tokens,
+            "prefill_tokens": self.prefill_tokens,
         }
+        if self.preemptions:
+            d["preemptions"] = self.preemptions
+            d["recomputed_tokens"] = self.recomputed_tokens
         if self.accepted_per_step:
             d["accepted_per_step"] = self.accepted_per_step
             d["mean_accepted"] = round(sum(self.accepted_per_step) / len(self.accepted_per_step), 4)
@@ -93,7 +104,10 @@ class TokenLogprob:
 
 class PromptEmbeds(Protocol):
     """A prompt's image rows (nld_trt/vision/encoder.PromptImages): the rows replacing the image positions
-    among prompt positions [start, end), or None where there are none."""
+    among prompt positions [start, end), or None where there are none; and the extra keys that make its
+    images part of its KV pages' identity in the prefix cache (one per image: its span and content digest)."""
+
+    extra_keys: tuple[ExtraKey, ...]
 
     def chunk(self, start: int, end: int) -> ChunkEmbeds | None: ...
 
@@ -129,16 +143,32 @@ class Sequence:
         self.stop_reason: str | int | None = None  # the stop string or stop token that ended it
         self.error: str | None = None
         self.stats = Stats(mode=getattr(self, "mode", ""))
-        self.slot: int | None = None
+        # KV bookkeeping, the batcher's (nld_trt/decoding/driver.py): the page table, the tokens still to
+        # prefill, the arrival order (preemption takes the newest), whether the prefill logits were consumed
+        self.kv: PageTable | None = None
+        # what else keys this prompt's KV: a VLM prompt's images (span + content digest), so equal pad ids
+        # with other pictures never share pages, and the same picture in the next turn does
+        self.extra_keys: tuple[ExtraKey, ...] = () if images is None else tuple(images.extra_keys)
+        self.todo: list[int] = []
+        self.arrival = 0
+        self.started = False
         self.generator = (torch.Generator().manual_seed(seed % SEED_MOD)
                           if params.temperature > 0 else None)
 
-    def prompt_chunk(self, start: int, end: int) -> Chunk:
-        """The causal prefill chunk of prompt positions [start, end), with image rows where the prompt has them."""
-        embeds = None if self.images is None else self.images.chunk(start, min(end, len(self.prompt)))
-        return Chunk(self.prompt[start:end], embeds=embeds)
+    def prefill_chunk(self, start: int, tokens: list[int]) -> Chunk:
+        """The causal prefill chunk feeding `tokens` at positions start.. (a piece of the prompt, from wherever
+        its cached prefix ends; after a preemption, of the prompt and the committed output), with the image
+        rows of the prompt positions it covers."""
+        end = min(start + len(tokens), len(self.prompt))
+        embeds = None if self.images is None or start >= end else self.images.chunk(start, end)
+        return Chunk(list(tokens), embeds=embeds)
 
     # the mode's state machine -------------------------------------------------------------------
+    def begin(self, last_logits: torch.Tensor) -> None:
+        """The prompt is in the cache: take the first token (once; a resumed sequence does not begin again)."""
+        self.started = True
+        self.start(last_logits)
+
     def start(self, last_logits: torch.Tensor) -> None:
         raise NotImplementedError
 

@@ -5,8 +5,9 @@ Output layout: engine.json (what was built, limits, verification results), confi
 files of the checkpoint, model.onnx (+ model.onnx.data, the weights as external data) in the requested
 dtype, and nld.plan when TensorRT built it. A vision-language checkpoint adds its vision encoder (tower +
 projector) as its own graph, vision.onnx (dynamic image size, nld_trt/vision/onnx_export.py), verified under
-ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan. (The text graph has no input for
-the image rows yet: engine builds serve text prompts until it does.)
+ONNX Runtime against the PyTorch encoder, and vision.plan beside nld.plan; its text graph then takes the
+encoder's rows through its `image_rows` input (nld_trt/engine/onnx_graph.py), so `nld_trt.load` of the build
+runs image prompts through both graphs (nld_trt/engine/loader.py).
 """
 
 from __future__ import annotations
@@ -24,10 +25,8 @@ import torch
 from ..checkpoint import ENGINE_FILE, check_model_dir
 from ..errors import NLDError
 from ..fileutil import atomic_directory
-
-GRAPH_FILE = "model.onnx"
-PLAN_FILE = "nld.plan"
-VISION_PLAN_FILE = "vision.plan"
+from ..kv.layout import DEFAULT_PAGE_SIZE
+from .loader import GRAPH_FILE, PLAN_FILE, VISION_PLAN_FILE
 COPIED_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
                 "chat_template.jinja", "hf_quant_config.json", "preprocessor_config.json")
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "float32": torch.float32}
@@ -48,6 +47,8 @@ class BuildOptions:
     max_batch: int = 8
     max_seq_len: int = 2048
     max_block: int = 32
+    page_size: int = DEFAULT_PAGE_SIZE  # KV-cache positions per page
+    kv_cache_tokens: int | None = None  # the TensorRT plan's page pool (default max_batch x max_seq_len positions)
     dtype: str = "bf16"
     onnx_only: bool = False
     verify: bool = True
@@ -70,11 +71,11 @@ class BuildReport:
     seconds: float = 0.0
 
 
-def export_to(directory: Path, model, dtype: torch.dtype, name: str = GRAPH_FILE) -> Path:
+def export_to(directory: Path, model, dtype: torch.dtype, page_size: int, name: str = GRAPH_FILE) -> Path:
     """Write the graph with its weights as external data (graphs beyond 2 GB) and check it."""
     from .onnx_graph import export_graph
 
-    proto = export_graph(model, dtype)
+    proto = export_graph(model, dtype, page_size)
     path = directory / name
     onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                      location=name + ".data", size_threshold=1024)
@@ -82,24 +83,43 @@ def export_to(directory: Path, model, dtype: torch.dtype, name: str = GRAPH_FILE
     return path
 
 
-def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None]) -> dict:
-    """Greedy tokens of every mode through ONNX Runtime equal the PyTorch executor's."""
+def verify_prompts(nld) -> list:
+    """The verification prompts: token ids and, for a vision-language model, the first of them after a random
+    image (so the text graph's image-rows input is verified too)."""
+    vocab = nld.config.vocab_size
+    ids = [[t % vocab for t in p] for p in VERIFY_PROMPTS]
+    prompts = [nld.prompts.token_ids(p) for p in ids]
+    if nld.vlm is not None:
+        import numpy as np
+        from PIL import Image
+
+        pixels = np.random.default_rng(0).integers(0, 256, (56, 84, 3), dtype=np.uint8)
+        prompts.append(nld.prompts.with_images(ids[0], [("the verification image", Image.fromarray(pixels))],
+                                               chat=False))
+    return prompts
+
+
+def verify_graph(nld, graph: Path, tokens: int, progress: Callable[[str], None], page_size: int) -> dict:
+    """Greedy tokens of every mode through ONNX Runtime equal the PyTorch executor's (image prompts with the
+    PyTorch encoder's rows)."""
     from ..decoding import SEQUENCE_TYPES, GenerationParams, run
     from ..executors.onnx_executor import OnnxExecutor
 
-    limits = dict(max_batch=len(VERIFY_PROMPTS), max_seq_len=256, max_chunk=nld.executor.max_chunk)
-    ort_ex = OnnxExecutor(graph, nld.config, has_lora=nld.executor.has_lora, **limits)
-    vocab = nld.config.vocab_size
-    prompts = [[t % vocab for t in p] for p in VERIFY_PROMPTS]
+    prompts = verify_prompts(nld)
+    limits = dict(max_batch=len(prompts), max_seq_len=256, max_chunk=nld.executor.max_chunk)
+    ort_ex = OnnxExecutor(graph, nld.config, has_lora=nld.executor.has_lora, page_size=page_size, **limits)
     results = {}
     for mode in ("ar", "dlm", "linear_spec"):
         params = GenerationParams(mode=mode, max_new_tokens=tokens, block_length=8).resolved(nld.config)
-        ref = nld.generate(prompts, mode=mode, max_new_tokens=tokens, block_length=8)
-        seqs = run(ort_ex, [SEQUENCE_TYPES[mode](p, params, nld.config, 0) for p in prompts])
-        same = [s.out == r.token_ids for s, r in zip(seqs, ref)]
-        results[mode] = {"prompts": len(prompts), "identical": sum(same)}
+        ref, seqs = ([SEQUENCE_TYPES[mode](p.ids, params, nld.config, 0, images=nld.bind_images(p)) for p in prompts]
+                     for _ in range(2))
+        run(nld.executor, ref, pages=nld.pages)
+        run(ort_ex, seqs)
+        same = [s.error is None and s.out == r.out for s, r in zip(seqs, ref)]
+        results[mode] = {"prompts": len(prompts), "identical": sum(same),
+                         "with_images": sum(1 for p in prompts if p.images)}
         progress(f"verify {mode}: {sum(same)}/{len(prompts)} greedy outputs identical to the PyTorch executor")
-        if not all(same):
+        if not all(same) or any(r.error for r in ref):
             raise NLDError(
                 f"ONNX Runtime and PyTorch disagree in mode {mode} ({sum(same)}/{len(prompts)} identical): "
                 "the exported graph is wrong; nothing was written"
@@ -139,33 +159,39 @@ def build(options: BuildOptions, progress: Callable[[str], None] = print) -> Bui
     start = time.perf_counter()
     if options.dtype not in DTYPES:
         raise NLDError(f"unknown dtype {options.dtype!r}: use one of {', '.join(DTYPES)}")
-    for name in ("max_batch", "max_seq_len", "max_block"):
+    for name in ("max_batch", "max_seq_len", "max_block", "page_size"):
         if getattr(options, name) < 1:
             raise NLDError(f"--{name.replace('_', '-')} must be a positive integer")
+    kv_tokens = options.kv_cache_tokens or options.max_batch * options.max_seq_len
+    if -(-kv_tokens // options.page_size) < -(-options.max_seq_len // options.page_size):
+        raise NLDError(f"--kv-cache-tokens {kv_tokens} holds fewer pages than one sequence of --max-seq-len "
+                       f"{options.max_seq_len} needs")
     check_model_dir(options.checkpoint)
     progress(f"load {options.checkpoint}")
-    nld = load(options.checkpoint, max_batch=len(VERIFY_PROMPTS), max_seq_len=256, dtype="float32")
+    nld = load(options.checkpoint, max_batch=len(VERIFY_PROMPTS), max_seq_len=256, dtype="float32",
+               page_size=options.page_size)
     dtype = DTYPES[options.dtype]
     with atomic_directory(options.output, overwrite=options.overwrite) as tmp:
         progress(f"step 1/3: export the {options.dtype} graph")
-        graph = export_to(tmp, nld.model, dtype)
+        graph = export_to(tmp, nld.model, dtype, options.page_size)
         proto = onnx.load(str(graph), load_external_data=False)
         custom = sorted({f"{n.domain}::{n.op_type}" for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
         report = BuildReport(
             graph=GRAPH_FILE, dtype=options.dtype, nodes=len(proto.graph.node), custom_nodes=custom,
             quantization=(nld.config.quantization_config or {}).get("quant_algo"),
             has_lora=nld.executor.has_lora,
-            limits={"max_batch": options.max_batch, "max_seq_len": options.max_seq_len, "max_block": options.max_block},
+            limits={"max_batch": options.max_batch, "max_seq_len": options.max_seq_len, "max_block": options.max_block,
+                    "page_size": options.page_size, "kv_cache_tokens": kv_tokens},
         )
         if options.verify:
             progress("step 2/3: verify the graph with ONNX Runtime against the PyTorch executor")
             if dtype == torch.float32:
-                report.verification = verify_graph(nld, graph, options.verify_tokens, progress)
+                report.verification = verify_graph(nld, graph, options.verify_tokens, progress, options.page_size)
             else:  # ONNX Runtime on CPU runs float32: verify the same builder's float32 graph
                 scratch = tmp / ".verify"
                 scratch.mkdir()
-                report.verification = verify_graph(nld, export_to(scratch, nld.model, torch.float32),
-                                                   options.verify_tokens, progress)
+                report.verification = verify_graph(nld, export_to(scratch, nld.model, torch.float32, options.page_size),
+                                                   options.verify_tokens, progress, options.page_size)
                 report.verification["graph"] = f"float32 twin of the {options.dtype} graph"
                 shutil.rmtree(scratch)
         if nld.vlm is not None:

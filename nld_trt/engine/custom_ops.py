@@ -8,7 +8,7 @@ from __future__ import annotations
 import onnx
 import torch
 
-from .onnx_graph import ACCEPT_OP, ATTENTION_OP, PLUGIN_DOMAIN, SELECT_OP
+from .onnx_graph import ACCEPT_OP, ATTENTION_OP, PLUGIN_DOMAIN, SELECT_OP, WRITE_OP
 
 ORT_DOMAIN = "ai.onnx.contrib"
 _registered = False
@@ -20,10 +20,27 @@ def register() -> str:
     from onnxruntime_extensions import PyCustomOpDef, get_library_path, onnx_op
 
     if not _registered:
-        from nld_trt.plugins.block_attention.reference import reference_attention
+        from nld_trt.plugins.block_attention.reference import reference_attention, reference_write_kv
         from nld_trt.plugins.spec_accept.reference import reference_dlm_select, reference_spec_accept
 
         T = PyCustomOpDef
+
+        @onnx_op(
+            op_type=WRITE_OP,
+            inputs=[T.dt_float, T.dt_float, T.dt_float, T.dt_float, T.dt_int32, T.dt_int32, T.dt_int32],
+            outputs=[T.dt_float, T.dt_float],
+            attrs={"k_quant": T.dt_float, "v_quant": T.dt_float, "quantize": T.dt_int64,
+                   "plugin_namespace": T.dt_string},
+        )
+        def write_kv(k, v, k_cache, v_cache, page_table, committed, chunk_lens, **attrs):
+            # ONNX Runtime hands a Python operator copies of its inputs and copies its outputs back: the cache
+            # is updated functionally here (TensorRT aliases the outputs to the inputs and writes in place)
+            kc, vc = torch.from_numpy(k_cache), torch.from_numpy(v_cache)
+            quant = (float(attrs["k_quant"]), float(attrs["v_quant"])) if int(attrs["quantize"]) else (None, None)
+            with torch.inference_mode():
+                reference_write_kv(torch.from_numpy(k), torch.from_numpy(v), kc, vc, torch.from_numpy(page_table),
+                                   torch.from_numpy(committed), torch.from_numpy(chunk_lens), *quant)
+            return k_cache, v_cache
 
         @onnx_op(
             op_type=ATTENTION_OP,
@@ -31,12 +48,12 @@ def register() -> str:
             outputs=[T.dt_float],
             attrs={"scale": T.dt_float, "k_scale": T.dt_float, "v_scale": T.dt_float, "plugin_namespace": T.dt_string},
         )
-        def block_attention(q, k_cache, v_cache, slots, committed, chunk_lens, block, **attrs):
+        def block_attention(q, k_cache, v_cache, page_table, committed, chunk_lens, block, **attrs):
             with torch.inference_mode():
                 out = reference_attention(
                     torch.from_numpy(q), torch.from_numpy(k_cache), torch.from_numpy(v_cache),
-                    torch.from_numpy(slots), torch.from_numpy(committed), torch.from_numpy(chunk_lens),
-                    torch.from_numpy(block), float(attrs["scale"]),
+                    torch.from_numpy(page_table), torch.from_numpy(committed), torch.from_numpy(chunk_lens),
+                    torch.from_numpy(block), float(attrs["scale"]), float(attrs["k_scale"]), float(attrs["v_scale"]),
                 )
             return out.numpy()
 

@@ -47,25 +47,56 @@ def import_tensorrt():
     return trt
 
 
+def cache_layout(options, config):
+    """The plan's KV layout: the page pool of options.kv_cache_tokens (default max_batch x max_seq_len)
+    positions in pages of options.page_size, bound whole (its shape is fixed in the plan)."""
+    import torch
+
+    from ..kv.layout import KVLayout
+
+    return KVLayout.build(config, options.max_seq_len, torch.float32, page_size=options.page_size,
+                          tokens=options.kv_cache_tokens or options.max_batch * options.max_seq_len)
+
+
 def profile_shapes(options, config) -> list[dict[str, tuple[tuple, tuple, tuple]]]:
     """(min, opt, max) shapes per graph input for the decode profile (chunks of 1..max_block tokens, every
     position's logits) and the prefill profile (chunks up to max_seq_len, the last position's logits only).
-    The KV caches are bound whole, so their shape is fixed. Plain Python, so tests check it without TensorRT."""
+    Page tables are as wide as a max_seq_len sequence needs; the paged caches are bound whole, so their shape
+    is fixed. A vision-language model's graph also takes image rows (nld_trt/engine/onnx_graph.py).
+    Plain Python, so tests check it without TensorRT."""
+    from ..executors.graph_io import IMAGE_ROWS
+
     b, s, blk = options.max_batch, options.max_seq_len, options.max_block
-    kv = (b + 1, config.num_key_value_heads, s, config.head_dim)  # + the scratch slot for padding writes
+    layout = cache_layout(options, config)
+    kv, width = layout.shape, layout.table_width  # [pages + 1 (the scratch page), P, Hkv, D]
     profiles = []
     for chunk_max, chunk_opt, logits_max in ((blk, blk, blk), (s, min(512, s), 1)):
         shapes = {
             "input_ids": ((1, 1), (b, chunk_opt), (b, chunk_max)),
             "logit_positions": ((1, 1), (b, min(chunk_opt, logits_max)), (b, logits_max)),
         }
-        for name in ("slots", "committed", "chunk_lens", "block", "lora"):
+        shapes["page_table"] = ((1, width), (b, width), (b, width))
+        for name in ("committed", "chunk_lens", "block", "lora"):
             shapes[name] = ((1,), (b,), (b,))
+        if config.is_vlm:  # image rows: one (a pass without images feeds one zero row) up to a row per position
+            h = config.hidden_size
+            shapes[IMAGE_ROWS] = ((1, h), (1, h), (b * chunk_max, h))
         for i in range(config.num_hidden_layers):
             for k in ("key", "value"):
                 shapes[f"past_{k}_{i}"] = (kv, kv, kv)
         profiles.append(shapes)
     return profiles
+
+
+def enable_aliased_plugin_io(trt, build_config) -> None:
+    """nld::write_kv's outputs are aliased to its cache inputs (in-place KV writes): TensorRT 10.x builds that
+    only with the preview feature ALIASED_PLUGIN_IO_10_03 on."""
+    feature = getattr(getattr(trt, "PreviewFeature", None), "ALIASED_PLUGIN_IO_10_03", None)
+    if feature is None:
+        raise NLDError(f"this TensorRT ({trt.__version__}) has no aliased plugin I/O (PreviewFeature."
+                       f"ALIASED_PLUGIN_IO_10_03), which nld::write_kv needs to write the KV pages in place: "
+                       f"{INSTALL_HINT}")
+    build_config.set_preview_feature(feature, True)
 
 
 def network_flags(trt) -> int:
@@ -136,11 +167,15 @@ def parse_graph(trt, graph: Path):
     return builder, network, parser
 
 
-def build_profiles(builder, network, profiles: list[dict], plan: Path, progress: Callable[[str], None]) -> None:
-    """Check and add the optimization profiles, build, and write the plan atomically."""
+def build_profiles(trt, builder, network, profiles: list[dict], plan: Path, progress: Callable[[str], None],
+                   aliased_io: bool = False) -> None:
+    """Check and add the optimization profiles, build, and write the plan atomically; `aliased_io` for a graph
+    whose plugins write their inputs in place (the text graph's nld::write_kv)."""
     for shapes in profiles:
         check_inputs(network, shapes)
     build_config = builder.create_builder_config()
+    if aliased_io:
+        enable_aliased_plugin_io(trt, build_config)
     for index, shapes in enumerate(profiles):
         profile = builder.create_optimization_profile()
         for name, (lo, opt, hi) in shapes.items():
@@ -163,7 +198,7 @@ def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]
     register_plugins()
     config = NLDConfig.from_file(graph.parent)
     builder, network, _parser = parse_graph(trt, graph)
-    build_profiles(builder, network, profile_shapes(options, config), plan, progress)
+    build_profiles(trt, builder, network, profile_shapes(options, config), plan, progress, aliased_io=True)
 
 
 def vision_profile(max_edge: int, cell: int, channels: int = 3) -> dict[str, tuple[tuple, tuple, tuple]]:
@@ -178,4 +213,4 @@ def build_vision_plan(graph: Path, plan: Path, max_edge: int, cell: int, progres
     """The vision encoder's own plan (a VLM's tower + projector graph, no plugins), beside the text engine."""
     trt = import_tensorrt()
     builder, network, _parser = parse_graph(trt, Path(graph))
-    build_profiles(builder, network, [vision_profile(max_edge, cell)], Path(plan), progress)
+    build_profiles(trt, builder, network, [vision_profile(max_edge, cell)], Path(plan), progress)

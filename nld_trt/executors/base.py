@@ -1,21 +1,25 @@
 """The executor interface: the only thing the decoding loops know about the model.
 
-An executor owns a KV cache of `max_batch` slots and, per slot, the committed length L. One call runs one
-forward pass over a chunk per sequence (`forward`), each with its own attention pattern and LoRA switch,
-and returns the head's logits; `commit` then makes k of the chunk's positions part of the cache. The
-PyTorch executor implements `_forward`; ONNX Runtime and TensorRT executors implement the same method
-and inherit everything else (slot bookkeeping, checks, padding).
+An executor holds the tensors of a paged KV cache (its `KVLayout`, nld_trt/kv) and runs one forward pass
+over a `PassBatch`: per row a chunk of tokens (its own attention pattern and LoRA switch; image rows for a
+prefill chunk of an image prompt), the row's committed length L and its page table. It writes the chunk's
+K/V at L..L+n-1 of the row's pages and returns the head's logits. It keeps no allocation state: which pages a sequence holds, what is committed and what
+is cached is the batcher's (nld_trt/kv/pages.py, nld_trt/decoding/driver.py). The PyTorch executor
+implements `_forward`; ONNX Runtime and TensorRT executors implement the same method and inherit
+everything else (checks, padding).
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 import torch
 
 from ..config import NLDConfig
 from ..errors import GenerationError
+from ..kv.layout import KVLayout
 
 
 @dataclass(frozen=True)
@@ -42,43 +46,38 @@ class Chunk:
     embeds: ChunkEmbeds | None = field(default=None, compare=False)
 
 
+@dataclass(frozen=True)
+class PassRow:
+    """One row of a pass: a chunk at positions committed.., and the row's page table (physical pages of its
+    positions 0, P, 2P, ..., covering at least committed + len(chunk.tokens) positions)."""
+
+    chunk: Chunk
+    committed: int
+    pages: Sequence[int]
+
+
+@dataclass(frozen=True)
+class PassBatch:
+    rows: Sequence[PassRow]
+    all_logits: bool = True  # False: only each chunk's last position's logits, [B, V]
+
+
 class Executor(ABC):
-    """Slot and length bookkeeping shared by every executor; subclasses implement `_forward`."""
+    """Checks and padding shared by every executor; subclasses implement `_forward`."""
 
-    def __init__(self, config: NLDConfig, max_batch: int, max_seq_len: int, max_chunk: int) -> None:
-        if max_batch < 1 or max_seq_len < 2 or max_chunk < 1:
-            raise GenerationError("max_batch, max_seq_len and max_chunk must be positive")
+    # page tables padded to the layout's full width (an engine graph's fixed input shape), else only as wide
+    # as the pass's longest row needs
+    full_tables = False
+
+    def __init__(self, config: NLDConfig, layout: KVLayout, max_batch: int, max_chunk: int) -> None:
+        if max_batch < 1 or max_chunk < 1:
+            raise GenerationError("max_batch and max_chunk must be positive")
         self.config = config
-        self.max_batch = max_batch
-        self.max_seq_len = max_seq_len
+        self.layout = layout
+        self.max_batch = max_batch  # rows per pass at most: the most sequences decoding at once
+        self.max_seq_len = layout.max_seq_len
         self.max_chunk = max_chunk  # longest decode chunk (block length) an executor accepts
-        self.max_prefill_chunk = max_seq_len  # prompts longer than this are prefilled in pieces
-        self.lengths = [0] * max_batch
-        self._free = list(range(max_batch - 1, -1, -1))
-
-    # slots ----------------------------------------------------------------------------------------
-    @property
-    def free_slots(self) -> int:
-        return len(self._free)
-
-    def allocate(self) -> int:
-        if not self._free:
-            raise GenerationError(f"all {self.max_batch} KV-cache slots are in use")
-        slot = self._free.pop()
-        self.lengths[slot] = 0
-        return slot
-
-    def release(self, slot: int) -> None:
-        if slot in self._free:
-            return
-        self.lengths[slot] = 0
-        self._free.append(slot)
-
-    def commit(self, slot: int, count: int) -> None:
-        """Make the first `count` positions of the slot's last chunk part of its cache."""
-        if count < 0 or self.lengths[slot] + count > self.max_seq_len:
-            raise GenerationError(f"cannot commit {count} tokens to slot {slot} (length {self.lengths[slot]})")
-        self.lengths[slot] += count
+        self.max_prefill_chunk = layout.max_seq_len  # prompts longer than this are prefilled in pieces
 
     # the pass -------------------------------------------------------------------------------------
     @property
@@ -94,69 +93,88 @@ class Executor(ABC):
     def device(self) -> torch.device:
         return torch.device("cpu")
 
-    def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
+    def forward(self, batch: PassBatch) -> torch.Tensor:
         """One pass. Returns float32 logits [B, T, V] (T = longest chunk; rows past a chunk's end are
         padding), or with `all_logits=False` only each chunk's last position, [B, V]. When every chunk reads
         its last position only (`Chunk.last_logits_only`), only those rows are computed and shown at every
         position."""
-        lens = self.check_pass(slots, chunks)
+        lens = self.check_pass(batch)
+        rows = batch.rows
         t = max(lens)
-        if all_logits and all(c.last_logits_only for c in chunks):
-            last = self.forward(slots, [replace(c, last_logits_only=False) for c in chunks], all_logits=False)
-            return last[:, None].expand(len(chunks), t, last.shape[-1])
+        if batch.all_logits and all(r.chunk.last_logits_only for r in rows):
+            plain = [replace(r, chunk=replace(r.chunk, last_logits_only=False)) for r in rows]
+            last = self.forward(PassBatch(plain, all_logits=False))
+            return last[:, None].expand(len(rows), t, last.shape[-1])
         dev = self.device
-        tokens = torch.zeros(len(chunks), t, dtype=torch.long)
-        for i, c in enumerate(chunks):
-            tokens[i, : lens[i]] = torch.tensor(c.tokens, dtype=torch.long)
-        embeds = [(i, c.embeds) for i, c in enumerate(chunks) if c.embeds is not None]
+        tokens = torch.zeros(len(rows), t, dtype=torch.long)
+        for i, r in enumerate(rows):
+            tokens[i, : lens[i]] = torch.tensor(r.chunk.tokens, dtype=torch.long)
+        embeds = [(i, r.chunk.embeds) for i, r in enumerate(rows) if r.chunk.embeds is not None]
         extra = {"embeds": embeds} if embeds else {}  # executors without an embeddings input never see the key
         return self._forward(
-            slots=torch.tensor(slots, dtype=torch.long, device=dev),
             tokens=tokens.to(dev),
+            tables=self.page_tables(batch, self.layout.table_width if self.full_tables else
+                                    max(self.layout.pages_for(r.committed + n) for r, n in zip(rows, lens))).to(dev),
             chunk_lens=torch.tensor(lens, dtype=torch.long, device=dev),
-            block=torch.tensor([c.block for c in chunks], dtype=torch.bool, device=dev),
-            lora=torch.tensor([c.lora for c in chunks], dtype=torch.bool, device=dev),
-            committed=torch.tensor([self.lengths[s] for s in slots], dtype=torch.long, device=dev),
-            all_logits=all_logits,
+            block=torch.tensor([r.chunk.block for r in rows], dtype=torch.bool, device=dev),
+            lora=torch.tensor([r.chunk.lora for r in rows], dtype=torch.bool, device=dev),
+            committed=torch.tensor([r.committed for r in rows], dtype=torch.long, device=dev),
+            all_logits=batch.all_logits,
             **extra,
         )
 
-    def check_pass(self, slots: list[int], chunks: list[Chunk]) -> list[int]:
+    def page_tables(self, batch: PassBatch, width: int) -> torch.Tensor:
+        """[B, width] int64: each row's first `width` pages, padded with the scratch page."""
+        scratch = self.layout.scratch
+        return torch.tensor([list(r.pages[:width]) + [scratch] * (width - min(len(r.pages), width)) for r in batch.rows],
+                            dtype=torch.long)
+
+    def check_pass(self, batch: PassBatch) -> list[int]:
         """Refuse a call that does not fit (clear errors); returns the chunk lengths."""
-        if len(slots) != len(chunks) or not slots:
-            raise GenerationError("forward needs one chunk per slot")
-        lens = [len(c.tokens) for c in chunks]
-        for c, n in zip(chunks, lens):
+        rows = batch.rows
+        if not rows:
+            raise GenerationError("forward needs at least one row")
+        if len(rows) > self.max_batch:
+            raise GenerationError(f"a pass of {len(rows)} rows is over this executor's max_batch {self.max_batch}")
+        lens = [len(r.chunk.tokens) for r in rows]
+        for c, n in zip((r.chunk for r in rows), lens):
             if c.embeds is None:
                 continue
             if not self.takes_embeds:
-                raise GenerationError(f"{type(self).__name__} has no input for image embeddings yet: prompts with "
-                                      "images run on the PyTorch executor (a checkpoint, not an engine build)")
+                raise GenerationError(f"{type(self).__name__} has no input for image embeddings (a text model's graph, "
+                                      "or an engine build of an older nld-trt): rebuild it with nld-trt build, or run "
+                                      "the checkpoint")
             if c.embeds.rows.shape != (len(c.embeds.positions), self.config.hidden_size) or not all(
                     0 <= p < n for p in c.embeds.positions):
                 raise GenerationError(f"embedding rows {list(c.embeds.rows.shape)} at chunk positions "
                                       f"{list(c.embeds.positions)[:4]}... do not fit a chunk of {n} tokens and width "
                                       f"{self.config.hidden_size}")
-        for slot, n in zip(slots, lens):
+        p = self.layout.page_size
+        for r, n in zip(rows, lens):
             if n < 1:
                 raise GenerationError("empty chunk")
-            if self.lengths[slot] + n > self.max_seq_len:
+            if r.committed < 0 or r.committed + n > self.max_seq_len:
                 raise GenerationError(
-                    f"the chunk ({n} tokens after {self.lengths[slot]}) does not fit in the KV cache "
+                    f"the chunk ({n} tokens after {r.committed}) does not fit in the KV cache "
                     f"({self.max_seq_len} positions)"
                 )
+            if len(r.pages) * p < r.committed + n:
+                raise GenerationError(f"the page table ({len(r.pages)} pages of {p}) does not cover the chunk "
+                                      f"({n} tokens after {r.committed})")
         return lens
 
     @abstractmethod
     def _forward(
         self,
-        slots: torch.Tensor,
         tokens: torch.Tensor,
+        tables: torch.Tensor,
         chunk_lens: torch.Tensor,
         block: torch.Tensor,
         lora: torch.Tensor,
         committed: torch.Tensor,
         all_logits: bool,
     ) -> torch.Tensor:
-        """slots/chunk_lens/committed [B] long, tokens [B, T] long (right-padded), block/lora [B] bool.
-        Writes the chunk's K/V at committed..committed+n-1 of each slot; returns float32 logits."""
+        """tokens [B, T] long (right-padded), tables [B, W] long (page tables, scratch-padded),
+        chunk_lens/committed [B] long, block/lora [B] bool; an executor that `takes_embeds` also gets
+        `embeds`, [(row, ChunkEmbeds)], when some chunk carries image rows. Writes the chunk's K/V at
+        committed..committed+n-1 of each row's pages; returns float32 logits."""

@@ -5,12 +5,13 @@ Why: an eager pass runs op by op from Python and reads lengths back from the dev
 On a GPU a decode step of a large model is then bound by kernel launches and host round trips, not by its
 weight reads; on a CPU, by Python. Decode passes come in few shapes (a batch of 1-token `ar` steps, or of
 block-length `dlm`/`linear_spec` chunks), so each (batch bucket, chunk length) pair gets one pass whose
-shapes are fixed and whose lengths and masks live on the device (`model.StaticStep`):
+shapes are fixed and whose lengths, page tables and masks live on the device (`kv.attend.StaticPagedStep`):
 - the batch is padded up to a bucket (1, 2, 4, 8, ... and max_batch); padding rows write and read only the
-  cache's scratch slot and their outputs are dropped;
+  cache's scratch page and their outputs are dropped; page tables are padded with the scratch page to a fixed
+  width (the layout's table width, plus one column that is always the scratch page);
 - on CPU the pass is compiled with inductor, once per pair (the number of cache positions attention reads
-  is its one dynamic size); on CUDA it is captured as a CUDA graph at load, the Triton KV-write and
-  attention kernels inside (they read committed lengths on the device), as SGLang and vLLM do for decode;
+  is its one dynamic size); on CUDA it is captured as a CUDA graph at load, the Triton KV-write and attention kernels
+  inside (they read page tables and committed lengths on the device), as SGLang and vLLM do for decode;
 - prefill chunks and other chunk lengths run the eager reference path.
 The bookkeeping (buckets, padding, which shape serves which call) is plain Python, tested without a GPU.
 """
@@ -24,7 +25,9 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import NLDError
-from ..model import KVCache, NLDModel, StaticStep
+from ..kv.attend import PagedCache, StaticPagedStep
+from ..kv.layout import KVLayout
+from ..model import NLDModel
 
 MIN_KEYS = 2  # the compiled pass's dynamic size never takes the values 0 or 1 (torch.compile specializes them)
 
@@ -54,57 +57,64 @@ class PassShape:
 
 class PassInputs:
     """One pass's int64 inputs packed in a single tensor (one host-to-device copy per pass): tokens [B, T],
-    then slots, committed, chunk_lens, block, lora [B] each."""
+    page tables [B, W], then committed, chunk_lens, block, lora [B] each. `keys`: the positions attention
+    must read, max(committed + chunk length) over all rows."""
 
-    def __init__(self, packed: torch.Tensor, shape: PassShape, keys: int = MIN_KEYS) -> None:
+    def __init__(self, packed: torch.Tensor, shape: PassShape, width: int, keys: int = MIN_KEYS) -> None:
         b, t = shape.batch, shape.chunk
-        self.packed, self.shape, self.keys = packed, shape, keys
+        self.packed, self.shape, self.width, self.keys = packed, shape, width, keys
         self.tokens = packed[: b * t].view(b, t)
-        rest = packed[b * t :].view(5, b)
-        self.slots, self.committed, self.chunk_lens, self.block, self.lora = rest.unbind(0)
+        self.tables = packed[b * t : b * t + b * width].view(b, width)
+        rest = packed[b * t + b * width :].view(4, b)
+        self.committed, self.chunk_lens, self.block, self.lora = rest.unbind(0)
 
     @staticmethod
-    def size(shape: PassShape) -> int:
-        return shape.batch * shape.chunk + 5 * shape.batch
+    def columns(layout: KVLayout) -> int:
+        """Page-table columns of a static pass: the layout's table, plus one always the scratch page (every
+        read is then a strict prefix of the table)."""
+        return layout.table_width + 1
 
     @classmethod
-    def padding(cls, shape: PassShape, scratch: int, device: torch.device | str = "cpu") -> PassInputs:
-        """Every row a padding row: what warm-up, compilation and capture run (they write only the scratch slot)."""
-        return cls.pack(shape, scratch, [], [], [])._to(device)
+    def padding(cls, shape: PassShape, layout: KVLayout, device: torch.device | str = "cpu") -> PassInputs:
+        """Every row a padding row: what warm-up, compilation and capture run (they write only the scratch page)."""
+        return cls.pack(shape, layout, [])._to(device)
 
     @classmethod
-    def pack(cls, shape: PassShape, scratch: int, slots: Sequence[int], chunks: Sequence, committed: Sequence[int],
-             pin: bool = False) -> PassInputs:
-        """The host-side inputs of a call: its rows (slots, `Chunk`s, committed lengths), right-padded to
-        shape.chunk, then padding rows up to shape.batch (slot `scratch`, committed 0, a chunk of T padding
-        tokens). `keys` = the positions attention must read: max(committed + chunk length) over all rows."""
+    def pack(cls, shape: PassShape, layout: KVLayout, rows: Sequence, pin: bool = False) -> PassInputs:
+        """The host-side inputs of a call: its `PassRow`s, chunks right-padded to shape.chunk and page tables to
+        the static width with the scratch page, then padding rows up to shape.batch (page table all scratch,
+        committed 0, a chunk of T padding tokens)."""
         b, t = shape.batch, shape.chunk
-        rows, pad = len(slots), shape.batch - len(slots)
-        lens = [len(c.tokens) for c in chunks]
+        width, scratch = cls.columns(layout), layout.scratch
+        pad = b - len(rows)
+        lens = [len(r.chunk.tokens) for r in rows]
         if pad < 0 or max(lens, default=0) > t:
-            raise ValueError(f"{rows} rows with chunks of up to {max(lens, default=0)} tokens do not fit a {shape} pass")
-        values = [tok for c in chunks for tok in (*c.tokens, *[0] * (t - len(c.tokens)))] + [0] * (pad * t)
-        values += [*slots, *[scratch] * pad, *committed, *[0] * pad, *lens, *[t] * pad]
-        values += [bool(c.block) for c in chunks] + [False] * pad + [bool(c.lora) for c in chunks] + [False] * pad
+            raise ValueError(f"{len(rows)} rows with chunks of up to {max(lens, default=0)} tokens do not fit a {shape} pass")
+        values = [tok for r in rows for tok in (*r.chunk.tokens, *[0] * (t - len(r.chunk.tokens)))] + [0] * (pad * t)
+        for r in rows:
+            pages = list(r.pages[: width - 1])
+            values += pages + [scratch] * (width - len(pages))
+        values += [scratch] * (pad * width)
+        values += [r.committed for r in rows] + [0] * pad + lens + [t] * pad
+        values += [bool(r.chunk.block) for r in rows] + [False] * pad + [bool(r.chunk.lora) for r in rows] + [False] * pad
         packed = torch.tensor(values, dtype=torch.long)
         if pin:
             packed = packed.pin_memory()
-        keys = max(MIN_KEYS, t, *(L + n for L, n in zip(committed, lens)))
-        return cls(packed, shape, keys)
+        keys = max(MIN_KEYS, t, *(r.committed + n for r, n in zip(rows, lens)))
+        return cls(packed, shape, width, keys)
 
     def _to(self, device) -> PassInputs:
-        return PassInputs(self.packed.to(device), self.shape, self.keys)
+        return PassInputs(self.packed.to(device), self.shape, self.width, self.keys)
 
 
-def static_forward(model: NLDModel, cache: KVCache, scratch: int, kernels: bool, tokens: torch.Tensor,
-                   slots: torch.Tensor, committed: torch.Tensor, chunk_lens: torch.Tensor, block: torch.Tensor,
-                   lora: torch.Tensor, key_positions: torch.Tensor | None) -> torch.Tensor:
+def static_forward(model: NLDModel, cache: PagedCache, kernels: bool, tokens: torch.Tensor, tables: torch.Tensor,
+                   committed: torch.Tensor, chunk_lens: torch.Tensor, block: torch.Tensor, lora: torch.Tensor,
+                   key_positions: torch.Tensor | None) -> torch.Tensor:
     """The pass: hidden states [B, T, H] of `PassInputs` tensors, with no host synchronisation.
     key_positions: a tensor whose length is the positions attention reads (None with kernels, which read
     the lengths themselves). The draft adapter applies to the `lora` rows (on all others it adds 0)."""
     t = tokens.shape[1]
-    keys = None if key_positions is None else key_positions.shape[0]
-    step = StaticStep.build(cache, scratch, slots, committed, chunk_lens, block.bool(), t, keys, kernels)
+    step = StaticPagedStep.build(cache, tables, committed, chunk_lens, block.bool(), t, key_positions, kernels)
     positions = committed[:, None] + torch.arange(t, device=tokens.device)
     lora_rows = lora.bool() if model.has_lora else None
     return model(tokens, positions, None, step, lora_rows, fused=True)
@@ -119,14 +129,16 @@ class StaticPasses:
 
     kind = "static"  # the uncompiled static pass: what the others compile, run as plain PyTorch
 
-    def __init__(self, model: NLDModel, cache: KVCache, scratch: int, kernels: bool, buckets: Sequence[int],
+    def __init__(self, model: NLDModel, cache: PagedCache, kernels: bool, buckets: Sequence[int],
                  chunk_lens: Sequence[int], progress: Progress | None = None) -> None:
-        self.model, self.cache, self.scratch, self.kernels = model, cache, scratch, kernels
+        self.model, self.cache, self.layout, self.kernels = model, cache, cache.layout, kernels
         self.buckets = tuple(sorted(set(buckets)))
         self.chunk_lens = tuple(sorted(set(chunk_lens)))
         self.shapes = [PassShape(b, t) for t in self.chunk_lens for b in self.buckets]
         self.device = cache.k[0].device
-        self.positions = torch.arange(cache.max_len, device=self.device)
+        # every position a static pass can read: the table's columns x P (the last column always the scratch
+        # page, so a read of all real pages is a strict prefix)
+        self.positions = torch.arange(PassInputs.columns(self.layout) * self.layout.page_size, device=self.device)
         self.progress = progress
         self.report = ""
 
@@ -137,7 +149,7 @@ class StaticPasses:
 
     def _call(self, fn, inputs: PassInputs) -> torch.Tensor:
         keys = None if self.kernels else self.positions[: inputs.keys]
-        return fn(self.model, self.cache, self.scratch, self.kernels, inputs.tokens, inputs.slots, inputs.committed,
+        return fn(self.model, self.cache, self.kernels, inputs.tokens, inputs.tables, inputs.committed,
                   inputs.chunk_lens, inputs.block, inputs.lora, keys)
 
     def run(self, host: PassInputs) -> tuple[torch.Tensor, PassInputs]:
@@ -165,7 +177,7 @@ class InductorPasses(StaticPasses):
             for i, shape in enumerate(self.shapes):
                 self._say(f"compiling the forward pass {i + 1}/{len(self.shapes)} (batch x chunk {shape})...")
                 t0 = time.perf_counter()
-                self._call(self.fn, PassInputs.padding(shape, self.scratch))
+                self._call(self.fn, PassInputs.padding(shape, self.layout))
                 self._say(f"  {shape}: {time.perf_counter() - t0:.1f} s")
         self.seconds = time.perf_counter() - start
         self.report = (f"compiled {len(self.shapes)} forward passes (batch {','.join(map(str, self.buckets))} x chunk "
@@ -174,8 +186,8 @@ class InductorPasses(StaticPasses):
 
     def _call(self, fn, inputs: PassInputs) -> torch.Tensor:
         keys = self.positions[: inputs.keys]
-        torch._dynamo.mark_dynamic(keys, 0, min=MIN_KEYS, max=self.cache.max_len - 1)
-        return fn(self.model, self.cache, self.scratch, False, inputs.tokens, inputs.slots, inputs.committed,
+        torch._dynamo.mark_dynamic(keys, 0, min=MIN_KEYS, max=self.layout.table_width * self.layout.page_size)
+        return fn(self.model, self.cache, False, inputs.tokens, inputs.tables, inputs.committed,
                   inputs.chunk_lens, inputs.block, inputs.lora, keys)
 
     def run(self, host: PassInputs) -> tuple[torch.Tensor, PassInputs]:
@@ -211,7 +223,7 @@ class CudaGraphPasses(StaticPasses):
         self._say(self.report)
 
     def _capture(self, shape: PassShape):
-        inputs = PassInputs.padding(shape, self.scratch, self.device)
+        inputs = PassInputs.padding(shape, self.layout, self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(stream):  # warm-up: Triton compiles its kernels, cuBLAS picks its algorithms

@@ -1,6 +1,6 @@
 """The PyTorch executor: the reference, on CPU or CUDA, and its fast path (compiled / graph-captured passes).
 
-`compile=False` runs every pass eagerly with exact shapes (`model.CacheStep`): the reference the other
+`compile=False` runs every pass eagerly with exact shapes (`kv.attend.PagedStep`): the reference the other
 backends are tested against. `compile=True` runs the decode passes (batch buckets x chunk lengths) through
 nld_trt/executors/static_pass.py: torch.compile on CPU, CUDA graphs on a GPU; other calls (prefill,
 chunk lengths not prepared) still take the reference path, on the same KV cache.
@@ -13,10 +13,12 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from ..attention import chunk_attention_mask
 from ..errors import NLDError
-from ..model import CacheStep, KVCache, NLDModel, fuse_projections
-from .base import Chunk, Executor
+from ..kv.attend import PagedCache, PagedStep
+from ..kv.layout import DEFAULT_PAGE_SIZE, KVLayout, bytes_per_token, default_cache_tokens
+from ..model import NLDModel, fuse_projections
+from ..quant.kv import kv_scales
+from .base import Executor, PassBatch
 from . import static_pass
 from .static_pass import PASSES, PassInputs, Progress
 
@@ -31,12 +33,11 @@ def kernels_available() -> bool:
 
 
 def compile_blocker(model: NLDModel) -> str | None:
-    """Why the model cannot take the compiled path (None: it can). Quantized linears and the FP8 KV-cache
-    emulation keep host-side state of their own (dequantized-weight caches, forward hooks), so those models
-    run eagerly."""
+    """Why the model cannot take the compiled path (None: it can). Quantized linears keep host-side state of
+    their own (dequantized-weight caches), and forward hooks run Python, so those models run eagerly."""
     for name, module in model.named_modules():
-        if module._forward_hooks or module._forward_pre_hooks or getattr(module, "kv_quant", None) is not None:
-            return f"module {name or 'model'} has forward hooks or an FP8 KV-cache quantizer"
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or 'model'} has forward hooks"
         if name.endswith(("_proj", "diffusion_head")) and type(module) is not nn.Linear:
             return f"module {name} is a {type(module).__name__} (a quantized linear), not a float nn.Linear"
     return None
@@ -60,21 +61,31 @@ class TorchExecutor(Executor):
     `compile`: False, the eager reference; True, static decode passes compiled (CPU: torch.compile) or
     captured (CUDA graphs, which need the kernels) at construction, for every batch bucket (`batch_buckets`,
     default 1, 2, 4, ..., max_batch) and chunk length (`chunk_lens`, default 1 and the checkpoint's block
-    size); "static" runs the same static passes uncompiled. `progress` receives progress lines."""
+    size); "static" runs the same static passes uncompiled. `progress` receives progress lines.
+
+    The KV cache (nld_trt/kv/layout.py): `layout`, or one built from `kv_cache_tokens` / `kv_cache_gb` (at
+    most one; neither: max_batch x max_seq_len positions, on a GPU at most 80% of its free memory) in pages
+    of `page_size`; an FP8 KV-cache checkpoint's scales make it an FP8 cache."""
 
     def __init__(self, model: NLDModel, max_batch: int = 8, max_seq_len: int = 2048, max_chunk: int = 128,
                  kernels: bool | None = None, compile: bool | str = False, chunk_lens: Sequence[int] | None = None,
-                 batch_buckets: Sequence[int] | None = None, progress: Progress | None = None) -> None:
-        super().__init__(model.config, max_batch, max_seq_len, max_chunk)
+                 batch_buckets: Sequence[int] | None = None, progress: Progress | None = None,
+                 kv_cache_tokens: int | None = None, kv_cache_gb: float | None = None,
+                 page_size: int = DEFAULT_PAGE_SIZE, layout: KVLayout | None = None) -> None:
         p = next(model.parameters())
+        if layout is None:
+            scales = kv_scales(model)
+            c = model.config
+            per_token = bytes_per_token(c.num_hidden_layers, c.num_key_value_heads, c.head_dim,
+                                        torch.float8_e4m3fn if scales else p.dtype)
+            layout = KVLayout.build(c, max_seq_len, p.dtype, tokens=kv_cache_tokens, gb=kv_cache_gb,
+                                    page_size=page_size, scales=scales,
+                                    default_tokens=default_cache_tokens(p.device, max_batch, max_seq_len, per_token))
+        super().__init__(model.config, layout, max_batch, max_chunk)
         self.model = model.eval()
         self.kernels = (p.device.type == "cuda" and kernels_available()) if kernels is None else kernels
         kind = compile_kind(p.device, self.kernels, compile)
-        # the fast path's padding writes go to one extra slot, `max_batch`, which no sequence gets; and one
-        # extra position keeps every read a strict prefix of the cache (a compiled pass then needs no guard
-        # on reading all of it)
-        fast = kind is not None
-        self.cache = KVCache(model.config, max_batch + fast, max_seq_len + fast, p.dtype, p.device)
+        self.cache = PagedCache(layout, p.device)
         self.passes = None
         if kind is None:
             return
@@ -88,7 +99,7 @@ class TorchExecutor(Executor):
         if not buckets or buckets[-1] > max_batch:
             raise NLDError(f"batch buckets must lie in [1, max_batch={max_batch}], got {list(batch_buckets or [])}")
         with torch.inference_mode():
-            self.passes = PASSES[kind](model, self.cache, max_batch, self.kernels, buckets, chunks, progress)
+            self.passes = PASSES[kind](model, self.cache, self.kernels, buckets, chunks, progress)
 
     @property
     def has_lora(self) -> bool:
@@ -107,17 +118,17 @@ class TorchExecutor(Executor):
         """One line on what the fast path prepared at load ('' for the eager reference)."""
         return "" if self.passes is None else self.passes.report
 
-    def forward(self, slots: list[int], chunks: list[Chunk], all_logits: bool = True) -> torch.Tensor:
-        lens = self.check_pass(slots, chunks)
-        images = any(c.embeds is not None for c in chunks)  # image prefill chunks take the eager path
-        shape = None if self.passes is None or images else self.passes.shape_for(len(chunks), max(lens))
+    def forward(self, batch: PassBatch) -> torch.Tensor:
+        lens = self.check_pass(batch)
+        images = any(r.chunk.embeds is not None for r in batch.rows)  # image prefill chunks take the eager path
+        shape = None if self.passes is None or images else self.passes.shape_for(len(lens), max(lens))
         if shape is None:
-            return super().forward(slots, chunks, all_logits)
-        last_only = not all_logits or all(c.last_logits_only for c in chunks)
-        b = len(chunks)
+            return super().forward(batch)
+        all_logits = batch.all_logits
+        last_only = not all_logits or all(r.chunk.last_logits_only for r in batch.rows)
+        b = len(lens)
         with torch.inference_mode():  # inputs made as at compile time (inference tensors), or dynamo recompiles
-            host = PassInputs.pack(shape, self.max_batch, slots, chunks, [self.lengths[s] for s in slots],
-                                   pin=self.device.type == "cuda")
+            host = PassInputs.pack(shape, self.layout, batch.rows, pin=self.device.type == "cuda")
             hidden, inputs = self.passes.run(host)
             hidden = hidden[:b]
             if last_only:
@@ -128,23 +139,18 @@ class TorchExecutor(Executor):
         return logits
 
     @torch.inference_mode()
-    def _forward(self, slots, tokens, chunk_lens, block, lora, committed, all_logits, embeds=()):
+    def _forward(self, tokens, tables, chunk_lens, block, lora, committed, all_logits, embeds=()):
         b, t = tokens.shape
         positions = committed[:, None] + torch.arange(t, device=tokens.device)
         keys = int((committed + chunk_lens).max())
-        mask = None if self.kernels else chunk_attention_mask(committed, chunk_lens, block, t, keys)
-        rows, cols = (torch.arange(t, device=tokens.device)[None, :] < chunk_lens[:, None]).nonzero(as_tuple=True)
-        first = int(slots[0])
-        contiguous = bool((slots == torch.arange(first, first + b, device=slots.device)).all())
-        step = CacheStep(self.cache, slots, committed, chunk_lens, block, mask, rows, cols, positions[rows, cols],
-                         keys, first if contiguous else None, self.kernels)
+        step = PagedStep.build(self.cache, tables, committed, chunk_lens, block, t, keys, self.kernels)
         lora_rows = lora if (self.model.has_lora and bool(lora.any())) else None
         x = None
         if embeds:  # image rows replace their positions' token embeddings
             x = self.model.embed(tokens)
             for row, e in embeds:
                 x[row, torch.tensor(e.positions, device=x.device)] = e.rows.to(x.device, x.dtype)
-        hidden = self.model(tokens, positions, mask, step, lora_rows, inputs_embeds=x)
+        hidden = self.model(tokens, positions, None, step, lora_rows, inputs_embeds=x)
         if not all_logits:
             hidden = hidden[torch.arange(b, device=hidden.device), chunk_lens - 1]
         return self.model.logits(hidden).float()

@@ -42,7 +42,7 @@ class CalibrationModel(NLDModel):
         return super().forward(tokens, positions, mask, step, lora_rows, inputs_embeds=inputs_embeds)
 
     def save_pretrained(self, save_directory, state_dict=None, max_shard_size="5GB", **_: Any) -> None:
-        from .export import write_safetensors
+        from ..checkpoint import write_safetensors
 
         directory = Path(save_directory)
         tensors = state_dict if state_dict is not None else self.state_dict()

@@ -199,6 +199,6 @@ def quantize_command(
 
 def main(argv: list[str] | None = None) -> None:
     """`python -m nld_trt.quant`: the command alone, with nld-trt's one-line errors and exit codes."""
-    from ..cli import run_command
+    from ..cli_support import run_command
 
     run_command(quantize_command, argv, prog_name="nld-trt quantize")

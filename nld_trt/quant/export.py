@@ -26,43 +26,6 @@ NOT_COPIED = {"config.json", "hf_quant_config.json", "quantization_report.json"}
 DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
 
 
-def _bytes(size: int | str) -> int:
-    if isinstance(size, int):
-        return size
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]?B)\s*", size.upper())
-    if not m:
-        raise ValueError(f"bad shard size {size!r}")
-    return int(float(m.group(1)) * {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9}[m.group(2)])
-
-
-def write_safetensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_size: int | str = "5GB") -> None:
-    """model.safetensors, or shards + model.safetensors.index.json past `max_shard_size`."""
-    from safetensors.torch import save_file
-
-    limit = _bytes(max_shard_size)
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        n = t.numel() * t.element_size()
-        if shards[-1] and size + n > limit:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.detach().contiguous().cpu()
-        size += n
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(directory / "model.safetensors"), metadata=meta)
-        return
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata=meta)
-        weight_map.update({name: fname for name in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-
-
 def add_tensors(directory: Path, tensors: dict[str, torch.Tensor], filename: str) -> None:
     """Add unquantized tensors (a VLM's vision tower and projector) to an exported checkpoint as their own
     file, listed with the export's own tensors in model.safetensors.index.json."""

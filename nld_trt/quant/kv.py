@@ -1,30 +1,24 @@
-"""FP8 KV cache, emulated: keys (after RoPE) and values fake-quantized to E4M3 with one scale per layer.
+"""FP8 KV cache: keys (after RoPE) and values quantized to E4M3 with one scale per layer.
 
-An FP8 cache stores `e4m3(k / k_scale)` and attention reads it back times `k_scale`; fake-quantizing K/V
-before attention gives the same numbers in any dtype, so the PyTorch executor can reproduce what a TensorRT
-engine with an FP8 cache computes.
-
-The hook: `Attention.kv_quant`, a callable `(k, v) -> (k, v)` that `Attention.forward` applies after RoPE,
-before the cache write (three lines in nld_trt/model.py; see `MODEL_HAS_HOOK`). Until model.py has it,
-`attach_kv_quant` falls back to wrapping the attention function nld_trt.model calls, so the K/V are
-quantized after the cache read instead: fake quantization is idempotent, so the results are the same.
+An FP8 cache stores `e4m3(k / k_scale)` and attention reads it back times `k_scale`. Passes against the
+cache do exactly that: the checkpoint's scales become the cache layout's (`kv_scales` -> nld_trt/kv), which
+quantizes when K/V are written, in the reference path, the Triton kernels and the engine graph. Cache-free
+passes (calibration, comparisons) fake-quantize instead, through the `Attention.kv_quant` hook
+(`attach_kv_quant`): the same numbers in any dtype.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextvars import ContextVar
 
 import torch
 from torch import nn
 
-from .. import model as nld_model
+from ..errors import NLDError
+from ..kv.layout import KVScales
 
 E4M3_MAX = 448.0
 KVQuantFn = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-# True once nld_trt/model.py's Attention.forward reads `self.kv_quant` (the hook the lead adds).
-MODEL_HAS_HOOK = "kv_quant" in nld_model.Attention.forward.__code__.co_names
 
 
 def fake_quant_e4m3(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -52,47 +46,20 @@ class FP8KVQuant(nn.Module):
         return fake_quant_e4m3(k, self.k_scale), fake_quant_e4m3(v, self.v_scale)
 
 
-# Fallback while model.py lacks the hook ----------------------------------------------------------------
-_ACTIVE: ContextVar[nn.Module | None] = ContextVar("nld_trt_kv_quant_attention", default=None)
-
-
-def _install_attention_wrapper() -> None:
-    """Make nld_trt.model's attention apply the running Attention module's kv_quant (idempotent)."""
-    original = nld_model.attention
-    if getattr(original, "_nld_kv_quant", False):
-        return
-
-    def attention(q, k, v, mask, scale):
-        module = _ACTIVE.get()
-        fn = getattr(module, "kv_quant", None) if module is not None else None
-        if fn is not None:
-            k, v = fn(k, v)
-        return original(q, k, v, mask, scale)
-
-    attention._nld_kv_quant = True  # type: ignore[attr-defined]
-    nld_model.attention = attention
-
-
-def _enter(module: nn.Module, args) -> None:
-    module._kv_token = _ACTIVE.set(module)
-
-
-def _leave(module: nn.Module, args, output) -> None:
-    token = module.__dict__.pop("_kv_token", None)
-    if token is not None:
-        _ACTIVE.reset(token)
-
-
 def attach_kv_quant(attn: nn.Module, fn: KVQuantFn | None) -> None:
-    """Install `fn` as the layer's K/V quantizer (None removes it)."""
+    """Install `fn` as the layer's K/V quantizer for cache-free passes (None removes it)."""
     if isinstance(fn, nn.Module) or fn is None:
         attn.kv_quant = fn
     else:  # a bound method of the module itself must not become a submodule
         object.__setattr__(attn, "kv_quant", fn)
-    if MODEL_HAS_HOOK or fn is None or getattr(attn, "_kv_hooks", None):
-        return
-    _install_attention_wrapper()
-    attn._kv_hooks = (
-        attn.register_forward_pre_hook(_enter),
-        attn.register_forward_hook(_leave, always_call=True),
-    )
+
+
+def kv_scales(model: nn.Module) -> tuple[KVScales, ...] | None:
+    """The FP8 KV-cache scales of a loaded FP8-KV checkpoint, one pair per layer (None: not quantized), for
+    the cache's layout (nld_trt/kv/layout.py), which applies them when K/V are written."""
+    quants = [layer.self_attn.kv_quant for layer in model.encoder.layers]
+    if all(q is None for q in quants):
+        return None
+    if not all(isinstance(q, FP8KVQuant) for q in quants):
+        raise NLDError("an FP8 KV cache needs FP8 k/v scales on every layer")
+    return tuple(KVScales.from_scales(float(q.k_scale), float(q.v_scale)) for q in quants)

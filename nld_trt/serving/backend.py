@@ -5,10 +5,11 @@ PyTorch executor; an engine directory (`nld-trt package --engine`) on the Tensor
 ONNX Runtime executor on CPU, without touching the scheduler or the Triton glue.
 
 `Scheduler` owns one `Batcher` and a thread that steps it while there is work. Requests join and leave
-between steps (any mix of modes in one batch); after each step every streaming request gets the tokens it
-committed (dlm and linear_spec commit several per step) as a text delta. A request whose client went away
-is cancelled, which frees its KV slot at the next step. One bad request, or even a failing step, never stops
-the thread: the affected requests get an error and the rest carry on.
+between steps (any mix of modes in one batch; admission by free KV pages, prefixes reused from the prefix
+cache, preemption when pages run out: nld_trt/decoding/driver.py); after each step every streaming request
+gets the tokens it committed (dlm and linear_spec commit several per step) as a text delta. A request whose
+client went away is cancelled, which frees its KV pages at the next step. One bad request, or even a failing
+step, never stops the thread: the affected requests get an error and the rest carry on.
 
 A request with images is not admitted until its images are ready: an image worker thread (`image_workers`)
 decodes and prepares them (nld_trt/vision/processor.py), builds the prompt and runs the vision tower and
@@ -17,6 +18,9 @@ batch; only then does the request join the batch, whose prefill finds its image 
 delays its own request, not the others' steps (torch releases the GIL inside its ops; the Python between them
 is what the two threads share). `image_workers=0` keeps the single-thread behaviour: the images are encoded
 in the request's prefill, on the scheduler thread.
+
+The prefix cache's KV events (pages stored and evicted, nld_trt/kv/events.py) go to a `kv_events.Hub` that
+streams them to subscribers (the Dynamo worker's KV router relay), in order with each step's responses.
 """
 
 from __future__ import annotations
@@ -67,6 +71,23 @@ class Sink(Protocol):
 
     def close_cancelled(self) -> None:
         """Complete a cancelled request (Triton releases a request only after its final flag)."""
+
+
+@dataclass(frozen=True)
+class Occupancy:
+    """What the gauges and counters show: sequences decoding (`slots` in the names from before pages: one per
+    sequence), requests waiting, KV pages, prefix-cache queries and hits (tokens), preemptions."""
+
+    sequences: int
+    max_sequences: int
+    waiting: int
+    pages_used: int  # referenced by sequences
+    pages_cached: int  # in the prefix index (referenced or not)
+    pages_free: int  # takeable now: free, or cached and unreferenced (evicted on demand)
+    pages_total: int
+    prefix_queries: int  # prompt tokens looked up in the prefix cache, since load
+    prefix_hits: int  # of which found
+    preemptions: int  # since load
 
 
 @dataclass
@@ -173,13 +194,13 @@ LOGPROB_FLOOR = -9999.0  # what a zero probability is sent as (JSON has no -inf;
 class Scheduler:
     """Continuous batching over one model for requests arriving from any thread (`submit`)."""
 
-    def __init__(self, nld: NLD, on_occupancy: Callable[[int, int, int], None] | None = None,
+    def __init__(self, nld: NLD, on_occupancy: Callable[[Occupancy], None] | None = None,
                  on_mix: Callable[[dict[str, int]], None] | None = None, image_workers: int = 1) -> None:
         self.nld = nld
         self.planner = nld.planner
-        self.planner.model  # auto's pass-cost model: loaded, or measured now while every slot is free
-        self.batcher = Batcher(nld.executor, planner=self.planner)
-        self.on_occupancy = on_occupancy  # (slots in use, slots total, requests waiting)
+        self.planner.model  # auto's pass-cost model: loaded, or measured now before any request takes pages
+        self.batcher = Batcher(nld.executor, planner=self.planner, pages=nld.pages)
+        self.on_occupancy = on_occupancy
         self.on_mix = on_mix  # steps auto planned per option since the last call
         self._mix_reported: dict[str, int] = {}
         self.cancelled_total = 0
@@ -187,19 +208,21 @@ class Scheduler:
         self._jobs: dict[int, Job] = {}
         self._wake = threading.Event()
         self._stop = False
-        self._reported: tuple[int, int, int] | None = None
+        self._reported: Occupancy | None = None
         self._outbox: queue.SimpleQueue[Callable[[], Any] | None] = queue.SimpleQueue()
         # requests whose images are being prepared: not in the inbox yet
         self._images = ThreadPoolExecutor(image_workers, "nld-images") if image_workers > 0 else None
         self._preparing_jobs: dict[int, Job] = {}
         self._closing = False
         self._entry = threading.Lock()  # orders `_closing` with the inbox puts
-        # the prefix cache's KV events, for subscribers (serving/kv_events.py); a model without pages has none
+        # the prefix cache's KV events (nld.pages.on_event), for subscribers (serving/kv_events.py); a model whose
+        # prefix cache is off has none
         self.kv_events: kv_events.Hub | None = None
-        pages = getattr(nld, "pages", None)
-        if pages is not None and hasattr(pages, "on_event"):
+        if nld.pages.prefix_cache:
             self.kv_events = kv_events.Hub()
-            pages.on_event = self.kv_events.on_event
+            nld.pages.on_event = self.kv_events.on_event
+            if nld.pages.cached:  # the hub knows only what it heard: start it and the index equal (both empty)
+                nld.pages.clear()
         self._sender = threading.Thread(target=self._send_loop, name="nld-sender", daemon=True)
         self._thread = threading.Thread(target=self._loop, name="nld-scheduler", daemon=True)
         self._watcher = threading.Thread(target=self._watch_loop, name="nld-cancel-watch", daemon=True)
@@ -249,6 +272,8 @@ class Scheduler:
         self._wake.set()
         self._thread.join(timeout)
         if self.kv_events is not None:
+            if self.nld.pages.on_event == self.kv_events.on_event:
+                self.nld.pages.on_event = None
             self._outbox.put(self.kv_events.close_all)
         self._outbox.put(None)
         self._sender.join(timeout)
@@ -256,11 +281,19 @@ class Scheduler:
 
     @property
     def slots_total(self) -> int:
+        """The most sequences decoding at once (max_batch)."""
         return self.nld.executor.max_batch
 
     @property
     def slots_in_use(self) -> int:
-        return self.nld.executor.max_batch - self.nld.executor.free_slots
+        """Sequences decoding now (each holds its KV pages; waiting and preempted ones hold none)."""
+        return len(self.batcher.active)
+
+    def occupancy(self) -> Occupancy:
+        pages = self.nld.pages
+        return Occupancy(len(self.batcher.active), self.slots_total, len(self.batcher.waiting), pages.in_use,
+                         pages.cached, pages.available, pages.total, pages.stats.queries, pages.stats.hits,
+                         pages.stats.preemptions)
 
     # the image worker -----------------------------------------------------------------------------
     def _prepare_images(self, job: Job, encode: bool = True) -> None:
@@ -446,7 +479,7 @@ class Scheduler:
             return
         if seq.finish_reason == "cancelled":
             self.cancelled_total += 1
-            log.info("request cancelled by its client after %d tokens; KV slot freed", len(seq.out))
+            log.info("request cancelled by its client after %d tokens; KV pages freed", len(seq.out))
             if job.done:
                 self._post(job, lambda sink: sink.close_cancelled(), final=True)
             return
@@ -498,11 +531,13 @@ class Scheduler:
                 "sequence_index": st.index,
                 "prompt_tokens": len(seq.prompt),
                 "latency_s": round(time.perf_counter() - job.submitted, 6),
-                # after this request's slot was released: what other requests hold right now
+                # after this request's pages were given back: what other requests hold right now
                 "slots_in_use": self.slots_in_use,
                 "slots_total": self.slots_total,
                 "waiting": len(self.batcher.waiting),
                 "cancelled_total": self.cancelled_total,
+                "kv_pages_used": self.nld.pages.in_use,
+                "kv_pages_total": self.nld.pages.total,
             }
         return update
 
@@ -537,8 +572,7 @@ class Scheduler:
         """Answer every request in flight or waiting with an error and start over with an empty batch."""
         for job in {id(j): j for j in self._jobs.values()}.values():
             self._post(job, lambda sink: sink.error(message), final=True)
-        for slot in range(self.nld.executor.max_batch):  # every slot belongs to a request failed here
-            self.nld.executor.release(slot)
+        self.batcher.abort()  # every page held belongs to a request failed here (cached pages stay valid)
         while True:
             try:
                 job = self._inbox.get_nowait()
@@ -549,15 +583,15 @@ class Scheduler:
             else:  # a KV-event subscription not yet taken: it ends (its subscriber subscribes again)
                 self._outbox.put(job.close)
         self._jobs.clear()
-        self.batcher = Batcher(self.nld.executor, planner=self.planner)
+        self.batcher = Batcher(self.nld.executor, planner=self.planner, pages=self.nld.pages)
         self._report()
 
     def _report(self) -> None:
         """Occupancy to the gauges, only when it changed (each update is an IPC round trip in Triton)."""
-        now = (self.slots_in_use, self.slots_total, len(self.batcher.waiting))
+        now = self.occupancy()
         if self.on_occupancy is not None and now != self._reported:
             self._reported = now
-            self._outbox.put(lambda: self.on_occupancy(*now))  # in order with the responses
+            self._outbox.put(lambda: self.on_occupancy(now))  # in order with the responses
         mix = self.planner.mix
         if self.on_mix is not None and mix != self._mix_reported:
             delta = {k: v - self._mix_reported.get(k, 0) for k, v in mix.items() if v != self._mix_reported.get(k, 0)}

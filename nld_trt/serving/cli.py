@@ -16,10 +16,10 @@ from typing import Any
 
 import click
 
+from ..cli_support import KV_OPTIONS, MODEL_HELP, kv_kwargs, nfe_phrase, run_command
 from ..errors import NLDError
 from .openai.media import MAX_BODY_BYTES
 
-MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 # One conversation of the kind the embedded model was trained on (GSM-style, from nld_trt/training/data.py;
 # neither question is in its evaluation set): the second question is a follow-up that only makes sense after
 # the first answer. The demo checks that each answer carries its number.
@@ -38,7 +38,6 @@ def _err(message: str) -> None:
 
 def stats_line(stats: dict[str, Any]) -> str:
     """One line of per-request stats, as `nld-trt generate` prints them."""
-    from ..cli import nfe_phrase
 
     extra = f", mean accepted {stats['mean_accepted']:.2f}" if "mean_accepted" in stats else ""
     return (
@@ -76,8 +75,9 @@ def sampling_fields(top_k, top_p, min_p, stop, bad_words) -> dict[str, Any]:
 # package --------------------------------------------------------------------------------------------
 # What a deployment holds and accepts (ServingOptions): options of `package`, and of `serve MODEL_DIR`.
 PACKAGE_OPTIONS = (
-    click.option("--max-batch", type=int, default=8, show_default=True, help="KV-cache slots per model instance"),
-    click.option("--max-seq-len", type=int, default=2048, show_default=True, help="KV-cache positions per slot"),
+    click.option("--max-batch", type=int, default=8, show_default=True,
+                 help="sequences a model instance decodes at once at most"),
+    click.option("--max-seq-len", type=int, default=2048, show_default=True, help="the longest sequence (KV positions)"),
     click.option("--max-block-length", type=int, default=128, show_default=True),
     click.option("--max-tokens-cap", type=int, default=1024, show_default=True, help="largest max_tokens accepted"),
     click.option("--default-max-tokens", type=int, default=128, show_default=True),
@@ -100,10 +100,12 @@ PACKAGE_OPTIONS = (
     click.option("--max-images-per-request", type=int, default=8, show_default=True, help="images in one request"),
     click.option("--image-workers", type=int, default=1, show_default=True,
                  help="threads decoding and encoding images beside the decoding thread (0: in the prefill, on it)"),
+    *KV_OPTIONS,
 )
 PACKAGE_PARAMS = ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
                   "device", "dtype", "threads", "default_mode", "max_prompt_bytes", "compile_", "max_image_bytes",
-                  "max_image_pixels", "max_images_per_request", "image_workers")
+                  "max_image_pixels", "max_images_per_request", "image_workers", "kv_cache_tokens", "kv_cache_gb",
+                  "page_size", "prefix_cache")
 
 
 def package_options(f):
@@ -117,7 +119,10 @@ def serving_options(values: dict[str, Any]):
     from .package import ServingOptions
 
     v = dict(values)
-    return ServingOptions(torch_threads=v.pop("threads"), compile=v.pop("compile_"), **v)
+    kv = kv_kwargs(v.pop("kv_cache_tokens"), v.pop("kv_cache_gb"), v.pop("page_size"), v.pop("prefix_cache"))
+    return ServingOptions(torch_threads=v.pop("threads"), compile=v.pop("compile_"),
+                          kv_cache_tokens=kv["kv_cache_tokens"] or 0, kv_cache_gb=kv["kv_cache_gb"] or 0.0,
+                          page_size=kv["page_size"], prefix_cache=kv["prefix_cache"], **v)
 
 
 @click.command("package")
@@ -535,7 +540,6 @@ for _command in COMMANDS:
 
 
 def main(argv: list[str] | None = None) -> None:
-    from ..cli import run_command
 
     run_command(serving_cli, argv)
 

@@ -20,6 +20,7 @@ from ..checkpoint import check_model_dir
 from ..config import NLDConfig
 from ..errors import CheckpointError, NLDError
 from ..fileutil import atomic_directory
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .manifest import write_manifest
 from . import tokenize
 from .protocol import INPUTS, OUTPUTS, TensorSpec
@@ -47,8 +48,8 @@ COMPILE_CHOICES = {"auto": None, "true": True, "false": False}  # config.pbtxt v
 class ServingOptions:
     """What a deployment holds and accepts; written into config.pbtxt parameters."""
 
-    max_batch: int = 8  # KV-cache slots per model instance
-    max_seq_len: int = 2048
+    max_batch: int = 8  # sequences a model instance decodes at once at most
+    max_seq_len: int = 2048  # the longest sequence
     max_block_length: int = 128
     max_tokens_cap: int = 1024
     default_max_tokens: int = 128
@@ -66,6 +67,10 @@ class ServingOptions:
     max_image_pixels: int = 32 * 1024 * 1024  # one image, decoded (width x height)
     max_images_per_request: int = 8
     image_workers: int = 1  # threads decoding and encoding images beside the scheduler (0: in the prefill, on it)
+    kv_cache_tokens: int = 0  # KV-cache positions (0: the default, max_batch x max_seq_len; a GPU's free memory caps it)
+    kv_cache_gb: float = 0.0  # or its size in GiB (0: by tokens)
+    page_size: int = DEFAULT_PAGE_SIZE  # positions per KV-cache page
+    prefix_cache: bool = True  # reuse cached prefixes' KV
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""
@@ -73,6 +78,10 @@ class ServingOptions:
                      "max_image_bytes", "max_image_pixels", "max_images_per_request"):
             if getattr(self, name) < 1:
                 raise NLDError(f"{name.replace('_', '-')} must be a positive integer")
+        if self.kv_cache_tokens < 0 or self.kv_cache_gb < 0 or self.page_size < 1:
+            raise NLDError("kv-cache-tokens and kv-cache-gb must be positive (0: the default) and page-size at least 1")
+        if self.kv_cache_tokens and self.kv_cache_gb:
+            raise NLDError("give kv-cache-tokens or kv-cache-gb, not both")
         if self.compile not in COMPILE_CHOICES:
             raise NLDError(f"compile must be one of {', '.join(COMPILE_CHOICES)}, got {self.compile!r}")
         seq = min(self.max_seq_len, config.max_position_embeddings)
@@ -88,6 +97,11 @@ class ServingOptions:
         if self.image_workers < 0:
             raise NLDError("image-workers must be 0 (images encoded in the prefill) or a positive integer")
         prompt_bytes = self.max_prompt_bytes or max(65536, 32 * seq)
+        if self.kv_cache_tokens:  # a pool too small for one sequence is refused at packaging, not at load
+            pages = -(-self.kv_cache_tokens // self.page_size)
+            if pages * self.page_size < seq:
+                raise NLDError(f"kv-cache-tokens {self.kv_cache_tokens} holds {pages} pages of {self.page_size}, less "
+                               f"than one sequence of max-seq-len {seq}: give at least {-(-seq // self.page_size) * self.page_size}")
         return ServingOptions(**{**asdict(self), "max_seq_len": seq, "max_tokens_cap": cap,
                                  "default_max_tokens": min(self.default_max_tokens, cap),
                                  "max_prompt_bytes": prompt_bytes})
@@ -109,14 +123,16 @@ def parameters_block(params: dict[str, object]) -> str:
     )
 
 
-def image_support(config: NLDConfig, engine: bool) -> str:
+def image_support(config: NLDConfig, engine: Path | None, device: str) -> str:
     """The `images` parameter of a repository: "true" when its model takes images, else why not (what the OpenAI
-    front end answers an image request with, before sending anything)."""
+    front end answers an image request with, before sending anything). `engine`: the build packaged, if any."""
+    from ..engine.loader import image_refusal
     from ..prompt import engine_text_only, text_only
 
     if not config.is_vlm:
         return text_only("the served model")
-    return engine_text_only("the served model") if engine else "true"
+    refusal = image_refusal(engine, device) if engine is not None else None
+    return "true" if refusal is None else engine_text_only("the served model", refusal)
 
 
 def render_config(name: str, decoupled: bool, manifest: str, options: ServingOptions, images: str = "true") -> str:
@@ -158,7 +174,7 @@ def check_checkpoint(model_dir: Path) -> NLDConfig:
 
 def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, ServingOptions]:
     """An `nld-trt build` output that the chosen device can run, and options clamped to its limits."""
-    from ..engine.build import ENGINE_FILE
+    from ..checkpoint import ENGINE_FILE
     from ..engine.loader import is_engine_dir
 
     if not engine_dir.is_dir():
@@ -175,7 +191,8 @@ def check_engine(engine_dir: Path, options: ServingOptions) -> tuple[NLDConfig, 
     limits = report["limits"]
     clamped = replace(options, max_batch=min(options.max_batch, limits["max_batch"]),
                       max_seq_len=min(options.max_seq_len, limits["max_seq_len"]),
-                      max_block_length=min(options.max_block_length, limits["max_block"]))
+                      max_block_length=min(options.max_block_length, limits["max_block"]),
+                      page_size=limits.get("page_size", options.page_size))  # an engine keeps its build's pages
     return check_checkpoint(engine_dir), clamped
 
 
@@ -210,11 +227,11 @@ def package_repository(
         models = {STREAM_MODEL: (True, "1/manifest.json")}
         if sync_model:
             models[SYNC_MODEL] = (False, f"../{STREAM_MODEL}/1/manifest.json")
+        images = image_support(config, model_dir if engine else None, options.device)
         for name, (decoupled, manifest) in models.items():
             (tmp / name / "1").mkdir(parents=True, exist_ok=True)
             shutil.copy(template / "model.py", tmp / name / "1" / "model.py")
-            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options,
-                                                                   image_support(config, engine)))
+            (tmp / name / "config.pbtxt").write_text(render_config(name, decoupled, manifest, options, images))
         (tmp / TOKENIZER_MODEL / "1").mkdir(parents=True)
         shutil.copy(template / "tokenizer_model.py", tmp / TOKENIZER_MODEL / "1" / "model.py")
         (tmp / TOKENIZER_MODEL / "config.pbtxt").write_text(

@@ -21,6 +21,7 @@ import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from ..errors import NLDError
+from ..kv.layout import DEFAULT_PAGE_SIZE
 from .backend import Scheduler, Update, load_artifacts
 from .manifest import verify_manifest
 from .package import COMPILE_CHOICES
@@ -189,6 +190,10 @@ class TritonPythonModel:
             max_batch=int(params["max_batch"]),
             max_seq_len=int(params["max_seq_len"]),
             max_block_length=int(params["max_block_length"]),
+            kv_cache_tokens=int(params.get("kv_cache_tokens") or 0) or None,
+            kv_cache_gb=float(params.get("kv_cache_gb") or 0) or None,
+            page_size=int(params.get("page_size") or DEFAULT_PAGE_SIZE),
+            prefix_cache=params.get("prefix_cache", "true") == "true",
             lora=params.get("lora", "true") == "true",
             calibration_dir=(model_dir / params["calibration_dir"]).resolve() if params.get("calibration_dir") else None,
             compile=COMPILE_CHOICES.get(params.get("compile") or "auto"),
@@ -212,17 +217,39 @@ class TritonPythonModel:
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
         self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix,
                                    image_workers=int(params.get("image_workers") or 1))
-        self._occupancy(0, self.nld.executor.max_batch, 0)
+        self._occupancy(self.scheduler.occupancy())
+        layout = self.nld.executor.layout
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
-            f"{self.nld.executor.max_batch} KV slots x {self.nld.executor.max_seq_len} positions, "
+            f"up to {self.nld.executor.max_batch} sequences of up to {self.nld.executor.max_seq_len} positions in a "
+            f"KV cache of {layout.describe()}, prefix cache {'on' if self.nld.pages.prefix_cache else 'off'}, "
             f"max_tokens cap {self.limits.max_tokens_cap}, {len(manifest['files'])} artifacts verified)"
         )
 
+    # name, kind, help, Occupancy field (gauges show it, counters add its increase)
+    METRICS = (
+        ("nld_kv_slots_in_use", "gauge", "sequences decoding (each holds its KV pages)", "sequences"),
+        ("nld_kv_slots_total", "gauge", "sequences the model instance decodes at once at most (max_batch)",
+         "max_sequences"),
+        ("nld_requests_waiting", "gauge", "sequences waiting for KV pages (new or preempted)", "waiting"),
+        ("nld_kv_pages_used", "gauge", "KV-cache pages held by sequences", "pages_used"),
+        ("nld_kv_pages_free", "gauge", "KV-cache pages a sequence can take now (free, or cached and unreferenced)",
+         "pages_free"),
+        ("nld_kv_pages_cached", "gauge", "KV-cache pages in the prefix index", "pages_cached"),
+        ("nld_kv_pages_total", "gauge", "KV-cache pages of the model instance", "pages_total"),
+        ("nld_prefix_cache_queries_total", "counter", "prompt tokens looked up in the prefix cache", "prefix_queries"),
+        ("nld_prefix_cache_hits_total", "counter", "prompt tokens found in the prefix cache (not computed)",
+         "prefix_hits"),
+        ("nld_preemptions_total", "counter", "sequences that gave their KV pages back for older ones and waited",
+         "preemptions"),
+    )
+
     def _metrics(self, instance: str) -> None:
-        """Prometheus gauges on Triton's metrics port: KV-slot occupancy and the waiting queue."""
+        """Prometheus metrics on Triton's metrics port: sequences, the waiting queue, KV pages, the prefix
+        cache, preemptions, and auto's steps per option."""
         self._families = []
-        self._gauges: dict[str, Any] = {}
+        self._gauges: dict[str, tuple[Any, str, str]] = {}
+        self._counted: dict[str, int] = {}
         labels = self._labels = {"model": self.name, "instance": instance}
         self._mix_metrics: dict[str, Any] = {}
         try:
@@ -232,15 +259,13 @@ class TritonPythonModel:
         except Exception as e:  # metrics disabled on this server
             log.warning(f"metric nld_auto_steps_total unavailable: {e}")
             self._mix_family = None
-        for key, name, doc in (
-            ("in_use", "nld_kv_slots_in_use", "KV-cache slots held by requests"),
-            ("total", "nld_kv_slots_total", "KV-cache slots of the model instance"),
-            ("waiting", "nld_requests_waiting", "requests waiting for a KV-cache slot"),
-        ):
+        for name, kind, doc, key in self.METRICS:
             try:
-                family = pb_utils.MetricFamily(name=name, description=doc, kind=pb_utils.MetricFamily.GAUGE)
+                family = pb_utils.MetricFamily(
+                    name=name, description=doc,
+                    kind=pb_utils.MetricFamily.GAUGE if kind == "gauge" else pb_utils.MetricFamily.COUNTER)
                 self._families.append(family)
-                self._gauges[key] = family.Metric(labels=labels)
+                self._gauges[name] = (family.Metric(labels=labels), kind, key)
             except Exception as e:  # metrics disabled on this server: the stats output still reports it
                 log.warning(f"metric {name} unavailable: {e}")
 
@@ -253,10 +278,14 @@ class TritonPythonModel:
                 self._mix_metrics[option] = self._mix_family.Metric(labels={**self._labels, "option": option})
             self._mix_metrics[option].increment(n)
 
-    def _occupancy(self, in_use: int, total: int, waiting: int) -> None:
-        for key, value in (("in_use", in_use), ("total", total), ("waiting", waiting)):
-            if key in self._gauges:
-                self._gauges[key].set(value)
+    def _occupancy(self, now: Any) -> None:
+        for name, (metric, kind, key) in self._gauges.items():
+            value = getattr(now, key)
+            if kind == "gauge":
+                metric.set(value)
+            elif value > self._counted.get(name, 0):
+                metric.increment(value - self._counted.get(name, 0))
+                self._counted[name] = value
 
     def execute(self, requests: list[Any]) -> None:
         """Validate each request and hand it to the scheduler; answer bad ones at once with the reason."""

@@ -453,9 +453,9 @@ class Rendered:
 
 def render(tokenizer, messages: list[dict], loss_on: str = "all", prompts=None) -> Rendered:
     """Token ids of `messages` (ending with an assistant turn) through the checkpoint's chat template, exactly
-    as serving renders a conversation: every loss span starts where the prompt serving builds for the turn
-    (`tokenizer.encode_chat(messages[:i])`, or with images `prompts.messages(messages[:i])`, the calls the
-    OpenAI front end, the Triton model and `generate` make) ends.
+    as serving renders a conversation: every loss span starts where the prompt serving builds for the turn ends
+    (`tokenizer.encode_chat(messages[:i])`, or with images `prompts.messages(messages[:i])`: the calls the
+    prompt encoder, nld_trt/prompt.py, makes for the OpenAI front end, the Triton model and `generate`).
 
     `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `prompts` the checkpoint's `nld_trt.prompt.PromptEncoder`,
     needed for user turns with image parts (it expands each image into its positions as serving does);

@@ -10,7 +10,10 @@ stores hold a lock, the encoding itself does not.
 
 `PromptImages` binds one prompt's image spans to the encoder: the prefill of positions [start, end) gets
 `ChunkEmbeds` for the pad positions in that range, the projector's rows in order (row by row of cells), which
-replace those positions' token embeddings. The start, break and end tokens keep their own embeddings.
+replace those positions' token embeddings. The start, break and end tokens keep their own embeddings. A
+prefill that starts past an image (its pages came from the prefix cache) does not need it encoded. Its
+`extra_keys` (each image's span and content digest) key the prompt's KV pages in the prefix cache
+(nld_trt/kv/pages.py): the same pad ids with another picture are other pages.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from collections import OrderedDict
 import torch
 
 from ..executors.base import ChunkEmbeds
+from ..kv.events import ExtraKey
 from ..prompt import Prompt
 from .processor import PreparedImage
 from .tower import VisionEncoder
@@ -128,6 +132,7 @@ class PromptImages:
 
     def __init__(self, prompt: Prompt, encoder: ImageEncoder) -> None:
         self.spans = prompt.images
+        self.extra_keys = tuple(ExtraKey(start, end, bytes.fromhex(digest)) for start, end, digest in prompt.spans)
         self._pixels: tuple[PreparedImage, ...] | None = prompt.pixels
         self._encoder = encoder
         self._rows: list[torch.Tensor] | None = None
@@ -143,6 +148,8 @@ class PromptImages:
         """The rows replacing the pad positions among prompt positions [start, end), chunk-relative."""
         positions: list[int] = []
         pieces: list[torch.Tensor] = []
+        if all(span.end <= start or span.start >= end for span in self.spans):
+            return None  # e.g. the images' pages came from the prefix cache: nothing to encode
         for span, rows in zip(self.spans, self.rows()):
             if span.end <= start or span.start >= end:
                 continue

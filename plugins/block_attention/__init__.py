@@ -1,4 +1,4 @@
-"""Fused chunk attention over the slot KV cache (causal or block rows, GQA, FP8 cache) and the cache write."""
+"""Fused chunk attention over the paged KV cache (causal or block rows, GQA, FP8 cache) and the paged cache write."""
 
 from .launch import AttentionConfig
 from .ops import block_attention, write_kv

@@ -18,27 +18,29 @@ from ..spec import FP8_MIN_ARCH, KernelSpec, aot_signature
 MODULE = "nld_trt.plugins.block_attention.kernels"
 LOG2E = 1.4426950408889634
 
-ATTENTION_INPUTS = ("Q", "K", "V", "SLOTS", "COMMITTED", "CHUNK_LENS", "IS_BLOCK")
+ATTENTION_INPUTS = ("Q", "K", "V", "TABLES", "COMMITTED", "CHUNK_LENS", "IS_BLOCK")
 ATTENTION_INTS = (
-    "T", "HKV", "GROUPS", "MAX_LEN",
+    "T", "HKV", "GROUPS", "MAX_KEYS",
     "stride_qb", "stride_qh", "stride_qt",
-    "stride_ks", "stride_kh", "stride_kp",
-    "stride_vs", "stride_vh", "stride_vp",
+    "stride_kn", "stride_kh", "stride_kp",
+    "stride_vn", "stride_vh", "stride_vp",
     "stride_ob", "stride_oh", "stride_ot",
+    "stride_tb",
 )
 ATTENTION_FLOATS = ("qk_scale", "v_scale")
-ATTENTION_CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "UPCAST")
+ATTENTION_CONSTEXPRS = ("HEAD_DIM", "BLOCK_M", "BLOCK_N", "BLOCK_D", "PAGE_SIZE", "UPCAST")
 
-WRITE_INPUTS = ("K_NEW", "V_NEW", "SLOTS", "COMMITTED", "CHUNK_LENS")
+WRITE_INPUTS = ("K_NEW", "V_NEW", "K_IN", "V_IN", "TABLES", "COMMITTED", "CHUNK_LENS")  # K_IN/V_IN: aliased outputs
 WRITE_INTS = (
-    "T", "HKV", "MAX_LEN",
+    "T", "HKV", "MAX_KEYS",
     "stride_kb", "stride_kh", "stride_kt",
     "stride_vb", "stride_vh", "stride_vt",
-    "stride_cks", "stride_ckh", "stride_ckp",
-    "stride_cvs", "stride_cvh", "stride_cvp",
+    "stride_ckn", "stride_ckh", "stride_ckp",
+    "stride_cvn", "stride_cvh", "stride_cvp",
+    "stride_tb",
 )
 WRITE_FLOATS = ("k_inv_scale", "v_inv_scale")
-WRITE_CONSTEXPRS = ("HEAD_DIM", "BLOCK_T", "BLOCK_D", "QUANT_MAX")
+WRITE_CONSTEXPRS = ("HEAD_DIM", "BLOCK_T", "BLOCK_D", "PAGE_SIZE", "QUANT_MAX")
 
 
 @dataclass(frozen=True)
@@ -74,12 +76,16 @@ def attention_config(rows: int, q: str, interpret: bool) -> AttentionConfig:
     return attention_tactics(q)[1 if rows <= 16 else 2]
 
 
-def check_shapes(q: Sequence[int], k_cache: Sequence[int], v_cache: Sequence[int], batch_meta: Sequence[int]) -> None:
-    """q [B, Hq, T, D]; caches [S, Hkv, M, D]; slots/committed/chunk_lens/block [B]; Hq a multiple of Hkv."""
+def check_shapes(q: Sequence[int], k_cache: Sequence[int], v_cache: Sequence[int], tables: Sequence[int],
+                 batch_meta: Sequence[int]) -> None:
+    """q [B, Hq, T, D]; caches [pages, P, Hkv, D]; page tables [B, W]; committed/chunk_lens/block [B]; Hq a
+    multiple of Hkv."""
     if len(q) != 4 or len(k_cache) != 4 or tuple(k_cache) != tuple(v_cache):
-        raise ValueError(f"expected q [B,Hq,T,D] and equal caches [S,Hkv,M,D], got {q}, {k_cache}, {v_cache}")
-    if q[3] != k_cache[3] or q[1] % k_cache[1]:
-        raise ValueError(f"head dims differ or Hq={q[1]} is not a multiple of Hkv={k_cache[1]}")
+        raise ValueError(f"expected q [B,Hq,T,D] and equal caches [pages,P,Hkv,D], got {q}, {k_cache}, {v_cache}")
+    if q[3] != k_cache[3] or q[1] % k_cache[2]:
+        raise ValueError(f"head dims differ or Hq={q[1]} is not a multiple of Hkv={k_cache[2]}")
+    if len(tables) != 2 or tables[0] != q[0]:
+        raise ValueError(f"page tables must be [B={q[0]}, W], got {list(tables)}")
     if any(m != q[0] for m in batch_meta):
         raise ValueError(f"per-sequence tensors must have B={q[0]} entries, got {list(batch_meta)}")
 
@@ -99,18 +105,27 @@ def attention_scales(scale: float, k_scale: float, v_scale: float) -> dict[str, 
     return {"qk_scale": scale * k_scale * LOG2E, "v_scale": v_scale}
 
 
-def attention_ints(q_shape, k_shape, q_strides, k_strides, v_strides, o_strides) -> list[Any]:
-    """Values of ATTENTION_INTS (strides are element strides of the first three dims; the last is 1)."""
+def attention_ints(q_shape, k_shape, table_shape, q_strides, k_strides, v_strides, o_strides,
+                   table_strides) -> list[Any]:
+    """Values of ATTENTION_INTS (element strides: q and out of [B, H, T], the caches' of [page, head, position]
+    from their [pages, P, Hkv, D] strides, the tables' row stride; the last dims are contiguous). MAX_KEYS: the
+    positions a page table covers (W x P)."""
     _, hq, t, _ = q_shape
-    hkv = k_shape[1]
-    return [t, hkv, hq // hkv, k_shape[2], *q_strides[:3], *k_strides[:3], *v_strides[:3], *o_strides[:3]]
+    hkv = k_shape[2]
+    return [t, hkv, hq // hkv, table_shape[1] * k_shape[1], *q_strides[:3], *page_strides(k_strides),
+            *page_strides(v_strides), *o_strides[:3], table_strides[0]]
+
+
+def page_strides(cache_strides: Sequence[Any]) -> list[Any]:
+    """(page, head, position) strides of a [pages, P, Hkv, D] cache, the kernels' order."""
+    return [cache_strides[0], cache_strides[2], cache_strides[1]]
 
 
 def attention_spec(
-    q: str, kv: str, head_dim: int, cfg: AttentionConfig, *, upcast: bool = False,
+    q: str, kv: str, head_dim: int, page_size: int, cfg: AttentionConfig, *, upcast: bool = False,
     specialize: dict[str, float] | None = None,
 ) -> KernelSpec:
-    """Kernel variant for q/out dtype `q` and cache dtype `kv`; `specialize` bakes float scalars in."""
+    """Kernel variant for q/out dtype `q`, cache dtype `kv` and page size; `specialize` bakes float scalars in."""
     if q not in FLOAT_TYPES or kv not in KV_TYPES:
         raise TypeError(f"unsupported dtypes q={q} kv={kv}")
     specialize = specialize or {}
@@ -118,7 +133,8 @@ def attention_spec(
     sig = aot_signature(inputs, ATTENTION_INTS, ATTENTION_FLOATS, {"O": q}, ATTENTION_CONSTEXPRS, specialize)
     constexprs = dict(specialize)
     constexprs.update(
-        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(head_dim), UPCAST=upcast
+        HEAD_DIM=head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d(head_dim), PAGE_SIZE=page_size,
+        UPCAST=upcast,
     )
     return KernelSpec(
         MODULE, "block_attention_kernel", sig, constexprs, cfg.num_warps, cfg.num_stages, min_arch=_min_arch(kv)
@@ -127,6 +143,14 @@ def attention_spec(
 
 def _min_arch(*types: str) -> int:
     return FP8_MIN_ARCH if "fp8e4nv" in types else 80
+
+
+def check_write_shapes(k: Sequence[Any], cache: Sequence[Any], tables: Sequence[Any]) -> None:
+    """k, v [B, Hkv, T, D]; caches [pages, P, Hkv, D]; page tables [B, W]."""
+    if len(k) != 4 or len(cache) != 4 or (k[1], k[3]) != (cache[2], cache[3]):
+        raise ValueError(f"expected k, v [B,Hkv,T,D] and caches [pages,P,Hkv,D], got {list(k)}, {list(cache)}")
+    if len(tables) != 2 or tables[0] != k[0]:
+        raise ValueError(f"page tables must be [B={k[0]}, W], got {list(tables)}")
 
 
 def write_block_t(chunk: int) -> int:
@@ -138,28 +162,37 @@ def write_grid(batch: Any, kv_heads: Any, chunk: Any, block_t: int) -> tuple[Any
     return batch * kv_heads, cdiv(chunk, block_t)
 
 
-def write_scales(k_scale: float, v_scale: float) -> dict[str, float]:
-    return {"k_inv_scale": 1.0 / k_scale, "v_inv_scale": 1.0 / v_scale}
+def write_scales(k_quant: float, v_quant: float) -> dict[str, float]:
+    """The quantization multipliers of a quantized layout (x is stored as e4m3(clamp(x * quant)))."""
+    return {"k_inv_scale": k_quant, "v_inv_scale": v_quant}
 
 
-def write_ints(k_shape, cache_shape, k_strides, v_strides, ck_strides, cv_strides) -> list[Any]:
+def write_ints(k_shape, cache_shape, table_shape, k_strides, v_strides, ck_strides, cv_strides,
+               table_strides) -> list[Any]:
     """Values of WRITE_INTS."""
-    return [k_shape[2], k_shape[1], cache_shape[2], *k_strides[:3], *v_strides[:3], *ck_strides[:3], *cv_strides[:3]]
+    return [k_shape[2], k_shape[1], table_shape[1] * cache_shape[1], *k_strides[:3], *v_strides[:3],
+            *page_strides(ck_strides), *page_strides(cv_strides), table_strides[0]]
 
 
 def write_spec(
-    new: str, cache: str, head_dim: int, block_t: int, *, specialize: dict[str, float] | None = None
+    new: str, cache: str, head_dim: int, page_size: int, block_t: int, *, quantize: bool | None = None,
+    specialize: dict[str, float] | None = None,
 ) -> KernelSpec:
-    """Kernel variant writing `new`-typed K/V into a `cache`-typed cache (FP8 caches quantize)."""
+    """Kernel variant writing `new`-typed K/V into a `cache`-typed paged cache. `quantize` (default: an FP8
+    cache) stores e4m3(clamp(x * inv_scale)), what a quantized layout holds, in any cache dtype."""
     if new not in FLOAT_TYPES or cache not in KV_TYPES:
         raise TypeError(f"unsupported dtypes new={new} cache={cache}")
+    if quantize is None:
+        quantize = cache == "fp8e4nv"
+    if cache == "fp8e4nv" and not quantize:
+        raise TypeError("an FP8 cache stores quantized values: quantize must be on")
     specialize = specialize or {}
-    inputs = dict(zip(WRITE_INPUTS, (new, new, "i32", "i32", "i32")))
+    inputs = dict(zip(WRITE_INPUTS, (new, new, cache, cache, "i32", "i32", "i32")))
     outputs = {"K_CACHE": cache, "V_CACHE": cache}
     sig = aot_signature(inputs, WRITE_INTS, WRITE_FLOATS, outputs, WRITE_CONSTEXPRS, specialize)
     constexprs = dict(specialize)
     constexprs.update(
-        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d(head_dim),
-        QUANT_MAX=FP8_MAX if cache == "fp8e4nv" else 0.0,
+        HEAD_DIM=head_dim, BLOCK_T=block_t, BLOCK_D=block_d(head_dim), PAGE_SIZE=page_size,
+        QUANT_MAX=FP8_MAX if quantize else 0.0,
     )
     return KernelSpec(MODULE, "write_kv_kernel", sig, constexprs, num_warps=4, num_stages=1, min_arch=_min_arch(cache))

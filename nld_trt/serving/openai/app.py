@@ -90,6 +90,7 @@ class Choice:
     echo: str = ""  # completions with echo: the prompt's text, before the generated text
     prompt_logprobs: list[dict[str, Any]] | None = None  # every prompt token (the first without a logprob)
     started: bool = False  # streaming: its first chunk went out
+    cached_tokens: int | None = None  # prompt tokens whose KV came from the prefix cache (final stats)
 
     def add(self, piece: Piece) -> None:
         if piece.prompt_logprobs is not None:
@@ -107,19 +108,26 @@ class Choice:
             stats = piece.stats or {}
             self.tokens, self.nfe = int(stats.get("tokens", self.tokens)), int(stats.get("nfe", self.nfe))
             self.prompt_tokens = stats.get("prompt_tokens", self.prompt_tokens)
+            self.cached_tokens = stats.get("cached_tokens", self.cached_tokens)
 
 
 def usage(choices: list[Choice], n: int) -> dict[str, Any]:
     """OpenAI usage plus NLD's nfe (forward passes, summed over sequences) and tpf (tokens per pass).
 
-    The prompt counts once per prompt however many sequences it has (n of them per prompt)."""
+    The prompt counts once per prompt however many sequences it has (n of them per prompt), and so do its
+    cached tokens (`prompt_tokens_details.cached_tokens`: prompt tokens the prefix cache supplied to the
+    prompt's first sequence; the others share its pages), known once the sequences finish."""
     prompt = [c.prompt_tokens for c in choices[::n]]
+    cached = [c.cached_tokens for c in choices[::n]]
     completion = sum(c.tokens for c in choices)
     nfe = sum(c.nfe for c in choices)
     prompt_tokens = None if None in prompt else sum(prompt)
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
-            "total_tokens": None if prompt_tokens is None else prompt_tokens + completion,
-            "nfe": nfe, "tpf": round(completion / nfe, 4) if nfe else 0.0}
+    out = {"prompt_tokens": prompt_tokens, "completion_tokens": completion,
+           "total_tokens": None if prompt_tokens is None else prompt_tokens + completion,
+           "nfe": nfe, "tpf": round(completion / nfe, 4) if nfe else 0.0}
+    if None not in cached:
+        out["prompt_tokens_details"] = {"cached_tokens": sum(cached)}
+    return out
 
 
 async def pieces(bridge: TritonBridge, requests: list[TritonRequest]) -> AsyncIterator[tuple[int, Piece]]:
