@@ -66,7 +66,7 @@ import torch.multiprocessing as mp
 
 from nld_trt.checkpoint import LoRAAdapter, load_weights, save_checkpoint
 from nld_trt.config import VLM_MODEL_TYPE, NLDConfig, RopeConfig
-from nld_trt.model import NLDModel, init_weights
+from nld_trt.model import NLDModel, init_weights, norm_weights
 from nld_trt.prompt import PromptEncoder
 from nld_trt.tiny import (BOS_ID, EOS_ID, MASK_ID, PAD_ID, VLM_EOS_ID, VLM_SPECIAL_TOKENS, tokenizer_files,
                           train_tokenizer, with_vlm_specials)
@@ -217,15 +217,6 @@ def vlm_config(args: argparse.Namespace, vocab_size: int) -> VLMConfig:
                           num_hidden_layers=args.vision_layers, num_attention_heads=args.vision_heads, patch_size=14,
                           hidden_act="silu", image_size=args.longest_edge)
     return VLMConfig(text=text, vision=vision)
-
-
-def init_vision(vision: VisionEncoder, std: float = 0.02, seed: int = 0) -> VisionEncoder:
-    """Random tower and projector weights as `init_weights` does the backbone's (normal linears, unit norms)."""
-    g = torch.Generator().manual_seed(seed + 1000)
-    with torch.no_grad():
-        for name, p in vision.named_parameters():
-            p.copy_(torch.ones_like(p) if name.endswith("norm.weight") else torch.randn(p.shape, generator=g) * std)
-    return vision
 
 
 def example(r: data.Rendered, messages: list[dict]) -> Example:
@@ -522,13 +513,14 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
                 weights[name][new_id] = weights[name][old_id]
         model.load_state_dict(weights, strict=True)
         groups = [(list(model.parameters()), args.backbone_lr_scale)]
-    vision = None if vlm is None else init_vision(VisionEncoder(vlm), std=0.02, seed=args.seed).train()
+    vision = None if vlm is None else init_weights(VisionEncoder(vlm), std=0.02, seed=args.seed + 1000).train()
     if vision is not None:
         # The tower's and projector's RMSNorm weights stay at 1: trained, ln_pre's fell from 1 to 0.02 within 200
         # steps (from scratch and from the text model alike), every patch then normalised to the same vector and
         # every image row became one large constant, a picture the model had learned to ignore.
-        for name, p in vision.named_parameters():
-            p.requires_grad_(not name.endswith("norm.weight"))
+        norms = norm_weights(vision)
+        for p in vision.parameters():
+            p.requires_grad_(id(p) not in norms)
         groups.append(([p for p in vision.parameters() if p.requires_grad], 1.0))
     # the auxiliary probe (training only, not saved): each image row's cell colour and object kind
     colours = len(pictures.COLOURS) + 1
@@ -555,12 +547,13 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
                                 sum(b - a for e in examples for a, b in e.spans)], dtype=torch.float64))
         return examples
     block_sizes = [int(b) for b in args.block_sizes.split(",")]
+    eos_id = config.eos_token_ids[0]  # what fills a noisy block after the answer: </s> (text), <|im_end|> (VLM)
     g = torch.Generator().manual_seed(args.seed + 3 + 1000 * rank)
     joint_schedule = MaskSchedule(p_full=args.p_full)
 
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, joint_schedule, PAD_TO)
+        batch = make_batch(take(), b, MASK_ID, eos_id, g, joint_schedule, PAD_TO)
         losses = joint_loss(model, batch, args.dlm_weight, vision, probe, colours, args.probe_weight)
         logged = {"ar": losses.ar, "dlm": losses.dlm}
         if probe is not None:  # every worker logs the same keys (a batch without pictures counts 0)
@@ -599,7 +592,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
 
     def lora_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
-        batch = make_batch(take(), b, MASK_ID, EOS_ID, g, draft_schedule, PAD_TO)
+        batch = make_batch(take(), b, MASK_ID, eos_id, g, draft_schedule, PAD_TO)
         loss = draft_loss(model, batch, layers, alpha / r, vision)
         return loss, {"draft": loss.item()}
 

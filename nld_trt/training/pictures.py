@@ -314,7 +314,7 @@ def ask_position(scene: Scene, rng: random.Random) -> Question | None:
             names[s] = d
     pairs = [(a, b) for a in names for b in names if a != b]
     rng.shuffle(pairs)
-    axes = ["x", "y"] if rng.random() < 0.3 else ["x"]
+    axes = ["y", "x"] if rng.random() < 0.35 else ["x", "y"]  # about a third above / below, the rest left / right
     for a, b in pairs:
         for axis in axes:
             gap = (a.x - b.x) if axis == "x" else (a.y - b.y)
