@@ -10,6 +10,7 @@ import click
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
 from .kv.layout import DEFAULT_PAGE_SIZE
+from .training.pictures import KINDS as PICTURE_KINDS
 
 GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"
 
@@ -267,15 +268,15 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 @cli.command("sample-image")
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--kind", type=click.Choice(["count", "colour", "shape", "position", "digit", "bars"]), default="count",
+@click.option("--kind", type=click.Choice(PICTURE_KINDS), default="count",
               show_default=True, help="what the printed question asks about the picture")
 @click.option("--seed", type=int, default=None, help="another picture of the kind [default: the README's]")
 def sample_image(output, kind, seed) -> None:
     """Write a synthetic picture like those the embedded tiny VLM learned from (OUTPUT: .png, .jpg, .webp, .gif
     or .bmp) and print a question about it; the expected answer goes to stderr."""
-    import os
-    import tempfile
+    import io
 
+    from .fileutil import write_file
     from .training import pictures
 
     out = Path(output)
@@ -285,17 +286,9 @@ def sample_image(output, kind, seed) -> None:
     if not out.resolve().parent.is_dir():
         raise NLDError(f"OUTPUT {output!r}: the directory {str(out.parent)!r} does not exist")
     item = pictures.sample(kind, seed)
-    fd, tmp = tempfile.mkstemp(dir=out.resolve().parent, prefix=f".{out.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            item.scene.draw().save(f, format=fmt)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # as a plain open() would have made it (mkstemp's is 0600)
-        os.replace(tmp, out)  # whole or not at all
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    encoded = io.BytesIO()
+    item.scene.draw().save(encoded, format=fmt)
+    write_file(out, encoded.getbuffer(), "OUTPUT")
     click.echo(item.question.question)
     _console().print(f"[dim]wrote {output} ({item.scene.size[0]} x {item.scene.size[1]}); expected answer: "
                      f"{item.question.value}[/dim]")

@@ -103,14 +103,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--lora-share", type=float, default=0.1, help="share of the time cap kept for phase 2")
     ap.add_argument("--batch-tokens", type=int, default=BATCH_TOKENS,
                     help="clean-copy token slots per step (rows x longest row, padding included), split among the workers")
-    ap.add_argument("--p-single", type=float, default=data.ConversationMix.p_single,
-                    help="share of conversations that are one question")
-    ap.add_argument("--max-history", type=int, default=data.ConversationMix.max_history,
-                    help="most question / answer turns before the last question")
-    ap.add_argument("--p-followup", type=float, default=data.ConversationMix.p_followup,
-                    help="chance that a question is followed by a follow-up about it")
-    ap.add_argument("--p-system", type=float, default=data.ConversationMix.p_system,
-                    help="share of conversations opening with a system prompt")
+    ap.add_argument("--p-single", type=float, default=None,
+                    help=f"share of conversations that are one question [default: {data.ConversationMix.p_single}; text model only]")
+    ap.add_argument("--max-history", type=int, default=None,
+                    help=f"most question / answer turns before the last question [default: {data.ConversationMix.max_history}; text model only]")
+    ap.add_argument("--p-followup", type=float, default=None,
+                    help=f"chance that a question is followed by a follow-up about it [default: {data.ConversationMix.p_followup}; text model only]")
+    ap.add_argument("--p-system", type=float, default=None,
+                    help=f"share of conversations opening with a system prompt [default: {data.ConversationMix.p_system}; text model only]")
     ap.add_argument("--loss-on", choices=("all", "last"), default="all",
                     help="which assistant turns carry the loss")
     ap.add_argument("--p-text", type=float, default=pictures.PictureMix.p_text,
@@ -166,6 +166,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.head_dim, args.intermediate = base.head_dim, base.intermediate_size
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
+    text_mix = {"p_single": "--p-single", "max_history": "--max-history", "p_followup": "--p-followup",
+                "p_system": "--p-system"}
+    if args.vlm:  # the VLM's conversations have their own shape (pictures.PictureMix); say so rather than ignore them
+        given = [flag for name, flag in text_mix.items() if getattr(args, name) is not None]
+        if given:
+            ap.error(f"{', '.join(given)} shape the text model's conversations; --vlm draws its own mix "
+                     "(nld_trt.training.pictures.PictureMix; --p-text sets its text-only share)")
+    for name in text_mix:
+        if getattr(args, name) is None:
+            setattr(args, name, getattr(data.ConversationMix, name))
     if args.steps is None:
         args.steps = VLM_STEPS if args.vlm else STEPS
     if args.lora_steps is None:

@@ -37,9 +37,16 @@ def test_pictures_are_seeded_and_drawn_the_same_every_time():
     for it in a[:10]:
         assert np.array_equal(pixels(it.scene), pixels(it.scene))
         assert it.scene.draw().size == it.scene.size and max(it.scene.size) <= 224
-    # the README's sample picture is fixed
+    # the README's sample picture is the one `sample-image` draws, and no kind's sample is an evaluation picture
+    from pathlib import Path
+
+    from PIL import Image
+
     s = pictures.sample("count")
-    assert s == pictures.sample("count") and s.question.kind == "count"
+    readme = Image.open(Path(__file__).parents[1] / "docs" / "tiny-vlm-sample.png").convert("RGB")
+    assert np.array_equal(np.asarray(readme), pixels(s.scene)) and s.question.kind == "count"
+    evaluated = {it.scene.key for it in pictures.evaluation_items()}
+    assert not {pictures.sample(kind).scene.key for kind in pictures.KINDS} & evaluated
 
 
 def test_every_answer_is_what_the_picture_shows():

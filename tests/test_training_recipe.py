@@ -346,8 +346,12 @@ def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
 
     out = tmp_path / "tiny-vlm"
     # two workers, most conversations text-only: some worker's batch has no picture (its tower gets no gradient)
-    proc = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--vlm", "--tiny", "--p-text",
-                           "0.7", "--out", str(out)], capture_output=True, text=True, timeout=180)
+    script = [sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--vlm", "--tiny"]
+    refused = subprocess.run(script + ["--p-single", "0.5", "--out", str(out)], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "--p-single shape the text model's conversations" in refused.stderr
+    assert not out.exists()
+    proc = subprocess.run(script + ["--p-text", "0.7", "--out", str(out)], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "in the tower and projector" in proc.stdout and "[lora] step" in proc.stdout and " cells " in proc.stdout
     assert proc.stdout.count("2 workers in sync") == 2
@@ -358,6 +362,12 @@ def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
     assert summary["config"] == config and summary["args"]["vlm"] is True
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         names = list(f.keys())
+        # the tower's and projector's RMSNorm weights (ln_pre too) stay at 1: set so and frozen
+        norms = {n: f.get_tensor(n) for n in names if n.startswith("encoder.") and
+                 n.split(".")[1] in ("vision_tower", "multi_modal_projector") and
+                 n.rsplit(".", 2)[-2] in ("ln_pre", "attention_norm", "ffn_norm", "norm")}
+    assert "encoder.vision_tower.ln_pre.weight" in norms and "encoder.multi_modal_projector.norm.weight" in norms
+    assert all(bool((t == 1).all()) for t in norms.values()), {n: float(t.min()) for n, t in norms.items()}
     assert any(n.startswith("encoder.vision_tower.transformer.layers.0.") for n in names)
     assert any(n.startswith("encoder.multi_modal_projector.patch_merger.") for n in names)
     assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"longest_edge": 224}

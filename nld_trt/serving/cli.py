@@ -420,8 +420,9 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
 @click.option("--followup", default=None, help="with --prompt: a second question in the same conversation")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
-@click.option("--picture/--no-picture", default=True, show_default=True,
-              help="then serve the embedded tiny VLM and ask it about a generated picture in each mode")
+@click.option("--picture/--no-picture", default=None,
+              help="then serve the embedded tiny VLM and ask it about a generated picture in each mode "
+                   "[default: with the built-in conversation and the embedded model]")
 def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture) -> None:
     """Package a model, serve it with Triton, hold a two-question conversation in each mode, print answers and
     stats, stop; then the same for the embedded tiny VLM with one question about a generated picture. With the
@@ -431,6 +432,8 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture)
 
     if followup is not None and prompt is None:
         raise NLDError("--followup needs --prompt (the built-in conversation has its own follow-up)")
+    if picture is None:  # a demo of the user's own model or question stays about that
+        picture = model_dir is None and prompt is None
     turns = list(DEMO_CONVERSATION) if prompt is None else [(q, None) for q in (prompt, followup) if q is not None]
     wrong: list[str] = []
 

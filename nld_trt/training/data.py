@@ -45,8 +45,9 @@ class Problem:
     facts: dict = field(default_factory=dict, compare=False, repr=False)  # its quantities, for follow-ups
 
 
-def _boxed(n: int) -> str:
-    return f"The answer is \\boxed{{{n}}}."
+def boxed(value: object) -> str:
+    """The answer line every training answer ends with (what `extract_answer` reads)."""
+    return f"The answer is \\boxed{{{value}}}."
 
 
 def _people(rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -64,7 +65,7 @@ def packs_given_away(rng: random.Random) -> Problem:
     q = (f"{name} buys {p} {packs} of {item}. Each {pack} has {n} {item}. {pron.capitalize()} gives {g} {item} "
          f"to {friend}. How many {item} does {name} have left?")
     a = (f"{name} buys {p} * {n} = {total} {item}. After giving {g} to {friend}, {pron} has "
-         f"{total} - {g} = {left} {item} left. {_boxed(left)}")
+         f"{total} - {g} = {left} {item} left. {boxed(left)}")
     return Problem(q, a, left, "packs_given_away", dict(name=name, pron=pron, friend=friend, item=item, pack=pack,
                    packs=packs, p=p, n=n, g=g, total=total, left=left))
 
@@ -79,7 +80,7 @@ def two_prices(rng: random.Random) -> Problem:
     q = (f"{name} buys {a1} {i1} for ${p1} each and {a2} {i2} for ${p2} each. "
          f"How many dollars does {pron} spend in total?")
     a = (f"The {i1} cost {a1} * {p1} = {x} dollars. The {i2} cost {a2} * {p2} = {y} dollars. "
-         f"In total {pron} spends {x} + {y} = {z} dollars. {_boxed(z)}")
+         f"In total {pron} spends {x} + {y} = {z} dollars. {boxed(z)}")
     return Problem(q, a, z, "two_prices", dict(name=name, pron=pron, i1=i1, i2=i2, a1=a1, p1=p1, a2=a2, p2=p2,
                    x=x, y=y, z=z))
 
@@ -92,7 +93,7 @@ def more_than(rng: random.Random) -> Problem:
     d = a + c
     q = (f"{name} has {a} {item}. {friend} has {b} more {item} than {name}. "
          f"How many {item} do they have together?")
-    ans = (f"{friend} has {a} + {b} = {c} {item}. Together they have {a} + {c} = {d} {item}. {_boxed(d)}")
+    ans = (f"{friend} has {a} + {b} = {c} {item}. Together they have {a} + {c} = {d} {item}. {boxed(d)}")
     return Problem(q, ans, d, "more_than", dict(name=name, friend=friend, item=item, a=a, b=b, c=c, d=d))
 
 
@@ -105,7 +106,7 @@ def daily_rate(rng: random.Random) -> Problem:
     q = (f"{name} {verb} {r} {unit} every day for {days} days. Then {pron} {verb} {extra} more {unit}. "
          f"How many {unit} does {name} {verb[:-1]} in total?")
     a = (f"In {days} days {pron} {verb} {r} * {days} = {x} {unit}. With the extra {unit} that is "
-         f"{x} + {extra} = {y} {unit}. {_boxed(y)}")
+         f"{x} + {extra} = {y} {unit}. {boxed(y)}")
     return Problem(q, a, y, "daily_rate", dict(name=name, pron=pron, verb=verb, unit=unit, r=r, days=days,
                    extra=extra, x=x, y=y))
 
@@ -119,7 +120,7 @@ def sharing(rng: random.Random) -> Problem:
     q = (f"{name} has {total} {item}. {pron.capitalize()} keeps {keep} {item} and shares the rest equally "
          f"among {k} friends. How many {item} does each friend get?")
     a = (f"{name} shares {total} - {keep} = {rest} {item}. Each friend gets {rest} / {k} = {each} {item}. "
-         f"{_boxed(each)}")
+         f"{boxed(each)}")
     return Problem(q, a, each, "sharing", dict(name=name, pron=pron, item=item, k=k, each=each, keep=keep,
                    rest=rest, total=total))
 
@@ -134,7 +135,7 @@ def change_from_bill(rng: random.Random) -> Problem:
     q = (f"{name} buys {n} {item} that cost ${p} each. {pron.capitalize()} pays with a ${bill} bill. "
          f"How many dollars of change does {pron} get?")
     a = (f"The {item} cost {n} * {p} = {cost} dollars. The change is {bill} - {cost} = {change} dollars. "
-         f"{_boxed(change)}")
+         f"{boxed(change)}")
     return Problem(q, a, change, "change_from_bill", dict(name=name, pron=pron, item=item, n=n, p=p, cost=cost,
                    bill=bill, change=change))
 
@@ -149,7 +150,7 @@ def times_as_many(rng: random.Random) -> Problem:
     q = (f"{name} has {a} {item}. {friend} has {k} times as many {item} as {name}, but {fpron} loses {lost} "
          f"of them. How many {item} does {friend} have now?")
     ans = (f"{friend} had {a} * {k} = {b} {item}. After losing {lost}, {fpron} has {b} - {lost} = {c} {item}. "
-           f"{_boxed(c)}")
+           f"{boxed(c)}")
     return Problem(q, ans, c, "times_as_many", dict(name=name, friend=friend, fpron=fpron, item=item, a=a, k=k,
                    b=b, lost=lost, c=c))
 
@@ -173,7 +174,7 @@ def _other(rng: random.Random, low: int, high: int, not_: int) -> int:
 
 
 def _fu(name: str, q: str, a: str, value: int) -> Problem:
-    return Problem(q, f"{a} {_boxed(value)}", value, f"followup:{name}", {})
+    return Problem(q, f"{a} {boxed(value)}", value, f"followup:{name}", {})
 
 
 def fu_packs_more_given(p: Problem, rng: random.Random) -> Problem | None:

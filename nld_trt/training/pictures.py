@@ -9,12 +9,12 @@ rectangles, ellipses and polygons with integer coordinates, no fonts). Three kin
 
 Every question is of one `KINDS` type and its answer is a short templated sentence ending with
 `The answer is \\boxed{X}.`, like the text model's, so the evaluation scorer reads it by exact match:
-- `count`: "How many red circles are there?" (a colour, a shape, both, or every shape; 1 to 5);
-- `colour`: "What colour is the square?" (a shape drawn exactly once; chance 1/6);
-- `shape`: "What shape is the blue one?" (a colour used exactly once; chance 1/3);
-- `position`: "Is the triangle left or right of the circle?" (or above / below; chance 1/2);
-- `digit`: "What digit is shown?" (chance 1/10);
-- `bars`: "Which bar is tallest?" / "... shortest?" (the bar's colour; chance 1/3 to 1/5).
+- `count`: "How many red circles are there?" (a colour, a shape, both, or every shape; 1 to 6);
+- `colour`: "What colour is the square?" (a shape drawn exactly once);
+- `shape`: "What shape is the blue one?" (a colour used exactly once);
+- `position`: "Is the triangle left or right of the circle?" (or above / below, about a third of them);
+- `digit`: "What digit is shown?";
+- `bars`: "Which bar is tallest?" / "... shortest?" (the bar's colour).
 A follow-up is another question about the same picture, asked in a later turn without sending it again.
 Training also asks `describe` ("Describe the picture."): every object named with its colour, left to right
 (for a chart, its bars; for a digit, the digit and its colour), the dense supervision a tower trained from
@@ -39,10 +39,12 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from . import data
+from .data import boxed
 
 EVAL_SEED = 20261203
 EVAL_PER_KIND = 50  # questions per kind in the evaluation set (and as many follow-ups and arithmetic rows)
-SAMPLE_SEEDS = {"count": 25}  # `nld-trt sample-image`'s default picture of a kind (the README's: count)
+SAMPLE_SEEDS = {"count": 25}  # `nld-trt sample-image`'s default picture (the README's and the demo's: three yellow
+# squares among six shapes, picked for a count above one before the committed model was trained; not an eval picture)
 SAMPLE_SEED = 7  # of the other kinds
 
 COLOURS = {"red": (220, 40, 40), "green": (30, 160, 60), "blue": (40, 80, 220), "yellow": (230, 190, 20),
@@ -61,10 +63,6 @@ DESCRIBE_SCENES = ("shapes", "shapes", "digit", "bars")
 # f (top left), g (middle)
 SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg",
             9: "abcdfg"}
-
-
-def boxed(value: object) -> str:
-    return f"The answer is \\boxed{{{value}}}."
 
 
 # Scenes -----------------------------------------------------------------------------------------------
@@ -470,7 +468,7 @@ def conversations(seed: int, exclude_scenes: Iterable[str] = (), exclude_questio
             messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
         if rng.random() < mix.p_arithmetic_first:
             messages += data.qa_messages([next(problems)])
-        for k in range(2 if rng.random() < mix.p_new_picture else 1):
+        for _ in range(2 if rng.random() < mix.p_new_picture else 1):
             it = next(pictures)
             messages.append(image_turn(it.scene, it.question.question, rng.random() < mix.p_text_first, labels=True))
             messages.append({"role": "assistant", "content": it.question.answer})
