@@ -10,7 +10,7 @@ import click
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
 from .kv.layout import DEFAULT_PAGE_SIZE
-from .training.pictures import KINDS as PICTURE_KINDS
+from .training.pictures import KINDS as PICTURE_KINDS, SAMPLE_KIND
 
 GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"
 
@@ -268,7 +268,7 @@ IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"
 
 @cli.command("sample-image")
 @click.argument("output", type=click.Path(dir_okay=False))
-@click.option("--kind", type=click.Choice(PICTURE_KINDS), default="count",
+@click.option("--kind", type=click.Choice(PICTURE_KINDS), default=SAMPLE_KIND,
               show_default=True, help="what the printed question asks about the picture")
 @click.option("--seed", type=int, default=None, help="another picture of the kind [default: the README's]")
 def sample_image(output, kind, seed) -> None:

@@ -42,9 +42,9 @@ def test_pictures_are_seeded_and_drawn_the_same_every_time():
 
     from PIL import Image
 
-    s = pictures.sample("count")
+    s = pictures.sample()
     readme = Image.open(Path(__file__).parents[1] / "docs" / "tiny-vlm-sample.png").convert("RGB")
-    assert np.array_equal(np.asarray(readme), pixels(s.scene)) and s.question.kind == "count"
+    assert np.array_equal(np.asarray(readme), pixels(s.scene)) and s.question.kind == pictures.SAMPLE_KIND
     evaluated = {it.scene.key for it in pictures.evaluation_items()}
     assert not {pictures.sample(kind).scene.key for kind in pictures.KINDS} & evaluated
 

@@ -27,9 +27,6 @@ DEMO_CONVERSATION = (
     ("Sam runs 12 miles every day for 5 days. Then he runs 7 more miles. How many miles does Sam run in total?", "67"),
     ("And if he kept going for 3 more days?", "103"),
 )
-# The picture the demo shows the embedded tiny VLM: `nld-trt sample-image`'s default (the README's), not in its
-# evaluation set; the demo checks the answer.
-DEMO_PICTURE_KIND = "count"
 
 
 def _err(message: str) -> None:
@@ -513,7 +510,7 @@ def _picture_demo(tmp: Path, max_tokens: int, block_length: int | None, check) -
     from ..training import pictures
     from .client import GrpcClient, data_url
 
-    item = pictures.sample(DEMO_PICTURE_KIND)
+    item = pictures.sample()  # `nld-trt sample-image`'s default picture, not an evaluation one
     image = tmp / "picture.png"
     item.scene.draw().save(image)
     question = item.question.question
