@@ -10,6 +10,9 @@ import click
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
 from .kv.layout import DEFAULT_PAGE_SIZE
+from .training.pictures import KINDS as PICTURE_KINDS, SAMPLE_KIND
+
+GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,7 +23,7 @@ def cli() -> None:
 
 @cli.command()
 @click.argument("prompt")
-@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=MODEL_HELP)
+@click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None, help=GENERATE_MODEL_HELP)
 @click.option("--mode", default="ar", show_default=True, help="ar | dlm | linear_spec | auto")
 @click.option("--block-length", type=int, default=None, help="block length B (default: the checkpoint's block_size)")
 @click.option("--threshold", type=float, default=None, help="confidence threshold (default 0.9 dlm, 0.0 linear_spec)")
@@ -68,7 +71,7 @@ def generate(prompt, model_dir, mode, block_length, threshold, max_new_tokens, t
     from .checkpoint import check_model_dir
     from .runtime import default_model_path, load
 
-    path = default_model_path() if model_dir is None else Path(model_dir)
+    path = default_model_path(images=bool(images)) if model_dir is None else Path(model_dir)
     check_model_dir(path, lora=lora)
     console = _console()
     model = load(path, device=device, dtype=dtype, max_batch=1, lora=lora, compile=compile_,
@@ -258,6 +261,37 @@ def calibrate(model_dir, device, dtype, max_batch, max_seq_len, max_block_length
     cost = model.calibrate(progress=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     click.echo(cost.table())
     click.echo(f"{'measured and saved' if model.calibration_measured else 'already saved'}: {model.calibration_file}")
+
+
+IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP", ".gif": "GIF", ".bmp": "BMP"}
+
+
+@cli.command("sample-image")
+@click.argument("output", type=click.Path(dir_okay=False))
+@click.option("--kind", type=click.Choice(PICTURE_KINDS), default=SAMPLE_KIND,
+              show_default=True, help="what the printed question asks about the picture")
+@click.option("--seed", type=int, default=None, help="another picture of the kind [default: the README's]")
+def sample_image(output, kind, seed) -> None:
+    """Write a synthetic picture like those the embedded tiny VLM learned from (OUTPUT: .png, .jpg, .webp, .gif
+    or .bmp) and print a question about it; the expected answer goes to stderr."""
+    import io
+
+    from .fileutil import write_file
+    from .training import pictures
+
+    out = Path(output)
+    fmt = IMAGE_FORMATS.get(out.suffix.lower())
+    if fmt is None:
+        raise NLDError(f"OUTPUT {output!r}: name the image format by its suffix ({', '.join(IMAGE_FORMATS)})")
+    if not out.resolve().parent.is_dir():
+        raise NLDError(f"OUTPUT {output!r}: the directory {str(out.parent)!r} does not exist")
+    item = pictures.sample(kind, seed)
+    encoded = io.BytesIO()
+    item.scene.draw().save(encoded, format=fmt)
+    write_file(out, encoded.getbuffer(), "OUTPUT")
+    click.echo(item.question.question)
+    _console().print(f"[dim]wrote {output} ({item.scene.size[0]} x {item.scene.size[1]}); expected answer: "
+                     f"{item.question.value}[/dim]")
 
 
 def _add_commands() -> None:

@@ -6,8 +6,11 @@ question: a conversation (OpenAI-style {role, content} messages ending with the 
 rendered by the checkpoint's chat template as serving renders it. Built-in sets: `gsm_synth`, the held-out
 synthetic problems the embedded model was trained beside; `gsm_synth_chat`, the same questions asked as
 turn 1 to 4 of conversations whose earlier turns are other solved evaluation problems, plus a follow-up
-about a solved problem (`nld_trt.training.data.conversation_evaluation_set`). Rows may name a `group`
-("turn 2", "followup"); the report then gives every group's figures too.
+about a solved problem (`nld_trt.training.data.conversation_evaluation_set`); `shapes_synth`, the embedded
+tiny VLM's held-out pictures (`nld_trt.training.pictures.evaluation_set`, drawn from their seed when asked:
+shapes, colours, counts, positions, digits, bar charts, a follow-up about a picture, and text-only
+arithmetic), whose default `--model` is the tiny VLM. Rows may name a `group` ("turn 2", "followup", "count");
+the report then gives every group's figures too.
 
 Scoring is exact match after normalization: the output's last `\\boxed{...}`, else its last number,
 against the gold answer. Problems are generated in batches with the runtime's continuous batching, so the
@@ -34,6 +37,7 @@ from .fileutil import read_jsonl_rows
 EVALSETS = Path(__file__).parent / "assets" / "evalsets"
 BUILTIN_TASKS = {"gsm_synth": EVALSETS / "gsm_synth.jsonl"}
 CONVERSATION_TASKS = ("gsm_synth_chat",)  # built from the training module's evaluation set, not a file
+IMAGE_TASKS = ("shapes_synth",)  # pictures drawn from the picture module's evaluation seed; the VLM's tasks
 PROGRESS_EVERY = 50
 
 _NUMBER = re.compile(r"-?\$?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -169,6 +173,26 @@ def conversation_task() -> list[Problem]:
                     r["index"]) for r in data.conversation_evaluation_set()]
 
 
+def image_task() -> list[Problem]:
+    """`shapes_synth`: questions about held-out synthetic pictures, per kind, plus follow-ups and arithmetic."""
+    from .training import pictures
+
+    return [Problem(_last_text(r["messages"]), gold_answer(r["answer"]), tuple(r["messages"]), r["group"], r["index"])
+            for r in pictures.evaluation_set()]
+
+
+def _last_text(messages: list[dict]) -> str:
+    content = messages[-1]["content"]
+    return content if isinstance(content, str) else " ".join(p["text"] for p in content if p.get("type") == "text")
+
+
+def _printable(messages: tuple[dict, ...]) -> list[dict]:
+    """Messages for a JSON record: image parts as {"type": "image"} (the picture itself is not written)."""
+    return [m if isinstance(m["content"], str) else
+            {**m, "content": [p if p.get("type") == "text" else {"type": "image"} for p in m["content"]]}
+            for m in messages]
+
+
 def limit_task(problems: list[Problem], limit: int | None) -> list[Problem]:
     """The first `limit` questions: rows numbered by question (a conversation set) keep every row of the
     questions below `limit`, so each group covers the same questions; other sets keep their first rows."""
@@ -183,12 +207,21 @@ def load_task(name: str, question_field: str = "question", answer_field: str = "
     """A built-in task by name, or a JSONL file by path."""
     if name in CONVERSATION_TASKS:
         return conversation_task()
+    if name in IMAGE_TASKS:
+        return image_task()
     if name in BUILTIN_TASKS:
         return read_jsonl(BUILTIN_TASKS[name])
     if Path(name).suffix in (".jsonl", ".json") or Path(name).exists():
         return read_jsonl(name, question_field, answer_field)
-    raise NLDError(f"unknown task {name!r}: use one of {', '.join([*BUILTIN_TASKS, *CONVERSATION_TASKS])} or the path "
-                   "of a JSONL file")
+    raise NLDError(f"unknown task {name!r}: use one of {', '.join([*BUILTIN_TASKS, *CONVERSATION_TASKS, *IMAGE_TASKS])} "
+                   "or the path of a JSONL file")
+
+
+def default_model_for(name: str) -> Path:
+    """The embedded model a task is asked of without --model: the tiny VLM for picture tasks, else the text model."""
+    from .runtime import default_model_path
+
+    return default_model_path(images=name in IMAGE_TASKS)
 
 
 # Running ------------------------------------------------------------------------------------------
@@ -263,8 +296,8 @@ def evaluate(
     progress: Callable[[str], None] | None = None,
 ) -> EvalReport:
     """Generate (greedy, chat template) for every problem in batches and score the outputs. A conversation
-    goes to `generate` as its messages: the prompt encoder (nld_trt/prompt.py) renders it as it renders a
-    served `messages` request."""
+    (with images or not) goes to `generate` as its messages: the prompt encoder (nld_trt/prompt.py) renders it
+    as it renders a served `messages` request."""
     used_lora = lora and model.lora is not None
     report = EvalReport(task, mode, used_lora)
     chunk = max(batch_size, PROGRESS_EVERY)
@@ -283,7 +316,7 @@ def evaluate(
             record = {"question": p.question, "gold": p.gold, "output": r.text, "predicted": extract_answer(r.text),
                       "correct": ok, "token_ids": r.token_ids, "tokens": r.stats.tokens, "nfe": r.stats.nfe}
             if p.messages is not None:
-                record.update(messages=list(p.messages), group=p.group, index=p.index)
+                record.update(messages=_printable(p.messages), group=p.group, index=p.index)
             report.records.append(record)
         if progress is not None and (report.problems // PROGRESS_EVERY > begin // PROGRESS_EVERY
                                      or report.problems == len(problems)):
@@ -296,10 +329,11 @@ def evaluate(
 
 @click.command("eval")
 @click.option("--model", "model_dir", type=click.Path(file_okay=False), default=None,
-              help="checkpoint directory (default: the embedded tiny NLD model)")
+              help="checkpoint directory (default: the embedded tiny NLD model; for shapes_synth the embedded tiny VLM)")
 @click.option("--tasks", default="gsm_synth", show_default=True,
               help="comma-separated: built-in sets (gsm_synth: the embedded model's held-out set; gsm_synth_chat: "
-                   "its questions as turns 1-4 of conversations and as follow-ups) or JSONL paths")
+                   "its questions as turns 1-4 of conversations and as follow-ups; shapes_synth: the tiny VLM's "
+                   "held-out pictures) or JSONL paths")
 @click.option("--mode", default="ar", show_default=True, type=click.Choice(["ar", "dlm", "linear_spec"]))
 @click.option("--lora/--no-lora", default=True, show_default=True, help="draft with the linear_spec LoRA adapter")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
@@ -320,18 +354,22 @@ def eval_command(model_dir, tasks, mode, lora, limit, block_length, threshold, b
                  prefix_cache) -> None:
     """Accuracy, tokens per forward and speed of one decoding mode on problem sets (greedy)."""
     from .checkpoint import check_model_dir
-    from .runtime import default_model_path, load
+    from .runtime import load
 
-    model_dir = default_model_path() if model_dir is None else Path(model_dir)
-    check_model_dir(model_dir, lora=lora)
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if not names:
         raise NLDError("--tasks names no task")
+    paths = {name: default_model_for(name) if model_dir is None else Path(model_dir) for name in names}
+    for path in set(paths.values()):
+        check_model_dir(path, lora=lora)
     sets = {name: limit_task(load_task(name, question_field, answer_field), limit) for name in names}
-    model = load(model_dir, device=device, dtype=dtype, max_batch=batch_size, lora=lora,
-                 **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
+    models: dict[Path, object] = {}
     records = []
     for name, problems in sets.items():
+        if paths[name] not in models:  # each model once, in the order its tasks come
+            models[paths[name]] = load(paths[name], device=device, dtype=dtype, max_batch=batch_size, lora=lora,
+                                       **kv_kwargs(kv_cache_tokens, kv_cache_gb, page_size, prefix_cache))
+        model = models[paths[name]]
         report = evaluate(model, problems, task=name, mode=mode, lora=lora, block_length=block_length,
                           threshold=threshold, max_new_tokens=max_new_tokens, batch_size=batch_size,
                           progress=lambda line: click.echo(line, err=True))

@@ -125,6 +125,29 @@ def atomic_directory(target: str | Path, overwrite: bool = False) -> Iterator[Pa
         raise
 
 
+def write_file(path: str | Path, data, what: str = "the file") -> None:
+    """Write bytes to a temporary file beside `path` and rename it over `path`: whole or not at all. The file gets
+    the mode a plain open() would give it; a directory that cannot be written is an NLDError naming `what`."""
+    path = Path(path)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=SUFFIX, dir=path.parent)
+    except OSError as e:
+        raise NLDError(f"{what} {str(path)!r}: cannot write there ({e.strerror})") from None
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(memoryview(data))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's is 0600
+        os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise NLDError(f"{what} {str(path)!r}: cannot write it ({e.strerror})") from None
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def user_cache_dir() -> Path:
     """nld-trt's cache: $NLD_TRT_CACHE, else $XDG_CACHE_HOME/nld-trt, else ~/.cache/nld-trt."""
     return Path(os.environ.get("NLD_TRT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")

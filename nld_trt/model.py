@@ -265,12 +265,19 @@ def fuse_projections(model: NLDModel) -> int:
     return count
 
 
-def init_weights(model: NLDModel, std: float = 0.02, seed: int = 0) -> NLDModel:
-    """Random initialisation (normal linears and embeddings, unit norms) for tiny test models."""
+def norm_weights(module: nn.Module) -> set[int]:
+    """The ids of `module`'s RMSNorm weights (found by type: names vary, e.g. Pixtral's `ln_pre`)."""
+    return {id(m.weight) for m in module.modules() if isinstance(m, RMSNorm)}
+
+
+def init_weights(model: nn.Module, std: float = 0.02, seed: int = 0) -> nn.Module:
+    """Random initialisation (normal linears and embeddings, unit norms) for tiny test models: an `NLDModel`, or
+    the vision tower and projector beside it."""
     g = torch.Generator().manual_seed(seed)
+    norms = norm_weights(model)
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("norm.weight"):
+        for p in model.parameters():
+            if id(p) in norms:
                 p.fill_(1.0)
             else:
                 p.copy_(torch.randn(p.shape, generator=g) * std)

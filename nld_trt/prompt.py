@@ -176,10 +176,11 @@ class PromptEncoder:
         return self._checked(ids, field)
 
     def messages(self, messages: Any, *, template_kwargs: dict | None = None, local_files: bool,
-                 field: str = "messages") -> Prompt:
-        """A conversation through the chat template (with a generation prompt). Image parts ({"type": "image",
-        "image": PIL image | bytes | data URL | path} or {"type": "image_url", "image_url": {"url": ...}}) are
-        prepared and expanded; a path is read only with `local_files` (never for a served request)."""
+                 field: str = "messages", add_generation_prompt: bool = True) -> Prompt:
+        """A conversation through the chat template (with a generation prompt unless `add_generation_prompt` is
+        false: a finished conversation, as training renders one). Image parts ({"type": "image", "image": PIL
+        image | bytes | data URL | path} or {"type": "image_url", "image_url": {"url": ...}}) are prepared and
+        expanded; a path is read only with `local_files` (never for a served request)."""
         if not isinstance(messages, list) or not messages or not all(
                 isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
                 for m in messages):
@@ -208,7 +209,7 @@ class PromptEncoder:
                 rendered.append({**m, "content": "\n".join(p["text"] for p in parts)})
             else:
                 rendered.append({**m, "content": parts})
-        return self._templated(rendered, images, template_kwargs, field)
+        return self._templated(rendered, images, template_kwargs, field, add_generation_prompt)
 
     def with_images(self, prompt: str | Sequence[int], images: Sequence[tuple[str, Any]], *, chat: bool = True,
                     template_kwargs: dict | None = None, field: str = "text_input") -> Prompt:
@@ -247,9 +248,10 @@ class PromptEncoder:
 
     # the pieces ------------------------------------------------------------------------------------
     def _templated(self, rendered: list[dict], images: list[PreparedImage], template_kwargs: dict | None,
-                   field: str) -> Prompt:
-        ids = self.tokenizer.encode_chat(rendered, **(template_kwargs or {}))
-        return self._expanded(ids, images, field)
+                   field: str, add_generation_prompt: bool = True) -> Prompt:
+        text = self.tokenizer.apply_chat_template(rendered, **{"add_generation_prompt": add_generation_prompt,
+                                                               **(template_kwargs or {})})
+        return self._expanded(self.tokenizer.encode(text, add_special_tokens=False), images, field)
 
     def _image(self, part: dict, where: str, local_files: bool) -> PreparedImage:
         if self.processor is None:

@@ -26,14 +26,16 @@ from .prompt import Prompt, PromptEncoder, engine_text_only
 from .tokenizer import NLDTokenizer
 
 DEFAULT_MODEL = Path(__file__).parent / "assets" / "tiny-nld"
+DEFAULT_VLM = Path(__file__).parent / "assets" / "tiny-nld-vlm"
 
 
 def _stderr(line: str) -> None:
     print(line, file=sys.stderr, flush=True)
 
 
-def default_model_path() -> Path:
-    return DEFAULT_MODEL
+def default_model_path(images: bool = False) -> Path:
+    """The embedded model a command uses without --model: the tiny VLM where images are given, else the text model."""
+    return DEFAULT_VLM if images else DEFAULT_MODEL
 
 
 @dataclass

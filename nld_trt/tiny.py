@@ -64,18 +64,25 @@ VLM_SPECIAL_TOKENS = [VLM_NAMED_SPECIALS.get(i, f"<SPECIAL_{i}>") for i in range
 VLM_EOS_ID, IMAGE_START_ID, IMAGE_PAD_ID, IMAGE_BREAK_ID, IMAGE_END_ID = 11, 18, 19, 20, 21
 
 # ChatML, no BOS; a content part of type image or image_url becomes one <|image_start|> (the processor expands
-# it); the generation prompt opens the answer with an empty thought unless enable_thinking is set.
+# it); the generation prompt opens the answer with an empty thought unless enable_thinking is set, and an
+# earlier assistant turn is written the same way (an empty thought before its content unless the content opens
+# one itself), with the newline between turns written before the next turn rather than after <|im_end|>: so a
+# conversation renders its earlier turns exactly as their prompts and answers were, and a trained answer ends
+# with the EOS (<|im_end|>). Every prompt with a generation prompt is plain ChatML.
 VLM_CHAT_TEMPLATE = (
     "{%- for message in messages %}"
+    "{%- if not loop.first %}{{- '\\n' }}{%- endif %}"
     "{{- '<|im_start|>' + message['role'] + '\\n' }}"
+    "{%- if message['role'] == 'assistant' and not (message['content'] is string and "
+    "message['content'].startswith('<think>')) %}{{- '<think></think>' }}{%- endif %}"
     "{%- if message['content'] is string %}{{- message['content'] }}"
     "{%- else %}{%- for part in message['content'] %}"
     "{%- if part['type'] == 'text' %}{{- part['text'] }}"
     "{%- elif part['type'] in ['image', 'image_url'] %}{{- '<|image_start|>' }}"
     "{%- endif %}{%- endfor %}{%- endif %}"
-    "{{- '<|im_end|>\\n' }}"
+    "{{- '<|im_end|>' }}"
     "{%- endfor %}"
-    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}"
+    "{%- if add_generation_prompt %}{{- '\\n<|im_start|>assistant\\n' }}"
     "{%- if enable_thinking is defined and enable_thinking %}{{- '<think>\\n' }}{%- else %}{{- '<think></think>' }}"
     "{%- endif %}{%- endif %}"
 )
@@ -104,6 +111,25 @@ def train_tokenizer(texts: list[str], vocab_size: int, specials: list[str] | Non
     if bos:
         tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS_ID)])
     return tok
+
+
+def with_vlm_specials(tokenizer):
+    """A tokenizer of the text layout (`train_tokenizer`'s, special tokens SPECIAL_TOKENS at ids 0..127) with the
+    vision-language layout's special tokens at the same ids and no BOS added: its BPE, and so every ordinary
+    token's id, unchanged (what lets a VLM start from a text model's weights)."""
+    from tokenizers import Tokenizer
+
+    raw = json.loads(tokenizer.to_str())
+    vocab = raw["model"]["vocab"]
+    for t in raw["added_tokens"]:
+        i = t["id"]
+        if i >= N_SPECIAL or t["content"] != SPECIAL_TOKENS[i] or vocab.get(t["content"]) != i:
+            raise ValueError(f"not the text layout's tokenizer: special token {i} is {t['content']!r}")
+        del vocab[t["content"]]
+        t["content"] = vocab_name = VLM_SPECIAL_TOKENS[i]
+        vocab[vocab_name] = i
+    raw["post_processor"] = None
+    return Tokenizer.from_str(json.dumps(raw))
 
 
 def tokenizer_files(tokenizer, vlm: bool = False) -> dict[str, str]:

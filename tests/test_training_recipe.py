@@ -334,3 +334,53 @@ def test_tiny_recipe_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.mask_token_id == MASK_ID and model.config.dlm_type == "llada"
     ar, spec = (model.generate(["Tom has 3 apples."], mode=m, max_new_tokens=12)[0] for m in ("ar", "linear_spec"))
     assert ar.token_ids == spec.token_ids  # greedy linear_spec is lossless even for an untrained model
+
+
+def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
+    """`--vlm --tiny`: the same recipe on picture conversations writes the release VLM layout (tower and
+    projector under `encoder.`, the image tokens, a capped preprocessor), which loads and answers an image
+    question with greedy linear_spec equal to ar."""
+    from safetensors import safe_open
+
+    from nld_trt.training import pictures
+
+    out = tmp_path / "tiny-vlm"
+    # two workers, most conversations text-only: some worker's batch has no picture (its tower gets no gradient)
+    script = [sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--vlm", "--tiny"]
+    refused = subprocess.run(script + ["--p-single", "0.5", "--out", str(out)], capture_output=True, text=True,
+                             timeout=60)
+    assert refused.returncode == 2 and "--p-single shape the text model's conversations" in refused.stderr
+    assert not out.exists()
+    proc = subprocess.run(script + ["--p-text", "0.7", "--out", str(out)], capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "in the tower and projector" in proc.stdout and "[lora] step" in proc.stdout and " cells " in proc.stdout
+    assert proc.stdout.count("2 workers in sync") == 2
+    config = json.loads((out / "config.json").read_text())
+    assert config["model_type"] == "nemotron_labs_diffusion_vlm" and config["vision_config"]["model_type"] == "pixtral"
+    assert config["vision_config"]["patch_size"] == 14 and config["spatial_merge_size"] == 2
+    summary = json.loads((out / "training_summary.json").read_text())
+    assert summary["config"] == config and summary["args"]["vlm"] is True
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = list(f.keys())
+        # the tower's and projector's RMSNorm weights (ln_pre too) stay at 1: set so and frozen
+        norms = {n: f.get_tensor(n) for n in names if n.startswith("encoder.") and
+                 n.split(".")[1] in ("vision_tower", "multi_modal_projector") and
+                 n.rsplit(".", 2)[-2] in ("ln_pre", "attention_norm", "ffn_norm", "norm")}
+    assert "encoder.vision_tower.ln_pre.weight" in norms and "encoder.multi_modal_projector.norm.weight" in norms
+    assert all(bool((t == 1).all()) for t in norms.values()), {n: float(t.min()) for n, t in norms.items()}
+    assert any(n.startswith("encoder.vision_tower.transformer.layers.0.") for n in names)
+    assert any(n.startswith("encoder.multi_modal_projector.patch_merger.") for n in names)
+    assert json.loads((out / "preprocessor_config.json").read_text())["size"] == {"longest_edge": 224}
+
+    import nld_trt
+
+    model = nld_trt.load(out, max_batch=2, max_seq_len=256)
+    assert model.lora is not None and model.vlm is not None
+    tok = model.tokenizer
+    assert [tok.token_id(t) for t in ("<|image_start|>", "<|image_pad|>", "<|image_break|>", "<|image_end|>")] == \
+           [18, 19, 20, 21]
+    it = pictures.sample("digit")
+    messages = [pictures.image_turn(it.scene, it.question.question)]
+    ar, spec = (model.generate(messages, mode=m, max_new_tokens=10) for m in ("ar", "linear_spec"))
+    assert ar.token_ids == spec.token_ids
+    assert ar.images[0]["positions"] == 1 + 8 * 9  # a 224 x 224 picture: 8 x 8 cells

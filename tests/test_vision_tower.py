@@ -169,3 +169,19 @@ def test_info_shows_the_vision_tower(tiny_vlm_dir):
     assert data["vision_tower"]["layers"] == 2 and data["vision_tower"]["hidden"] == 32
     assert data["vision_tower"]["pixels_per_image_token"] == 28
     assert data["parameters"] == VLMConfig.from_file(tiny_vlm_dir).text.num_parameters() + data["vision_tower"]["parameters"]
+
+
+def test_a_batch_of_same_size_images_encodes_as_each_image_alone():
+    """`forward_batch` (what training runs) gives each image's rows as `forward` of that image alone."""
+    from nld_trt.vision.tower import VisionEncoder
+
+    torch.manual_seed(0)
+    config = tiny_vlm_config()
+    encoder = VisionEncoder(config)
+    for p in encoder.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    images = torch.randn(3, 3, 56, 84)
+    batched = encoder.forward_batch(images)
+    assert batched.shape == (3, 2 * 3, config.text.hidden_size)
+    for image, rows in zip(images, batched):
+        torch.testing.assert_close(rows, encoder([image])[0], rtol=1e-5, atol=1e-5)

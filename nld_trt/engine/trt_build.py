@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 from ..errors import NLDError
+from ..fileutil import write_file
 
 INSTALL_HINT = ("install TensorRT >= 10.9 on a GPU host: pip install tensorrt-cu12 (CUDA 12; tensorrt-cu13 for "
                 "CUDA 13), or use NVIDIA's TensorRT container")
@@ -139,18 +138,6 @@ def check_inputs(network, shapes: dict[str, tuple[tuple, tuple, tuple]]) -> None
                                "(config.json beside the graph does not match it)")
 
 
-def write_atomically(path: Path, data) -> None:
-    """Write the bytes to a temporary file beside `path` and rename it: no partial plan is ever left."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(memoryview(data))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def parse_graph(trt, graph: Path):
     """A builder, the network parsed from the graph and its parser (which owns the weights: keep it alive)."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -187,7 +174,7 @@ def build_profiles(trt, builder, network, profiles: list[dict], plan: Path, prog
     serialized = builder.build_serialized_network(network, build_config)
     if serialized is None:
         raise NLDError("TensorRT failed to build the engine (see its log above)")
-    write_atomically(plan, serialized)
+    write_file(plan, serialized)
 
 
 def build_plan(graph: Path, plan: Path, options, progress: Callable[[str], None]) -> None:

@@ -10,6 +10,7 @@ import signal
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -416,16 +417,20 @@ def chat_command(url, model_name, mode, max_tokens, block_length, threshold, tem
 @click.option("--followup", default=None, help="with --prompt: a second question in the same conversation")
 @click.option("--max-tokens", type=int, default=64, show_default=True)
 @click.option("--block-length", type=int, default=None, help="default: the checkpoint's block_size")
-def demo_command(model_dir, prompt, followup, max_tokens, block_length) -> None:
+@click.option("--picture/--no-picture", default=None,
+              help="then serve the embedded tiny VLM and ask it about a generated picture in each mode "
+                   "[default: with the built-in conversation and the embedded model]")
+def demo_command(model_dir, prompt, followup, max_tokens, block_length, picture) -> None:
     """Package a model, serve it with Triton, hold a two-question conversation in each mode, print answers and
-    stats, stop. With the built-in conversation, fail unless every answer carries the right number."""
+    stats, stop; then the same for the embedded tiny VLM with one question about a generated picture. With the
+    built-in conversation, fail unless every answer is right."""
     from ..evaluate import extract_answer
-    from .client import GrpcClient, Result, http_generate
-    from .package import ServingOptions, package_repository
-    from .server import TritonServer
+    from .client import GrpcClient, http_generate
 
     if followup is not None and prompt is None:
         raise NLDError("--followup needs --prompt (the built-in conversation has its own follow-up)")
+    if picture is None:  # a demo of the user's own model or question stays about that
+        picture = model_dir is None and prompt is None
     turns = list(DEMO_CONVERSATION) if prompt is None else [(q, None) for q in (prompt, followup) if q is not None]
     wrong: list[str] = []
 
@@ -438,26 +443,14 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length) -> None:
             wrong.append(f"{label} answered {got}, expected {gold}")
 
     with tempfile.TemporaryDirectory(prefix="nld-trt-demo-") as tmp:
-        repo = package_repository(model_dir, Path(tmp) / "repo", ServingOptions(max_batch=4, max_seq_len=1024))
-        click.echo(f"packaged {model_dir or 'the embedded model'} into a Triton model repository; starting tritonserver")
-        start = time.perf_counter()
-        with TritonServer(repo) as server:
-            click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s "
-                       f"(HTTP {server.http_url}, gRPC {server.grpc_url})")
+        with _demo_server(model_dir, Path(tmp) / "repo", model_dir or "the embedded model") as server:
             grpc = GrpcClient(server.grpc_url)
             for mode in ("ar", "dlm", "linear_spec"):
-                messages: list[dict[str, str]] = []
+                messages: list[dict[str, Any]] = []
                 for n, (question, gold) in enumerate(turns, 1):
                     messages.append({"role": "user", "content": question})
-                    click.echo(f"\n[{mode}, gRPC stream, turn {n}] user: {question}\n  assistant: ", nl=False)
-                    chunks = []
-                    for chunk in grpc.stream(messages=json.dumps(messages), mode=mode, max_tokens=max_tokens,
-                                             block_length=block_length):
-                        chunks.append(chunk)
-                        click.echo(chunk.text, nl=False)
-                    click.echo()
-                    result = Result.join(chunks)
-                    click.echo(f"  {stats_line(result.stats)}")
+                    result = _streamed_turn(grpc, f"{mode}, gRPC stream, turn {n}", question, messages, mode, max_tokens,
+                                            block_length)
                     check(f"{mode} turn {n}", result.text, gold)
                     messages.append({"role": "assistant", "content": result.text})
             messages.pop()  # the whole conversation once more, unary, its last question unanswered
@@ -465,14 +458,73 @@ def demo_command(model_dir, prompt, followup, max_tokens, block_length) -> None:
                                   max_tokens=max_tokens, block_length=block_length)
             click.echo(f"\n[linear_spec, HTTP generate on nld_sync, turn {len(turns)}] {unary.text}\n  {stats_line(unary.stats)}")
             check(f"HTTP linear_spec turn {len(turns)}", unary.text, turns[-1][1])
-            code = server.stop()
-        click.echo(f"\ntritonserver stopped (exit code {code})")
-        if code != 0:
-            raise NLDError(f"tritonserver exited with code {code}")
+        if picture:
+            _picture_demo(Path(tmp), max_tokens, block_length, check)
     if wrong:
-        raise NLDError("the demo conversation got wrong answers: " + "; ".join(wrong))
+        raise NLDError("the demo got wrong answers: " + "; ".join(wrong))
     if prompt is None:
-        click.echo("every answer of the conversation carries the right number, in every mode")
+        click.echo("every answer of the conversation carries the right number, in every mode"
+                   + (", and the tiny VLM read the picture right in every mode" if picture else ""))
+
+
+@contextmanager
+def _demo_server(model_dir, repo_dir: Path, label: str):
+    """Package `model_dir` (None: the embedded text model) into `repo_dir`, serve it with tritonserver for the
+    block, then stop it; a non-zero exit fails the demo."""
+    from .package import ServingOptions, package_repository
+    from .server import TritonServer
+
+    repo = package_repository(model_dir, repo_dir, ServingOptions(max_batch=4, max_seq_len=1024))
+    click.echo(f"packaged {label} into a Triton model repository; starting tritonserver")
+    start = time.perf_counter()
+    with TritonServer(repo) as server:
+        click.echo(f"tritonserver ready in {time.perf_counter() - start:.1f} s (HTTP {server.http_url}, gRPC "
+                   f"{server.grpc_url})")
+        yield server
+        code = server.stop()
+    click.echo(f"\ntritonserver stopped (exit code {code})")
+    if code != 0:
+        raise NLDError(f"tritonserver exited with code {code}")
+
+
+def _streamed_turn(grpc, label: str, shown: str, messages: list[dict[str, Any]], mode: str, max_tokens: int,
+                   block_length: int | None):
+    """One turn over gRPC streaming, printed as it arrives, then its stats; returns the joined result."""
+    from .client import Result
+
+    click.echo(f"\n[{label}] user: {shown}\n  assistant: ", nl=False)
+    chunks = []
+    for chunk in grpc.stream(messages=json.dumps(messages), mode=mode, max_tokens=max_tokens, block_length=block_length):
+        chunks.append(chunk)
+        click.echo(chunk.text, nl=False)
+    click.echo()
+    result = Result.join(chunks)
+    click.echo(f"  {stats_line(result.stats)}")
+    return result
+
+
+def _picture_demo(tmp: Path, max_tokens: int, block_length: int | None, check) -> None:
+    """The embedded tiny VLM, packaged and served: one question about a generated picture in each mode, the
+    picture sent inline as a PNG data URL in an `image_url` content part (as the OpenAI front end forwards it)."""
+    from ..runtime import default_model_path
+    from ..training import pictures
+    from .client import GrpcClient, data_url
+
+    item = pictures.sample()  # `nld-trt sample-image`'s default picture, not an evaluation one
+    image = tmp / "picture.png"
+    item.scene.draw().save(image)
+    question = item.question.question
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": data_url(image)}},
+                                             {"type": "text", "text": question}]}]
+    click.echo()
+    with _demo_server(default_model_path(images=True), tmp / "vlm-repo", "the embedded tiny VLM") as server:
+        click.echo(f"the picture: `nld-trt sample-image pic.png` writes it ({item.scene.size[0]} x "
+                   f"{item.scene.size[1]} pixels)")
+        grpc = GrpcClient(server.grpc_url)
+        for mode in ("ar", "dlm", "linear_spec"):
+            result = _streamed_turn(grpc, f"{mode}, gRPC stream, tiny VLM", f"<picture> {question}", messages, mode,
+                                    max_tokens, block_length)
+            check(f"{mode} picture", result.text, item.question.value)
 
 
 COMMANDS = (package_command, serve_command, openai_command, client_command, chat_command, demo_command)

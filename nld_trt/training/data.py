@@ -45,8 +45,9 @@ class Problem:
     facts: dict = field(default_factory=dict, compare=False, repr=False)  # its quantities, for follow-ups
 
 
-def _boxed(n: int) -> str:
-    return f"The answer is \\boxed{{{n}}}."
+def boxed(value: object) -> str:
+    """The answer line every training answer ends with (what `extract_answer` reads)."""
+    return f"The answer is \\boxed{{{value}}}."
 
 
 def _people(rng: random.Random) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -64,7 +65,7 @@ def packs_given_away(rng: random.Random) -> Problem:
     q = (f"{name} buys {p} {packs} of {item}. Each {pack} has {n} {item}. {pron.capitalize()} gives {g} {item} "
          f"to {friend}. How many {item} does {name} have left?")
     a = (f"{name} buys {p} * {n} = {total} {item}. After giving {g} to {friend}, {pron} has "
-         f"{total} - {g} = {left} {item} left. {_boxed(left)}")
+         f"{total} - {g} = {left} {item} left. {boxed(left)}")
     return Problem(q, a, left, "packs_given_away", dict(name=name, pron=pron, friend=friend, item=item, pack=pack,
                    packs=packs, p=p, n=n, g=g, total=total, left=left))
 
@@ -79,7 +80,7 @@ def two_prices(rng: random.Random) -> Problem:
     q = (f"{name} buys {a1} {i1} for ${p1} each and {a2} {i2} for ${p2} each. "
          f"How many dollars does {pron} spend in total?")
     a = (f"The {i1} cost {a1} * {p1} = {x} dollars. The {i2} cost {a2} * {p2} = {y} dollars. "
-         f"In total {pron} spends {x} + {y} = {z} dollars. {_boxed(z)}")
+         f"In total {pron} spends {x} + {y} = {z} dollars. {boxed(z)}")
     return Problem(q, a, z, "two_prices", dict(name=name, pron=pron, i1=i1, i2=i2, a1=a1, p1=p1, a2=a2, p2=p2,
                    x=x, y=y, z=z))
 
@@ -92,7 +93,7 @@ def more_than(rng: random.Random) -> Problem:
     d = a + c
     q = (f"{name} has {a} {item}. {friend} has {b} more {item} than {name}. "
          f"How many {item} do they have together?")
-    ans = (f"{friend} has {a} + {b} = {c} {item}. Together they have {a} + {c} = {d} {item}. {_boxed(d)}")
+    ans = (f"{friend} has {a} + {b} = {c} {item}. Together they have {a} + {c} = {d} {item}. {boxed(d)}")
     return Problem(q, ans, d, "more_than", dict(name=name, friend=friend, item=item, a=a, b=b, c=c, d=d))
 
 
@@ -105,7 +106,7 @@ def daily_rate(rng: random.Random) -> Problem:
     q = (f"{name} {verb} {r} {unit} every day for {days} days. Then {pron} {verb} {extra} more {unit}. "
          f"How many {unit} does {name} {verb[:-1]} in total?")
     a = (f"In {days} days {pron} {verb} {r} * {days} = {x} {unit}. With the extra {unit} that is "
-         f"{x} + {extra} = {y} {unit}. {_boxed(y)}")
+         f"{x} + {extra} = {y} {unit}. {boxed(y)}")
     return Problem(q, a, y, "daily_rate", dict(name=name, pron=pron, verb=verb, unit=unit, r=r, days=days,
                    extra=extra, x=x, y=y))
 
@@ -119,7 +120,7 @@ def sharing(rng: random.Random) -> Problem:
     q = (f"{name} has {total} {item}. {pron.capitalize()} keeps {keep} {item} and shares the rest equally "
          f"among {k} friends. How many {item} does each friend get?")
     a = (f"{name} shares {total} - {keep} = {rest} {item}. Each friend gets {rest} / {k} = {each} {item}. "
-         f"{_boxed(each)}")
+         f"{boxed(each)}")
     return Problem(q, a, each, "sharing", dict(name=name, pron=pron, item=item, k=k, each=each, keep=keep,
                    rest=rest, total=total))
 
@@ -134,7 +135,7 @@ def change_from_bill(rng: random.Random) -> Problem:
     q = (f"{name} buys {n} {item} that cost ${p} each. {pron.capitalize()} pays with a ${bill} bill. "
          f"How many dollars of change does {pron} get?")
     a = (f"The {item} cost {n} * {p} = {cost} dollars. The change is {bill} - {cost} = {change} dollars. "
-         f"{_boxed(change)}")
+         f"{boxed(change)}")
     return Problem(q, a, change, "change_from_bill", dict(name=name, pron=pron, item=item, n=n, p=p, cost=cost,
                    bill=bill, change=change))
 
@@ -149,7 +150,7 @@ def times_as_many(rng: random.Random) -> Problem:
     q = (f"{name} has {a} {item}. {friend} has {k} times as many {item} as {name}, but {fpron} loses {lost} "
          f"of them. How many {item} does {friend} have now?")
     ans = (f"{friend} had {a} * {k} = {b} {item}. After losing {lost}, {fpron} has {b} - {lost} = {c} {item}. "
-           f"{_boxed(c)}")
+           f"{boxed(c)}")
     return Problem(q, ans, c, "times_as_many", dict(name=name, friend=friend, fpron=fpron, item=item, a=a, k=k,
                    b=b, lost=lost, c=c))
 
@@ -173,7 +174,7 @@ def _other(rng: random.Random, low: int, high: int, not_: int) -> int:
 
 
 def _fu(name: str, q: str, a: str, value: int) -> Problem:
-    return Problem(q, f"{a} {_boxed(value)}", value, f"followup:{name}", {})
+    return Problem(q, f"{a} {boxed(value)}", value, f"followup:{name}", {})
 
 
 def fu_packs_more_given(p: Problem, rng: random.Random) -> Problem | None:
@@ -386,8 +387,8 @@ def write_jsonl(problems: Iterable[Problem], path: str | Path) -> None:
 
 # Conversations --------------------------------------------------------------------------------------
 # A training example is a conversation: a list of OpenAI-style messages {"role", "content"} ending with an
-# assistant turn. `content` is text today; a VLM's image parts will be more content parts of a user message,
-# rendered by its own chat template into image placeholder tokens: nothing here looks inside a content.
+# assistant turn. `content` is text here; the VLM's picture conversations (`pictures.py`) put image parts in a
+# user message's content, which `render` hands to the checkpoint's prompt encoder: nothing here looks inside.
 
 SYSTEM_PROMPTS = [
     "You are a helpful assistant.",
@@ -442,41 +443,55 @@ def conversations(seed: int, exclude: Iterable[str] = (), mix: ConversationMix =
 @dataclass(frozen=True)
 class Rendered:
     """A conversation as the model sees it: token ids, and the [start, end) ranges of the assistant turns
-    that carry the loss (each the answer's tokens and the EOS the template closes it with)."""
+    that carry the loss (each the answer's tokens and the EOS the template closes it with). With images:
+    each image's span of positions (`nld_trt.prompt.ImageSpan`) and its prepared pixels, in prompt order."""
 
     ids: list[int]
     spans: list[tuple[int, int]]
+    images: tuple = ()
+    pixels: tuple = field(default=(), compare=False, repr=False)
 
 
-def render(tokenizer, messages: list[dict], loss_on: str = "all") -> Rendered:
+def render(tokenizer, messages: list[dict], loss_on: str = "all", prompts=None) -> Rendered:
     """Token ids of `messages` (ending with an assistant turn) through the checkpoint's chat template, exactly
-    as serving renders a conversation: every loss span starts where `tokenizer.encode_chat(messages[:i])`,
-    the call the prompt encoder (nld_trt/prompt.py: the OpenAI front end, the Triton model and `generate`
-    all go through it) makes for the turn's text prompt, ends.
+    as serving renders a conversation: every loss span starts where the prompt serving builds for the turn ends
+    (`tokenizer.encode_chat(messages[:i])`, or with images `prompts.messages(messages[:i])`: the calls the
+    prompt encoder, nld_trt/prompt.py, makes for the OpenAI front end, the Triton model and `generate`).
 
-    `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `loss_on` is "all" (every assistant turn) or "last".
-    A template that does not render a conversation as a prefix of its continuation (one that rewrites
-    earlier turns) is refused: its training text would differ from what serving sends."""
+    `tokenizer` is an `nld_trt.tokenizer.NLDTokenizer`; `prompts` the checkpoint's `nld_trt.prompt.PromptEncoder`,
+    needed for user turns with image parts (it expands each image into its positions as serving does);
+    `loss_on` is "all" (every assistant turn) or "last". A template that does not render a conversation as a
+    prefix of its continuation (one that rewrites earlier turns) is refused: its training text would differ
+    from what serving sends."""
     if loss_on not in ("all", "last"):
         raise ValueError(f"loss_on must be 'all' or 'last', got {loss_on!r}")
     if not messages or messages[-1].get("role") != "assistant":
         raise ValueError("a training conversation ends with an assistant turn")
 
-    def ids_of(upto: int) -> list[int]:
-        return tokenizer.encode(tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=False),
-                                add_special_tokens=False)
+    def rendered(upto: int, generation: bool):
+        if prompts is not None:
+            return prompts.messages(messages[:upto], local_files=False, add_generation_prompt=generation)
+        text = tokenizer.apply_chat_template(messages[:upto], add_generation_prompt=generation)
+        return tokenizer.encode(text, add_special_tokens=False)
 
-    ids = ids_of(len(messages))
+    def ids_of(upto: int, generation: bool = False) -> list[int]:
+        r = rendered(upto, generation)
+        return r if prompts is None else r.ids
+
+    whole = rendered(len(messages), False)
+    ids = whole if prompts is None else whole.ids
     turns = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     spans = []
     for i in turns if loss_on == "all" else turns[-1:]:
-        prompt = tokenizer.encode_chat(messages[:i])
+        prompt = ids_of(i, generation=True)
         end = len(ids) if i == len(messages) - 1 else len(ids_of(i + 1))
         if ids[: len(prompt)] != prompt or (end < len(ids) and ids[:end] != ids_of(i + 1)):
             raise ValueError(f"the chat template does not render turn {i} as a prefix of the whole conversation: "
                              "its training text would differ from what serving sends")
         spans.append((len(prompt), end))
-    return Rendered(ids, spans)
+    if prompts is None:
+        return Rendered(ids, spans)
+    return Rendered(ids, spans, whole.images, whole.pixels)
 
 
 # The conversation evaluation set ----------------------------------------------------------------------

@@ -3,7 +3,13 @@
 
 A sequence is a rendered conversation (`nld_trt.training.data.render`): its token ids and the spans that
 carry the loss, one per trained assistant turn (the answer and its EOS). A single question is the case of
-one span at the end.
+one span at the end. A vision-language conversation also carries its images: each image's pixels and the
+positions of its `<|image_pad|>` tokens, whose embeddings the vision encoder's rows replace (in both copies,
+wherever such a position appears), as serving's prefill does; the encoder trains with the model. Where an
+image has per-cell labels (what covers each cell: colour and kind of object), an auxiliary linear probe
+(training only, never saved) must read them from its rows: a dense signal that keeps the rows of a tower
+trained from scratch informative (without it they collapsed to one constant vector before the model learned
+to read them).
 
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
 whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with
@@ -25,7 +31,7 @@ span's last block started.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -47,9 +53,17 @@ class MaskSchedule:
 
 
 @dataclass
+class ExampleImage:
+    pads: list[int]  # positions of its pads, in the order of the encoder's rows (raster order of its cells)
+    pixels: torch.Tensor  # [3, H, W], normalised
+    cells: torch.Tensor | None = None  # [cells, 2] (colour class, kind class) per cell, for the auxiliary probe
+
+
+@dataclass
 class Example:
     tokens: list[int]  # the rendered conversation
     spans: list[tuple[int, int]]  # [start, end) of each trained answer (ending with its EOS), in order
+    images: list[ExampleImage] = field(default_factory=list)  # in prompt order
 
     @classmethod
     def single(cls, prompt: list[int], answer: list[int]) -> Example:
@@ -68,6 +82,9 @@ class JointBatch:
     dlm_weights: torch.Tensor  # [N, S] float: 1 / mask ratio on masked noisy slots
     dlm_count: int  # maskable noisy slots in the batch (the dlm loss's normalizer)
     teacher: torch.Tensor  # [N, S] slot of the clean logits that predict a masked slot's token (-1: none)
+    image_index: torch.Tensor | None = None  # [N, S] row of the batch's image rows replacing the slot's embedding
+    images: list[torch.Tensor] = field(default_factory=list)  # the batch's images' pixels, in row order
+    cells: torch.Tensor | None = None  # [rows, 2] labels of the batch's image rows (IGNORE: unlabelled)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -114,7 +131,24 @@ def make_batch(
         "teacher": torch.full((n, s), -1, dtype=torch.long),
     }
     count = 0
-    for i, r in enumerate(rows):
+    images: list[torch.Tensor] = []
+    cells: list[torch.Tensor] = []
+    image_index = torch.full((n, s), -1, dtype=torch.long) if any(e.images for e in examples) else None
+    row_base = 0  # the first image row of the next image
+    for i, (e, r) in enumerate(zip(examples, rows)):
+        if e.images:
+            at: dict[int, int] = {}
+            for image in e.images:
+                at.update({p: row_base + k for k, p in enumerate(image.pads)})
+                row_base += len(image.pads)
+                images.append(image.pixels)
+                if image.cells is not None and image.cells.shape != (len(image.pads), 2):
+                    raise ValueError(f"an image of {len(image.pads)} cells has labels of shape {tuple(image.cells.shape)}")
+                cells.append(image.cells if image.cells is not None else torch.full((len(image.pads), 2), IGNORE))
+            slots = torch.cat([torch.arange(len(r["clean"])), tc + torch.arange(len(r["noisy"]))])
+            where = torch.cat([torch.arange(len(r["clean"])), torch.tensor(r["positions"], dtype=torch.long)])
+            index = torch.tensor([at.get(int(p), -1) for p in where], dtype=torch.long)
+            image_index[i, slots] = index
         lc, ln = len(r["clean"]), len(r["noisy"])
         c, z = slice(0, lc), slice(tc, tc + ln)
         out["tokens"][i, c] = torch.tensor(r["clean"])
@@ -129,7 +163,8 @@ def make_batch(
         out["dlm_weights"][i, z] = torch.tensor(r["dlm_weights"])
         out["teacher"][i, z] = torch.tensor(r["teacher"])
         count += r["maskable"]
-    return JointBatch(dlm_count=count, **out)
+    return JointBatch(dlm_count=count, **out, image_index=image_index, images=images,
+                      cells=torch.cat(cells).long() if cells else None)
 
 
 def _row(e: Example, b: int, mask_id: int, eos_id: int, g: torch.Generator, sch: MaskSchedule) -> dict:
@@ -188,16 +223,63 @@ class Losses:
     total: torch.Tensor
     ar: float
     dlm: float
+    cells: float | None = None  # the auxiliary probe's loss (batches with labelled images)
 
 
-def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0) -> Losses:
+def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, colours: int) -> torch.Tensor | None:
+    """Cross-entropy of the probe's colour (first `colours` logits) and kind (the rest) for every labelled row."""
+    labelled = cells[:, 0] != IGNORE
+    if not labelled.any():
+        return None
+    logits = probe(rows[labelled]).float()
+    return (F.cross_entropy(logits[:, :colours], cells[labelled, 0])
+            + F.cross_entropy(logits[:, colours:], cells[labelled, 1]))
+
+
+def image_rows(batch: JointBatch, vision) -> torch.Tensor:
+    """[rows, hidden]: every image of the batch through `vision` (an `nld_trt.vision.tower.VisionEncoder`; the
+    images of each size as one batch, rather than all under a block-diagonal mask, which would cost far more)."""
+    if vision is None:
+        raise ValueError("a batch with images needs the vision encoder")
+    sizes: dict[tuple[int, ...], list[int]] = {}
+    for i, pixels in enumerate(batch.images):
+        sizes.setdefault(tuple(pixels.shape), []).append(i)
+    encoded: list[torch.Tensor] = [torch.empty(0)] * len(batch.images)
+    for same in sizes.values():
+        for i, r in zip(same, vision.forward_batch(torch.stack([batch.images[i] for i in same]))):
+            encoded[i] = r
+    return torch.cat(encoded)
+
+
+def input_embeddings(model: NLDModel, batch: JointBatch, vision=None, rows: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
+    """The backbone's input for a batch with images: token embeddings with every image slot's replaced by its
+    row (`rows`, else `image_rows(batch, vision)`); None for a text-only batch."""
+    if batch.image_index is None:
+        return None
+    rows = image_rows(batch, vision) if rows is None else rows
+    x = model.embed(batch.tokens)
+    image = batch.image_index >= 0
+    return torch.where(image[..., None], rows[batch.image_index.clamp(min=0)].to(x.dtype), x)
+
+
+def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None, probe=None,
+               probe_colours: int = 0, probe_weight: float = 1.0) -> Losses:
     """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
-    ratio) on the noisy copy, from one forward pass."""
-    logits = model.logits(model(batch.tokens, batch.positions, batch.mask)).float()
+    ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images),
+    + `probe_weight` x the auxiliary probe's loss on labelled image rows (`probe`: rows -> `probe_colours`
+    colour logits then kind logits)."""
+    rows = image_rows(batch, vision) if batch.image_index is not None else None
+    embeds = input_embeddings(model, batch, vision, rows)
+    logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
     ar = F.cross_entropy(logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
-    return Losses(ar + dlm_weight * dlm, ar.item(), dlm.item())
+    total = ar + dlm_weight * dlm
+    aux = None if probe is None or rows is None else cell_loss(probe, rows, batch.cells, probe_colours)
+    if aux is not None:
+        total = total + probe_weight * aux
+    return Losses(total, ar.item(), dlm.item(), None if aux is None else aux.item())
 
 
 class PositionalLoRA(LoRA):
@@ -223,13 +305,17 @@ def install_lora(model: NLDModel, layers: dict[int, tuple[torch.Tensor, torch.Te
     return None if where is None else torch.ones(where.shape[0], dtype=torch.bool, device=where.device)
 
 
-def draft_loss(model: NLDModel, batch: JointBatch, layers, scale: float) -> torch.Tensor:
+def draft_loss(model: NLDModel, batch: JointBatch, layers, scale: float, vision=None) -> torch.Tensor:
     """The drafter's objective, base frozen: the noisy copy, adapter on, matches the verifier's (clean
     copy's, adapter off) next-token distribution at every masked slot. Matching the verifier rather than
-    the data is what acceptance rewards: a draft is accepted when it equals the verifier's argmax."""
+    the data is what acceptance rewards: a draft is accepted when it equals the verifier's argmax.
+    `vision`: the (frozen) vision encoder of a batch with images."""
+    with torch.no_grad():
+        embeds = input_embeddings(model, batch, vision)
     rows = install_lora(model, layers, scale, batch.kind == NOISY)
     try:
-        logits = model.logits(model(batch.tokens, batch.positions, batch.mask, lora_rows=rows)).float()
+        logits = model.logits(model(batch.tokens, batch.positions, batch.mask, lora_rows=rows,
+                                    inputs_embeds=embeds)).float()
     finally:
         install_lora(model, layers, scale, None)
     sel = batch.teacher >= 0

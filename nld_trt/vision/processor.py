@@ -64,6 +64,15 @@ class ProcessorConfig:
     def cell(self) -> int:
         return self.patch_size * self.merge
 
+    def to_dict(self) -> dict[str, Any]:
+        """`preprocessor_config.json` of a checkpoint processed this way (the fields `from_checkpoint` reads, in
+        transformers' PixtralImageProcessor spelling)."""
+        return {"image_processor_type": "PixtralImageProcessor", "size": {"longest_edge": self.longest_edge},
+                "patch_size": {"height": self.patch_size, "width": self.patch_size},
+                "spatial_merge_size": self.merge, "do_resize": True, "resample": 3, "do_rescale": True,
+                "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": list(self.mean),
+                "image_std": list(self.std), "do_convert_rgb": True}
+
     @classmethod
     def from_checkpoint(cls, directory: str | Path, patch_size: int, merge: int) -> ProcessorConfig:
         """The checkpoint's preprocessor_config.json where it has one (its longest edge, mean, std), the

@@ -10,7 +10,8 @@ patch has a 2D rotary position (row, column): half of every head's frequency pai
 with the column. The projector normalises, merges each 2x2 block of patches into one row (its four patch
 vectors concatenated channel-major, as `torch.nn.functional.unfold` orders them) and maps it to the text
 model's width: one row per 28-pixel cell, in raster order. Those rows replace the image's `<|image_pad|>`
-positions at prefill.
+positions at prefill. Images of one size can also run as a batch (`VisionEncoder.forward_batch`, what training
+uses): the same computation per image, with matrices large enough to run fast on a CPU.
 """
 
 from __future__ import annotations
@@ -63,14 +64,19 @@ class VisionAttention(nn.Module):
         self.o_proj = nn.Linear(h, h, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = (p(x).view(n, self.heads, self.head_dim).transpose(0, 1) for p in (self.q_proj, self.k_proj, self.v_proj))
+        """x [N, d] (the patches of one sequence) or [B, N, d] (B images of one size, no mask)."""
+        lead, n = x.shape[:-2], x.shape[-2]
+        q, k, v = (p(x).view(*lead, n, self.heads, self.head_dim).transpose(-3, -2)
+                   for p in (self.q_proj, self.k_proj, self.v_proj))
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
+        if not lead:
+            q, k, v = q[None], k[None], v[None]
         # SDPA's default scale is head_dim ** -0.5, Pixtral's (left implicit: torch's ONNX exporter fails on an
         # explicit scale in bfloat16)
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)
-        return self.o_proj(out[0].transpose(0, 1).reshape(n, -1))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(-3, -2)
+        return self.o_proj(out.reshape(*lead, n, -1) if lead else out[0].reshape(n, -1))
 
 
 class VisionMLP(MLP):
@@ -115,12 +121,15 @@ class VisionTower(nn.Module):
         self.transformer = VisionTransformer(config)
 
     def patches(self, image: torch.Tensor) -> torch.Tensor:
-        """[3, H, W] -> [patches, hidden] in raster order: the patch convolution (stride = kernel = patch) as one
-        matrix product over the flattened patches (the same sums; and ONNX's Conv has no bfloat16 before
-        opset 22, its MatMul has)."""
+        """[3, H, W] -> [patches, hidden] in raster order ([B, 3, H, W] -> [B, patches, hidden]): the patch
+        convolution (stride = kernel = patch) as one matrix product over the flattened patches (the same sums;
+        and ONNX's Conv has no bfloat16 before opset 22, its MatMul has)."""
         c, p = self.config.num_channels, self.config.patch_size
         w = self.patch_conv.weight
         rows, cols = image.shape[-2] // p, image.shape[-1] // p
+        if image.dim() == 4:
+            flat = image.to(w.dtype).reshape(-1, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+            return flat.reshape(image.shape[0], rows * cols, c * p * p) @ w.reshape(w.shape[0], -1).t()
         flat = image.to(w.dtype).reshape(c, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, c * p * p)
         return flat @ w.reshape(w.shape[0], -1).t()
 
@@ -137,6 +146,16 @@ class VisionTower(nn.Module):
             x = block(x, cos, sin, mask)
         return x
 
+    def forward_batch(self, images: torch.Tensor, layer: int = -1) -> torch.Tensor:
+        """images [B, 3, H, W] of one size -> [B, patches, hidden]: `forward` of each image, as one batch."""
+        p = self.config.patch_size
+        x = self.ln_pre(self.patches(images))
+        cos, sin = axial_rotary(self.config, [(images.shape[-2] // p, images.shape[-1] // p)], x.device)
+        cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+        for block in self.transformer.layers[: layer % (len(self.transformer.layers) + 1)]:
+            x = block(x, cos, sin, None)
+        return x
+
 
 class PatchMerger(nn.Module):
     def __init__(self, hidden: int, merge: int) -> None:
@@ -147,12 +166,22 @@ class PatchMerger(nn.Module):
     def forward(self, features: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
         """features [N, d] (patches of every image, raster order) -> [cells, d]: each merge x merge block of an
         image's patches becomes one row holding its patch vectors channel-major (d, then block row, column)."""
-        m, d = self.merge, features.shape[-1]
-        merged = []
-        for block, (rows, cols) in zip(features.split([r * c for r, c in grids]), grids):
-            g = block.view(rows // m, m, cols // m, m, d).permute(0, 2, 4, 1, 3)
-            merged.append(g.reshape(-1, d * m * m))
-        return self.merging_layer(torch.cat(merged))
+        return self.merging_layer(torch.cat([self.cells(block, rows, cols) for block, (rows, cols) in
+                                             zip(features.split([r * c for r, c in grids]), grids)]))
+
+    def cells(self, block: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """One image's patches [rows x cols, d] ([B, rows x cols, d] for B images of one size) -> its merged cells
+        [cells, d x merge x merge] ([B, cells, ...]), raster order, each cell's patch vectors channel-major."""
+        m, d = self.merge, block.shape[-1]
+        if block.dim() == 3:
+            g = block.reshape(block.shape[0], rows // m, m, cols // m, m, d).permute(0, 1, 3, 5, 2, 4)
+            return g.reshape(block.shape[0], (rows // m) * (cols // m), d * m * m)
+        g = block.view(rows // m, m, cols // m, m, d).permute(0, 2, 4, 1, 3)
+        return g.reshape(-1, d * m * m)
+
+    def forward_batch(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """[B, rows x cols, d] (B images of one size) -> [B, cells, d]."""
+        return self.merging_layer(self.cells(features, rows, cols))
 
 
 class Projector(nn.Module):
@@ -169,7 +198,14 @@ class Projector(nn.Module):
         self.act = ACT[config.projector_hidden_act]
 
     def forward(self, features: torch.Tensor, grids: list[tuple[int, int]]) -> torch.Tensor:
-        return self.linear_2(self.act(self.linear_1(self.patch_merger(self.norm(features), grids))))
+        return self.mlp(self.patch_merger(self.norm(features), grids))
+
+    def mlp(self, merged: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(merged)))
+
+    def forward_batch(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+        """[B, rows x cols, d] (B images of one size, their patch grid) -> [B, cells, text hidden]."""
+        return self.mlp(self.patch_merger.forward_batch(self.norm(features), rows, cols))
 
 
 class VisionEncoder(nn.Module):
@@ -190,6 +226,13 @@ class VisionEncoder(nn.Module):
         rows = self.multi_modal_projector(features, grids)
         m = self.config.spatial_merge_size
         return list(rows.split([(r // m) * (c // m) for r, c in grids]))
+
+    def forward_batch(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] of one size -> [B, cells, text hidden]: `forward` of each image, as one batch
+        (no block-diagonal mask: what training runs)."""
+        p = self.config.vision.patch_size
+        features = self.vision_tower.forward_batch(images, self.config.vision_feature_layer)
+        return self.multi_modal_projector.forward_batch(features, images.shape[-2] // p, images.shape[-1] // p)
 
     @property
     def dtype(self) -> torch.dtype:

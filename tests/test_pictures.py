@@ -1,0 +1,282 @@
+"""The tiny VLM's training data (`nld_trt.training.pictures`) and the joint objective with images: seeded
+pictures whose answers are right, an evaluation set no training picture repeats, conversations rendered as
+serving renders them (images expanded by the prompt encoder), and image rows in both copies of a batch."""
+
+from __future__ import annotations
+
+import base64
+import collections
+import io
+import itertools
+import json
+import random
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from nld_trt.evaluate import extract_answer, gold_answer
+from nld_trt.serving.protocol import Limits, prepare
+from nld_trt.tiny import IMAGE_PAD_ID, VLM_EOS_ID
+from nld_trt.training import data, pictures
+from nld_trt.training.objective import CLEAN, IGNORE, NOISY, Example, ExampleImage, input_embeddings, joint_loss, make_batch
+
+LIMITS = Limits(max_tokens_cap=64, default_max_tokens=8, streaming=True, max_prompt_bytes=1 << 22)
+
+
+def pixels(scene: pictures.Scene) -> np.ndarray:
+    return np.asarray(scene.draw())
+
+
+def test_pictures_are_seeded_and_drawn_the_same_every_time():
+    a = list(itertools.islice(pictures.items(5), 40))
+    assert a == list(itertools.islice(pictures.items(5), 40))
+    assert a != list(itertools.islice(pictures.items(6), 40))
+    assert {it.question.kind for it in a} == set(pictures.TRAIN_KINDS)
+    for it in a[:10]:
+        assert np.array_equal(pixels(it.scene), pixels(it.scene))
+        assert it.scene.draw().size == it.scene.size and max(it.scene.size) <= 224
+    # the README's sample picture is the one `sample-image` draws, and no kind's sample is an evaluation picture
+    from pathlib import Path
+
+    from PIL import Image
+
+    s = pictures.sample()
+    readme = Image.open(Path(__file__).parents[1] / "docs" / "tiny-vlm-sample.png").convert("RGB")
+    assert np.array_equal(np.asarray(readme), pixels(s.scene)) and s.question.kind == pictures.SAMPLE_KIND
+    evaluated = {it.scene.key for it in pictures.evaluation_items()}
+    assert not {pictures.sample(kind).scene.key for kind in pictures.KINDS} & evaluated
+
+
+def test_every_answer_is_what_the_picture_shows():
+    rng = random.Random(3)
+    for kind in pictures.KINDS:
+        for _ in range(40):
+            it = pictures.item(kind, rng)
+            q, scene = it.question, it.scene
+            assert q.answer.endswith(pictures.boxed(q.value)) and extract_answer(q.answer) == gold_answer(q.answer) == q.value
+            img = pixels(scene)
+            if kind == "count":
+                n = int(q.value)
+                if "bars" in q.question:
+                    assert n == len(scene.items)
+                else:  # the question's colour / shape filter, counted in the scene
+                    words = q.question.lower().replace("?", "").replace(".", "").split()
+                    colour = next((c for c in pictures.COLOURS if c in words), None)
+                    shape = next((s for s in pictures.SHAPES if s + "s" in words), None)
+                    assert n == sum((colour is None or s.colour == colour) and (shape is None or s.shape == shape)
+                                    for s in scene.items) >= 1
+            elif kind == "colour":
+                (s,) = [s for s in scene.items if f"the {s.shape}?" in q.question]
+                assert q.value == s.colour
+                assert tuple(img[s.y, s.x]) == pictures.COLOURS[s.colour]  # its centre has its colour
+            elif kind == "shape":
+                colour = next(c for c in pictures.COLOURS if re.search(rf"\b{c}\b", q.question))
+                (s,) = [s for s in scene.items if s.colour == colour]
+                assert q.value == s.shape
+            elif kind == "position":
+                m = re.match(r"The (.+) is (?:left of|right of|above|below) the (.+)\. The answer", q.answer)
+                (a,), (b,) = ([s for s in scene.items if s.describe(scene) == d] for d in (m[1], m[2]))
+                assert f"the {m[1]} " in q.question and q.question.endswith(f"the {m[2]}?")
+                gap = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[q.value]
+                assert gap >= 28
+            elif kind == "digit":
+                assert q.value == str(scene.items[0].value)
+            else:
+                heights = {b.colour: b.height for b in scene.items}
+                pick = max if "tallest" in q.question else min
+                assert q.value == pick(heights, key=heights.get) and len(set(heights.values())) == len(heights)
+
+
+def test_a_description_names_every_object_left_to_right():
+    rng = random.Random(4)
+    for _ in range(30):
+        it = pictures.item("describe", rng)
+        scene, answer = it.scene, it.question.answer
+        if scene.kind == "shapes":
+            named = re.findall(r"an? (\w+) (circle|square|triangle)", answer)
+            assert named == [(s.colour, s.shape) for s in sorted(scene.items, key=lambda s: (s.x, s.y))]
+        elif scene.kind == "bars":
+            assert all(b.colour in answer for b in scene.items) and f"{len(scene.items)} bars" in answer
+        else:
+            assert answer == f"I see the digit {scene.items[0].value} in {scene.items[0].colour}."
+    assert "describe" not in {r["group"] for r in pictures.evaluation_set(per_kind=5)}
+
+
+def test_cell_labels_say_what_covers_each_28_pixel_cell():
+    square = pictures.Shape("square", "blue", 84, 84, 28)  # exactly cells (2, 2) .. (3, 3)
+    scene = pictures.Scene("shapes", (224, 168), (255, 255, 255), (square,))
+    labels = scene.cell_labels()
+    assert labels.shape == (6, 8, 2)
+    blue, kind = list(pictures.COLOURS).index("blue") + 1, pictures.CELL_KINDS.index("square")
+    inside = np.zeros((6, 8), dtype=bool)
+    inside[2:4, 2:4] = True
+    assert (labels[inside] == (blue, kind)).all() and (labels[~inside] == 0).all()
+    digit = pictures.Scene("digit", (224, 224), (255, 255, 255), (pictures.Digit(1, "red", 100, 20, 60, 180, 20),))
+    kinds = digit.cell_labels()[..., 1]
+    assert set(np.unique(kinds)) == {0, pictures.CELL_KINDS.index("digit")}
+    assert (kinds[:, :4] == 0).all() and (kinds[1:6, 5] == pictures.CELL_KINDS.index("digit")).all()  # the right stroke
+    with pytest.raises(ValueError, match="not whole 28-pixel cells"):
+        pictures.Scene("shapes", (200, 200), (255, 255, 255), (square,)).cell_labels()
+    # training pictures carry them; the evaluation's do not need them
+    conv = next(c for c in pictures.conversations(0) if isinstance(c[-2]["content"], list) or isinstance(c[0]["content"], list))
+    part = next(p for m in conv if isinstance(m["content"], list) for p in m["content"] if p["type"] == "image")
+    assert part["cells"].shape[:2] == (part["image"].size[1] // 28, part["image"].size[0] // 28)
+    assert all("cells" not in p for r in pictures.evaluation_set(per_kind=2) for m in r["messages"]
+               if isinstance(m["content"], list) for p in m["content"])
+
+
+def test_digits_are_seven_segment_drawings_that_differ():
+    rng = random.Random(0)
+    drawn = {}
+    for _ in range(200):
+        it = pictures.item("digit", rng)
+        g = it.scene.items[0]
+        box = pixels(pictures.Scene("digit", (224, 224), (255, 255, 255), (pictures.Digit(g.value, "blue", 40, 20, 80, 160, 16),)))
+        drawn[g.value] = box
+    assert len(drawn) == 10
+    ink = {v: (img != 255).any(axis=2) for v, img in drawn.items()}
+    assert len({m.tobytes() for m in ink.values()}) == 10  # ten different shapes
+    assert ink[8].sum() > ink[1].sum() and (ink[8] >= ink[0]).all()  # 8 has every segment
+
+
+def test_the_evaluation_set_is_fixed_and_no_training_picture_is_in_it():
+    rows = pictures.evaluation_set(per_kind=20)
+    again = pictures.evaluation_set(per_kind=20)
+    assert [r["answer"] for r in rows] == [r["answer"] for r in again]
+    assert [json.dumps(r["messages"], default=lambda im: pixels_digest(im)) for r in rows] == \
+           [json.dumps(r["messages"], default=lambda im: pixels_digest(im)) for r in again]
+    groups = collections.Counter(r["group"] for r in rows)
+    assert groups == {**{k: 20 for k in pictures.KINDS}, "followup": 20, "arithmetic": 20}
+    for g in groups:  # numbered per group, so --limit keeps the same questions of every group
+        assert sorted(r["index"] for r in rows if r["group"] == g) == list(range(20))
+    held_out = {it.scene.key for it in pictures.evaluation_items(per_kind=20)}
+    assert len(held_out) == 6 * 20
+    # the training stream skips them: even a stream drawn from the evaluation's own generator
+    rng = random.Random(f"picture-eval-{pictures.EVAL_SEED}")
+    assert all(pictures.item(kind, rng, held_out).scene.key not in held_out for kind in pictures.KINDS for _ in range(20))
+    stream = list(itertools.islice(pictures.items(0, held_out), 3000))
+    assert not {it.scene.key for it in stream} & held_out
+    follow = [r for r in rows if r["group"] == "followup"]
+    assert all(len(r["messages"]) == 3 and isinstance(r["messages"][2]["content"], str) for r in follow)
+
+
+def pixels_digest(image) -> str:
+    import hashlib
+
+    return hashlib.sha256(np.asarray(image).tobytes()).hexdigest()
+
+
+def test_training_conversations_mix_pictures_followups_and_arithmetic():
+    exclude = {p.question for p in data.evaluation_set()}
+    convs = list(itertools.islice(pictures.conversations(1, exclude_questions=exclude), 600))
+    with_image = [c for c in convs if any(isinstance(m["content"], list) for m in c)]
+    assert 0.7 < len(with_image) / len(convs) < 0.9  # p_text 0.2: the rest are arithmetic only
+    assert any(sum(isinstance(m["content"], list) for m in c) == 2 for c in convs)  # a second picture
+    assert any(sum(m["role"] == "user" for m in c) >= 3 for c in with_image)  # follow-ups
+    assert any(c[0]["role"] == "system" for c in with_image)
+    orders = {tuple(p["type"] for p in m["content"]) for c in with_image for m in c if isinstance(m["content"], list)}
+    assert orders == {("image", "text"), ("text", "image")}
+    for c in convs:
+        assert c[-1]["role"] == "assistant" and all(m["content"] not in exclude for m in c if isinstance(m["content"], str))
+        # exact answers end boxed; a description (training only) names what is drawn
+        assert all(m["content"].endswith("}.") or m["content"].startswith("I see ") for m in c if m["role"] == "assistant")
+    said = [m["content"] for c in convs for m in c if m["role"] == "assistant"]
+    assert 0.05 < sum(a.startswith("I see ") for a in said) / len(said) < 0.3
+
+
+def test_a_rendered_picture_conversation_is_what_a_served_request_sends(tiny_vlm):
+    """Training's rendering (PIL images through the checkpoint's prompt encoder) gives, before each answer,
+    exactly the ids the Triton model builds for a `messages` request sending the same pictures as PNG data
+    URLs; each answer is its tokens and <|im_end|>; every pad is an image row in prompt order."""
+    tok = tiny_vlm.tokenizer
+    convs = [c for c in itertools.islice(pictures.conversations(2), 40) if any(isinstance(m["content"], list) for m in c)]
+    assert len(convs) > 20
+    for c in convs[:12]:
+        r = data.render(tok, c, prompts=tiny_vlm.prompts)
+        answers = [i for i, m in enumerate(c) if m["role"] == "assistant"]
+        assert len(r.spans) == len(answers) and len(r.images) == sum(isinstance(m["content"], list) for m in c)
+        assert [p for s in r.images for p in s.pad_positions()] == [i for i, t in enumerate(r.ids) if t == IMAGE_PAD_ID]
+        for i, (s0, s1) in zip(answers, r.spans):
+            served = prepare(tiny_vlm, {"messages": json.dumps(as_request(c[:i]))}, LIMITS)
+            assert r.ids[:s0] == served.prompt_ids
+            assert r.ids[s0:s1] == tok.encode(c[i]["content"], add_special_tokens=False) + [VLM_EOS_ID]
+        assert data.render(tok, c, "last", tiny_vlm.prompts).spans == r.spans[-1:]
+
+
+def as_request(messages: list[dict]) -> list[dict]:
+    """The OpenAI shape of a training conversation: each PIL image as a PNG data URL."""
+    out = []
+    for m in messages:
+        if isinstance(m["content"], str):
+            out.append(m)
+            continue
+        parts = []
+        for p in m["content"]:
+            if p["type"] == "image":
+                buf = io.BytesIO()
+                p["image"].save(buf, format="PNG")
+                url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+                parts.append({"type": "image_url", "image_url": {"url": url}})
+            else:
+                parts.append(p)
+        out.append({**m, "content": parts})
+    return out
+
+
+def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm):
+    """A batch's image slots (clean copy, and a noisy block reaching back into the picture) take the
+    encoder's rows; other slots keep their token embeddings; the loss reaches the tower's weights."""
+    from nld_trt.tiny import tiny_vlm_config
+    from nld_trt.vision.tower import VisionEncoder
+
+    tok, prompts = tiny_vlm.tokenizer, tiny_vlm.prompts
+    it = pictures.sample("digit")
+    conv = [pictures.image_turn(it.scene, "?"), {"role": "assistant", "content": it.question.answer}]
+    r = data.render(tok, conv, prompts=prompts)
+    (span,) = r.images
+    pads = span.pad_positions()
+    cells = torch.from_numpy(it.scene.cell_labels().reshape(-1, 2))
+    ex = Example(r.ids, r.spans, [ExampleImage(pads, r.pixels[0].pixels, cells)])
+    rt = data.render(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "2"}])
+    text = Example(rt.ids, rt.spans)
+    g = torch.Generator().manual_seed(0)
+    s0 = r.spans[0][0]
+    found_noisy_pad = False
+    for _ in range(30):  # random phases: some first block starts inside the picture (b = 32 > the question)
+        batch = make_batch([text, ex], 32, 100, VLM_EOS_ID, g)
+        assert batch.images and len(batch.images) == 1 and (batch.image_index[0] == -1).all()
+        row = batch.image_index[1]
+        clean = (batch.kind[1] == CLEAN).nonzero().flatten()
+        assert row[clean].tolist() == [pads.index(p) if p in pads else -1 for p in range(len(r.ids))]
+        noisy = (batch.kind[1] == NOISY).nonzero().flatten()
+        for j in noisy.tolist():
+            p = int(batch.positions[1, j])
+            assert int(row[j]) == (pads.index(p) if p in pads else -1)
+            found_noisy_pad |= p in pads
+        assert int(batch.positions[1, noisy[0]]) > s0 - 32
+    assert found_noisy_pad
+    assert torch.equal(batch.cells, cells)  # the probe's labels line up with the batch's image rows
+    unlabelled = make_batch([Example(r.ids, r.spans, [ExampleImage(pads, r.pixels[0].pixels)])], 8, 100, VLM_EOS_ID, g)
+    assert (unlabelled.cells == IGNORE).all()
+
+    torch.manual_seed(0)
+    config = tiny_vlm_config()
+    vision = VisionEncoder(config)
+    model = tiny_vlm.model
+    embeds = input_embeddings(model, batch, vision)
+    plain = model.embed(batch.tokens)
+    rows = vision([batch.images[0]])[0]
+    image = batch.image_index >= 0
+    assert torch.equal(embeds[~image], plain[~image])
+    assert torch.allclose(embeds[image], rows[batch.image_index[image]])
+    probe = torch.nn.Linear(config.text.hidden_size, len(pictures.COLOURS) + 1 + len(pictures.CELL_KINDS))
+    loss = joint_loss(model, batch, 1.0, vision, probe, len(pictures.COLOURS) + 1)
+    assert loss.cells is not None and loss.cells > 0
+    loss.total.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*vision.parameters(), *probe.parameters()])
+    assert joint_loss(model, unlabelled, 1.0, vision, probe, len(pictures.COLOURS) + 1).cells is None
+    model.zero_grad(set_to_none=True)
+    with pytest.raises(ValueError, match="needs the vision encoder"):
+        input_embeddings(model, batch, None)
