@@ -525,9 +525,9 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         groups = [(list(model.parameters()), args.backbone_lr_scale)]
     vision = None if vlm is None else init_weights(VisionEncoder(vlm), std=0.02, seed=args.seed + 1000).train()
     if vision is not None:
-        # The tower's and projector's RMSNorm weights stay at 1: trained, ln_pre's fell from 1 to 0.02 within 200
-        # steps (from scratch and from the text model alike), every patch then normalised to the same vector and
-        # every image row became one large constant, a picture the model had learned to ignore.
+        # The tower's and projector's RMSNorm weights stay at 1 (set so by init_weights, and frozen): short runs
+        # whose ln_pre weight was trained (it started as noise then, a bug) saw every image row become one large
+        # constant, a picture the model had learned to ignore.
         norms = norm_weights(vision)
         for p in vision.parameters():
             p.requires_grad_(id(p) not in norms)

@@ -9,7 +9,7 @@ wherever such a position appears), as serving's prefill does; the encoder trains
 image has per-cell labels (what covers each cell: colour and kind of object), an auxiliary linear probe
 (training only, never saved) must read them from its rows: a dense signal that keeps the rows of a tower
 trained from scratch informative (without it they collapsed to one constant vector before the model learned
-to read them).
+to read them, in short runs that also had the ln_pre bug the README's tiny VLM section describes).
 
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
 whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with

@@ -23,7 +23,8 @@ scratch learns to see from fastest; the evaluation set asks only the exact-answe
 Each training picture also carries per-cell labels (`Scene.cell_labels`: for every 28-pixel cell, the colour
 and the kind of object covering most of it), which the recipe's auxiliary probe reads from the encoder's rows:
 without that dense signal the rows of a tower trained from scratch collapsed to one constant vector, every
-cell the same, before the model learned to read them.
+cell the same, before the model learned to read them (in short runs that also had a bug since fixed: the README's
+tiny VLM section).
 
 Conversations (`conversations`) are lists of OpenAI-style messages whose user turns hold image content parts
 (`{"type": "image", "image": PIL image}`), rendered by the checkpoint's chat template as serving renders them
