@@ -123,6 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
     ap.add_argument("--probe-weight", type=float, default=1.0,
                     help="--vlm: weight of the auxiliary per-cell probe's loss (0: no probe)")
+    ap.add_argument("--weights-from", default=None,
+                    help="with --vlm --init-from: then load all weights (backbone, tower, projector) from this VLM checkpoint")
     ap.add_argument("--init-from", default=None,
                     help="--vlm: a text checkpoint of this recipe to start the backbone from (its shape and tokenizer)")
     ap.add_argument("--backbone-lr-scale", type=float, default=1 / 3,
@@ -532,6 +534,14 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         for p in vision.parameters():
             p.requires_grad_(id(p) not in norms)
         groups.append(([p for p in vision.parameters() if p.requires_grad], 1.0))
+    if args.weights_from is not None:  # continue a VLM: its backbone, tower and projector
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(Path(args.weights_from) / "model.safetensors")).items()}
+        tower = {k[len("encoder."):]: v for k, v in state.items()
+                 if k.startswith(("encoder.vision_tower.", "encoder.multi_modal_projector."))}
+        model.load_state_dict({k: v for k, v in state.items() if k[len("encoder."):] not in tower}, strict=True)
+        vision.load_state_dict(tower, strict=True)
     # the auxiliary probe (training only, not saved): each image row's cell colour and object kind
     colours = len(pictures.COLOURS) + 1
     probe = None
