@@ -31,6 +31,8 @@ embedded `nld_trt/assets/tiny-nld`): its weights, shape and tokenizer (the same 
 tokens at the same ids: `nld_trt.tiny.with_vlm_specials`), so what it knows (the answer format, copying from
 the question, arithmetic) carries over and the budget goes to seeing; the tower and projector start from
 scratch at `--lr`, the backbone at `--lr` x `--backbone-lr-scale`. The summary records the text model's digest.
+`--weights-from VLM` then loads a VLM this recipe trained (backbone, tower and projector; the probe starts
+afresh) and trains it on a new schedule: a second stage, whose summary records the first's digest.
 
 The schedule is fixed in steps (`--steps`, `--lora-steps`), so the weights do not depend on how busy the
 machine is; `--time-budget` is only a safety cap (each phase then anneals early rather than run over, and
@@ -123,6 +125,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
     ap.add_argument("--probe-weight", type=float, default=1.0,
                     help="--vlm: weight of the auxiliary per-cell probe's loss (0: no probe)")
+    ap.add_argument("--weights-from", default=None,
+                    help="with --vlm: continue this trained VLM of the same shape (its backbone, tower and projector) "
+                         "on a new schedule (see above)")
     ap.add_argument("--init-from", default=None,
                     help="--vlm: a text checkpoint of this recipe to start the backbone from (its shape and tokenizer)")
     ap.add_argument("--backbone-lr-scale", type=float, default=1 / 3,
@@ -164,6 +169,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.hidden, args.layers, args.heads, args.kv_heads = (base.hidden_size, base.num_hidden_layers,
                                                                base.num_attention_heads, base.num_key_value_heads)
         args.head_dim, args.intermediate = base.head_dim, base.intermediate_size
+    if args.weights_from is not None:
+        if not args.vlm:
+            ap.error("--weights-from continues a vision-language model: it needs --vlm")
+        if not NLDConfig.from_file(args.weights_from).is_vlm:
+            ap.error(f"--weights-from {args.weights_from} is a text checkpoint; give a VLM of this recipe")
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
     text_mix = {"p_single": "--p-single", "max_history": "--max-history", "p_followup": "--p-followup",
@@ -315,7 +325,7 @@ def check_rendering(tokenizer: NLDTokenizer, directory: Path, sample: list[dict]
 
 
 def checkpoint_digest(directory: Path) -> dict:
-    """What identifies the text model a VLM started from: the SHA-256 of its weights and tokenizer."""
+    """What identifies the checkpoint a run started from: the SHA-256 of its weights and tokenizer."""
     import hashlib
 
     return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
@@ -532,6 +542,14 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
         for p in vision.parameters():
             p.requires_grad_(id(p) not in norms)
         groups.append(([p for p in vision.parameters() if p.requires_grad], 1.0))
+    if args.weights_from is not None:  # continue a VLM: its backbone, tower and projector
+        from safetensors.torch import load_file
+
+        state = {k: v.float() for k, v in load_file(str(Path(args.weights_from) / "model.safetensors")).items()}
+        tower = {k[len("encoder."):]: v for k, v in state.items()
+                 if k.startswith(("encoder.vision_tower.", "encoder.multi_modal_projector."))}
+        model.load_state_dict({k: v for k, v in state.items() if k[len("encoder."):] not in tower}, strict=True)
+        vision.load_state_dict(tower, strict=True)
     # the auxiliary probe (training only, not saved): each image row's cell colour and object kind
     colours = len(pictures.COLOURS) + 1
     probe = None
@@ -634,6 +652,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
             "args": {k: v for k, v in vars(args).items() if k != "out"},  # where it was written is not the recipe
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "native_bf16": cpu_has_native_bf16()},
             "init_from": None if args.init_from is None else checkpoint_digest(Path(args.init_from)),
+            "weights_from": None if args.weights_from is None else checkpoint_digest(Path(args.weights_from)),
             "schedule": {
                 "rule": "fixed steps (--steps, --lora-steps); --time-budget is a safety cap only",
                 "joint": {**joint_run, **counts(joint_seen)},

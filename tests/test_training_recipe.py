@@ -4,6 +4,7 @@ few steps of `scripts/train_tiny_nld.py --tiny` writing a checkpoint that loads 
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import json
 import random
@@ -384,3 +385,19 @@ def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
     ar, spec = (model.generate(messages, mode=m, max_new_tokens=10) for m in ("ar", "linear_spec"))
     assert ar.token_ids == spec.token_ids
     assert ar.images[0]["positions"] == 1 + 8 * 9  # a 224 x 224 picture: 8 x 8 cells
+
+    # a second stage continues it: its first logged losses start where the first stage ended, not from scratch
+    again = tmp_path / "tiny-vlm-2"
+    proc2 = subprocess.run(script + ["--p-text", "0.7", "--weights-from", str(out), "--out", str(again)],
+                           capture_output=True, text=True, timeout=180)
+    assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+    first = [float(re.search(r" ar ([0-9.]+)", line).group(1)) for line in proc.stdout.splitlines()
+             if line.startswith("[joint] step")]
+    second = [float(re.search(r" ar ([0-9.]+)", line).group(1)) for line in proc2.stdout.splitlines()
+              if line.startswith("[joint] step")]
+    assert second[0] < (first[0] + first[-1]) / 2, (first, second)  # from scratch it would repeat first[0]
+    assert json.loads((again / "training_summary.json").read_text())["weights_from"]["model.safetensors"] == \
+        hashlib.sha256((out / "model.safetensors").read_bytes()).hexdigest()
+    refused = subprocess.run(script + ["--weights-from", str(ROOT / "nld_trt" / "assets" / "tiny-nld"), "--out",
+                                       str(tmp_path / "x")], capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 2 and "is a text checkpoint" in refused.stderr
