@@ -28,7 +28,19 @@ from nld_trt.serving.client import GrpcClient  # noqa: E402
 FIRST, FOLLOWUP = (next(p for p in load_task("gsm_synth_chat") if p.index == 0 and p.group == g)
                    for g in ("turn 1", "followup"))
 QUESTIONS = [FIRST.question, FOLLOWUP.question]
-RAMBLE = "12 12 12 12 12 12 12 12"  # the embedded model answers this for hundreds of tokens (no EOS)
+RAMBLE = "12 12 12 12 12 12 12 12"
+# The page has no min_tokens field; the stop test adds one to the page's request (the OpenAI front end takes
+# vLLM's `min_tokens`) so the stream runs until the button stops it: the embedded model may end any prompt with an
+# EOS within a few dozen tokens, before the click lands.
+FORCE_LONG_ANSWERS = """
+const minTokens = arguments[0], pageFetch = window.fetch;
+window.fetch = (url, options) => {
+  if (String(url).endsWith("/v1/chat/completions") && options && options.body) {
+    options = {...options, body: JSON.stringify({...JSON.parse(options.body), min_tokens: minTokens})};
+  }
+  return pageFetch(url, options);
+};
+"""
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +120,7 @@ def test_the_stop_button_ends_the_stream_and_frees_its_kv_slot(stack, browser):
     wait(lambda: "ready" in browser.find_element(By.ID, "health").text, what="the health badge")
     Select(browser.find_element(By.ID, "mode")).select_by_value("ar")
     set_field(browser, "max-tokens", "400")
+    browser.execute_script(FORCE_LONG_ANSWERS, 400)
     box = browser.find_element(By.ID, "prompt")
     box.send_keys(RAMBLE)
     box.send_keys(Keys.ENTER)
