@@ -124,14 +124,13 @@ class VisionTower(nn.Module):
         """[3, H, W] -> [patches, hidden] in raster order ([B, 3, H, W] -> [B, patches, hidden]): the patch
         convolution (stride = kernel = patch) as one matrix product over the flattened patches (the same sums;
         and ONNX's Conv has no bfloat16 before opset 22, its MatMul has)."""
+        if image.dim() == 3:
+            return self.patches(image[None])[0]
         c, p = self.config.num_channels, self.config.patch_size
         w = self.patch_conv.weight
         rows, cols = image.shape[-2] // p, image.shape[-1] // p
-        if image.dim() == 4:
-            flat = image.to(w.dtype).reshape(-1, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
-            return flat.reshape(image.shape[0], rows * cols, c * p * p) @ w.reshape(w.shape[0], -1).t()
-        flat = image.to(w.dtype).reshape(c, rows, p, cols, p).permute(1, 3, 0, 2, 4).reshape(rows * cols, c * p * p)
-        return flat @ w.reshape(w.shape[0], -1).t()
+        flat = image.to(w.dtype).reshape(-1, c, rows, p, cols, p).permute(0, 2, 4, 1, 3, 5)
+        return flat.reshape(image.shape[0], rows * cols, c * p * p) @ w.reshape(w.shape[0], -1).t()
 
     def forward(self, images: list[torch.Tensor], layer: int = -1) -> torch.Tensor:
         """images: [3, H, W] each (H, W multiples of the patch size). Returns [N, hidden]: for every patch of every
@@ -172,12 +171,11 @@ class PatchMerger(nn.Module):
     def cells(self, block: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """One image's patches [rows x cols, d] ([B, rows x cols, d] for B images of one size) -> its merged cells
         [cells, d x merge x merge] ([B, cells, ...]), raster order, each cell's patch vectors channel-major."""
+        if block.dim() == 2:
+            return self.cells(block[None], rows, cols)[0]
         m, d = self.merge, block.shape[-1]
-        if block.dim() == 3:
-            g = block.reshape(block.shape[0], rows // m, m, cols // m, m, d).permute(0, 1, 3, 5, 2, 4)
-            return g.reshape(block.shape[0], (rows // m) * (cols // m), d * m * m)
-        g = block.view(rows // m, m, cols // m, m, d).permute(0, 2, 4, 1, 3)
-        return g.reshape(-1, d * m * m)
+        g = block.reshape(block.shape[0], rows // m, m, cols // m, m, d).permute(0, 1, 3, 5, 2, 4)
+        return g.reshape(block.shape[0], (rows // m) * (cols // m), d * m * m)
 
     def forward_batch(self, features: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
         """[B, rows x cols, d] (B images of one size) -> [B, cells, d]."""
