@@ -250,7 +250,7 @@ def example(r: data.Rendered, messages: list[dict]) -> Example:
         if cells is not None:
             if tuple(cells.shape[:2]) != span.grid:
                 raise ValueError(f"cell labels of shape {cells.shape} for an image of {span.grid} cells")
-            cells = torch.from_numpy(cells.reshape(-1, 2))
+            cells = torch.from_numpy(cells.reshape(-1, cells.shape[-1]))
         images.append(ExampleImage(span.pad_positions(), image.pixels, cells))
     return Example(r.ids, r.spans, images)
 
@@ -550,12 +550,12 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
                  if k.startswith(("encoder.vision_tower.", "encoder.multi_modal_projector."))}
         model.load_state_dict({k: v for k, v in state.items() if k[len("encoder."):] not in tower}, strict=True)
         vision.load_state_dict(tower, strict=True)
-    # the auxiliary probe (training only, not saved): each image row's cell colour and object kind
-    colours = len(pictures.COLOURS) + 1
+    # the auxiliary probe (training only, not saved): each image row's cell labels (pictures.CELL_HEADS)
+    heads, head_weights = tuple(pictures.CELL_HEADS.values()), tuple(pictures.CELL_HEAD_WEIGHTS.values())
     probe = None
     if vision is not None and args.probe_weight > 0:
         torch.manual_seed(args.seed + 5)
-        probe = torch.nn.Linear(config.hidden_size, colours + len(pictures.CELL_KINDS))
+        probe = torch.nn.Linear(config.hidden_size, sum(heads))
         groups.append((list(probe.parameters()), 1.0))
     trained = [t for ts, _ in groups for t in ts]
     seed = args.seed + 2 + 1000 * rank
@@ -582,7 +582,7 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
         batch = make_batch(take(), b, MASK_ID, eos_id, g, joint_schedule, PAD_TO)
-        losses = joint_loss(model, batch, args.dlm_weight, vision, probe, colours, args.probe_weight)
+        losses = joint_loss(model, batch, args.dlm_weight, vision, probe, heads, args.probe_weight, head_weights)
         logged = {"ar": losses.ar, "dlm": losses.dlm}
         if probe is not None:  # every worker logs the same keys (a batch without pictures counts 0)
             logged["cells"] = losses.cells or 0.0

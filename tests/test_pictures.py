@@ -108,15 +108,17 @@ def test_cell_labels_say_what_covers_each_28_pixel_cell():
     square = pictures.Shape("square", "blue", 84, 84, 28)  # exactly cells (2, 2) .. (3, 3)
     scene = pictures.Scene("shapes", (224, 168), (255, 255, 255), (square,))
     labels = scene.cell_labels()
-    assert labels.shape == (6, 8, 2)
+    assert labels.shape == (6, 8, len(pictures.CELL_HEADS))
     blue, kind = list(pictures.COLOURS).index("blue") + 1, pictures.CELL_KINDS.index("square")
     inside = np.zeros((6, 8), dtype=bool)
     inside[2:4, 2:4] = True
-    assert (labels[inside] == (blue, kind)).all() and (labels[~inside] == 0).all()
+    assert (labels[inside][:, :2] == (blue, kind)).all() and (labels[~inside][:, :2] == 0).all()
     digit = pictures.Scene("digit", (224, 224), (255, 255, 255), (pictures.Digit(1, "red", 100, 20, 60, 180, 20),))
     kinds = digit.cell_labels()[..., 1]
     assert set(np.unique(kinds)) == {0, pictures.CELL_KINDS.index("digit")}
     assert (kinds[:, :4] == 0).all() and (kinds[1:6, 5] == pictures.CELL_KINDS.index("digit")).all()  # the right stroke
+    values = digit.cell_labels()[..., list(pictures.CELL_HEADS).index("digit")]
+    assert ((values == 1) == (kinds > 0)).all() and (values[kinds == 0] == IGNORE).all()  # its value on its cells only
     with pytest.raises(ValueError, match="not whole 28-pixel cells"):
         pictures.Scene("shapes", (200, 200), (255, 255, 255), (square,)).cell_labels()
     # training pictures carry them; the evaluation's do not need them
@@ -125,6 +127,49 @@ def test_cell_labels_say_what_covers_each_28_pixel_cell():
     assert part["cells"].shape[:2] == (part["image"].size[1] // 28, part["image"].size[0] // 28)
     assert all("cells" not in p for r in pictures.evaluation_set(per_kind=2) for m in r["messages"]
                if isinstance(m["content"], list) for p in m["content"])
+
+
+def test_cell_labels_put_counts_and_ranks_on_each_shapes_cells():
+    """Each shape's cells carry how many shapes share its colour and shape, its colour, its shape, the picture's
+    object count and its ranks left to right and top to bottom; cells off the shapes carry only the count."""
+    items = (pictures.Shape("square", "blue", 42, 42, 14),  # cell (1, 1)
+             pictures.Shape("square", "blue", 154, 98, 14),  # cell (3, 5)
+             pictures.Shape("circle", "blue", 98, 154, 14),  # cell (5, 3)
+             pictures.Shape("square", "red", 182, 14, 14))  # cell (0, 6)
+    labels = pictures.Scene("shapes", (224, 224), (255, 255, 255), items).cell_labels()
+    head = {name: labels[..., k] for k, name in enumerate(pictures.CELL_HEADS)}
+    cells = [(1, 1), (3, 5), (5, 3), (0, 6)]
+    assert [int(head["same"][c]) for c in cells] == [2, 2, 1, 1]
+    assert [int(head["same_colour"][c]) for c in cells] == [3, 3, 3, 1]
+    assert [int(head["same_shape"][c]) for c in cells] == [3, 3, 1, 3]
+    assert [int(head["x_rank"][c]) for c in cells] == [0, 2, 1, 3]
+    assert [int(head["y_rank"][c]) for c in cells] == [1, 2, 3, 0]
+    assert (head["objects"] == 4).all() and (head["digit"] == IGNORE).all()
+    assert sorted(zip(*np.nonzero(head["centre"]))) == sorted(cells)  # one cell per shape: its centre's
+    # which side of each other shape a name picks out: the two blue squares only by no name ("square": 3 of them,
+    # "blue square": 2), the circle as "circle" and "blue circle", the red square as "red square"
+    sides = {name[2:] for name in pictures.CELL_HEADS if name.startswith("x:") and (head[name] != IGNORE).any()}
+    assert sides == {"circle", "blue circle", "red square"}
+    assert [int(head["x:circle"][c]) for c in cells] == [0, 1, IGNORE, 1]
+    assert [int(head["y:circle"][c]) for c in cells] == [0, 0, IGNORE, 0]
+    assert [int(head["x:red square"][c]) for c in cells] == [0, 0, 0, IGNORE]
+    assert [int(head["y:red square"][c]) for c in cells] == [1, 1, 1, IGNORE]
+    off = head["kind"] == 0
+    assert int(off.sum()) == 64 - 4 and all((head[name][off] == IGNORE).all() for name in
+                                            ("same", "same_colour", "same_shape", "x_rank", "y_rank"))
+    # the labels' classes fit the probe's heads, over many training pictures
+    rng = random.Random(0)
+    sizes = np.array(list(pictures.CELL_HEADS.values()))
+    for _ in range(60):
+        got = pictures.item(rng.choice(pictures.TRAIN_KINDS), rng).scene.cell_labels().reshape(-1, len(sizes))
+        assert ((got == IGNORE) | ((got >= 0) & (got < sizes))).all()
+
+
+def test_training_asks_the_hardest_kinds_first_most_often():
+    firsts = collections.Counter(it.question.kind for it in itertools.islice(pictures.items(0), 1400))
+    assert set(firsts) == set(pictures.TRAIN_KINDS)
+    for hard in ("count", "position", "digit", "describe"):  # weight 2 against 1: 200 vs 100 expected
+        assert 1.4 < firsts[hard] / firsts["colour"] < 2.8, firsts
 
 
 def test_digits_are_seven_segment_drawings_that_differ():
@@ -237,7 +282,7 @@ def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm
     r = data.render(tok, conv, prompts=prompts)
     (span,) = r.images
     pads = span.pad_positions()
-    cells = torch.from_numpy(it.scene.cell_labels().reshape(-1, 2))
+    cells = torch.from_numpy(it.scene.cell_labels().reshape(-1, len(pictures.CELL_HEADS)))
     ex = Example(r.ids, r.spans, [ExampleImage(pads, r.pixels[0].pixels, cells)])
     rt = data.render(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "2"}])
     text = Example(rt.ids, rt.spans)
@@ -271,12 +316,35 @@ def test_image_rows_replace_the_pads_in_both_copies_and_train_the_tower(tiny_vlm
     image = batch.image_index >= 0
     assert torch.equal(embeds[~image], plain[~image])
     assert torch.allclose(embeds[image], rows[batch.image_index[image]])
-    probe = torch.nn.Linear(config.text.hidden_size, len(pictures.COLOURS) + 1 + len(pictures.CELL_KINDS))
-    loss = joint_loss(model, batch, 1.0, vision, probe, len(pictures.COLOURS) + 1)
+    heads = tuple(pictures.CELL_HEADS.values())
+    probe = torch.nn.Linear(config.text.hidden_size, sum(heads))
+    loss = joint_loss(model, batch, 1.0, vision, probe, heads)
     assert loss.cells is not None and loss.cells > 0
     loss.total.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in [*vision.parameters(), *probe.parameters()])
-    assert joint_loss(model, unlabelled, 1.0, vision, probe, len(pictures.COLOURS) + 1).cells is None
+    assert joint_loss(model, unlabelled, 1.0, vision, probe, heads).cells is None
     model.zero_grad(set_to_none=True)
     with pytest.raises(ValueError, match="needs the vision encoder"):
         input_embeddings(model, batch, None)
+
+
+def test_the_probe_loss_counts_each_label_only_where_it_applies():
+    import torch.nn.functional as F
+
+    from nld_trt.training.objective import cell_loss
+
+    torch.manual_seed(0)
+    rows, heads = torch.randn(5, 8), (3, 4)
+    probe = torch.nn.Linear(8, sum(heads))
+    cells = torch.tensor([[0, IGNORE], [1, 2], [2, IGNORE], [0, 3], [1, 0]])
+    colour, other = probe(rows).split(list(heads), dim=-1)
+    on = cells[:, 1] != IGNORE
+    want = F.cross_entropy(colour, cells[:, 0]) + F.cross_entropy(other[on], cells[on, 1])
+    assert torch.allclose(cell_loss(probe, rows, cells, heads), want)
+    assert torch.allclose(cell_loss(probe, rows, cells, heads, (1.0, 0.25)),
+                          F.cross_entropy(colour, cells[:, 0]) + 0.25 * F.cross_entropy(other[on], cells[on, 1]))
+    cells[:, 1] = IGNORE  # a column no row has contributes nothing (not a NaN)
+    assert torch.allclose(cell_loss(probe, rows, cells, heads), F.cross_entropy(colour, cells[:, 0]))
+    assert cell_loss(probe, rows, torch.full((5, 2), IGNORE), heads) is None
+    with pytest.raises(ValueError, match="3 label columns for a probe of 2 heads"):
+        cell_loss(probe, rows, torch.zeros(5, 3, dtype=torch.long), heads)

@@ -1,7 +1,7 @@
 """The embedded tiny VLM (`nld_trt/assets/tiny-nld-vlm`): the release VLM layout, loaded with no download,
 answering questions about held-out synthetic pictures: greedy `linear_spec` returns exactly the `ar` tokens on
 the whole `shapes_synth` set, the diffusion modes decide several tokens per forward, the kinds it learned stay
-above a floor well over their most common answer (count, position and digit it did not learn: README), the
+above a floor well over their most common answer (position it did not learn: README), the
 default sample picture is answered right in every mode, and `nld-trt generate --image` uses it by default."""
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ MODEL = default_model_path(images=True)
 SUMMARY = json.loads((MODEL / "training_summary.json").read_text())
 BATCH = 50
 # the floor this model's greedy `ar` holds on each group it learned, over the whole evaluation set (8 points below
-# what it measured: README, "The embedded tiny VLM"); the groups it scores near their most common answer on
-NOT_LEARNED = {"count", "position", "digit"}
-FLOORS = {"colour": 0.92, "shape": 0.82, "bars": 0.62, "followup": 0.78, "arithmetic": 0.90}
+# what it measured, count 6: README, "The embedded tiny VLM"); the group it scores at chance on
+NOT_LEARNED = {"position"}
+FLOORS = {"colour": 0.92, "shape": 0.88, "bars": 0.84, "followup": 0.80, "arithmetic": 0.92, "count": 0.58,
+          "digit": 0.84}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +105,7 @@ def test_the_learned_kinds_are_answered_well_above_their_most_common_answer(runs
     majority = majority_rates(load_task("shapes_synth"))
     assert set(majority) == set(FLOORS) | NOT_LEARNED and not set(FLOORS) & NOT_LEARNED
     for group, floor in FLOORS.items():  # the floors themselves are well above answering a constant
-        assert floor >= majority[group] + 0.25, (group, majority[group])
+        assert round(floor - majority[group], 6) >= 0.2, (group, majority[group])
     ar = runs["ar"]
     for group, floor in FLOORS.items():
         assert ar.groups[group].accuracy >= floor, (group, ar.as_dict()["groups"])

@@ -31,6 +31,7 @@ span's last block started.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -56,7 +57,7 @@ class MaskSchedule:
 class ExampleImage:
     pads: list[int]  # positions of its pads, in the order of the encoder's rows (raster order of its cells)
     pixels: torch.Tensor  # [3, H, W], normalised
-    cells: torch.Tensor | None = None  # [cells, 2] (colour class, kind class) per cell, for the auxiliary probe
+    cells: torch.Tensor | None = None  # [cells, labels] per cell (its colour class, kind class, ...), for the auxiliary probe
 
 
 @dataclass
@@ -84,7 +85,7 @@ class JointBatch:
     teacher: torch.Tensor  # [N, S] slot of the clean logits that predict a masked slot's token (-1: none)
     image_index: torch.Tensor | None = None  # [N, S] row of the batch's image rows replacing the slot's embedding
     images: list[torch.Tensor] = field(default_factory=list)  # the batch's images' pixels, in row order
-    cells: torch.Tensor | None = None  # [rows, 2] labels of the batch's image rows (IGNORE: unlabelled)
+    cells: torch.Tensor | None = None  # [rows, labels] of the batch's image rows (IGNORE: unlabelled)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -133,6 +134,10 @@ def make_batch(
     count = 0
     images: list[torch.Tensor] = []
     cells: list[torch.Tensor] = []
+    labels = {e.cells.shape[1] for x in examples for e in x.images if e.cells is not None}
+    if len(labels) > 1:
+        raise ValueError(f"the batch's images have cell labels of {sorted(labels)} columns; give them all the same")
+    width = labels.pop() if labels else 1
     image_index = torch.full((n, s), -1, dtype=torch.long) if any(e.images for e in examples) else None
     row_base = 0  # the first image row of the next image
     for i, (e, r) in enumerate(zip(examples, rows)):
@@ -142,9 +147,9 @@ def make_batch(
                 at.update({p: row_base + k for k, p in enumerate(image.pads)})
                 row_base += len(image.pads)
                 images.append(image.pixels)
-                if image.cells is not None and image.cells.shape != (len(image.pads), 2):
+                if image.cells is not None and image.cells.shape != (len(image.pads), width):
                     raise ValueError(f"an image of {len(image.pads)} cells has labels of shape {tuple(image.cells.shape)}")
-                cells.append(image.cells if image.cells is not None else torch.full((len(image.pads), 2), IGNORE))
+                cells.append(image.cells if image.cells is not None else torch.full((len(image.pads), width), IGNORE))
             slots = torch.cat([torch.arange(len(r["clean"])), tc + torch.arange(len(r["noisy"]))])
             where = torch.cat([torch.arange(len(r["clean"])), torch.tensor(r["positions"], dtype=torch.long)])
             index = torch.tensor([at.get(int(p), -1) for p in where], dtype=torch.long)
@@ -226,14 +231,20 @@ class Losses:
     cells: float | None = None  # the auxiliary probe's loss (batches with labelled images)
 
 
-def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, colours: int) -> torch.Tensor | None:
-    """Cross-entropy of the probe's colour (first `colours` logits) and kind (the rest) for every labelled row."""
-    labelled = cells[:, 0] != IGNORE
-    if not labelled.any():
+def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, heads: Sequence[int],
+              weights: Sequence[float] | None = None) -> torch.Tensor | None:
+    """The sum over label columns, each times its `weights[k]` (default 1), of the cross-entropy of the probe's
+    logits for that column (its `heads[k]` classes, the logits in column order) on the rows where the column
+    applies (not IGNORE); None where no row has a label."""
+    if (cells == IGNORE).all():  # (a batch's unlabelled images: one column of IGNORE each)
         return None
-    logits = probe(rows[labelled]).float()
-    return (F.cross_entropy(logits[:, :colours], cells[labelled, 0])
-            + F.cross_entropy(logits[:, colours:], cells[labelled, 1]))
+    if cells.shape[1] != len(heads):
+        raise ValueError(f"{cells.shape[1]} label columns for a probe of {len(heads)} heads")
+    weights = [1.0] * len(heads) if weights is None else weights
+    logits = probe(rows).float().split(list(heads), dim=-1)
+    losses = [w * F.cross_entropy(z[cells[:, k] != IGNORE], cells[cells[:, k] != IGNORE, k])
+              for k, (z, w) in enumerate(zip(logits, weights, strict=True)) if (cells[:, k] != IGNORE).any()]
+    return torch.stack(losses).sum() if losses else None
 
 
 def image_rows(batch: JointBatch, vision) -> torch.Tensor:
@@ -264,11 +275,12 @@ def input_embeddings(model: NLDModel, batch: JointBatch, vision=None, rows: torc
 
 
 def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None, probe=None,
-               probe_colours: int = 0, probe_weight: float = 1.0) -> Losses:
+               probe_heads: Sequence[int] = (), probe_weight: float = 1.0,
+               probe_head_weights: Sequence[float] | None = None) -> Losses:
     """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
     ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images),
-    + `probe_weight` x the auxiliary probe's loss on labelled image rows (`probe`: rows -> `probe_colours`
-    colour logits then kind logits)."""
+    + `probe_weight` x the auxiliary probe's loss on labelled image rows (`probe`: rows -> the logits of each
+    label column in turn, `probe_heads` classes each, weighted `probe_head_weights`: `cell_loss`)."""
     rows = image_rows(batch, vision) if batch.image_index is not None else None
     embeds = input_embeddings(model, batch, vision, rows)
     logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
@@ -276,7 +288,7 @@ def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, visi
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
     total = ar + dlm_weight * dlm
-    aux = None if probe is None or rows is None else cell_loss(probe, rows, batch.cells, probe_colours)
+    aux = None if probe is None or rows is None else cell_loss(probe, rows, batch.cells, probe_heads, probe_head_weights)
     if aux is not None:
         total = total + probe_weight * aux
     return Losses(total, ar.item(), dlm.item(), None if aux is None else aux.item())

@@ -21,10 +21,16 @@ Training also asks `describe` ("Describe the picture."): every object named with
 scratch learns to see from fastest; the evaluation set asks only the exact-answer kinds.
 
 Each training picture also carries per-cell labels (`Scene.cell_labels`: for every 28-pixel cell, the colour
-and the kind of object covering most of it), which the recipe's auxiliary probe reads from the encoder's rows:
-without that dense signal the rows of a tower trained from scratch collapsed to one constant vector, every
-cell the same, before the model learned to read them (in short runs that also had a bug since fixed: the README's
-tiny VLM section).
+and the kind of object covering most of it, and facts about that object: `CELL_HEADS`), which the recipe's
+auxiliary probe reads from the encoder's rows. Without the first two the rows of a tower trained from scratch
+collapsed to one constant vector, every cell the same, before the model learned to read them (in short runs
+that also had a bug since fixed: the README's tiny VLM section). The others put what a count, a digit or a
+left / right question asks into the rows of the object it asks about: the digit's value on each of its
+cells; on each shape's cells how many shapes share its colour and shape, its colour, its shape, and its rank
+left to right and top to bottom; on every cell of a shapes or bars picture how many objects it holds; and on
+every cell whether an object's centre lies in it (one cell per object, however many cells the object covers). A model
+trained on the first two alone learned colours, shapes and charts and stayed at chance on counts, positions
+and digits (the README's tiny VLM section).
 
 Conversations (`conversations`) are lists of OpenAI-style messages whose user turns hold image content parts
 (`{"type": "image", "image": PIL image}`), rendered by the checkpoint's chat template as serving renders them
@@ -59,10 +65,31 @@ SIZES = ((224, 224), (224, 224), (224, 168), (168, 224), (196, 196))  # the tiny
 KINDS = ("count", "colour", "shape", "position", "digit", "bars")  # evaluated (exact answers)
 CELL = 28  # pixels per image token (patch 14 x merge 2): every training canvas is whole cells, under the 224 cap
 CELL_KINDS = ("background", "circle", "square", "triangle", "bar", "digit")  # cell label classes (colour: 0 + 1..6)
+IGNORE = -100  # a cell label that does not apply (the probe's loss skips it)
+MAX_OBJECTS = 6  # shapes in a picture (bars: 5)
+# the per-cell label columns and their class counts: colour (0 background), object kind, the digit's value, how many
+# shapes share the cell's shape's colour and shape / colour / shape (1..6), how many objects the picture holds
+# (0..6), the shape's rank left to right (by centre x) and top to bottom (by centre y) among the picture's shapes,
+# and whether an object's centre lies in the cell (one cell per object, whatever its size: what a count counts);
+# then, on a shape's cells, for every name that picks out one other shape ("red circle", or "circle" where it is the
+# only circle), which side of it this shape lies: "x:NAME" 0 left / 1 right, "y:NAME" 0 above / 1 below (IGNORE
+# where the centres are less than POSITION_GAP apart on that axis, as a position question never asks)
+NAMES = tuple(f"{c} {s}" for c in COLOURS for s in SHAPES) + SHAPES
+CELL_HEADS = {"colour": 1 + len(COLOURS), "kind": len(CELL_KINDS), "digit": 10, "same": MAX_OBJECTS + 1,
+              "same_colour": MAX_OBJECTS + 1, "same_shape": MAX_OBJECTS + 1, "objects": MAX_OBJECTS + 1,
+              "x_rank": MAX_OBJECTS, "y_rank": MAX_OBJECTS, "centre": 2,
+              **{f"{axis}:{name}": 2 for axis in "xy" for name in NAMES}}
+# the probe's loss weight of each column: the side columns, many and each about one name, a seventh each (three
+# columns' worth per axis)
+CELL_HEAD_WEIGHTS = {name: 1 / 7 if ":" in name else 1.0 for name in CELL_HEADS}
+POSITION_GAP = 28  # pixels between two centres on the axis a position question asks about
 TRAIN_KINDS = KINDS + ("describe",)
 SCENE_OF_KIND = {"count": "shapes", "colour": "shapes", "shape": "shapes", "position": "shapes", "digit": "digit",
                  "bars": "bars"}
 DESCRIBE_SCENES = ("shapes", "shapes", "digit", "bars")
+# how often each kind opens a training conversation: a description (it says the most about the picture) and the
+# kinds a model learns last (counts, positions, digits: the README's tiny VLM section) twice as often as the others
+FIRST_QUESTION_WEIGHTS = {"count": 2, "colour": 1, "shape": 1, "position": 2, "digit": 2, "bars": 1, "describe": 2}
 # seven-segment digits: segments a (top), b (top right), c (bottom right), d (bottom), e (bottom left),
 # f (top left), g (middle)
 SEGMENTS = {0: "abcdef", 1: "bc", 2: "abdeg", 3: "abcdg", 4: "bcfg", 5: "acdfg", 6: "acdefg", 7: "abc", 8: "abcdefg",
@@ -118,58 +145,103 @@ class Scene:
         from PIL import Image, ImageDraw
 
         image = Image.new("RGB", self.size, self.background)
-        self._paint(image, lambda colour, kind: COLOURS[colour])
+        self._paint(image, lambda i: COLOURS[self.items[i].colour])
         if self.kind == "bars":
             w, h = self.size
             ImageDraw.Draw(image).line((8, h - 16, w - 8, h - 16), fill=(60, 60, 60), width=2)
         return image
 
     def _paint(self, image, fill) -> None:
-        """Draw every object onto `image` with `fill(colour, kind)` (a colour, or a label for a label map)."""
+        """Draw every object onto `image` with `fill(index)` (a colour, or a label for a label map)."""
         from PIL import ImageDraw
 
         d = ImageDraw.Draw(image)
         if self.kind == "shapes":
-            for s in self.items:
+            for i, s in enumerate(self.items):
                 box = (s.x - s.r, s.y - s.r, s.x + s.r, s.y + s.r)
                 if s.shape == "circle":
-                    d.ellipse(box, fill=fill(s.colour, s.shape))
+                    d.ellipse(box, fill=fill(i))
                 elif s.shape == "square":
-                    d.rectangle(box, fill=fill(s.colour, s.shape))
+                    d.rectangle(box, fill=fill(i))
                 else:
-                    d.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)],
-                              fill=fill(s.colour, s.shape))
+                    d.polygon([(s.x, s.y - s.r), (s.x - s.r, s.y + s.r), (s.x + s.r, s.y + s.r)], fill=fill(i))
         elif self.kind == "digit":
-            for g in self.items:
+            for i, g in enumerate(self.items):
                 for box in _segments(g):
-                    d.rectangle(box, fill=fill(g.colour, "digit"))
+                    d.rectangle(box, fill=fill(i))
         else:
-            for box, bar in zip(self.bar_boxes(), self.items):
-                d.rectangle(box, fill=fill(bar.colour, "bar"))
+            for i, box in enumerate(self.bar_boxes()):
+                d.rectangle(box, fill=fill(i))
 
     def cell_labels(self, cell: int = CELL, cover: float = 0.15):
-        """[rows, cols, 2] int64 per `cell`-pixel cell: its colour class (0 background, 1.. the COLOURS in order)
-        and its CELL_KINDS class, those of the object covering most of the cell, or background where objects
-        cover less than `cover` of it. The canvas must be whole cells (every training size is)."""
+        """[rows, cols, len(CELL_HEADS)] int64 per `cell`-pixel cell, the columns in CELL_HEADS order: the colour
+        class (0 background, 1.. the COLOURS in order) and CELL_KINDS class of the object covering most of the
+        cell (background where objects cover less than `cover` of it), then that object's facts (IGNORE where one
+        does not apply: no digit value off a digit, no shape facts off a shape). The canvas must be whole cells
+        (every training size is)."""
         import numpy as np
         from PIL import Image
 
         w, h = self.size
         if w % cell or h % cell:
             raise ValueError(f"a {w} x {h} canvas is not whole {cell}-pixel cells")
-        colours, kinds = list(COLOURS), list(CELL_KINDS)
-        label = Image.new("L", self.size, 0)  # an object's pixels: 1 + colour index x len(kinds) + kind index
-        self._paint(label, lambda colour, kind: 1 + colours.index(colour) * len(kinds) + kinds.index(kind))
+        if len(self.items) > 255:
+            raise ValueError(f"{len(self.items)} objects do not fit an 8-bit label map")
+        index = Image.new("L", self.size, 0)  # an object's pixels: 1 + its index in self.items
+        self._paint(index, lambda i: 1 + i)
         rows, cols = h // cell, w // cell
-        grid = np.asarray(label).reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
-        out = np.zeros((rows, cols, 2), dtype=np.int64)
+        grid = np.asarray(index).reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
+        facts = [self._facts(i) for i in range(len(self.items))]
+        background = [0, 0] + [IGNORE] * (len(CELL_HEADS) - 2)
+        if self.kind != "digit":
+            background[list(CELL_HEADS).index("objects")] = len(self.items)
+        out = np.tile(np.array(background, dtype=np.int64), (rows, cols, 1))
         for r in range(rows):
             for c in range(cols):
                 values, counts = np.unique(grid[r, c][grid[r, c] > 0], return_counts=True)
                 if counts.sum() >= cover * cell * cell:
-                    v = int(values[counts.argmax()]) - 1
-                    out[r, c] = (1 + v // len(kinds), v % len(kinds))
+                    out[r, c] = facts[int(values[counts.argmax()]) - 1]
+        centre = list(CELL_HEADS).index("centre")
+        out[..., centre] = 0
+        for x, y in self.centres():
+            out[min(y // cell, rows - 1), min(x // cell, cols - 1), centre] = 1
         return out
+
+    def centres(self) -> list[tuple[int, int]]:
+        """Each object's centre pixel (a shape's, a digit's box's, a bar's), in item order."""
+        if self.kind == "shapes":
+            return [(s.x, s.y) for s in self.items]
+        if self.kind == "digit":
+            return [(g.x + g.w // 2, g.y + g.h // 2) for g in self.items]
+        return [((x0 + x1) // 2, (y0 + y1) // 2) for x0, y0, x1, y1 in self.bar_boxes()]
+
+    def _facts(self, i: int) -> list[int]:
+        """The label columns (CELL_HEADS) of a cell that object `i` covers."""
+        item, kinds = self.items[i], list(CELL_KINDS)
+        kind = {"shapes": getattr(item, "shape", None), "digit": "digit", "bars": "bar"}[self.kind]
+        row = dict.fromkeys(CELL_HEADS, IGNORE)  # (the centre column is set per cell by cell_labels)
+        row.update(colour=1 + list(COLOURS).index(item.colour), kind=kinds.index(kind))
+        if self.kind == "digit":
+            row["digit"] = item.value
+        else:
+            row["objects"] = len(self.items)
+        if self.kind == "shapes":
+            row.update(same=sum(s.colour == item.colour and s.shape == item.shape for s in self.items),
+                       same_colour=sum(s.colour == item.colour for s in self.items),
+                       same_shape=sum(s.shape == item.shape for s in self.items),
+                       x_rank=sorted(self.items, key=lambda s: (s.x, s.y)).index(item),
+                       y_rank=sorted(self.items, key=lambda s: (s.y, s.x)).index(item))
+            for other in self.items:
+                if other is item:
+                    continue
+                names = [f"{other.colour} {other.shape}", other.shape]
+                for name in names:
+                    if sum(name in (f"{s.colour} {s.shape}", s.shape) for s in self.items) != 1:
+                        continue  # the name does not pick `other` out
+                    for axis, gap in (("x", item.x - other.x), ("y", item.y - other.y)):
+                        if abs(gap) >= POSITION_GAP:
+                            row[f"{axis}:{name}"] = int(gap > 0)
+        return list(row.values())
 
     def bar_boxes(self) -> list[tuple[int, int, int, int]]:
         w, h = self.size
@@ -320,7 +392,7 @@ def ask_position(scene: Scene, rng: random.Random) -> Question | None:
     for a, b in pairs:
         for axis in axes:
             gap = (a.x - b.x) if axis == "x" else (a.y - b.y)
-            if abs(gap) < 28:
+            if abs(gap) < POSITION_GAP:
                 continue
             if axis == "x":
                 q = rng.choice(("Is the {a} left or right of the {b}?", "Is the {a} to the left or to the right of "
@@ -410,12 +482,13 @@ def followups(scene: Scene, asked: Question, rng: random.Random, train: bool = F
 
 
 def items(seed: int, exclude: Iterable[str] = ()) -> Iterator[Item]:
-    """An endless seeded stream of pictures with a first question of any training kind, drawn at random (a
-    description twice as often as each other kind: it says the most about the picture)."""
+    """An endless seeded stream of pictures with a first question of any training kind, drawn at random with
+    FIRST_QUESTION_WEIGHTS."""
     rng = random.Random(f"pictures-{seed}")
     skip = set(exclude)
+    kinds, weights = list(FIRST_QUESTION_WEIGHTS), list(FIRST_QUESTION_WEIGHTS.values())
     while True:
-        yield item(rng.choice(TRAIN_KINDS + ("describe",)), rng, skip)
+        yield item(rng.choices(kinds, weights)[0], rng, skip)
 
 
 # Conversations ----------------------------------------------------------------------------------------
