@@ -236,15 +236,16 @@ def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, h
     """The sum over label columns, each times its `weights[k]` (default 1), of the cross-entropy of the probe's
     logits for that column (its `heads[k]` classes, the logits in column order) on the rows where the column
     applies (not IGNORE); None where no row has a label."""
-    if (cells == IGNORE).all():  # (a batch's unlabelled images: one column of IGNORE each)
+    applies = cells != IGNORE
+    if not applies.any():  # (a batch's unlabelled images: one column of IGNORE each)
         return None
     if cells.shape[1] != len(heads):
         raise ValueError(f"{cells.shape[1]} label columns for a probe of {len(heads)} heads")
     weights = [1.0] * len(heads) if weights is None else weights
     logits = probe(rows).float().split(list(heads), dim=-1)
-    losses = [w * F.cross_entropy(z[cells[:, k] != IGNORE], cells[cells[:, k] != IGNORE, k])
-              for k, (z, w) in enumerate(zip(logits, weights, strict=True)) if (cells[:, k] != IGNORE).any()]
-    return torch.stack(losses).sum() if losses else None
+    losses = [w * F.cross_entropy(z[on], cells[on, k])
+              for k, (z, w, on) in enumerate(zip(logits, weights, applies.T, strict=True)) if on.any()]
+    return torch.stack(losses).sum()
 
 
 def image_rows(batch: JointBatch, vision) -> torch.Tensor:

@@ -217,10 +217,10 @@ class Scene:
 
     def _facts(self, i: int) -> list[int]:
         """The label columns (CELL_HEADS) of a cell that object `i` covers."""
-        item, kinds = self.items[i], list(CELL_KINDS)
-        kind = {"shapes": getattr(item, "shape", None), "digit": "digit", "bars": "bar"}[self.kind]
+        item = self.items[i]
+        kind = item.shape if self.kind == "shapes" else {"digit": "digit", "bars": "bar"}[self.kind]
         row = dict.fromkeys(CELL_HEADS, IGNORE)  # (the centre column is set per cell by cell_labels)
-        row.update(colour=1 + list(COLOURS).index(item.colour), kind=kinds.index(kind))
+        row.update(colour=1 + list(COLOURS).index(item.colour), kind=CELL_KINDS.index(kind))
         if self.kind == "digit":
             row["digit"] = item.value
         else:
