@@ -382,6 +382,16 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
     return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
 
 
+def orphaned() -> bool:
+    """Whether this is a data-parallel worker whose launching process has died. torch's `mp.spawn` does not stop
+    its workers when the launcher is killed (SIGTERM, SIGKILL: only Ctrl-C reaches the whole process group), and
+    they would train on for nobody, holding both cores."""
+    import multiprocessing
+
+    parent = multiprocessing.parent_process()
+    return parent is not None and not parent.is_alive()
+
+
 def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr: float, log_every: int,
                 wd: float, bf16: bool, snapshot=None) -> tuple[list[dict], dict]:
     """Run `step_fn(step) -> (loss tensor, logged dict)` with AdamW for `steps` steps; should the time cap
@@ -399,6 +409,8 @@ def train_phase(name: str, steps: int, seconds: float, step_fn, params, peak_lr:
     running: dict[str, float] = {}
     step, capped = 0, False
     while True:
+        if orphaned():
+            raise SystemExit("the trainer that started this worker is gone (killed?): the worker stops too")
         by_time = (time.perf_counter() - start) / seconds
         progress = max(step / steps, by_time)
         if dist.is_initialized():  # every worker takes the same schedule and stops at the same step

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from nld_trt.model import NLDModel, init_weights
@@ -335,6 +336,63 @@ def test_tiny_recipe_writes_a_loadable_checkpoint(tmp_path):
     assert model.config.mask_token_id == MASK_ID and model.config.dlm_type == "llada"
     ar, spec = (model.generate(["Tom has 3 apples."], mode=m, max_new_tokens=12)[0] for m in ("ar", "linear_spec"))
     assert ar.token_ids == spec.token_ids  # greedy linear_spec is lossless even for an untrained model
+
+
+def _children(pid: int) -> list[int]:
+    kids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1]) == pid:
+                kids.append(int(entry.name))
+        except (OSError, IndexError):
+            continue
+    return kids
+
+
+def _running(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads process parents from /proc (Linux)")
+def test_killing_the_trainer_stops_its_data_parallel_workers(tmp_path):
+    """A trainer started in the background (`nohup ... &`: SIGINT ignored, as a shell starts a background command)
+    and killed with SIGTERM: its two spawned workers stop within seconds instead of training on for nobody. torch's
+    mp.spawn asks the kernel to send its workers SIGINT when their parent dies, which they then ignore too."""
+    import os
+    import signal
+    import time
+
+    workers: list[int] = []
+    log = (tmp_path / "log.txt").open("w")
+    trainer = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--out", str(tmp_path / "out"),
+                                "--steps", "100000", "--lora-steps", "1", "--time-budget", "30", "--hidden", "64",
+                                "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "32",
+                                "--intermediate", "128", "--vocab", "512", "--batch-tokens", "600", "--log-every", "2"],
+                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `cmd &` runs it
+    try:
+        deadline = time.monotonic() + 120
+        while (tmp_path / "log.txt").read_text().count("[joint] step") < 20:  # well into training
+            assert trainer.poll() is None and time.monotonic() < deadline, (tmp_path / "log.txt").read_text()
+            time.sleep(0.5)
+        workers = _children(trainer.pid)
+        assert len(workers) >= 2
+        trainer.send_signal(signal.SIGTERM)
+        trainer.wait(timeout=30)
+        deadline = time.monotonic() + 30
+        while any(_running(w) for w in workers) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not any(_running(w) for w in workers), "workers still training after their trainer was killed"
+        assert "the trainer that started this worker is gone" in (tmp_path / "log.txt").read_text()
+    finally:
+        for pid in [trainer.pid, *workers]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
 
 def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
