@@ -76,9 +76,15 @@ def test_every_answer_is_what_the_picture_shows():
                 (s,) = [s for s in scene.items if s.colour == colour]
                 assert q.value == s.shape
             elif kind == "position":
-                m = re.match(r"The (.+) is (?:left of|right of|above|below) the (.+)\. The answer", q.answer)
-                (a,), (b,) = ([s for s in scene.items if s.describe(scene) == d] for d in (m[1], m[2]))
-                assert f"the {m[1]} " in q.question and q.question.endswith(f"the {m[2]}?")
+                m = re.match(r"The (.+) is (\d)(?:st|nd|rd|th) from the (left|top), the (.+) (\d)(?:st|nd|rd|th)\. The answer",
+                             q.answer)
+                (a,), (b,) = ([s for s in scene.items if s.describe(scene) == d] for d in (m[1], m[4]))
+                axis = "x" if q.value in ("left", "right") else "y"
+                along = sorted(scene.items, key=lambda s: (s.x, s.y) if axis == "x" else (s.y, s.x))
+                # each shape's rank along the axis asked about
+                assert (int(m[2]), m[3], int(m[5])) == (along.index(a) + 1, {"x": "left", "y": "top"}[axis],
+                                                        along.index(b) + 1)
+                assert f"the {m[1]} " in q.question and q.question.endswith(f"the {m[4]}?")
                 gap = {"left": b.x - a.x, "right": a.x - b.x, "above": b.y - a.y, "below": a.y - b.y}[q.value]
                 assert gap >= 28
             elif kind == "digit":

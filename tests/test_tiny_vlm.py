@@ -22,10 +22,10 @@ MODEL = default_model_path(images=True)
 SUMMARY = json.loads((MODEL / "training_summary.json").read_text())
 BATCH = 50
 # the floor this model's greedy `ar` holds on each group it learned, over the whole evaluation set (8 points below
-# what it measured, count 6: README, "The embedded tiny VLM"); the group it scores at chance on
+# what it measured: README, "The embedded tiny VLM"); the group it scores at chance on
 NOT_LEARNED = {"position"}
-FLOORS = {"colour": 0.92, "shape": 0.88, "bars": 0.84, "followup": 0.80, "arithmetic": 0.92, "count": 0.58,
-          "digit": 0.84}
+FLOORS = {"colour": 0.92, "shape": 0.86, "bars": 0.86, "followup": 0.86, "arithmetic": 0.90, "count": 0.60,
+          "digit": 0.90}
 
 
 @pytest.fixture(scope="module")

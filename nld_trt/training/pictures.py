@@ -12,7 +12,9 @@ Every question is of one `KINDS` type and its answer is a short templated senten
 - `count`: "How many red circles are there?" (a colour, a shape, both, or every shape; 1 to 6);
 - `colour`: "What colour is the square?" (a shape drawn exactly once);
 - `shape`: "What shape is the blue one?" (a colour used exactly once);
-- `position`: "Is the triangle left or right of the circle?" (or above / below, about a third of them);
+- `position`: "Is the triangle left or right of the circle?" (or above / below, about a third of them); its
+  answer first gives the two shapes' ranks along that axis ("The triangle is 3rd from the left, the circle 1st."),
+  then the side;
 - `digit`: "What digit is shown?";
 - `bars`: "Which bar is tallest?" / "... shortest?" (the bar's colour).
 A follow-up is another question about the same picture, asked in a later turn without sending it again.
@@ -229,8 +231,7 @@ class Scene:
             row.update(same=sum(s.colour == item.colour and s.shape == item.shape for s in self.items),
                        same_colour=sum(s.colour == item.colour for s in self.items),
                        same_shape=sum(s.shape == item.shape for s in self.items),
-                       x_rank=sorted(self.items, key=lambda s: (s.x, s.y)).index(item),
-                       y_rank=sorted(self.items, key=lambda s: (s.y, s.x)).index(item))
+                       x_rank=_in_order(self, "x").index(item), y_rank=_in_order(self, "y").index(item))
             for other in self.items:
                 if other is item:
                     continue
@@ -402,8 +403,24 @@ def ask_position(scene: Scene, rng: random.Random) -> Question | None:
                 q = rng.choice(("Is the {a} above or below the {b}?",)).format(a=names[a], b=names[b])
                 side = "above" if gap < 0 else "below"
             rel = f"{side} of" if axis == "x" else side
-            return Question("position", q, f"The {names[a]} is {rel} the {names[b]}. {boxed(side)}", side)
+            # the answer gives each shape's rank along the axis asked about (left to right or top to bottom, as the
+            # probe's rank labels put it in the shape's rows), then the side: the verdict compares two digits. The
+            # committed model trained on these answers still scores near chance on positions, as it did on bare
+            # verdicts and on verdicts after a list of every shape in order (README, "The embedded tiny VLM")
+            along = _in_order(scene, axis)
+            edge = "left" if axis == "x" else "top"
+            return Question("position", q, f"The {names[a]} is {_ordinal(along.index(a) + 1)} from the {edge}, the "
+                            f"{names[b]} {_ordinal(along.index(b) + 1)}. {boxed(side)}", side)
     return None
+
+
+def _ordinal(n: int) -> str:
+    return str(n) + {1: "st", 2: "nd", 3: "rd"}.get(n, "th")
+
+
+def _in_order(scene: Scene, axis: str = "x") -> list[Shape]:
+    """The scene's shapes left to right (axis "x", ties top first) or top to bottom ("y", ties left first)."""
+    return sorted(scene.items, key=(lambda s: (s.x, s.y)) if axis == "x" else (lambda s: (s.y, s.x)))
 
 
 def ask_digit(scene: Scene, rng: random.Random) -> Question | None:
@@ -438,8 +455,7 @@ def ask_describe(scene: Scene, rng: random.Random) -> Question | None:
         return Question("describe", q, f"I see a bar chart with {len(scene.items)} bars: {colours}.", str(len(scene.items)))
     if not scene.items:
         return None
-    objects = [f"{'an' if s.colour == 'orange' else 'a'} {s.colour} {s.shape}"
-               for s in sorted(scene.items, key=lambda s: (s.x, s.y))]
+    objects = [f"{'an' if s.colour == 'orange' else 'a'} {s.colour} {s.shape}" for s in _in_order(scene)]
     n = len(objects)
     return Question("describe", q, f"I see {n} {_plural(n, 'shape')}: {_listed(objects)}.", str(n))
 
