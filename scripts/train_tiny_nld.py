@@ -383,9 +383,9 @@ def lr_at(progress: float, peak: float, warmup: float = 0.03, floor: float = 0.1
 
 
 def orphaned() -> bool:
-    """Whether this is a data-parallel worker whose launching process has died. torch's `mp.spawn` does not stop
-    its workers when the launcher is killed (SIGTERM, SIGKILL: only Ctrl-C reaches the whole process group), and
-    they would train on for nobody, holding both cores."""
+    """Whether this is a data-parallel worker whose launching process has died. torch's `mp.spawn` has the kernel
+    send its workers SIGINT when the launcher dies, but a launcher started in the background (`nohup ... &`) runs
+    with SIGINT ignored, its workers too: without this check they would train on for nobody, holding both cores."""
     import multiprocessing
 
     parent = multiprocessing.parent_process()

@@ -366,13 +366,13 @@ def test_killing_the_trainer_stops_its_data_parallel_workers(tmp_path):
     import time
 
     workers: list[int] = []
-    log = (tmp_path / "log.txt").open("w")
-    trainer = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--out", str(tmp_path / "out"),
-                                "--steps", "100000", "--lora-steps", "1", "--time-budget", "30", "--hidden", "64",
-                                "--layers", "2", "--heads", "2", "--kv-heads", "1", "--head-dim", "32",
-                                "--intermediate", "128", "--vocab", "512", "--batch-tokens", "600", "--log-every", "2"],
-                               stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `cmd &` runs it
+    command = [sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--out", str(tmp_path / "out"),
+               "--steps", "100000", "--lora-steps", "1", "--time-budget", "30", "--hidden", "64", "--layers", "2",
+               "--heads", "2", "--kv-heads", "1", "--head-dim", "32", "--intermediate", "128", "--vocab", "512",
+               "--batch-tokens", "600", "--log-every", "2"]
+    with (tmp_path / "log.txt").open("w") as log:  # the trainer writes through its own copy of the descriptor
+        trainer = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))  # as `cmd &` runs it
     try:
         deadline = time.monotonic() + 120
         while (tmp_path / "log.txt").read_text().count("[joint] step") < 20:  # well into training

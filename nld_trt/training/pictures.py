@@ -402,7 +402,6 @@ def ask_position(scene: Scene, rng: random.Random) -> Question | None:
             else:
                 q = rng.choice(("Is the {a} above or below the {b}?",)).format(a=names[a], b=names[b])
                 side = "above" if gap < 0 else "below"
-            rel = f"{side} of" if axis == "x" else side
             # the answer gives each shape's rank along the axis asked about (left to right or top to bottom, as the
             # probe's rank labels put it in the shape's rows), then the side: the verdict compares two digits. The
             # committed model trained on these answers still scores near chance on positions, as it did on bare
