@@ -33,6 +33,9 @@ the question, arithmetic) carries over and the budget goes to seeing; the tower 
 scratch at `--lr`, the backbone at `--lr` x `--backbone-lr-scale`. The summary records the text model's digest.
 `--weights-from VLM` then loads a VLM this recipe trained (backbone, tower and projector; the probe starts
 afresh) and trains it on a new schedule: a second stage, whose summary records the first's digest.
+`--look-weight W` (with `--vlm`) adds W x the look loss (`nld_trt.training.objective.look_loss`): where a
+position answer writes a shape's rank, one head of `--look-layer` should attend to that shape's cells. Without it
+no head looked there and position answers stayed at chance (README, "The embedded tiny VLM").
 
 The schedule is fixed in steps (`--steps`, `--lora-steps`), so the weights do not depend on how busy the
 machine is; `--time-budget` is only a safety cap (each phase then anneals early rather than run over, and
@@ -125,6 +128,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="--vlm: the processor's longest-edge cap in pixels (224: at most 8 x 8 image tokens)")
     ap.add_argument("--probe-weight", type=float, default=1.0,
                     help="--vlm: weight of the auxiliary per-cell probe's loss (0: no probe)")
+    ap.add_argument("--look-weight", type=float, default=0.0,
+                    help="--vlm: weight of the look loss (objective.look_loss: where an answer states a shape's "
+                         "rank, a head of --look-layer attends to that shape's cells; 0: off)")
+    ap.add_argument("--look-layer", type=int, default=2, help="--vlm: the backbone layer the look loss trains")
     ap.add_argument("--weights-from", default=None,
                     help="with --vlm: continue this trained VLM of the same shape (its backbone, tower and projector) "
                          "on a new schedule (see above)")
@@ -174,6 +181,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("--weights-from continues a vision-language model: it needs --vlm")
         if not NLDConfig.from_file(args.weights_from).is_vlm:
             ap.error(f"--weights-from {args.weights_from} is a text checkpoint; give a VLM of this recipe")
+    if args.look_weight < 0 or (args.look_weight > 0 and not args.vlm):
+        ap.error(f"--look-weight trains where a vision-language model looks: it needs --vlm and a weight >= 0 "
+                 f"(got {args.look_weight})")
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
     text_mix = {"p_single": "--p-single", "max_history": "--max-history", "p_followup": "--p-followup",
@@ -196,6 +206,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             args.hidden, args.layers, args.heads, args.kv_heads, args.head_dim, args.intermediate = 64, 2, 2, 1, 32, 128
         args.vocab, args.lora_rank, args.log_every = 512, 4, 2
         args.vision_hidden, args.vision_layers, args.vision_heads, args.vision_intermediate = 32, 1, 2, 64
+    if args.look_weight > 0 and not 0 <= args.look_layer < args.layers:
+        ap.error(f"--look-layer {args.look_layer} is not a layer of a {args.layers}-layer backbone "
+                 f"(0 to {args.layers - 1})")
     return args
 
 
@@ -239,9 +252,12 @@ def vlm_config(args: argparse.Namespace, vocab_size: int) -> VLMConfig:
     return VLMConfig(text=text, vision=vision)
 
 
-def example(r: data.Rendered, messages: list[dict]) -> Example:
+def example(r: data.Rendered, messages: list[dict], tokenizer: NLDTokenizer | None = None) -> Example:
     """A rendered conversation as a training example: with its images' pad positions, pixels and (where the
-    image part carries them, as training pictures do) per-cell labels for the auxiliary probe."""
+    image part carries them, as training pictures do) per-cell labels for the auxiliary probe, and the look
+    loss's targets of assistant turns that carry `looks` (pictures.Question.looks: the answer token holding
+    each given character, and the pads of the given object's cells in the latest picture; `tokenizer` maps the
+    characters to tokens)."""
     parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]
              if part.get("type") in ("image", "image_url")]
     images = []
@@ -252,7 +268,32 @@ def example(r: data.Rendered, messages: list[dict]) -> Example:
                 raise ValueError(f"cell labels of shape {cells.shape} for an image of {span.grid} cells")
             cells = torch.from_numpy(cells.reshape(-1, cells.shape[-1]))
         images.append(ExampleImage(span.pad_positions(), image.pixels, cells))
-    return Example(r.ids, r.spans, images)
+    looks: list[tuple[int, list[int]]] = []
+    seen = -1  # the latest image part so far
+    assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    spans = dict(zip(assistants[len(assistants) - len(r.spans):], r.spans))  # the trained turns' spans
+    for i, m in enumerate(messages):
+        if isinstance(m["content"], list):
+            seen += sum(part.get("type") in ("image", "image_url") for part in m["content"])
+        if i not in spans or not m.get("looks"):
+            continue
+        if tokenizer is None or seen < 0 or "objects" not in parts[seen]:
+            raise ValueError(f"turn {i} has looks but no tokenizer or no picture with a cover map before it")
+        start, end = spans[i]
+        if not tokenizer.decode(r.ids[start:end]).startswith(m["content"]):
+            raise ValueError(f"turn {i}: its rendered tokens do not start with its answer")
+        objects = parts[seen]["objects"].reshape(-1)
+        pads = r.images[seen].pad_positions()
+        for offset, obj in m["looks"]:
+            if not 0 <= offset < len(m["content"]):
+                raise ValueError(f"turn {i}: a look at character {offset} of a {len(m['content'])}-character answer")
+            # the token holding the character: the first prefix of the answer's tokens that reaches past it
+            at = next(start + n - 1 for n in range(1, end - start + 1)
+                      if len(tokenizer.decode(r.ids[start:start + n])) > offset)
+            keys = [pads[c] for c in range(len(pads)) if objects[c] == obj]
+            if keys:  # (a small shape can cover no cell enough to be its cell: nothing to look at)
+                looks.append((at, keys))
+    return Example(r.ids, r.spans, images, looks)
 
 
 class Batches:
@@ -273,7 +314,8 @@ class Batches:
     def next(self) -> list[Example]:
         if not self.ready:
             conversations = list(itertools.islice(self.stream, self.pool))
-            examples = sorted((example(data.render(self.tok, m, self.loss_on, self.prompts), m) for m in conversations),
+            examples = sorted((example(data.render(self.tok, m, self.loss_on, self.prompts), m, self.tok)
+                               for m in conversations),
                               key=lambda e: len(e.tokens))
             batch: list[Example] = []
             for e in examples:  # ascending, so the newest example is the longest row
@@ -594,10 +636,13 @@ def train_worker(rank: int, args: argparse.Namespace, recipe: str, tokenizer_jso
     def joint_step(step: int):
         b = block_sizes[int(torch.randint(0, len(block_sizes), (1,), generator=g))]
         batch = make_batch(take(), b, MASK_ID, eos_id, g, joint_schedule, PAD_TO)
-        losses = joint_loss(model, batch, args.dlm_weight, vision, probe, heads, args.probe_weight, head_weights)
+        losses = joint_loss(model, batch, args.dlm_weight, vision, probe, heads, args.probe_weight, head_weights,
+                            args.look_weight, args.look_layer)
         logged = {"ar": losses.ar, "dlm": losses.dlm}
         if probe is not None:  # every worker logs the same keys (a batch without pictures counts 0)
             logged["cells"] = losses.cells or 0.0
+        if args.look_weight > 0:
+            logged["looks"] = losses.looks or 0.0
         return losses.total, logged
 
     def weights() -> dict[str, torch.Tensor]:

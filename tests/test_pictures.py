@@ -354,3 +354,111 @@ def test_the_probe_loss_counts_each_label_only_where_it_applies():
     assert cell_loss(probe, rows, torch.full((5, 2), IGNORE), heads) is None
     with pytest.raises(ValueError, match="3 label columns for a probe of 2 heads"):
         cell_loss(probe, rows, torch.zeros(5, 3, dtype=torch.long), heads)
+
+
+def _recipe():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "train_tiny_nld" not in sys.modules:
+        path = Path(__file__).parents[1] / "scripts" / "train_tiny_nld.py"
+        spec = importlib.util.spec_from_file_location("train_tiny_nld", path)
+        sys.modules["train_tiny_nld"] = module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    return sys.modules["train_tiny_nld"]
+
+
+def test_a_position_answer_looks_at_each_ranked_shape_where_it_writes_its_rank(tiny_vlm):
+    """`Question.looks` names the character of each rank and the shape it is read off; the recipe's `example`
+    maps them to the token holding that character and the pads of the cells that shape covers most."""
+    tok, prompts = tiny_vlm.tokenizer, tiny_vlm.prompts
+    rng = random.Random(4)
+    for _ in range(6):
+        it = pictures.item("position", rng)
+        q, scene = it.question, it.scene
+        ranks = re.fullmatch(r"The (.+) is (\d)\w\w from the \w+, the (.+) (\d)\w\w\. .*", q.answer)
+        (ca, a), (cb, b) = q.looks
+        assert (q.answer[ca], q.answer[cb]) == (ranks[2], ranks[4])
+        assert (scene.items[a].describe(scene), scene.items[b].describe(scene)) == (ranks[1], ranks[3])
+        which = scene.cover_map()
+        kinds = scene.cell_labels()[..., list(pictures.CELL_HEADS).index("kind")]
+        assert ((which >= 0) == (kinds > 0)).all()  # a cell has an object's facts exactly where it is covered
+        conv = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi."},
+                pictures.image_turn(scene, q.question, labels=True), pictures.answer_turn(q)]
+        r = data.render(tok, conv, prompts=prompts)
+        ex = _recipe().example(r, conv, tok)
+        pads = r.images[0].pad_positions()
+        assert len(ex.looks) == 2
+        for (at, keys), (char, obj) in zip(ex.looks, q.looks):
+            assert r.spans[1][0] <= at < r.spans[1][1] and q.answer[char] in tok.decode([r.ids[at]])
+            assert keys and keys == [p for p, w in zip(pads, which.reshape(-1)) if w == obj]
+    # a shape too small to be any cell's (a quarter of each of four cells) has nothing to look at
+    small = pictures.Scene("shapes", (224, 224), (255, 255, 255), (pictures.Shape("circle", "red", 28, 28, 10),
+                                                                    pictures.Shape("square", "blue", 150, 150, 30)))
+    q = pictures.ask_position(small, random.Random(0))
+    assert (small.cover_map() == 0).sum() == 0 and len(q.looks) == 2
+    conv = [pictures.image_turn(small, q.question, labels=True), pictures.answer_turn(q)]
+    r = data.render(tok, conv, prompts=prompts)
+    ((at, keys),) = _recipe().example(r, conv, tok).looks
+    square = [char for char, obj in q.looks if obj == 1][0]
+    assert tok.decode([r.ids[at]]).strip() == q.answer[square] and len(keys) == (small.cover_map() == 1).sum() > 0
+    plain = [pictures.image_turn(scene, q.question), pictures.answer_turn(q)]  # no cover map to look at
+    with pytest.raises(ValueError, match="no picture with a cover map"):
+        _recipe().example(data.render(tok, plain, prompts=prompts), plain, tok)
+
+
+def test_the_look_loss_is_minus_the_log_of_the_best_heads_attention_on_the_shape(tiny_vlm):
+    """From the clean slot before a rank and from the noisy slot of a masked rank, the loss is -log of the
+    largest attention mass one head of the layer puts on the shape's cells, as the model's own attention
+    computes it (probabilities read back from its attention call); it trains the layer's q and k."""
+    import nld_trt.model as M
+    from nld_trt.tiny import tiny_vlm_config
+    from nld_trt.training.objective import MaskSchedule, look_loss
+    from nld_trt.vision.tower import VisionEncoder
+
+    tok, prompts, model = tiny_vlm.tokenizer, tiny_vlm.prompts, tiny_vlm.model
+    rng = random.Random(5)
+    examples = []
+    for _ in range(3):
+        it = pictures.item("position", rng)
+        conv = [pictures.image_turn(it.scene, it.question.question, labels=True), pictures.answer_turn(it.question)]
+        examples.append(_recipe().example(data.render(tok, conv, prompts=prompts), conv, tok))
+    batch = make_batch(examples, 8, 100, VLM_EOS_ID, torch.Generator().manual_seed(0), MaskSchedule(p_full=1.0))
+    clean = [(r, s) for r, s, _ in batch.looks if batch.kind[r, s] == CLEAN]
+    assert len(clean) == 6 and all(tok.decode([int(batch.tokens[r, s + 1])]).strip().isdigit() for r, s in clean)
+    # a noisy query for every rank masked (all but those opening a block, which decoding always knows)
+    ranks = {(r, int(batch.positions[r, s]) + 1) for r, s in clean}
+    masked = {(r, int(batch.positions[r, j])) for r in range(3) for j in range(batch.tokens.shape[1])
+              if batch.kind[r, j] == NOISY and batch.tokens[r, j] == 100} & ranks
+    noisy = {(r, int(batch.positions[r, s])) for r, s, _ in batch.looks if batch.kind[r, s] == NOISY}
+    assert noisy == masked and 0 < len(noisy) < 6 and len(batch.looks) == 6 + len(noisy)
+    torch.manual_seed(0)
+    vision = VisionEncoder(tiny_vlm_config())
+    layer = model.config.num_hidden_layers - 1
+    seen, normed = [], []
+    real = M.attention
+
+    def spy(q, k, v, mask, scale):  # the probabilities the model's attention call weighs V with
+        keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+        seen.append(((q @ keys.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1))
+        return real(q, k, v, mask, scale)
+
+    hook = model.encoder.layers[layer].input_layernorm.register_forward_hook(lambda m, a, out: normed.append(out))
+    M.attention = spy
+    try:
+        losses = joint_loss(model, batch, 1.0, vision, look_weight=1.0, look_layer=layer)
+    finally:
+        M.attention = real
+        hook.remove()
+    p = seen[layer]
+    want = torch.stack([-p[r, :, s, keys].sum(-1).max().log() for r, s, keys in batch.looks]).mean()
+    assert losses.looks is not None and want > 0 and abs(losses.looks - want.item()) < 1e-5
+    assert torch.allclose(look_loss(model, batch, normed[0], layer), want, atol=1e-5)
+    losses.total.backward()
+    attn = model.encoder.layers[layer].self_attn
+    assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+    model.zero_grad(set_to_none=True)
+    without = make_batch(examples[:1], 8, 100, VLM_EOS_ID, torch.Generator().manual_seed(0))
+    without.looks = []
+    assert joint_loss(model, without, 1.0, vision, look_weight=1.0, look_layer=layer).looks is None

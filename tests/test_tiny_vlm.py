@@ -1,8 +1,7 @@
 """The embedded tiny VLM (`nld_trt/assets/tiny-nld-vlm`): the release VLM layout, loaded with no download,
 answering questions about held-out synthetic pictures: greedy `linear_spec` returns exactly the `ar` tokens on
-the whole `shapes_synth` set, the diffusion modes decide several tokens per forward, the kinds it learned stay
-above a floor well over their most common answer (position it did not learn: README), the
-default sample picture is answered right in every mode, and `nld-trt generate --image` uses it by default."""
+the whole `shapes_synth` set, the diffusion modes decide several tokens per forward, every kind stays above a
+floor well over its most common answer, the default sample picture is answered right in every mode, and `nld-trt generate --image` uses it by default."""
 
 from __future__ import annotations
 
@@ -21,11 +20,10 @@ from nld_trt.training import pictures
 MODEL = default_model_path(images=True)
 SUMMARY = json.loads((MODEL / "training_summary.json").read_text())
 BATCH = 50
-# the floor this model's greedy `ar` holds on each group it learned, over the whole evaluation set (8 points below
-# what it measured: README, "The embedded tiny VLM"); the group it scores at chance on
-NOT_LEARNED = {"position"}
-FLOORS = {"colour": 0.92, "shape": 0.86, "bars": 0.86, "followup": 0.86, "arithmetic": 0.90, "count": 0.60,
-          "digit": 0.90}
+# the floor this model's greedy `ar` holds on each group, over the whole evaluation set (8 points below what it
+# measured: README, "The embedded tiny VLM"; position's is also 26 points over a guess between the two sides)
+FLOORS = {"colour": 0.86, "shape": 0.88, "bars": 0.86, "followup": 0.84, "arithmetic": 0.90, "count": 0.66,
+          "digit": 0.90, "position": 0.76}
 
 
 @pytest.fixture(scope="module")
@@ -101,9 +99,9 @@ def majority_rates(problems) -> dict[str, float]:
     return {g: collections.Counter(v).most_common(1)[0][1] / len(v) for g, v in golds.items()}
 
 
-def test_the_learned_kinds_are_answered_well_above_their_most_common_answer(runs):
+def test_every_kind_is_answered_well_above_its_most_common_answer(runs):
     majority = majority_rates(load_task("shapes_synth"))
-    assert set(majority) == set(FLOORS) | NOT_LEARNED and not set(FLOORS) & NOT_LEARNED
+    assert set(majority) == set(FLOORS)
     for group, floor in FLOORS.items():  # the floors themselves are well above answering a constant
         assert round(floor - majority[group], 6) >= 0.2, (group, majority[group])
     ar = runs["ar"]

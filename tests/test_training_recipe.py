@@ -446,9 +446,14 @@ def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
 
     # a second stage continues it: its first logged losses start where the first stage ended, not from scratch
     again = tmp_path / "tiny-vlm-2"
-    proc2 = subprocess.run(script + ["--p-text", "0.7", "--weights-from", str(out), "--out", str(again)],
+    looks = ["--look-weight", "1.0", "--look-layer", "1"]  # (the look loss itself: tests/test_pictures.py)
+    bad_layer = subprocess.run(script + ["--look-weight", "1.0", "--look-layer", "2", "--out", str(again)],
+                               capture_output=True, text=True, timeout=60)
+    assert bad_layer.returncode == 2 and "--look-layer 2 is not a layer of a 2-layer backbone" in bad_layer.stderr
+    proc2 = subprocess.run(script + ["--p-text", "0.7", "--weights-from", str(out), *looks, "--out", str(again)],
                            capture_output=True, text=True, timeout=180)
     assert proc2.returncode == 0, proc2.stdout + proc2.stderr
+    assert " looks " in proc2.stdout and " looks " not in proc.stdout
     first = [float(re.search(r" ar ([0-9.]+)", line).group(1)) for line in proc.stdout.splitlines()
              if line.startswith("[joint] step")]
     second = [float(re.search(r" ar ([0-9.]+)", line).group(1)) for line in proc2.stdout.splitlines()

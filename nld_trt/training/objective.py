@@ -9,7 +9,9 @@ wherever such a position appears), as serving's prefill does; the encoder trains
 image has per-cell labels (what covers each cell: colour and kind of object), an auxiliary linear probe
 (training only, never saved) must read them from its rows: a dense signal that keeps the rows of a tower
 trained from scratch informative (without it they collapsed to one constant vector before the model learned
-to read them, in short runs that also had the ln_pre bug the README's tiny VLM section describes).
+to read them, in short runs that also had the ln_pre bug the README's tiny VLM section describes). Where an
+answer states a fact read off one object (`Example.looks`), an optional look loss (`look_loss`) trains one
+backbone layer to attend, from the slots that predict that token, to the object's cells.
 
 Row layout: `[clean copy | noisy copy]`, each right-padded to the batch's longest. The clean copy is the
 whole sequence. The noisy copy holds, for every span, the blocks that cover it (the last one filled up with
@@ -37,7 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from ..model import LoRA, NLDModel
+from ..model import LoRA, NLDModel, apply_rope
 
 IGNORE = -100
 PAD, CLEAN, NOISY = 0, 1, 2
@@ -65,6 +67,9 @@ class Example:
     tokens: list[int]  # the rendered conversation
     spans: list[tuple[int, int]]  # [start, end) of each trained answer (ending with its EOS), in order
     images: list[ExampleImage] = field(default_factory=list)  # in prompt order
+    # (position of an answer token that states a fact read off one object, the pad positions of that object's
+    # cells): the look loss's targets (`look_loss`)
+    looks: list[tuple[int, list[int]]] = field(default_factory=list)
 
     @classmethod
     def single(cls, prompt: list[int], answer: list[int]) -> Example:
@@ -86,6 +91,9 @@ class JointBatch:
     image_index: torch.Tensor | None = None  # [N, S] row of the batch's image rows replacing the slot's embedding
     images: list[torch.Tensor] = field(default_factory=list)  # the batch's images' pixels, in row order
     cells: torch.Tensor | None = None  # [rows, labels] of the batch's image rows (IGNORE: unlabelled)
+    # (row, query slot, key slots): the slot whose logits predict a looked-at token (its clean predecessor; its
+    # noisy slot where masked) should attend to the key slots (the object's cells): `look_loss`
+    looks: list[tuple[int, int, list[int]]] = field(default_factory=list)
 
     @property
     def mask(self) -> torch.Tensor:
@@ -132,6 +140,7 @@ def make_batch(
         "teacher": torch.full((n, s), -1, dtype=torch.long),
     }
     count = 0
+    looks: list[tuple[int, int, list[int]]] = []
     images: list[torch.Tensor] = []
     cells: list[torch.Tensor] = []
     labels = {e.cells.shape[1] for x in examples for e in x.images if e.cells is not None}
@@ -168,8 +177,15 @@ def make_batch(
         out["dlm_weights"][i, z] = torch.tensor(r["dlm_weights"])
         out["teacher"][i, z] = torch.tensor(r["teacher"])
         count += r["maskable"]
+        for at, keys in e.looks:
+            if not 0 < at < lc or not keys:
+                raise ValueError(f"a look at position {at} with {len(keys)} key positions: it needs a position inside "
+                                 f"a sequence of {lc} tokens after its first, and something to look at")
+            looks.append((i, at - 1, keys))  # clean logits at j predict j + 1
+            looks += [(i, tc + j, keys) for j, (p, t) in enumerate(zip(r["positions"], r["noisy"]))
+                      if p == at and t == mask_id]  # noisy logits at j predict j, where it is masked
     return JointBatch(dlm_count=count, **out, image_index=image_index, images=images,
-                      cells=torch.cat(cells).long() if cells else None)
+                      cells=torch.cat(cells).long() if cells else None, looks=looks)
 
 
 def _row(e: Example, b: int, mask_id: int, eos_id: int, g: torch.Generator, sch: MaskSchedule) -> dict:
@@ -229,6 +245,7 @@ class Losses:
     ar: float
     dlm: float
     cells: float | None = None  # the auxiliary probe's loss (batches with labelled images)
+    looks: float | None = None  # the look loss (batches with looks, where it is on)
 
 
 def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, heads: Sequence[int],
@@ -246,6 +263,35 @@ def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, h
     losses = [w * F.cross_entropy(z[on], cells[on, k])
               for k, (z, w, on) in enumerate(zip(logits, weights, applies.T, strict=True)) if on.any()]
     return torch.stack(losses).sum()
+
+
+def look_loss(model: NLDModel, batch: JointBatch, normed: torch.Tensor, layer: int) -> torch.Tensor | None:
+    """Mean over the batch's looks of -log(the attention mass that the best-looking head of `layer` puts on the
+    look's key slots), from `normed` [N, S, H] (that layer's attention input, after its input norm); None where
+    the batch has no looks. Why: a tiny VLM whose tower rows held each shape's rank (a linear probe read it on 97%
+    of the cells of two-shape pictures) still wrote ranks at chance, because no backbone head looked at the
+    shape named when it wrote one (the attention on the named shape equalled that on the other); its
+    colour-reading head, asked the same shape's colour, did (README, "The embedded tiny VLM")."""
+    if not batch.looks:
+        return None
+    attn = model.encoder.layers[layer].self_attn
+    rows = sorted({r for r, _, _ in batch.looks})
+    x = normed[rows]
+    n, t, _ = x.shape
+    cos, sin, qscale = model.rotary(batch.positions[rows], x.dtype)
+    q = apply_rope(attn.q_proj(x).view(n, t, attn.n_heads, attn.head_dim).transpose(1, 2), cos, sin)
+    q = q * qscale[:, None, :, None]
+    k = apply_rope(attn.k_proj(x).view(n, t, attn.n_kv, attn.head_dim).transpose(1, 2), cos, sin)
+    k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
+    mask = batch.mask[rows, 0]
+    where = {r: i for i, r in enumerate(rows)}
+    losses = []
+    for r, slot, keys in batch.looks:
+        i = where[r]
+        scores = (k[i] @ q[i, :, slot, :, None]).squeeze(-1).float() * attn.scale  # [heads, S]
+        logp = scores.masked_fill(~mask[i, slot], float("-inf")).log_softmax(-1)
+        losses.append(-logp[:, keys].logsumexp(-1).max())
+    return torch.stack(losses).mean()
 
 
 def image_rows(batch: JointBatch, vision) -> torch.Tensor:
@@ -277,14 +323,25 @@ def input_embeddings(model: NLDModel, batch: JointBatch, vision=None, rows: torc
 
 def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, vision=None, probe=None,
                probe_heads: Sequence[int] = (), probe_weight: float = 1.0,
-               probe_head_weights: Sequence[float] | None = None) -> Losses:
+               probe_head_weights: Sequence[float] | None = None, look_weight: float = 0.0,
+               look_layer: int = 2) -> Losses:
     """AR cross-entropy on the clean copy + `dlm_weight` x masked-token cross-entropy (weighted 1 / mask
     ratio) on the noisy copy, from one forward pass (`vision`: the vision encoder of a batch with images),
     + `probe_weight` x the auxiliary probe's loss on labelled image rows (`probe`: rows -> the logits of each
-    label column in turn, `probe_heads` classes each, weighted `probe_head_weights`: `cell_loss`)."""
+    label column in turn, `probe_heads` classes each, weighted `probe_head_weights`: `cell_loss`)
+    + `look_weight` x the look loss of layer `look_layer` (`look_loss`)."""
     rows = image_rows(batch, vision) if batch.image_index is not None else None
     embeds = input_embeddings(model, batch, vision, rows)
-    logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
+    normed: list[torch.Tensor] = []
+    hook = None
+    if look_weight > 0 and batch.looks:
+        hook = model.encoder.layers[look_layer].input_layernorm.register_forward_hook(
+            lambda module, args, out: normed.append(out))
+    try:
+        logits = model.logits(model(batch.tokens, batch.positions, batch.mask, inputs_embeds=embeds)).float()
+    finally:
+        if hook is not None:
+            hook.remove()
     ar = F.cross_entropy(logits.flatten(0, 1), batch.ar_targets.flatten(), ignore_index=IGNORE)
     ce = F.cross_entropy(logits.flatten(0, 1), batch.dlm_targets.flatten(), ignore_index=IGNORE, reduction="none")
     dlm = (ce * batch.dlm_weights.flatten()).sum() / max(batch.dlm_count, 1)
@@ -292,7 +349,11 @@ def joint_loss(model: NLDModel, batch: JointBatch, dlm_weight: float = 1.0, visi
     aux = None if probe is None or rows is None else cell_loss(probe, rows, batch.cells, probe_heads, probe_head_weights)
     if aux is not None:
         total = total + probe_weight * aux
-    return Losses(total, ar.item(), dlm.item(), None if aux is None else aux.item())
+    looks = look_loss(model, batch, normed[0], look_layer) if normed else None
+    if looks is not None:
+        total = total + look_weight * looks
+    return Losses(total, ar.item(), dlm.item(), None if aux is None else aux.item(),
+                  None if looks is None else looks.item())
 
 
 class PositionalLoRA(LoRA):

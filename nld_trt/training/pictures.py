@@ -34,6 +34,10 @@ every cell whether an object's centre lies in it (one cell per object, however m
 trained on the first two alone learned colours, shapes and charts and stayed at chance on counts, positions
 and digits (the README's tiny VLM section).
 
+A position answer also says where each rank is read (`Question.looks`: the rank's character and the shape), and a
+training picture its `Scene.cover_map` (which object covers each cell), so the recipe's look loss can train a
+backbone head to attend to the named shape's cells where the answer writes its rank.
+
 Conversations (`conversations`) are lists of OpenAI-style messages whose user turns hold image content parts
 (`{"type": "image", "image": PIL image}`), rendered by the checkpoint's chat template as serving renders them
 (`nld_trt.training.data.render` with a prompt encoder). A share are text-only arithmetic conversations from
@@ -182,6 +186,28 @@ class Scene:
         does not apply: no digit value off a digit, no shape facts off a shape). The canvas must be whole cells
         (every training size is)."""
         import numpy as np
+
+        which = self.cover_map(cell, cover)
+        rows, cols = which.shape
+        facts = [self._facts(i) for i in range(len(self.items))]
+        background = [0, 0] + [IGNORE] * (len(CELL_HEADS) - 2)
+        if self.kind != "digit":
+            background[list(CELL_HEADS).index("objects")] = len(self.items)
+        out = np.tile(np.array(background, dtype=np.int64), (rows, cols, 1))
+        for r in range(rows):
+            for c in range(cols):
+                if which[r, c] >= 0:
+                    out[r, c] = facts[which[r, c]]
+        centre = list(CELL_HEADS).index("centre")
+        out[..., centre] = 0
+        for x, y in self.centres():
+            out[min(y // cell, rows - 1), min(x // cell, cols - 1), centre] = 1
+        return out
+
+    def cover_map(self, cell: int = CELL, cover: float = 0.15):
+        """[rows, cols] int64 per `cell`-pixel cell: the index in `items` of the object covering most of the cell,
+        or -1 where objects cover less than `cover` of it (the cells `cell_labels` gives an object's facts)."""
+        import numpy as np
         from PIL import Image
 
         w, h = self.size
@@ -193,20 +219,12 @@ class Scene:
         self._paint(index, lambda i: 1 + i)
         rows, cols = h // cell, w // cell
         grid = np.asarray(index).reshape(rows, cell, cols, cell).transpose(0, 2, 1, 3).reshape(rows, cols, -1)
-        facts = [self._facts(i) for i in range(len(self.items))]
-        background = [0, 0] + [IGNORE] * (len(CELL_HEADS) - 2)
-        if self.kind != "digit":
-            background[list(CELL_HEADS).index("objects")] = len(self.items)
-        out = np.tile(np.array(background, dtype=np.int64), (rows, cols, 1))
+        out = np.full((rows, cols), -1, dtype=np.int64)
         for r in range(rows):
             for c in range(cols):
                 values, counts = np.unique(grid[r, c][grid[r, c] > 0], return_counts=True)
                 if counts.sum() >= cover * cell * cell:
-                    out[r, c] = facts[int(values[counts.argmax()]) - 1]
-        centre = list(CELL_HEADS).index("centre")
-        out[..., centre] = 0
-        for x, y in self.centres():
-            out[min(y // cell, rows - 1), min(x // cell, cols - 1), centre] = 1
+                    out[r, c] = int(values[counts.argmax()]) - 1
         return out
 
     def centres(self) -> list[tuple[int, int]]:
@@ -320,6 +338,9 @@ class Question:
     question: str
     answer: str  # a sentence ending with boxed(value)
     value: str
+    # where the answer states a fact read off one object: (offset of that character in `answer`, the object's index
+    # in the scene's items); training's look loss asks the backbone to attend to that object's cells there
+    looks: tuple[tuple[int, int], ...] = ()
 
 
 def _plural(n: int, thing: str) -> str:
@@ -403,13 +424,17 @@ def ask_position(scene: Scene, rng: random.Random) -> Question | None:
                 q = rng.choice(("Is the {a} above or below the {b}?",)).format(a=names[a], b=names[b])
                 side = "above" if gap < 0 else "below"
             # the answer gives each shape's rank along the axis asked about (left to right or top to bottom, as the
-            # probe's rank labels put it in the shape's rows), then the side: the verdict compares two digits. The
-            # committed model trained on these answers still scores near chance on positions, as it did on bare
-            # verdicts and on verdicts after a list of every shape in order (README, "The embedded tiny VLM")
+            # probe's rank labels put it in the shape's rows), then the side: the verdict compares two digits. On
+            # these answers alone a model stayed near chance, as on bare verdicts and on verdicts after a list of
+            # every shape in order: no head looked at the shape named. The looks say where each rank is read
             along = _in_order(scene, axis)
             edge = "left" if axis == "x" else "top"
-            return Question("position", q, f"The {names[a]} is {_ordinal(along.index(a) + 1)} from the {edge}, the "
-                            f"{names[b]} {_ordinal(along.index(b) + 1)}. {boxed(side)}", side)
+            first = f"The {names[a]} is "
+            second = f"{first}{_ordinal(along.index(a) + 1)} from the {edge}, the {names[b]} "
+            answer = f"{second}{_ordinal(along.index(b) + 1)}. {boxed(side)}"
+            # (the recipe's look loss; README, "The embedded tiny VLM")
+            looks = ((len(first), scene.items.index(a)), (len(second), scene.items.index(b)))
+            return Question("position", q, answer, side, looks)
     return None
 
 
@@ -535,12 +560,22 @@ class PictureMix:
 
 
 def image_turn(scene: Scene, question: str, text_first: bool = False, labels: bool = False) -> dict:
-    """A user turn: the picture (with its `cell_labels` under "cells" when `labels`, for training) and the question."""
+    """A user turn: the picture and the question. With `labels` (training), the image part also carries its
+    `cell_labels` under "cells" and its `cover_map` under "objects" (which cells a `Question.looks` object covers)."""
     image = {"type": "image", "image": scene.draw()}
     if labels:
         image["cells"] = scene.cell_labels()
+        image["objects"] = scene.cover_map()
     parts = [image, {"type": "text", "text": question}]
     return {"role": "user", "content": parts[::-1] if text_first else parts}
+
+
+def answer_turn(q: Question) -> dict:
+    """An assistant turn answering `q`; with the question's `looks` (about the latest picture) for training."""
+    turn = {"role": "assistant", "content": q.answer}
+    if q.looks:
+        turn["looks"] = q.looks
+    return turn
 
 
 def conversations(seed: int, exclude_scenes: Iterable[str] = (), exclude_questions: Iterable[str] = (),
@@ -563,11 +598,11 @@ def conversations(seed: int, exclude_scenes: Iterable[str] = (), exclude_questio
         for _ in range(2 if rng.random() < mix.p_new_picture else 1):
             it = next(pictures)
             messages.append(image_turn(it.scene, it.question.question, rng.random() < mix.p_text_first, labels=True))
-            messages.append({"role": "assistant", "content": it.question.answer})
+            messages.append(answer_turn(it.question))
             for q in followups(it.scene, it.question, rng, train=True)[: mix.max_followups]:
                 if rng.random() >= mix.p_followup:
                     break
-                messages += [{"role": "user", "content": q.question}, {"role": "assistant", "content": q.answer}]
+                messages += [{"role": "user", "content": q.question}, answer_turn(q)]
         yield messages
 
 
