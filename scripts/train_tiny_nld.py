@@ -181,9 +181,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             ap.error("--weights-from continues a vision-language model: it needs --vlm")
         if not NLDConfig.from_file(args.weights_from).is_vlm:
             ap.error(f"--weights-from {args.weights_from} is a text checkpoint; give a VLM of this recipe")
-    if args.look_weight < 0 or (args.look_weight > 0 and not args.vlm):
-        ap.error(f"--look-weight trains where a vision-language model looks: it needs --vlm and a weight >= 0 "
-                 f"(got {args.look_weight})")
+    if args.look_weight < 0:
+        ap.error(f"--look-weight must be >= 0 (0: off), got {args.look_weight}")
+    if args.look_weight > 0 and not args.vlm:
+        ap.error("--look-weight trains where a vision-language model looks at its pictures: it needs --vlm")
     if args.workers < 1 or args.batch_tokens < args.workers:
         ap.error(f"--workers must be >= 1 and --batch-tokens >= --workers (got {args.workers} and {args.batch_tokens})")
     text_mix = {"p_single": "--p-single", "max_history": "--max-history", "p_followup": "--p-followup",
@@ -277,8 +278,13 @@ def example(r: data.Rendered, messages: list[dict], tokenizer: NLDTokenizer | No
             seen += sum(part.get("type") in ("image", "image_url") for part in m["content"])
         if i not in spans or not m.get("looks"):
             continue
-        if tokenizer is None or seen < 0 or "objects" not in parts[seen]:
-            raise ValueError(f"turn {i} has looks but no tokenizer or no picture with a cover map before it")
+        if tokenizer is None:
+            raise ValueError(f"turn {i} has looks: mapping them to tokens needs the tokenizer")
+        if seen < 0 or "objects" not in parts[seen]:
+            raise ValueError(f"turn {i} has looks but no picture before it carries a cover map ('objects')")
+        if tuple(parts[seen]["objects"].shape) != r.images[seen].grid:
+            raise ValueError(f"turn {i}: a cover map of shape {parts[seen]['objects'].shape} for an image of "
+                             f"{r.images[seen].grid} cells")
         start, end = spans[i]
         if not tokenizer.decode(r.ids[start:end]).startswith(m["content"]):
             raise ValueError(f"turn {i}: its rendered tokens do not start with its answer")

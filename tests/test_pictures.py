@@ -403,9 +403,12 @@ def test_a_position_answer_looks_at_each_ranked_shape_where_it_writes_its_rank(t
     ((at, keys),) = _recipe().example(r, conv, tok).looks
     square = [char for char, obj in q.looks if obj == 1][0]
     assert tok.decode([r.ids[at]]).strip() == q.answer[square] and len(keys) == (small.cover_map() == 1).sum() > 0
-    plain = [pictures.image_turn(scene, q.question), pictures.answer_turn(q)]  # no cover map to look at
-    with pytest.raises(ValueError, match="no picture with a cover map"):
+    plain = [pictures.image_turn(small, q.question), pictures.answer_turn(q)]  # no cover map to look at
+    with pytest.raises(ValueError, match="no picture before it carries a cover map"):
         _recipe().example(data.render(tok, plain, prompts=prompts), plain, tok)
+    conv[0]["content"][0]["objects"] = small.cover_map()[:4]
+    with pytest.raises(ValueError, match=r"a cover map of shape \(4, 8\) for an image of \(8, 8\) cells"):
+        _recipe().example(r, conv, tok)
 
 
 def test_the_look_loss_is_minus_the_log_of_the_best_heads_attention_on_the_shape(tiny_vlm):
@@ -440,9 +443,13 @@ def test_the_look_loss_is_minus_the_log_of_the_best_heads_attention_on_the_shape
     real = M.attention
 
     def spy(q, k, v, mask, scale):  # the probabilities the model's attention call weighs V with
-        keys = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
-        seen.append(((q @ keys.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1))
-        return real(q, k, v, mask, scale)
+        group = q.shape[1] // k.shape[1]
+        keys, values = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        p = ((q @ keys.transpose(-1, -2)) * scale).masked_fill(~mask, float("-inf")).softmax(-1)
+        out = real(q, k, v, mask, scale)
+        assert torch.allclose(p @ values, out, atol=1e-5)  # they are the call's own weights
+        seen.append(p)
+        return out
 
     hook = model.encoder.layers[layer].input_layernorm.register_forward_hook(lambda m, a, out: normed.append(out))
     M.attention = spy
@@ -455,10 +462,31 @@ def test_the_look_loss_is_minus_the_log_of_the_best_heads_attention_on_the_shape
     want = torch.stack([-p[r, :, s, keys].sum(-1).max().log() for r, s, keys in batch.looks]).mean()
     assert losses.looks is not None and want > 0 and abs(losses.looks - want.item()) < 1e-5
     assert torch.allclose(look_loss(model, batch, normed[0], layer), want, atol=1e-5)
-    losses.total.backward()
+    twice = joint_loss(model, batch, 1.0, vision, look_weight=2.0, look_layer=layer)
+    off = joint_loss(model, batch, 1.0, vision)
+    assert off.looks is None and torch.allclose(twice.total - off.total, 2 * want, atol=1e-4)
+    # alone, it trains the layer's queries and keys (and what feeds them: the tower), not its values
+    look_loss(model, batch, normed[0], layer).backward()
     attn = model.encoder.layers[layer].self_attn
     assert attn.q_proj.weight.grad.abs().sum() > 0 and attn.k_proj.weight.grad.abs().sum() > 0
+    assert attn.v_proj.weight.grad is None and attn.o_proj.weight.grad is None
+    assert model.encoder.layers[0].self_attn.v_proj.weight.grad.abs().sum() > 0
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in vision.parameters())
     model.zero_grad(set_to_none=True)
     without = make_batch(examples[:1], 8, 100, VLM_EOS_ID, torch.Generator().manual_seed(0))
     without.looks = []
     assert joint_loss(model, without, 1.0, vision, look_weight=1.0, look_layer=layer).looks is None
+
+
+def test_a_noisy_look_is_the_masked_slot_of_its_own_answer_not_an_earlier_blocks_filler():
+    """With a block longer than the gap between two answers, the first answer's last block (filled with EOS
+    after it) reaches the second answer's positions too; a look there queries only the second answer's slot."""
+    from nld_trt.training.objective import MaskSchedule
+
+    tokens = list(range(200, 240))  # a first answer at 5..9, a second at 12..19 with a look at position 14
+    ex = Example(tokens, [(5, 10), (12, 20)], looks=[(14, [1, 2])])
+    aligned = MaskSchedule(p_full=1.0, p_aligned=1.0)
+    batch = make_batch([ex], 16, 100, VLM_EOS_ID, torch.Generator().manual_seed(0), aligned)
+    at14 = [j for j in range(batch.tokens.shape[1]) if batch.kind[0, j] == NOISY and batch.positions[0, j] == 14]
+    assert [int(batch.dlm_targets[0, j]) for j in at14] == [VLM_EOS_ID, tokens[14]]  # the filler, the answer's
+    assert batch.looks == [(0, 13, [1, 2]), (0, at14[1], [1, 2])]

@@ -1,7 +1,8 @@
 """The embedded tiny VLM (`nld_trt/assets/tiny-nld-vlm`): the release VLM layout, loaded with no download,
 answering questions about held-out synthetic pictures: greedy `linear_spec` returns exactly the `ar` tokens on
 the whole `shapes_synth` set, the diffusion modes decide several tokens per forward, every kind stays above a
-floor well over its most common answer, the default sample picture is answered right in every mode, and `nld-trt generate --image` uses it by default."""
+floor well over its most common answer, the default sample picture is answered right in every mode, and
+`nld-trt generate --image` uses it by default."""
 
 from __future__ import annotations
 

@@ -450,6 +450,9 @@ def test_tiny_vlm_recipe_writes_a_loadable_vision_language_checkpoint(tmp_path):
     bad_layer = subprocess.run(script + ["--look-weight", "1.0", "--look-layer", "2", "--out", str(again)],
                                capture_output=True, text=True, timeout=60)
     assert bad_layer.returncode == 2 and "--look-layer 2 is not a layer of a 2-layer backbone" in bad_layer.stderr
+    text = subprocess.run([sys.executable, str(ROOT / "scripts" / "train_tiny_nld.py"), "--tiny", "--look-weight",
+                           "1.0", "--out", str(again)], capture_output=True, text=True, timeout=60)
+    assert text.returncode == 2 and "it needs --vlm" in text.stderr and not again.exists()
     proc2 = subprocess.run(script + ["--p-text", "0.7", "--weights-from", str(out), *looks, "--out", str(again)],
                            capture_output=True, text=True, timeout=180)
     assert proc2.returncode == 0, proc2.stdout + proc2.stderr

@@ -182,8 +182,11 @@ def make_batch(
                 raise ValueError(f"a look at position {at} with {len(keys)} key positions: it needs a position inside "
                                  f"a sequence of {lc} tokens after its first, and something to look at")
             looks.append((i, at - 1, keys))  # clean logits at j predict j + 1
-            looks += [(i, tc + j, keys) for j, (p, t) in enumerate(zip(r["positions"], r["noisy"]))
-                      if p == at and t == mask_id]  # noisy logits at j predict j, where it is masked
+            # noisy logits at j predict j, where it is masked (in the look's own answer: not an EOS filler of an
+            # earlier answer's last block that reaches this position)
+            looks += [(i, tc + j, keys) for j, (p, t, want) in enumerate(zip(r["positions"], r["noisy"],
+                                                                              r["dlm_targets"]))
+                      if p == at and t == mask_id and want == e.tokens[at]]
     return JointBatch(dlm_count=count, **out, image_index=image_index, images=images,
                       cells=torch.cat(cells).long() if cells else None, looks=looks)
 
@@ -267,7 +270,8 @@ def cell_loss(probe: torch.nn.Module, rows: torch.Tensor, cells: torch.Tensor, h
 
 def look_loss(model: NLDModel, batch: JointBatch, normed: torch.Tensor, layer: int) -> torch.Tensor | None:
     """Mean over the batch's looks of -log(the attention mass that the best-looking head of `layer` puts on the
-    look's key slots), from `normed` [N, S, H] (that layer's attention input, after its input norm); None where
+    look's key slots), from `normed` [N, S, H] (that layer's attention input, after its input norm, not detached:
+    the loss also trains the layers below, the embeddings and, through the keys, the vision tower); None where
     the batch has no looks. Why: a tiny VLM whose tower rows held each shape's rank (a linear probe read it on 97%
     of the cells of two-shape pictures) still wrote ranks at chance, because no backbone head looked at the
     shape named when it wrote one (the attention on the named shape equalled that on the other); its
@@ -283,7 +287,7 @@ def look_loss(model: NLDModel, batch: JointBatch, normed: torch.Tensor, layer: i
     q = q * qscale[:, None, :, None]
     k = apply_rope(attn.k_proj(x).view(n, t, attn.n_kv, attn.head_dim).transpose(1, 2), cos, sin)
     k = k.repeat_interleave(attn.n_heads // attn.n_kv, dim=1)
-    mask = batch.mask[rows, 0]
+    mask = joint_attention_mask(batch.kind[rows], batch.positions[rows], batch.block_start[rows])[:, 0]
     where = {r: i for i, r in enumerate(rows)}
     losses = []
     for r, slot, keys in batch.looks:
