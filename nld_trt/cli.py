@@ -9,7 +9,7 @@ import click
 
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
 from .errors import NLDError
-from .kv.layout import DEFAULT_PAGE_SIZE
+from .config import DEFAULT_PAGE_SIZE
 from .training.pictures import KINDS as PICTURE_KINDS, SAMPLE_KIND
 
 GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"

@@ -15,6 +15,8 @@ from typing import Any
 
 from .errors import CheckpointError
 
+DEFAULT_PAGE_SIZE = 16  # KV-cache positions per page (nld_trt/kv); here so that the CLI reads it without torch
+
 VLM_MODEL_TYPE = "nemotron_labs_diffusion_vlm"  # the vision-language release: these text fields + a vision tower
 MODEL_TYPES = ("nemotron_labs_diffusion", "ministral_dlm", VLM_MODEL_TYPE)
 DLM_TYPES = ("llada", "dream")

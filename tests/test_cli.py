@@ -49,3 +49,42 @@ def test_info_reports_config_and_parameter_count(tiny_dir, tiny, capsys):
     assert out["rope_parameters"]["llama_4_scaling_beta"] == 0.1
     assert out["parameters"] == sum(p.numel() for p in tiny.model.parameters())
     assert out["linear_spec_lora"] == {"r": 4, "alpha": 8.0, "layers": 2}
+
+
+def test_running_out_of_memory_at_load_is_one_line_that_says_what_to_lower(tiny_dir, monkeypatch, capsys):
+    """A checkpoint or KV pool too big for the device ends in one line naming the options that shrink it, not a
+    traceback; any other error a bug raises still propagates."""
+    import torch
+
+    from nld_trt.kv import attend
+
+    def no_room(self, layout, device):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (GPU 0; 139.80 GiB total)\nmore")
+
+    monkeypatch.setattr(attend.PagedCache, "__init__", no_room)
+    with pytest.raises(SystemExit) as exit_:
+        main(["generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "hi"])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") == 1
+    assert "out of memory (CUDA out of memory. Tried to allocate 80.00 GiB" in err and "--max-batch" in err
+    assert "--kv-cache-gb" in err
+
+    def bug(self, layout, device):
+        raise RuntimeError("a bug, not a lack of memory")
+
+    monkeypatch.setattr(attend.PagedCache, "__init__", bug)
+    with pytest.raises(RuntimeError, match="a bug"):
+        main(["generate", "--model", str(tiny_dir), "--max-new-tokens", "2", "hi"])
+
+
+def test_the_cli_starts_without_importing_pytorch():
+    """`nld-trt --help` and every command's option parsing stay light: torch is imported by what a command runs,
+    not by the CLI module (the KV page size default lives in nld_trt.config for this)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom nld_trt.cli import main\ntry:\n    main(['serve', '--help'])\nexcept SystemExit:\n"
+            "    pass\nprint('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert "--page-size" in out and out.strip().splitlines()[-1] == "False"

@@ -21,10 +21,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..config import NLDConfig
+from ..config import DEFAULT_PAGE_SIZE, NLDConfig
 from ..errors import NLDError
 
-DEFAULT_PAGE_SIZE = 16
 FP8_MAX = 448.0
 MIN_TABLE_WIDTH = 2  # compiled passes read at least two pages (torch.compile specializes sizes 0 and 1)
 
