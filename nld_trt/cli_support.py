@@ -9,10 +9,12 @@ from typing import Any
 
 import click
 
-from .errors import NLDError
+from .errors import NLDError, out_of_memory, out_of_memory_error
 from .config import DEFAULT_PAGE_SIZE
 
 MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
+OUT_OF_MEMORY_FIX = ("Ask for less at once: a smaller --max-batch, --max-seq-len or --kv-cache-tokens / "
+                     "--kv-cache-gb where the command has them, or a quantized checkpoint.")
 
 
 def console():
@@ -76,16 +78,5 @@ def run_command(command: click.Command, argv: list[str] | None, prog_name: str =
     except Exception as e:
         if not out_of_memory(e):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        click.echo(f"Error: out of memory ({first}). Ask for less at once: a smaller --max-batch, --max-seq-len or "
-                   "--kv-cache-tokens / --kv-cache-gb where the command has them, or a quantized checkpoint.", err=True)
+        click.echo(f"Error: {out_of_memory_error(e, OUT_OF_MEMORY_FIX)}", err=True)
         sys.exit(1)
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """Whether `e` is the host or the GPU running out of memory (torch's OutOfMemoryError, checked only where
-    torch is already imported: a command that never loaded it cannot have run out of GPU memory)."""
-    if isinstance(e, MemoryError):
-        return True
-    torch = sys.modules.get("torch")
-    return torch is not None and isinstance(e, getattr(torch, "OutOfMemoryError", ()))

@@ -204,6 +204,50 @@ def test_chat_command_keeps_the_conversation_and_switches_modes(tiny, server):
     assert out.stderr.count("tokens,") == 2
 
 
+OOM_ENTRY = """
+import torch
+
+from nld_trt.kv import attend
+
+
+def no_room(self, layout, device):
+    raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 80.00 GiB (GPU 0; 139.80 GiB total capacity)")
+
+
+attend.PagedCache.__init__ = no_room  # this copy's stub only: a KV pool that cannot be allocated
+
+from nld_trt.serving.triton_model import TritonPythonModel  # noqa: E402,F401
+"""
+
+
+def load_over_http(url: str, model: str) -> tuple[int, str]:
+    """POST /v2/repository/models/MODEL/load (explicit model control): (status, Triton's error text)."""
+    request = urllib.request.Request(f"http://{url}/v2/repository/models/{model}/load", data=b"{}")
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, ""
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())["error"]
+
+
+def test_a_model_too_big_for_the_memory_fails_its_load_with_one_line_that_says_what_to_lower(repo, tmp_path):
+    """A copy of the repository whose `nld` entry point first makes the KV pool's allocation raise torch's CUDA
+    out-of-memory error: the load fails with our one-line message naming what to lower, no frames below
+    initialize, and the server stays up and serves from the other models."""
+    copy = shutil.copytree(repo, tmp_path / "repo")
+    entry = copy / "nld" / "1" / "model.py"
+    entry.write_text(OOM_ENTRY)
+    with TritonServer(copy, extra_args=["--model-control-mode=explicit"]) as server:
+        status, error = load_over_http(server.http_url, "nld")
+        assert status == 400, (status, error, server.tail())
+        assert "out of memory (CUDA out of memory. Tried to allocate 80.00 GiB" in error, error
+        assert "--max-batch" in error and "kv_cache_gb" in error and "Traceback" not in error, error
+        assert re.findall(r"\.py\(\d+\): (\w+)", error) == ["initialize"], error
+        assert load_over_http(server.http_url, "nld_sync") == (200, "")
+        assert http_generate(server.http_url, model="nld_sync", text_input="hi", max_tokens=2).stats["tokens"] == 2
+        assert server.stop() == 0
+
+
 def test_serve_refuses_a_tampered_artifact_then_stops_cleanly(repo, tmp_path):
     copy = shutil.copytree(repo, tmp_path / "repo")
     weights = copy / "nld" / "1" / "artifacts" / "model.safetensors"
@@ -219,20 +263,12 @@ def test_serve_refuses_a_tampered_artifact_then_stops_cleanly(repo, tmp_path):
     try:
         _wait_ready(url, proc, log_file)
 
-        def load(model: str) -> tuple[int, str]:
-            request = urllib.request.Request(f"{url}/v2/repository/models/{model}/load", data=b"{}")
-            try:
-                with urllib.request.urlopen(request, timeout=120) as r:
-                    return r.status, ""
-            except urllib.error.HTTPError as e:
-                return e.code, json.loads(e.read())["error"]
-
-        status, error = load("nld")
+        status, error = load_over_http(url.removeprefix("http://"), "nld")
         assert status == 400 and "artifact model.safetensors is truncated" in error and "nld-trt package" in error
         # the backend stub appends the frames of the exception leaving initialize: none below it
         assert re.findall(r"\.py\(\d+\): (\w+)", error) == ["initialize"], error
         weights.write_bytes(good)
-        assert load("nld") == (200, "")
+        assert load_over_http(url.removeprefix("http://"), "nld") == (200, "")
         assert http_generate(f"127.0.0.1:{ports[0]}", model="nld", text_input="hi", max_tokens=2).stats["tokens"] == 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)

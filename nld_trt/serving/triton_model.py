@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from ..errors import NLDError
+from ..errors import NLDError, out_of_memory, out_of_memory_error
 from ..kv.layout import DEFAULT_PAGE_SIZE
 from .backend import Scheduler, Update, load_artifacts
 from .manifest import verify_manifest
@@ -154,14 +154,21 @@ def _wants_kv_events(request: Any) -> bool:
 
 class TritonPythonModel:
     def initialize(self, args: dict[str, str]) -> None:
-        """Load the model; a bad repository fails the load with our message. The backend stub appends the
-        frames of the exception that leaves `initialize` ("At: file(line): function", pybind11's
-        error_already_set), so the error is raised afresh here: the frames below (manifest.py, the loaders)
-        stay out of Triton's load error, only this entry point remains."""
+        """Load the model; a bad repository, or one too big for the memory, fails the load with our message.
+        The backend stub appends the frames of the exception that leaves `initialize` ("At: file(line):
+        function", pybind11's error_already_set), so the error is raised afresh here: the frames below
+        (manifest.py, the loaders) stay out of Triton's load error, only this entry point remains."""
         try:
             self._load(args)
         except NLDError as e:
             raise type(e)(str(e)) from None
+        except Exception as e:
+            if not out_of_memory(e):
+                raise
+            raise out_of_memory_error(e, "Package the repository for less at once: a smaller --max-batch, "
+                                         "--max-seq-len or --kv-cache-tokens / --kv-cache-gb (the model's "
+                                         "max_batch, max_seq_len, kv_cache_tokens and kv_cache_gb parameters), or "
+                                         "a quantized checkpoint.") from None
 
     def _load(self, args: dict[str, str]) -> None:
         if not log.handlers:
