@@ -293,7 +293,8 @@ def test_the_model_side_hub_sends_a_snapshot_then_the_changes_to_each_subscriber
 def test_the_scheduler_streams_the_page_managers_own_events(tiny_vlm):
     """Through the serving scheduler (no Triton): a subscriber's index, built from the events alone, is the page
     manager's prefix index after a text and an image request, the image's pages marked as keyed by more than
-    token ids; a model with its prefix cache off refuses the subscription, naming the reason."""
+    token ids; a model with its prefix cache off, or a deployment that does not publish its events, refuses the
+    subscription, naming the reason."""
     from nld_trt.serving.backend import Scheduler
     from nld_trt.serving.protocol import gather, prepare
     from test_image_worker import LIMITS, image_request
@@ -323,6 +324,14 @@ def test_the_scheduler_streams_the_page_managers_own_events(tiny_vlm):
     scheduler = Scheduler(off, image_workers=0)
     try:
         with pytest.raises(NLDError, match="no prefix cache"):
+            scheduler.subscribe_kv_events(EventSink())
+    finally:
+        scheduler.stop()
+    # a deployment packaged with --no-kv-events keeps its prefix cache but publishes nothing
+    scheduler = Scheduler(tiny_vlm, image_workers=0, publish_kv_events=False)
+    try:
+        assert tiny_vlm.pages.prefix_cache and tiny_vlm.pages.on_event is None
+        with pytest.raises(NLDError, match="does not publish KV events .packaged with --no-kv-events"):
             scheduler.subscribe_kv_events(EventSink())
     finally:
         scheduler.stop()

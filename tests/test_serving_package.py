@@ -96,4 +96,7 @@ def test_package_command(tiny_dir, tmp_path, capsys):
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == ["nld", "nld_tokenizer"]
     config = (tmp_path / "r" / "nld" / "config.pbtxt").read_text()
     assert "max_batch_size: 2" in config and 'key: "torch_threads" value { string_value: "1" }' in config
+    assert 'key: "kv_events" value { string_value: "true" }' in config  # the default: published
     json.loads((tmp_path / "r" / "nld" / "1" / "manifest.json").read_text())
+    serving_main(["package", "--model", str(tiny_dir), "--output", str(tmp_path / "quiet"), "--no-kv-events"])
+    assert 'key: "kv_events" value { string_value: "false" }' in (tmp_path / "quiet" / "nld" / "config.pbtxt").read_text()

@@ -304,3 +304,42 @@ def _processes() -> list[str]:
             except OSError:
                 pass
     return found if os.path.isdir("/proc") else []
+
+
+def first_kv_events(url: str) -> list:
+    """Subscribe to `nld`'s KV events over gRPC as the Dynamo worker does; the first response's events."""
+    import asyncio
+
+    from nld_trt.serving.dynamo.kv import subscribe
+    from nld_trt.serving.openai.triton import TritonBridge
+
+    async def first() -> list:
+        bridge = TritonBridge(url)
+        try:
+            async for events in subscribe(bridge):
+                return events
+            return []
+        finally:
+            await bridge.close()
+
+    return asyncio.run(asyncio.wait_for(first(), 60))
+
+
+def test_kv_events_are_published_unless_the_repository_was_packaged_without_them(server, tiny_dir, tmp_path):
+    """The events carry every cached page's token ids to any client of the gRPC port: a deployment packaged with
+    --no-kv-events (ServingOptions.kv_events=False) refuses the subscription with the reason, which the Dynamo
+    worker takes as "route by load", and still serves."""
+    from nld_trt.serving.dynamo.kv import NoKVEvents
+
+    http_generate(server.http_url, model="nld", text_input=PROMPTS[2], max_tokens=4)  # a prompt of two pages or more
+    events = first_kv_events(server.grpc_url)
+    assert events[0] == {"type": "cleared"} and any(e["type"] == "stored" for e in events[1:]), events
+    options = ServingOptions(max_batch=2, max_seq_len=256, torch_threads=1, kv_events=False)
+    quiet = package_repository(tiny_dir, tmp_path / "repo", options)
+    assert 'key: "kv_events" value { string_value: "false" }' in (quiet / "nld" / "config.pbtxt").read_text()
+    with TritonServer(quiet) as other:
+        with pytest.raises(NoKVEvents, match=r"does not publish KV events \(packaged with --no-kv-events"):
+            first_kv_events(other.grpc_url)
+        assert http_generate(other.http_url, model="nld", text_input="hi", max_tokens=2).stats["tokens"] == 2
+        assert any("KV events off" in line for line in other.lines), other.tail()
+        assert other.stop() == 0

@@ -195,7 +195,8 @@ class Scheduler:
     """Continuous batching over one model for requests arriving from any thread (`submit`)."""
 
     def __init__(self, nld: NLD, on_occupancy: Callable[[Occupancy], None] | None = None,
-                 on_mix: Callable[[dict[str, int]], None] | None = None, image_workers: int = 1) -> None:
+                 on_mix: Callable[[dict[str, int]], None] | None = None, image_workers: int = 1,
+                 publish_kv_events: bool = True) -> None:
         self.nld = nld
         self.planner = nld.planner
         self.planner.model  # auto's pass-cost model: loaded, or measured now before any request takes pages
@@ -216,9 +217,9 @@ class Scheduler:
         self._closing = False
         self._entry = threading.Lock()  # orders `_closing` with the inbox puts
         # the prefix cache's KV events (nld.pages.on_event), for subscribers (serving/kv_events.py); a model whose
-        # prefix cache is off has none
+        # prefix cache is off has none, nor one whose deployment does not publish them
         self.kv_events: kv_events.Hub | None = None
-        if nld.pages.prefix_cache:
+        if nld.pages.prefix_cache and publish_kv_events:
             self.kv_events = kv_events.Hub()
             nld.pages.on_event = self.kv_events.on_event
             if nld.pages.cached:  # the hub knows only what it heard: start it and the index equal (both empty)
@@ -255,7 +256,7 @@ class Scheduler:
         """Stream the prefix cache's KV events to `sink` (send_events, cancelled, close), starting with the index as
         it is (taken on the scheduler thread, in order with the events that follow)."""
         if self.kv_events is None:
-            raise NLDError(kv_events.NO_PREFIX_CACHE)
+            raise NLDError(kv_events.NOT_PUBLISHED if self.nld.pages.prefix_cache else kv_events.NO_PREFIX_CACHE)
         self._inbox.put(sink)
         self._wake.set()
 

@@ -98,11 +98,15 @@ PACKAGE_OPTIONS = (
     click.option("--image-workers", type=int, default=1, show_default=True,
                  help="threads decoding and encoding images beside the decoding thread (0: in the prefill, on it)"),
     *KV_OPTIONS,
+    click.option("--kv-events/--no-kv-events", default=True, show_default=True,
+                 help="publish the prefix cache's KV events to subscribers (Dynamo's KV router); they carry every "
+                      "cached page's token ids to any client of the gRPC port, so turn them off where untrusted "
+                      "clients reach it"),
 )
 PACKAGE_PARAMS = ("max_batch", "max_seq_len", "max_block_length", "max_tokens_cap", "default_max_tokens", "instances",
                   "device", "dtype", "threads", "default_mode", "max_prompt_bytes", "compile_", "max_image_bytes",
                   "max_image_pixels", "max_images_per_request", "image_workers", "kv_cache_tokens", "kv_cache_gb",
-                  "page_size", "prefix_cache")
+                  "page_size", "prefix_cache", "kv_events")
 
 
 def package_options(f):

@@ -94,6 +94,9 @@ class IndexMirror:
 
 
 NO_PREFIX_CACHE = "this deployment's model has no prefix cache, so it reports no KV events"
+NOT_PUBLISHED = ("this deployment does not publish KV events (packaged with --no-kv-events, as a tritonserver that "
+                 "untrusted clients reach should be: the events carry every cached page's token ids)")
+NO_EVENTS = (NO_PREFIX_CACHE, NOT_PUBLISHED)  # refusals a subscriber takes as "route this worker by load"
 
 
 class Subscriber:

@@ -71,6 +71,8 @@ class ServingOptions:
     kv_cache_gb: float = 0.0  # or its size in GiB (0: by tokens)
     page_size: int = DEFAULT_PAGE_SIZE  # positions per KV-cache page
     prefix_cache: bool = True  # reuse cached prefixes' KV
+    kv_events: bool = True  # publish the prefix cache's KV events to subscribers (Dynamo's KV router): every cached
+    # page's token ids, readable by any client of the gRPC port (off where untrusted clients reach it)
 
     def checked(self, config: NLDConfig) -> ServingOptions:
         """Clamp to the checkpoint and refuse combinations that cannot serve a single token."""

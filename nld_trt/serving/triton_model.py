@@ -223,13 +223,15 @@ class TritonPythonModel:
         log.info(f"{self.name}: pass-cost model for mode auto {'measured' if self.nld.calibration_measured else 'loaded'} "
                  f"in {time.perf_counter() - start:.1f} s ({self.nld.calibration_file})")
         self.scheduler = Scheduler(self.nld, on_occupancy=self._occupancy, on_mix=self._mix,
-                                   image_workers=int(params.get("image_workers") or 1))
+                                   image_workers=int(params.get("image_workers") or 1),
+                                   publish_kv_events=params.get("kv_events", "true") == "true")
         self._occupancy(self.scheduler.occupancy())
         layout = self.nld.executor.layout
         log.info(
             f"{self.name}: {artifacts.name} loaded ({'streaming' if streaming else 'one response per request'}, "
             f"up to {self.nld.executor.max_batch} sequences of up to {self.nld.executor.max_seq_len} positions in a "
             f"KV cache of {layout.describe()}, prefix cache {'on' if self.nld.pages.prefix_cache else 'off'}, "
+            f"KV events {'published' if self.scheduler.kv_events is not None else 'off'}, "
             f"max_tokens cap {self.limits.max_tokens_cap}, {len(manifest['files'])} artifacts verified)"
         )
 

@@ -32,7 +32,8 @@ RESUBSCRIBE_S = 1.0
 
 
 class NoKVEvents(Exception):
-    """The served model has no prefix cache (or predates KV events): nothing to relay."""
+    """The served model has no prefix cache, does not publish its KV events (--no-kv-events) or predates them:
+    nothing to relay."""
 
 
 def signed64(h: int) -> int:
@@ -109,7 +110,7 @@ async def subscribe(bridge: TritonBridge) -> AsyncIterator[list[dict[str, Any]]]
     try:
         async for result, error in call:
             if error is not None:
-                if kv_events.NO_PREFIX_CACHE in error.message():
+                if any(reason in error.message() for reason in kv_events.NO_EVENTS):
                     raise NoKVEvents(error.message())
                 raise RuntimeError(f"the model refused the KV-event subscription: {error.message()}")
             raw = outputs(result).get("kv_events")
