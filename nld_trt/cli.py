@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from .cli_support import MODEL_HELP, console as _console, kv_kwargs, kv_options, nfe_phrase, run_command
-from .errors import NLDError
 from .config import DEFAULT_PAGE_SIZE
+from .errors import NLDError
 from .training.pictures import KINDS as PICTURE_KINDS, SAMPLE_KIND
 
 GENERATE_MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model; with --image the embedded tiny VLM)"

@@ -9,8 +9,8 @@ from typing import Any
 
 import click
 
-from .errors import NLDError, out_of_memory, out_of_memory_error
 from .config import DEFAULT_PAGE_SIZE
+from .errors import NLDError, out_of_memory, out_of_memory_error
 
 MODEL_HELP = "checkpoint directory (default: the embedded tiny NLD model)"
 OUT_OF_MEMORY_FIX = ("Ask for less at once: a smaller --max-batch, --max-seq-len or --kv-cache-tokens / "
