@@ -259,17 +259,17 @@ def test_serve_refuses_a_tampered_artifact_then_stops_cleanly(repo, tmp_path):
     log_file = tmp_path / "serve.log"
     with open(log_file, "w") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{ports[0]}"
+    address = f"127.0.0.1:{ports[0]}"
     try:
-        _wait_ready(url, proc, log_file)
+        _wait_ready(f"http://{address}", proc, log_file)
 
-        status, error = load_over_http(url.removeprefix("http://"), "nld")
+        status, error = load_over_http(address, "nld")
         assert status == 400 and "artifact model.safetensors is truncated" in error and "nld-trt package" in error
         # the backend stub appends the frames of the exception leaving initialize: none below it
         assert re.findall(r"\.py\(\d+\): (\w+)", error) == ["initialize"], error
         weights.write_bytes(good)
-        assert load_over_http(url.removeprefix("http://"), "nld") == (200, "")
-        assert http_generate(f"127.0.0.1:{ports[0]}", model="nld", text_input="hi", max_tokens=2).stats["tokens"] == 2
+        assert load_over_http(address, "nld") == (200, "")
+        assert http_generate(address, model="nld", text_input="hi", max_tokens=2).stats["tokens"] == 2
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
